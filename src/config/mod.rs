@@ -1,0 +1,952 @@
+//! Configuration: TOML → [`raw::RawConfig`] (serde, unknown keys refused) → [`Config`]
+//! (defaults filled, every value checked once, named by its key when refused).
+//!
+//! Everything is parsed from `&str`, so unit tests need no disk; only key files are read here.
+//! `llmlogd check-config` runs exactly this code, and so does `SIGHUP` reload.
+
+mod raw;
+mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use secret::{KeySource, Secret};
+
+use crate::formats::Format;
+
+/// Default loopback HTTP address when neither the config nor `--http-listen` names one.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8411";
+
+/// A refused configuration. `key` is the dotted TOML path (`sinks.pl.timeout`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Syntax(String),
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Values given on the command line or in the environment; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub http_listen: Option<String>,
+    pub unix_socket: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub queue: QueueConfig,
+    pub log: LogConfig,
+    pub delivery: DeliveryConfig,
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `None` when HTTP is switched off (`http_listen = ""`).
+    pub http_listen: Option<SocketAddr>,
+    /// `None` when the Unix socket is switched off (`unix_socket = ""`).
+    pub unix_socket: Option<PathBuf>,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_line_bytes: usize,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What ingest does when the queue has reached `max_bytes` or `max_events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Refuse new events (HTTP 503 + Retry-After); nothing stored is touched.
+    Reject,
+    /// Make room by dead-lettering nothing and deleting the oldest events (counted, logged).
+    DropOldest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub data_dir: PathBuf,
+    pub max_bytes: u64,
+    pub max_events: Option<u64>,
+    pub when_full: WhenFull,
+    pub cache_bytes: u64,
+    pub compression: Compression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// How long a graceful stop lets in-flight deliveries finish.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpEncoding {
+    /// One JSON array of the events, each byte-identical to what the app sent.
+    JsonArray,
+    /// One event per line.
+    Ndjson,
+}
+
+/// Which remote service a sink speaks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkKind {
+    Http {
+        url: String,
+        encoding: HttpEncoding,
+        gzip: bool,
+        headers: BTreeMap<String, String>,
+    },
+    Pezzo {
+        /// Base URL, e.g. `https://api.pezzo.ai`; the sink appends `/api/reporting/v2/request`.
+        url: String,
+        project_id: Option<String>,
+    },
+    PromptLayer {
+        /// Base URL, e.g. `https://api.promptlayer.com`; the sink appends `/log-request`.
+        url: String,
+    },
+}
+
+impl SinkKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkKind::Http { .. } => "http",
+            SinkKind::Pezzo { .. } => "pezzo",
+            SinkKind::PromptLayer { .. } => "promptlayer",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    pub initial: Duration,
+    pub max: Duration,
+    pub max_age: Duration,
+    pub max_retry_after: Duration,
+    pub poison_after: u32,
+    pub circuit_after: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateConfig {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// Which events a sink takes. Empty lists mean "all".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Route {
+    pub formats: Vec<Format>,
+    pub environments: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub name: String,
+    pub kind: SinkKind,
+    pub key: Option<Secret>,
+    pub key_source: KeySource,
+    pub batch: BatchConfig,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub rate: Option<RateConfig>,
+    pub retry: RetryConfig,
+    pub route: Route,
+}
+
+impl Config {
+    /// Reads and validates a config file; `None` means the embedded defaults.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::parse(&text, overrides)
+    }
+
+    /// Parses TOML text; the single entry point of all validation.
+    pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(one_line(&e.to_string())))?;
+        Config::from_raw(raw, overrides)
+    }
+
+    fn from_raw(raw: raw::RawConfig, ov: &Overrides) -> Result<Config, ConfigError> {
+        let s = raw.server;
+        let allow_non_loopback = s.allow_non_loopback.unwrap_or(false);
+        let listen_text = ov
+            .http_listen
+            .clone()
+            .or(s.http_listen)
+            .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_string());
+        let http_listen = if listen_text.is_empty() {
+            None
+        } else {
+            let addr: SocketAddr = listen_text.parse().map_err(|_| {
+                invalid(
+                    "server.http_listen",
+                    format!("`{listen_text}` is not an address like 127.0.0.1:8411"),
+                )
+            })?;
+            if !addr.ip().is_loopback() && !allow_non_loopback {
+                return Err(invalid(
+                    "server.http_listen",
+                    format!(
+                        "{addr} is not a loopback address; set server.allow_non_loopback = true to expose it"
+                    ),
+                ));
+            }
+            Some(addr)
+        };
+        let socket_text = ov.unix_socket.clone().or(s.unix_socket);
+        let unix_socket = match socket_text {
+            Some(t) if t.is_empty() => None,
+            Some(t) => Some(PathBuf::from(t)),
+            None => Some(default_socket_path()),
+        };
+        let socket_mode = match s.socket_mode {
+            None => 0o660,
+            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|v| *v <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        "server.socket_mode",
+                        format!("`{m}` is not an octal mode like \"0660\""),
+                    )
+                })?,
+        };
+        let server = ServerConfig {
+            http_listen,
+            unix_socket,
+            socket_mode,
+            socket_group: s.socket_group.filter(|g| !g.is_empty()),
+            max_body_bytes: bytes_in(
+                "server.max_body_bytes",
+                s.max_body_bytes,
+                1 << 20,
+                1024,
+                MAX_RECORD_PAYLOAD,
+            )? as usize,
+            max_line_bytes: bytes_in(
+                "server.max_line_bytes",
+                s.max_line_bytes,
+                1 << 20,
+                1024,
+                MAX_RECORD_PAYLOAD,
+            )? as usize,
+            max_connections: int_in(
+                "server.max_connections",
+                s.max_connections,
+                1024,
+                1,
+                1 << 20,
+            )? as usize,
+            header_timeout: duration("server.header_timeout", s.header_timeout, "10s")?,
+            body_timeout: duration("server.body_timeout", s.body_timeout, "30s")?,
+            idle_timeout: duration("server.idle_timeout", s.idle_timeout, "120s")?,
+        };
+
+        let q = raw.queue;
+        let data_dir = ov
+            .data_dir
+            .clone()
+            .or(q.data_dir.map(PathBuf::from))
+            .unwrap_or_else(default_data_dir);
+        let queue = QueueConfig {
+            data_dir,
+            max_bytes: bytes_in("queue.max_bytes", q.max_bytes, 1 << 30, 1 << 20, u64::MAX)?,
+            max_events: match q.max_events {
+                None | Some(0) => None,
+                Some(n) => Some(n),
+            },
+            when_full: match q.when_full.as_deref() {
+                None | Some("reject") => WhenFull::Reject,
+                Some("drop_oldest") => WhenFull::DropOldest,
+                Some(o) => {
+                    return Err(invalid(
+                        "queue.when_full",
+                        format!("`{o}` is not one of reject, drop_oldest"),
+                    ))
+                }
+            },
+            cache_bytes: bytes_in(
+                "queue.cache_bytes",
+                q.cache_bytes,
+                64 << 20,
+                1 << 20,
+                u64::MAX,
+            )?,
+            compression: match q.compression.as_deref() {
+                None | Some("zstd") => Compression::Zstd,
+                Some("none") => Compression::None,
+                Some(o) => {
+                    return Err(invalid(
+                        "queue.compression",
+                        format!("`{o}` is not one of zstd, none"),
+                    ))
+                }
+            },
+        };
+
+        let log = LogConfig {
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+            format: match raw.log.format.as_deref() {
+                None | Some("human") => LogFormat::Human,
+                Some("json") => LogFormat::Json,
+                Some(o) => {
+                    return Err(invalid(
+                        "log.format",
+                        format!("`{o}` is not one of human, json"),
+                    ))
+                }
+            },
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a level or filter like \"info\"", log.level),
+            ));
+        }
+        let delivery = DeliveryConfig {
+            drain_timeout: duration("delivery.drain_timeout", raw.delivery.drain_timeout, "10s")?,
+        };
+
+        let mut sinks = Vec::new();
+        for (name, rs) in raw.sinks {
+            sinks.push(sink_from_raw(&name, rs)?);
+        }
+        Ok(Config {
+            server,
+            queue,
+            log,
+            delivery,
+            sinks,
+        })
+    }
+
+    /// The effective configuration as TOML-like text, secrets masked (`check-config`).
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let s = &self.server;
+        let _ = writeln!(o, "[server]");
+        let _ = writeln!(
+            o,
+            "http_listen = {:?}",
+            s.http_listen.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let _ = writeln!(
+            o,
+            "unix_socket = {:?}",
+            s.unix_socket
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        let _ = writeln!(o, "socket_mode = \"{:04o}\"", s.socket_mode);
+        if let Some(g) = &s.socket_group {
+            let _ = writeln!(o, "socket_group = {g:?}");
+        }
+        let _ = writeln!(o, "max_body_bytes = {}", s.max_body_bytes);
+        let _ = writeln!(o, "max_line_bytes = {}", s.max_line_bytes);
+        let _ = writeln!(o, "max_connections = {}", s.max_connections);
+        let _ = writeln!(o, "header_timeout = {:?}", fmt_dur(s.header_timeout));
+        let _ = writeln!(o, "body_timeout = {:?}", fmt_dur(s.body_timeout));
+        let _ = writeln!(o, "idle_timeout = {:?}", fmt_dur(s.idle_timeout));
+        let q = &self.queue;
+        let _ = writeln!(o, "\n[queue]");
+        let _ = writeln!(o, "data_dir = {:?}", q.data_dir.display().to_string());
+        let _ = writeln!(o, "max_bytes = {}", q.max_bytes);
+        let _ = writeln!(o, "max_events = {}", q.max_events.unwrap_or(0));
+        let _ = writeln!(
+            o,
+            "when_full = {:?}",
+            match q.when_full {
+                WhenFull::Reject => "reject",
+                WhenFull::DropOldest => "drop_oldest",
+            }
+        );
+        let _ = writeln!(o, "cache_bytes = {}", q.cache_bytes);
+        let _ = writeln!(
+            o,
+            "compression = {:?}",
+            match q.compression {
+                Compression::Zstd => "zstd",
+                Compression::None => "none",
+            }
+        );
+        let _ = writeln!(o, "\n[log]\nlevel = {:?}", self.log.level);
+        let _ = writeln!(
+            o,
+            "format = {:?}",
+            match self.log.format {
+                LogFormat::Human => "human",
+                LogFormat::Json => "json",
+            }
+        );
+        let _ = writeln!(
+            o,
+            "\n[delivery]\ndrain_timeout = {:?}",
+            fmt_dur(self.delivery.drain_timeout)
+        );
+        for sink in &self.sinks {
+            let _ = writeln!(o, "\n[sinks.{}]", sink.name);
+            let _ = writeln!(o, "type = {:?}", sink.kind.type_name());
+            match &sink.kind {
+                SinkKind::Http {
+                    url,
+                    encoding,
+                    gzip,
+                    headers,
+                } => {
+                    let _ = writeln!(o, "url = {url:?}");
+                    let _ = writeln!(
+                        o,
+                        "encoding = {:?}",
+                        match encoding {
+                            HttpEncoding::JsonArray => "json",
+                            HttpEncoding::Ndjson => "ndjson",
+                        }
+                    );
+                    let _ = writeln!(o, "gzip = {gzip}");
+                    for name in headers.keys() {
+                        // Header values may hold credentials: names only.
+                        let _ = writeln!(o, "headers.{name:?} = \"***\"");
+                    }
+                }
+                SinkKind::Pezzo { url, project_id } => {
+                    let _ = writeln!(o, "url = {url:?}");
+                    if let Some(p) = project_id {
+                        let _ = writeln!(o, "project_id = {p:?}");
+                    }
+                }
+                SinkKind::PromptLayer { url } => {
+                    let _ = writeln!(o, "url = {url:?}");
+                }
+            }
+            let _ = writeln!(
+                o,
+                "api_key = {:?}  # from {}",
+                if sink.key.is_some() { "***" } else { "" },
+                sink.key_source
+            );
+            let _ = writeln!(o, "batch_max_events = {}", sink.batch.max_events);
+            let _ = writeln!(o, "batch_max_bytes = {}", sink.batch.max_bytes);
+            let _ = writeln!(o, "batch_max_wait = {:?}", fmt_dur(sink.batch.max_wait));
+            let _ = writeln!(o, "concurrency = {}", sink.concurrency);
+            let _ = writeln!(o, "timeout = {:?}", fmt_dur(sink.timeout));
+            if let Some(r) = &sink.rate {
+                let _ = writeln!(o, "rate_limit = {}", r.per_second);
+                let _ = writeln!(o, "rate_burst = {}", r.burst);
+            }
+            let r = &sink.retry;
+            let _ = writeln!(o, "retry_initial = {:?}", fmt_dur(r.initial));
+            let _ = writeln!(o, "retry_max = {:?}", fmt_dur(r.max));
+            let _ = writeln!(o, "max_age = {:?}", fmt_dur(r.max_age));
+            let _ = writeln!(o, "max_retry_after = {:?}", fmt_dur(r.max_retry_after));
+            let _ = writeln!(o, "poison_after = {}", r.poison_after);
+            let _ = writeln!(o, "circuit_after = {}", r.circuit_after);
+            let rt = &sink.route;
+            let _ = writeln!(
+                o,
+                "route.formats = {:?}",
+                rt.formats.iter().map(|f| f.name()).collect::<Vec<_>>()
+            );
+            let _ = writeln!(o, "route.environments = {:?}", rt.environments);
+            let _ = writeln!(o, "route.tags = {:?}", rt.tags);
+        }
+        o
+    }
+}
+
+/// The largest request body or line the config may allow (and so the largest event payload).
+pub const MAX_RECORD_PAYLOAD: u64 = 64 << 20;
+
+fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError> {
+    let k = |field: &str| format!("sinks.{name}.{field}");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            format!("sinks.{name}"),
+            "a sink name may hold only letters, digits, '_' and '-'",
+        ));
+    }
+    let kind_name = rs
+        .kind
+        .clone()
+        .ok_or_else(|| invalid(k("type"), "missing; one of http, pezzo, promptlayer"))?;
+    let url_of = |default: Option<&str>| -> Result<String, ConfigError> {
+        let u = match (&rs.url, default) {
+            (Some(u), _) => u.clone(),
+            (None, Some(d)) => d.to_string(),
+            (None, None) => return Err(invalid(k("url"), "missing")),
+        };
+        let parsed = reqwest::Url::parse(&u)
+            .map_err(|e| invalid(k("url"), format!("`{u}` is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(invalid(k("url"), format!("`{u}` is not an http(s) URL")));
+        }
+        Ok(u.trim_end_matches('/').to_string())
+    };
+    let (kind, default_batch, default_conc) = match kind_name.as_str() {
+        "http" => {
+            let headers = rs.headers.clone().unwrap_or_default();
+            for (h, v) in &headers {
+                if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err()
+                    || reqwest::header::HeaderValue::from_str(v).is_err()
+                {
+                    return Err(invalid(
+                        k(&format!("headers.{h}")),
+                        "not a valid HTTP header name and value",
+                    ));
+                }
+            }
+            (
+                SinkKind::Http {
+                    url: url_of(None)?,
+                    encoding: match rs.encoding.as_deref() {
+                        None | Some("json") => HttpEncoding::JsonArray,
+                        Some("ndjson") => HttpEncoding::Ndjson,
+                        Some(o) => {
+                            return Err(invalid(
+                                k("encoding"),
+                                format!("`{o}` is not one of json, ndjson"),
+                            ))
+                        }
+                    },
+                    gzip: rs.gzip.unwrap_or(false),
+                    headers,
+                },
+                500,
+                2,
+            )
+        }
+        "pezzo" => (
+            SinkKind::Pezzo {
+                url: url_of(Some("https://api.pezzo.ai"))?,
+                project_id: rs.project_id.clone(),
+            },
+            64,
+            16,
+        ),
+        "promptlayer" => (
+            SinkKind::PromptLayer {
+                url: url_of(Some("https://api.promptlayer.com"))?,
+            },
+            64,
+            16,
+        ),
+        other => {
+            return Err(invalid(
+                k("type"),
+                format!("`{other}` is not one of http, pezzo, promptlayer"),
+            ))
+        }
+    };
+    if rs.project_id.is_some() && !matches!(kind, SinkKind::Pezzo { .. }) {
+        return Err(invalid(
+            k("project_id"),
+            "only pezzo sinks take a project_id",
+        ));
+    }
+    if !matches!(kind, SinkKind::Http { .. })
+        && (rs.encoding.is_some() || rs.gzip.is_some() || rs.headers.is_some())
+    {
+        return Err(invalid(
+            k("encoding"),
+            "encoding, gzip and headers apply only to http sinks",
+        ));
+    }
+    let (key, key_source) = read_key(name, &rs)?;
+    let rate = match rs.rate_limit {
+        None => None,
+        Some(r) if r.is_finite() && r > 0.0 => Some(RateConfig {
+            per_second: r,
+            burst: int_in(&k("rate_burst"), rs.rate_burst, r.ceil() as u64, 1, 1 << 20)? as u32,
+        }),
+        Some(r) => {
+            return Err(invalid(
+                k("rate_limit"),
+                format!("{r} is not a positive requests-per-second rate"),
+            ))
+        }
+    };
+    if rate.is_none() && rs.rate_burst.is_some() {
+        return Err(invalid(k("rate_burst"), "needs rate_limit"));
+    }
+    let retry = RetryConfig {
+        initial: duration(&k("retry_initial"), rs.retry_initial, "500ms")?,
+        max: duration(&k("retry_max"), rs.retry_max, "60s")?,
+        max_age: duration(&k("max_age"), rs.max_age, "30d")?,
+        max_retry_after: duration(&k("max_retry_after"), rs.max_retry_after, "10m")?,
+        poison_after: int_in(&k("poison_after"), rs.poison_after, 5, 1, 1_000_000)? as u32,
+        circuit_after: int_in(&k("circuit_after"), rs.circuit_after, 5, 1, 1_000_000)? as u32,
+    };
+    if retry.initial > retry.max {
+        return Err(invalid(k("retry_initial"), "is larger than retry_max"));
+    }
+    let mut formats = Vec::new();
+    for f in rs.route.formats.unwrap_or_default() {
+        formats.push(Format::from_name(&f).ok_or_else(|| {
+            invalid(
+                k("route.formats"),
+                format!("`{f}` is not one of native, pezzo, promptlayer"),
+            )
+        })?);
+    }
+    Ok(SinkConfig {
+        name: name.to_string(),
+        kind,
+        key,
+        key_source,
+        batch: BatchConfig {
+            max_events: int_in(
+                &k("batch_max_events"),
+                rs.batch_max_events,
+                default_batch,
+                1,
+                100_000,
+            )? as usize,
+            max_bytes: bytes_in(
+                &k("batch_max_bytes"),
+                rs.batch_max_bytes,
+                4 << 20,
+                1024,
+                256 << 20,
+            )? as usize,
+            max_wait: duration(&k("batch_max_wait"), rs.batch_max_wait, "100ms")?,
+        },
+        concurrency: int_in(&k("concurrency"), rs.concurrency, default_conc, 1, 4096)? as usize,
+        timeout: duration(&k("timeout"), rs.timeout, "10s")?,
+        rate,
+        retry,
+        route: Route {
+            formats,
+            environments: rs.route.environments.unwrap_or_default(),
+            tags: rs.route.tags.unwrap_or_default(),
+        },
+    })
+}
+
+fn read_key(name: &str, rs: &raw::RawSink) -> Result<(Option<Secret>, KeySource), ConfigError> {
+    let given = [
+        rs.api_key.is_some(),
+        rs.api_key_env.is_some(),
+        rs.api_key_file.is_some(),
+        rs.api_key_credential.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if given > 1 {
+        return Err(invalid(
+            format!("sinks.{name}.api_key"),
+            "give only one of api_key, api_key_env, api_key_file, api_key_credential",
+        ));
+    }
+    let clean = |s: String| s.trim().to_string();
+    if let Some(k) = &rs.api_key {
+        return Ok((Some(Secret::new(k.clone())), KeySource::Inline));
+    }
+    if let Some(var) = &rs.api_key_env {
+        let v = std::env::var(var).map_err(|_| {
+            invalid(
+                format!("sinks.{name}.api_key_env"),
+                format!("environment variable {var} is not set"),
+            )
+        })?;
+        return Ok((Some(Secret::new(clean(v))), KeySource::Env(var.clone())));
+    }
+    let from_file = |key: &str, path: PathBuf, source: KeySource| {
+        std::fs::read_to_string(&path)
+            .map(|v| (Some(Secret::new(clean(v))), source))
+            .map_err(|e| {
+                invalid(
+                    format!("sinks.{name}.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+    };
+    if let Some(p) = &rs.api_key_file {
+        return from_file("api_key_file", PathBuf::from(p), KeySource::File(p.clone()));
+    }
+    if let Some(c) = &rs.api_key_credential {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+            invalid(
+                format!("sinks.{name}.api_key_credential"),
+                "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)",
+            )
+        })?;
+        return from_file(
+            "api_key_credential",
+            PathBuf::from(dir).join(c),
+            KeySource::Credential(c.clone()),
+        );
+    }
+    Ok((None, KeySource::None))
+}
+
+fn duration(key: &str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    let text = v.unwrap_or_else(|| default.to_string());
+    humantime::parse_duration(&text).map_err(|_| {
+        invalid(
+            key,
+            format!("`{text}` is not a duration like \"500ms\", \"10s\", \"7d\""),
+        )
+    })
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn int_in(key: &str, v: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n = v.unwrap_or(default);
+    if n < min || n > max {
+        return Err(invalid(key, format!("{n} is outside {min}..={max}")));
+    }
+    Ok(n)
+}
+
+fn bytes_in(
+    key: &str,
+    v: Option<raw::ByteSize>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let n = match v {
+        None => default,
+        Some(raw::ByteSize::Int(n)) => n,
+        Some(raw::ByteSize::Text(t)) => parse_bytes(&t).ok_or_else(|| {
+            invalid(
+                key,
+                format!("`{t}` is not a size like 1048576, \"64MiB\" or \"1GB\""),
+            )
+        })?,
+    };
+    if n < min || n > max {
+        return Err(invalid(key, format!("{n} bytes is outside {min}..={max}")));
+    }
+    Ok(n)
+}
+
+/// Parses `"64MiB"`, `"1 GB"`, `"512k"`, `"1000"`.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    let v = num * mult as f64;
+    (v.is_finite() && v >= 0.0 && v < u64::MAX as f64).then_some(v as u64)
+}
+
+/// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/llmlogd`, else `~/.local/state/llmlogd`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may pass several colon-separated directories; the first is ours.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return PathBuf::from(first);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("llmlogd");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(h).join(".local/state/llmlogd");
+    }
+    PathBuf::from("/var/lib/llmlogd")
+}
+
+/// `$RUNTIME_DIRECTORY/llmlogd.sock` (systemd), else `$XDG_RUNTIME_DIR/llmlogd.sock`,
+/// else `/tmp/llmlogd-$UID.sock`.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(d) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return PathBuf::from(first).join("llmlogd.sock");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("llmlogd.sock");
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    PathBuf::from(format!("/tmp/llmlogd-{uid}.sock"))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, &Overrides::default())
+    }
+
+    fn err(t: &str) -> String {
+        parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid_and_loopback() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.server.http_listen.unwrap().to_string(),
+            DEFAULT_HTTP_LISTEN
+        );
+        assert!(c.sinks.is_empty());
+        assert_eq!(c.queue.cache_bytes, 64 << 20);
+        assert_eq!(c.server.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        std::env::set_var("PROMPTLAYER_API_KEY", "pl_test");
+        let text = include_str!("../../config.example.toml");
+        let c = parse(text).unwrap_or_else(|e| panic!("config.example.toml: {e}"));
+        assert!(!c.sinks.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = err("[server]\nhttp_listne = \"127.0.0.1:1\"\n");
+        assert!(e.contains("http_listne"), "{e}");
+        let e = err("[sinks.a]\ntype = \"http\"\nurl = \"http://x\"\nbatch = 3\n");
+        assert!(e.contains("batch"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = err("[sinks.pl]\ntype = \"promptlayer\"\ntimeout = \"soon\"\n");
+        assert!(e.contains("sinks.pl.timeout"), "{e}");
+        let e = err("[server]\nhttp_listen = \"0.0.0.0:80\"\n");
+        assert!(
+            e.contains("server.http_listen") && e.contains("allow_non_loopback"),
+            "{e}"
+        );
+        let e = err("[sinks.h]\ntype = \"http\"\n");
+        assert!(e.contains("sinks.h.url"), "{e}");
+        let e = err("[sinks.h]\ntype = \"kafka\"\n");
+        assert!(e.contains("sinks.h.type"), "{e}");
+        let e = err("[queue]\nmax_bytes = \"lots\"\n");
+        assert!(e.contains("queue.max_bytes"), "{e}");
+        let e = err("[sinks.h]\ntype = \"http\"\nurl = \"http://x\"\nroute.formats = [\"xml\"]\n");
+        assert!(e.contains("sinks.h.route.formats"), "{e}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let ov = Overrides {
+            data_dir: Some("/tmp/x".into()),
+            http_listen: Some("127.0.0.1:9".into()),
+            unix_socket: Some(String::new()),
+        };
+        let c = Config::parse("[queue]\ndata_dir = \"/nope\"\n", &ov).unwrap();
+        assert_eq!(c.queue.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.server.http_listen.unwrap().port(), 9);
+        assert!(c.server.unix_socket.is_none());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
+        assert_eq!(parse_bytes("1 GB"), Some(1_000_000_000));
+        assert_eq!(parse_bytes("12"), Some(12));
+        assert_eq!(parse_bytes("1.5KiB"), Some(1536));
+        assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn render_masks_secrets() {
+        let c = parse(
+            "[sinks.pl]\ntype = \"promptlayer\"\napi_key = \"pl_secret_value\"\n[sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:1/x\"\nheaders = { Authorization = \"Bearer tok_secret\" }\n",
+        )
+        .unwrap();
+        let r = c.render();
+        assert!(
+            !r.contains("pl_secret_value") && !r.contains("tok_secret"),
+            "{r}"
+        );
+        assert!(r.contains("api_key = \"***\""), "{r}");
+        // What is rendered parses back (apart from the masked values).
+        assert!(r.contains("[sinks.pl]") && r.contains("type = \"http\""));
+    }
+}

@@ -1,0 +1,58 @@
+//! Queue errors, typed so ingest can map each to the right reply without reading strings.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The byte or event cap is reached and `when_full = "reject"`.
+    #[error("queue is full ({reason}); retry later")]
+    Full { reason: &'static str },
+    /// One event's stored form exceeds what a record may hold.
+    #[error("event is too large to store ({bytes} bytes after encoding; limit {limit})")]
+    TooLarge { bytes: usize, limit: usize },
+    /// The disk has no room; nothing of this write was acknowledged.
+    #[error("no space left on the device holding the queue")]
+    NoSpace,
+    /// Storage failed (I/O error, sled error); nothing of this write was acknowledged.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The writer is gone (shutting down).
+    #[error("queue is shutting down")]
+    Closed,
+    /// Too many writes are waiting for the disk.
+    #[error("queue is busy; retry later")]
+    Busy,
+    #[error("data directory {path}: {problem}")]
+    DataDir { path: PathBuf, problem: String },
+    #[error("data directory {path} is in use by another llmlogd{holder}")]
+    Locked { path: PathBuf, holder: String },
+}
+
+impl QueueError {
+    /// True where the client should simply try again later (503 rather than 500).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Full { .. } | QueueError::NoSpace | QueueError::Busy | QueueError::Closed
+        )
+    }
+}
+
+impl From<sled::Error> for QueueError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => io.into(),
+            other => QueueError::Storage(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for QueueError {
+    fn from(e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+            QueueError::NoSpace
+        } else {
+            QueueError::Storage(e.to_string())
+        }
+    }
+}

@@ -1,0 +1,778 @@
+//! The durable queue: one sled log, a cursor per sink, dead letters.
+//!
+//! # Layout (sled trees under `<data_dir>/queue`)
+//! - `log`: key = sequence number, u64 big-endian (so key order is arrival order) → record
+//!   (`record.rs`). Sequence numbers only grow, across restarts and compactions: the writer
+//!   persists the high-water mark in `meta` with every group commit, and on open takes the
+//!   largest of it, the last log key + 1 and every cursor.
+//! - `chunks`: key = seq (8) + chunk index (u32 BE) → up to `record::CHUNK` bytes of a large
+//!   payload. No sled value exceeds ~20 KiB, so no sled page is ever written as an (unsynced)
+//!   blob file.
+//! - `sinks`: sink name → u16 id. Ids are assigned once and never reused; records name the
+//!   sinks they were routed to by id.
+//! - `cursors`: sink id (u16 BE) → u64 BE: every record below it is done for that sink
+//!   (delivered, dead-lettered, or not routed to it).
+//! - `dlq`: key = sink id (u16 BE) + seq (u64 BE) → dead letter (`dlq.rs`), with its own
+//!   `dlq_chunks` tree for large payloads.
+//! - `remote`: key = sink id + seq → the id the remote service gave the event (PromptLayer's
+//!   request id), so follow-ups can refer to it.
+//! - `meta`: `next_seq` high-water mark.
+//!
+//! # What an ack means
+//! [`Queue::append`] returns only after the records were inserted, sled was flushed *and* the
+//! `db` file was `fdatasync`ed. sled 0.34's own flush uses `sync_file_range`, which neither
+//! persists file metadata nor flushes the drive cache, so the explicit `fdatasync` is what makes
+//! an ack survive power loss. One writer thread does this for everything that arrived while the
+//! previous sync ran (group commit).
+//!
+//! # After a crash
+//! sled recovers a prefix of its log, which includes every acknowledged append (it was synced).
+//! Cursor updates are not synced on their own (they ride on the next group commit or sled's
+//! 500 ms flusher), so after a crash a sink may resume a little behind where it was and
+//! deliver some events twice: delivery is at-least-once. Records are removed only below the
+//! lowest cursor of the configured sinks (`gc`), so nothing acknowledged is removed before
+//! every sink is done with it. A record that does not decode is handed to the reader as
+//! [`ReadItem::Corrupt`]; delivery dead-letters it and counts it, so it can never wedge a sink.
+
+mod dlq;
+mod error;
+mod record;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::{oneshot, watch};
+
+pub use dlq::{DeadLetter, DeadLetterInfo};
+pub use error::QueueError;
+pub use record::RecordError;
+
+use crate::config::{QueueConfig, WhenFull};
+use crate::event::{now_ms, NewEvent, StoredEvent};
+use record::{Encoded, RecordRef, CHUNK};
+
+/// Writes waiting for the writer thread; beyond this ingest answers "busy".
+const WRITE_QUEUE_DEPTH: usize = 4096;
+/// Upper bound of records in one group commit (keeps one commit's latency bounded).
+const MAX_GROUP_RECORDS: usize = 8192;
+/// sled segment size: pages up to a quarter of it stay in the log file that we fsync.
+const SEGMENT_SIZE: usize = 2 << 20;
+
+/// A record encoded by ingest (off the writer thread), ready to append.
+pub struct Prepared {
+    enc: Encoded,
+    pub id: uuid::Uuid,
+}
+
+/// What `append` assigned to each record, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub id: uuid::Uuid,
+}
+
+/// One item read for delivery.
+#[derive(Debug)]
+pub enum ReadItem {
+    Event(StoredEvent),
+    /// The record at `seq` does not decode; `raw` is its stored value.
+    Corrupt {
+        seq: u64,
+        raw: Bytes,
+        error: RecordError,
+    },
+}
+
+/// What a reader got: items routed to it, and where to read next.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub items: Vec<ReadItem>,
+    /// Next sequence number to read; every record below it was scanned.
+    pub next: u64,
+}
+
+/// Point-in-time queue figures (metrics, status).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct QueueStats {
+    pub events: u64,
+    pub bytes: u64,
+    pub next_seq: u64,
+    pub syncs: u64,
+    pub evicted: u64,
+    pub oldest_ms: Option<u64>,
+}
+
+enum WriteOp {
+    Append {
+        records: Vec<Prepared>,
+        reply: oneshot::Sender<Result<Vec<Appended>, QueueError>>,
+    },
+    Stop,
+}
+
+struct Trees {
+    db: sled::Db,
+    log: sled::Tree,
+    chunks: sled::Tree,
+    sinks: sled::Tree,
+    cursors: sled::Tree,
+    dlq: sled::Tree,
+    dlq_chunks: sled::Tree,
+    remote: sled::Tree,
+    meta: sled::Tree,
+    /// sled's log file, opened a second time so the writer can `fdatasync` it.
+    db_file: File,
+}
+
+struct Shared {
+    trees: Trees,
+    cfg: QueueConfig,
+    events: AtomicU64,
+    bytes: AtomicU64,
+    syncs: AtomicU64,
+    evicted: AtomicU64,
+    head: watch::Sender<u64>,
+    closed: AtomicBool,
+    _lock: DirLock,
+}
+
+/// Handle to the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    shared: Arc<Shared>,
+    tx: Sender<WriteOp>,
+    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Queue {
+    /// Opens (or creates) the queue under `cfg.data_dir` and starts the writer thread.
+    pub fn open(cfg: &QueueConfig) -> Result<Queue, QueueError> {
+        let dir = &cfg.data_dir;
+        create_private_dir(dir)?;
+        let lock = DirLock::acquire(dir)?;
+        let path = dir.join("queue");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cfg.cache_bytes)
+            .segment_size(SEGMENT_SIZE)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                    QueueError::DataDir {
+                        path: path.clone(),
+                        problem: format!("permission denied ({io})"),
+                    }
+                }
+                other => QueueError::from(other),
+            })?;
+        let db_file = File::open(path.join("db")).map_err(|e| QueueError::DataDir {
+            path: path.join("db"),
+            problem: e.to_string(),
+        })?;
+        let t = Trees {
+            log: db.open_tree("log")?,
+            chunks: db.open_tree("chunks")?,
+            sinks: db.open_tree("sinks")?,
+            cursors: db.open_tree("cursors")?,
+            dlq: db.open_tree("dlq")?,
+            dlq_chunks: db.open_tree("dlq_chunks")?,
+            remote: db.open_tree("remote")?,
+            meta: db.open_tree("meta")?,
+            db,
+            db_file,
+        };
+        // Recount what the log holds (the cap is enforced against these).
+        let (mut events, mut bytes) = (0u64, 0u64);
+        for kv in t.log.iter() {
+            let (_, v) = kv?;
+            events += 1;
+            bytes += stored_len_of(&v) as u64;
+        }
+        let mut next_seq = t.log.last()?.map(|(k, _)| key_u64(&k) + 1).unwrap_or(0);
+        if let Some(v) = t.meta.get("next_seq")? {
+            next_seq = next_seq.max(key_u64(&v));
+        }
+        for kv in t.cursors.iter() {
+            let (_, v) = kv?;
+            next_seq = next_seq.max(key_u64(&v));
+        }
+        let (head, _) = watch::channel(next_seq);
+        let shared = Arc::new(Shared {
+            trees: t,
+            cfg: cfg.clone(),
+            events: AtomicU64::new(events),
+            bytes: AtomicU64::new(bytes),
+            syncs: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            head,
+            closed: AtomicBool::new(false),
+            _lock: lock,
+        });
+        let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
+        let w = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("llmlogd-writer".into())
+            .spawn(move || writer_loop(w, rx, next_seq))
+            .map_err(|e| QueueError::Storage(format!("cannot start writer thread: {e}")))?;
+        Ok(Queue {
+            shared,
+            tx,
+            writer: Arc::new(Mutex::new(Some(writer))),
+        })
+    }
+
+    /// Encodes an event for [`Queue::append`]. Runs on the caller's thread (compression is
+    /// the costly part of a write, and ingest has more threads than the one writer).
+    pub fn prepare(&self, ev: &NewEvent, routes: &[u16]) -> Prepared {
+        let id = uuid::Uuid::now_v7();
+        let enc = record::encode(
+            &RecordRef {
+                kind: ev.kind,
+                received_ms: now_ms(),
+                id,
+                routes,
+                creds: &ev.creds,
+                payload: &ev.payload,
+            },
+            self.shared.cfg.compression,
+        );
+        Prepared { enc, id }
+    }
+
+    /// Appends records durably: returns once they are synced to disk (see module docs).
+    /// All or nothing: on error none of them was acknowledged.
+    pub async fn append(&self, records: Vec<Prepared>) -> Result<Vec<Appended>, QueueError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(WriteOp::Append { records, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(QueueError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(QueueError::Closed),
+        }
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// The next sequence number the writer will assign; every record below it that exists is
+    /// durable. Delivery waits on changes of this.
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.shared.head.subscribe()
+    }
+
+    /// The id of a sink by name, assigned on first use and stable forever after. A new sink
+    /// starts its cursor at the current head: it receives events appended from now on.
+    pub fn sink_id(&self, name: &str) -> Result<u16, QueueError> {
+        let t = &self.shared.trees;
+        if let Some(v) = t.sinks.get(name)? {
+            return Ok(u16::from_be_bytes([v[0], v[1]]));
+        }
+        let used = t.sinks.len();
+        // Id 0xFFFF is kept for "unknown" in dead letters.
+        if used >= 0xFFFE {
+            return Err(QueueError::Storage("too many sink names".into()));
+        }
+        let id = t
+            .sinks
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .map(|v| u16::from_be_bytes([v[0], v[1]]))
+            .max()
+            .map_or(0, |m| m + 1);
+        t.sinks.insert(name, &id.to_be_bytes())?;
+        let head = *self.shared.head.borrow();
+        t.cursors
+            .compare_and_swap(
+                id.to_be_bytes(),
+                None as Option<&[u8]>,
+                Some(&head.to_be_bytes()),
+            )?
+            .ok();
+        Ok(id)
+    }
+
+    /// Every sink name the queue has seen, with its id.
+    pub fn sink_names(&self) -> Result<Vec<(String, u16)>, QueueError> {
+        let mut out = Vec::new();
+        for kv in self.shared.trees.sinks.iter() {
+            let (k, v) = kv?;
+            out.push((
+                String::from_utf8_lossy(&k).into_owned(),
+                u16::from_be_bytes([v[0], v[1]]),
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn cursor(&self, sink: u16) -> Result<u64, QueueError> {
+        Ok(self
+            .shared
+            .trees
+            .cursors
+            .get(sink.to_be_bytes())?
+            .map(|v| key_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Moves a sink's cursor: every record below `seq` is done for it. Not synced by itself
+    /// (see "After a crash").
+    pub fn set_cursor(&self, sink: u16, seq: u64) -> Result<(), QueueError> {
+        self.shared
+            .trees
+            .cursors
+            .insert(sink.to_be_bytes(), &seq.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Reads up to `max_events` / `max_bytes` records routed to `sink`, starting at `from`.
+    /// Scans at most `max_scan` records, so a sink that is routed few events cannot hold the
+    /// reader long; `next` says where the scan stopped.
+    pub fn read(
+        &self,
+        sink: u16,
+        from: u64,
+        max_events: usize,
+        max_bytes: usize,
+        max_scan: usize,
+    ) -> Result<ReadBatch, QueueError> {
+        let t = &self.shared.trees;
+        let mut out = ReadBatch {
+            items: Vec::new(),
+            next: from,
+        };
+        let mut bytes = 0usize;
+        for (scanned, kv) in t.log.range(from.to_be_bytes()..).enumerate() {
+            if scanned >= max_scan || out.items.len() >= max_events || bytes >= max_bytes {
+                break;
+            }
+            let (k, v) = kv?;
+            let seq = key_u64(&k);
+            out.next = seq + 1;
+            let routed = match record::routes_of(&v) {
+                Ok(mut r) => r.any(|id| id == sink),
+                // Unknown routes: hand it to every reader, each dead-letters its copy.
+                Err(_) => true,
+            };
+            if !routed {
+                continue;
+            }
+            bytes += v.len();
+            let item = match record::decode(seq, &v, |len| read_chunks(&t.chunks, seq, len)) {
+                Ok(ev) => {
+                    bytes += ev.payload.len().saturating_sub(v.len());
+                    ReadItem::Event(ev)
+                }
+                Err(error) => ReadItem::Corrupt {
+                    seq,
+                    raw: Bytes::copy_from_slice(&v),
+                    error,
+                },
+            };
+            out.items.push(item);
+        }
+        if out.items.is_empty() {
+            // Nothing routed here before the head: the cursor may jump to what was scanned.
+            out.next = out.next.max(from);
+        }
+        Ok(out)
+    }
+
+    /// Reads one record by sequence number (dead-lettering, `status`).
+    pub fn get(&self, seq: u64) -> Result<Option<ReadItem>, QueueError> {
+        let t = &self.shared.trees;
+        let Some(v) = t.log.get(seq.to_be_bytes())? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            match record::decode(seq, &v, |len| read_chunks(&t.chunks, seq, len)) {
+                Ok(ev) => ReadItem::Event(ev),
+                Err(error) => ReadItem::Corrupt {
+                    seq,
+                    raw: Bytes::copy_from_slice(&v),
+                    error,
+                },
+            },
+        ))
+    }
+
+    /// Removes every record below the lowest cursor of `active` sinks (all records when there
+    /// is none). Returns how many were removed.
+    pub fn gc(&self, active: &[u16]) -> Result<u64, QueueError> {
+        let mut min = *self.shared.head.borrow();
+        for id in active {
+            min = min.min(self.cursor(*id)?);
+        }
+        self.remove_below(min, u64::MAX)
+    }
+
+    fn remove_below(&self, limit: u64, max: u64) -> Result<u64, QueueError> {
+        let t = &self.shared.trees;
+        let mut removed = 0u64;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut chunk_ranges = Vec::new();
+            let mut n = 0u64;
+            let mut freed = 0u64;
+            for kv in t.log.range(..limit.to_be_bytes()).take(1024) {
+                if removed + n >= max {
+                    break;
+                }
+                let (k, v) = kv?;
+                if let Some(len) = record::chunked_len(&v) {
+                    chunk_ranges.push((key_u64(&k), len));
+                }
+                freed += stored_len_of(&v) as u64;
+                batch.remove(k);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(removed);
+            }
+            t.log.apply_batch(batch)?;
+            for (seq, _) in chunk_ranges {
+                remove_chunks(&t.chunks, seq)?;
+            }
+            self.shared.events.fetch_sub(n, Ordering::Relaxed);
+            self.shared.bytes.fetch_sub(freed, Ordering::Relaxed);
+            removed += n;
+        }
+    }
+
+    /// Stores the remote id the service assigned to `seq` (PromptLayer's request id).
+    pub fn set_remote_id(&self, sink: u16, seq: u64, remote: u64) -> Result<(), QueueError> {
+        self.shared
+            .trees
+            .remote
+            .insert(pair_key(sink, seq), &remote.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn remote_id(&self, sink: u16, seq: u64) -> Result<Option<u64>, QueueError> {
+        Ok(self
+            .shared
+            .trees
+            .remote
+            .get(pair_key(sink, seq))?
+            .map(|v| key_u64(&v)))
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let oldest_ms = self
+            .shared
+            .trees
+            .log
+            .first()
+            .ok()
+            .flatten()
+            .and_then(|(k, v)| record::decode(key_u64(&k), &v, |_| Ok(Vec::new())).ok())
+            .map(|e| e.received_ms);
+        QueueStats {
+            events: self.shared.events.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+            next_seq: *self.shared.head.borrow(),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+            evicted: self.shared.evicted.load(Ordering::Relaxed),
+            oldest_ms,
+        }
+    }
+
+    /// Bytes sled's files take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        dir_size(&self.shared.cfg.data_dir)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.shared.cfg.data_dir
+    }
+
+    /// Stops the writer after the writes already queued, and flushes everything (cursors
+    /// included) to disk. Appends after this fail with `Closed`.
+    pub fn close(&self) -> Result<(), QueueError> {
+        if self.shared.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        // A blocking send: the writer drains what is ahead of Stop first.
+        let _ = self.tx.send(WriteOp::Stop);
+        let handle = self.writer.lock().ok().and_then(|mut g| g.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        self.shared.trees.db.flush()?;
+        self.shared.trees.db_file.sync_data()?;
+        Ok(())
+    }
+}
+
+/// The group-commit writer: take everything waiting, insert, flush, fdatasync, then answer.
+fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
+    let t = &shared.trees;
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        let mut n = 0;
+        while n < MAX_GROUP_RECORDS {
+            match rx.try_recv() {
+                Ok(op) => {
+                    if let WriteOp::Append { records, .. } = &op {
+                        n += records.len();
+                    }
+                    ops.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut stop = false;
+        let mut batch = sled::Batch::default();
+        let mut chunk_batch = sled::Batch::default();
+        let mut replies = Vec::new();
+        let (mut add_events, mut add_bytes) = (0u64, 0u64);
+        let events_now = shared.events.load(Ordering::Relaxed);
+        let bytes_now = shared.bytes.load(Ordering::Relaxed);
+        for op in ops {
+            let (records, reply) = match op {
+                WriteOp::Append { records, reply } => (records, reply),
+                WriteOp::Stop => {
+                    stop = true;
+                    continue;
+                }
+            };
+            let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
+            let count = records.len() as u64;
+            if let Some(reason) = over_cap(
+                &shared.cfg,
+                events_now + add_events + count,
+                bytes_now + add_bytes + size,
+            ) {
+                let made_room = shared.cfg.when_full == WhenFull::DropOldest
+                    && evict_for(
+                        &shared,
+                        events_now + add_events + count,
+                        bytes_now + add_bytes + size,
+                    );
+                if !made_room {
+                    let _ = reply.send(Err(QueueError::Full { reason }));
+                    continue;
+                }
+            }
+            let mut ids = Vec::with_capacity(records.len());
+            for r in records {
+                let seq = next_seq;
+                next_seq += 1;
+                if let Some(over) = &r.enc.overflow {
+                    for (i, c) in over.chunks(CHUNK).enumerate() {
+                        chunk_batch.insert(&chunk_key(seq, i as u32)[..], c);
+                    }
+                }
+                batch.insert(&seq.to_be_bytes()[..], r.enc.value);
+                ids.push(Appended { seq, id: r.id });
+            }
+            add_events += count;
+            add_bytes += size;
+            replies.push((reply, ids));
+        }
+        if !replies.is_empty() {
+            let result = (|| -> Result<(), QueueError> {
+                // Chunks first: a log record never points at chunks that are not stored.
+                t.chunks.apply_batch(chunk_batch)?;
+                t.log.apply_batch(batch)?;
+                t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
+                t.db.flush()?;
+                t.db_file.sync_data()?;
+                Ok(())
+            })();
+            match result {
+                Ok(()) => {
+                    shared.syncs.fetch_add(1, Ordering::Relaxed);
+                    shared.events.fetch_add(add_events, Ordering::Relaxed);
+                    shared.bytes.fetch_add(add_bytes, Ordering::Relaxed);
+                    shared.head.send_replace(next_seq);
+                    for (reply, ids) in replies {
+                        let _ = reply.send(Ok(ids));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "queue write failed; the writes were not acknowledged");
+                    let msg = e.to_string();
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(match &e {
+                            QueueError::NoSpace => QueueError::NoSpace,
+                            _ => QueueError::Storage(msg.clone()),
+                        }));
+                    }
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> {
+    if bytes > cfg.max_bytes {
+        return Some("max_bytes reached");
+    }
+    if cfg.max_events.is_some_and(|m| events > m) {
+        return Some("max_events reached");
+    }
+    None
+}
+
+/// `when_full = "drop_oldest"`: removes the oldest records until `events`/`bytes` fit.
+fn evict_for(shared: &Shared, events: u64, bytes: u64) -> bool {
+    let t = &shared.trees;
+    let mut need_bytes = bytes.saturating_sub(shared.cfg.max_bytes);
+    let mut need_events = shared
+        .cfg
+        .max_events
+        .map_or(0, |m| events.saturating_sub(m));
+    let mut dropped = 0u64;
+    while need_bytes > 0 || need_events > 0 {
+        let Ok(Some((k, v))) = t.log.pop_min() else {
+            break;
+        };
+        let len = stored_len_of(&v) as u64;
+        if record::chunked_len(&v).is_some() {
+            let _ = remove_chunks(&t.chunks, key_u64(&k));
+        }
+        shared.events.fetch_sub(1, Ordering::Relaxed);
+        shared.bytes.fetch_sub(len, Ordering::Relaxed);
+        need_bytes = need_bytes.saturating_sub(len);
+        need_events = need_events.saturating_sub(1);
+        dropped += 1;
+    }
+    if dropped > 0 {
+        shared.evicted.fetch_add(dropped, Ordering::Relaxed);
+        tracing::warn!(
+            dropped,
+            "queue full: dropped the oldest events (queue.when_full = \"drop_oldest\")"
+        );
+    }
+    need_bytes == 0 && need_events == 0
+}
+
+fn stored_len_of(v: &[u8]) -> usize {
+    8 + v.len() + record::chunked_len(v).unwrap_or(0)
+}
+
+fn chunk_key(seq: u64, idx: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&seq.to_be_bytes());
+    k[8..].copy_from_slice(&idx.to_be_bytes());
+    k
+}
+
+fn read_chunks(tree: &sled::Tree, seq: u64, len: usize) -> Result<Vec<u8>, RecordError> {
+    let mut out = Vec::with_capacity(len);
+    for kv in tree.range(chunk_key(seq, 0)..chunk_key(seq + 1, 0)) {
+        let (_, v) = kv.map_err(|_| RecordError("chunk unreadable"))?;
+        out.extend_from_slice(&v);
+        if out.len() > len {
+            return Err(RecordError("chunks longer than recorded"));
+        }
+    }
+    Ok(out)
+}
+
+fn remove_chunks(tree: &sled::Tree, seq: u64) -> Result<(), QueueError> {
+    let mut batch = sled::Batch::default();
+    for k in tree.range(chunk_key(seq, 0)..chunk_key(seq + 1, 0)).keys() {
+        batch.remove(k?);
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+fn pair_key(sink: u16, seq: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(&sink.to_be_bytes());
+    k[2..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn key_u64(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = k.len().min(8);
+    b[8 - n..].copy_from_slice(&k[..n]);
+    u64::from_be_bytes(b)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512
+            }
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| QueueError::DataDir {
+            path: dir.to_path_buf(),
+            problem: e.to_string(),
+        })
+}
+
+/// An exclusive `flock` on `<data_dir>/llmlogd.lock` holding the owner's pid, so a second
+/// daemon on the same data dir refuses to start and says who holds it.
+struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    fn acquire(dir: &Path) -> Result<DirLock, QueueError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::io::AsRawFd;
+        let path: PathBuf = dir.join("llmlogd.lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| QueueError::DataDir {
+                path: path.clone(),
+                problem: e.to_string(),
+            })?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            let holder = s
+                .trim()
+                .parse::<u32>()
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            return Err(QueueError::Locked {
+                path: dir.to_path_buf(),
+                holder,
+            });
+        }
+        let _ = f.set_len(0);
+        let _ = f.rewind();
+        let _ = write!(f, "{}", std::process::id());
+        Ok(DirLock { _file: f })
+    }
+}
+
+#[cfg(test)]
+mod tests;
