@@ -1,1 +1,243 @@
-//! TODO
+//! Wiring: build the stages from a `Config`, run until told to stop, reload on request, and
+//! shut down in order.
+//!
+//! Start: open the queue → start delivery → bind listeners → serve → READY=1.
+//! Stop: STOPPING=1 → stop accepting, answer in-flight requests (their acks need the queue)
+//! → let delivery drain up to `delivery.drain_timeout` → close the queue (final sync) → exit 0.
+//! Reload (SIGHUP): re-read and validate the file; if it is valid, swap sinks, keys, limits and
+//! routing in place (no connection or event is dropped); if not, log why and keep running the
+//! old one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Overrides, SinkConfig};
+use crate::delivery::Delivery;
+use crate::ingest::http::{router, HttpState};
+use crate::ingest::ndjson::NdjsonLimits;
+use crate::ingest::server::{self, Listeners, ServeContext};
+use crate::ingest::{Ingest, RouteTable};
+use crate::ops::metrics::Metrics;
+use crate::ops::signals::Signal;
+use crate::ops::status::StatusBoard;
+use crate::ops::systemd;
+use crate::queue::Queue;
+
+/// Where a reload reads the config from.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+/// What `run` reports once it is serving (tests use it to find the ports).
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub http: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub data_dir: PathBuf,
+}
+
+/// How long in-flight ingest requests get to finish on stop.
+const INGEST_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the daemon until a `Signal::Shutdown` arrives on `control` (or it closes).
+pub async fn run(
+    cfg: Config,
+    source: ConfigSource,
+    mut control: mpsc::Receiver<Signal>,
+    started: Option<oneshot::Sender<Started>>,
+) -> anyhow::Result<()> {
+    let queue = {
+        let qc = cfg.queue.clone();
+        tokio::task::spawn_blocking(move || Queue::open(&qc))
+            .await
+            .context("opening the queue")??
+    };
+    let metrics = Arc::new(Metrics::new());
+    let board = Arc::new(StatusBoard::default());
+    let mut delivery = Delivery::start(queue.clone(), &cfg.sinks, metrics.clone(), board.clone())?;
+    let ingest = Arc::new(Ingest::new(
+        queue.clone(),
+        route_table(&delivery, &cfg.sinks),
+        metrics.clone(),
+    ));
+    let listeners = Listeners::bind(&cfg.server).await?;
+    let http_addr = listeners.http_addr();
+    let unix_path = listeners.unix.as_ref().map(|(_, p)| p.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(HttpState {
+        ingest: ingest.clone(),
+        max_body: cfg.server.max_body_bytes,
+        body_timeout: cfg.server.body_timeout,
+        status: board.clone(),
+        ready: ready.clone(),
+    });
+    let stop_serving = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    server::spawn(
+        listeners,
+        ServeContext {
+            router: router(state),
+            ingest: ingest.clone(),
+            header_timeout: cfg.server.header_timeout,
+            ndjson: NdjsonLimits {
+                max_line: cfg.server.max_line_bytes,
+                line_timeout: cfg.server.body_timeout,
+                idle_timeout: cfg.server.idle_timeout,
+            },
+            connections: Arc::new(Semaphore::new(cfg.server.max_connections)),
+            shutdown: stop_serving.clone(),
+            tracker: tracker.clone(),
+        },
+    );
+
+    ready.store(true, Ordering::Release);
+    let listening = describe(http_addr, unix_path.as_ref());
+    if cfg.sinks.is_empty() {
+        tracing::warn!("no sinks configured: events are accepted, stored, and then discarded");
+    }
+    tracing::info!(
+        listening = %listening,
+        data_dir = %cfg.queue.data_dir.display(),
+        sinks = cfg.sinks.len(),
+        "llmlogd ready"
+    );
+    systemd::ready(&format!("listening on {listening}"));
+    if let Some(tx) = started {
+        let _ = tx.send(Started {
+            http: http_addr,
+            unix: unix_path,
+            data_dir: cfg.queue.data_dir.clone(),
+        });
+    }
+    let watchdog = systemd::watchdog_interval().map(|every| {
+        let q = queue.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // Ping only while the runtime turns and the queue answers.
+                let _ = q.stats();
+                systemd::watchdog_ping();
+            }
+        })
+    });
+
+    let mut current = cfg;
+    while let Some(signal) = control.recv().await {
+        match signal {
+            Signal::Reload => {
+                systemd::reloading();
+                match Config::load(source.path.as_deref(), &source.overrides) {
+                    Ok(new) => {
+                        if let Err(e) = reload(&current, &new, &mut delivery, &ingest) {
+                            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                        } else {
+                            current = new;
+                            tracing::info!(sinks = current.sinks.len(), "configuration reloaded");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "new configuration refused; keeping the running one")
+                    }
+                }
+                systemd::ready(&format!("listening on {listening}"));
+            }
+            Signal::Shutdown => break,
+        }
+    }
+
+    // Stop, in order.
+    systemd::stopping();
+    tracing::info!("stopping: no new connections; answering in-flight requests");
+    ready.store(false, Ordering::Release);
+    stop_serving.cancel();
+    tracker.close();
+    if tokio::time::timeout(INGEST_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some connections did not finish in time; their unacknowledged events were not stored"
+        );
+    }
+    delivery.shutdown(current.delivery.drain_timeout).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let q = queue.clone();
+    tokio::task::spawn_blocking(move || q.close())
+        .await
+        .context("closing the queue")??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn route_table(delivery: &Delivery, sinks: &[SinkConfig]) -> RouteTable {
+    let ids = delivery.sink_ids();
+    let pairs: Vec<(u16, &SinkConfig)> = sinks
+        .iter()
+        .filter_map(|s| {
+            ids.iter()
+                .find(|(n, _)| *n == s.name)
+                .map(|(_, id)| (*id, s))
+        })
+        .collect();
+    RouteTable::new(&pairs)
+}
+
+/// Applies a validated new config to the running daemon.
+fn reload(
+    old: &Config,
+    new: &Config,
+    delivery: &mut Delivery,
+    ingest: &Ingest,
+) -> anyhow::Result<()> {
+    let restart_only = [
+        (
+            "server",
+            format!("{:?}", old.server) != format!("{:?}", new.server),
+        ),
+        (
+            "queue",
+            format!("{:?}", old.queue) != format!("{:?}", new.queue),
+        ),
+        ("log", format!("{:?}", old.log) != format!("{:?}", new.log)),
+    ];
+    for (section, changed) in restart_only {
+        if changed {
+            tracing::warn!(
+                section,
+                "changes to this section take effect at the next restart"
+            );
+        }
+    }
+    delivery.apply(&new.sinks)?;
+    ingest
+        .routes
+        .store(Arc::new(route_table(delivery, &new.sinks)));
+    Ok(())
+}
+
+fn describe(http: Option<SocketAddr>, unix: Option<&PathBuf>) -> String {
+    let mut parts = Vec::new();
+    if let Some(a) = http {
+        parts.push(format!("http://{a}"));
+    }
+    if let Some(p) = unix {
+        parts.push(format!("unix:{}", p.display()));
+    }
+    if parts.is_empty() {
+        "nothing (no listener configured)".into()
+    } else {
+        parts.join(" and ")
+    }
+}

@@ -1,1 +1,66 @@
-fn main() {}
+//! The `llmlogd` binary: parse the command line, load the config before binding anything,
+//! run, and turn errors into one line and an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use llmlogd::cli::{self, Cli, CliError, Command};
+use llmlogd::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::CheckConfig { file, cfg } => cli::check_config(file, &cfg),
+        Command::Send { file, socket, cfg } => cli::send(file, socket, &cfg),
+        Command::Status { json, cfg } => cli::status(json, &cfg),
+        Command::Dlq { action, cfg } => cli::dlq(action, &cfg),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llmlogd: {}", e.message);
+            ExitCode::from(e.code.clamp(1, 255) as u8)
+        }
+    }
+}
+
+fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
+    let cfg: Config = args.load()?;
+    init_tracing(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmlogd")
+        .build()
+        .map_err(|e| CliError::new(cli::EXIT_SOFTWARE, format!("cannot start the runtime: {e}")))?;
+    let signals = llmlogd::ops::signals::listen().map_err(|e| {
+        CliError::new(
+            cli::EXIT_SOFTWARE,
+            format!("cannot install signal handlers: {e}"),
+        )
+    })?;
+    let source = llmlogd::app::ConfigSource {
+        path: args.config.clone(),
+        overrides: args.overrides(),
+    };
+    rt.block_on(llmlogd::app::run(cfg, source, signals, None))
+        .map_err(|e| CliError::new(1, format!("{e:#}")))
+}
+
+fn init_tracing(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under journald (JOURNAL_STREAM set) the journal stamps time itself; no colours either.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match (cfg.log.format, journald) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Human, true) => builder.without_time().init(),
+        (LogFormat::Human, false) => builder.init(),
+    }
+}

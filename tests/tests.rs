@@ -1,1 +1,5 @@
-//! Integration tests.
+//! Integration tests: one binary, sharing `util/`.
+
+mod util;
+
+mod foundation;

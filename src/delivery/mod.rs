@@ -1,1 +1,190 @@
-//! TODO
+//! Delivery: one engine for every sink.
+//!
+//! Each configured sink gets a worker task (`worker.rs`) with its own cursor over the one
+//! queue, so a dead or slow sink never delays another. The manager here starts, reconfigures
+//! (reload) and stops workers, and runs the collector that removes records every sink is done
+//! with. Flow control is in `limits.rs`, reply classification and backoff in `retry.rs`.
+
+mod limits;
+pub mod retry;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SinkConfig;
+use crate::ops::metrics::Metrics;
+use crate::ops::status::StatusBoard;
+use crate::queue::{Queue, QueueError};
+
+/// How often fully delivered records are removed from the queue.
+const GC_INTERVAL: Duration = Duration::from_millis(500);
+
+struct WorkerHandle {
+    id: u16,
+    config: watch::Sender<Arc<SinkConfig>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub struct Delivery {
+    queue: Queue,
+    metrics: Arc<Metrics>,
+    board: Arc<StatusBoard>,
+    workers: BTreeMap<String, WorkerHandle>,
+    /// Ids of the configured sinks: the collector keeps what the slowest of them needs.
+    active: Arc<Mutex<Vec<u16>>>,
+    /// Cancelled when the drain deadline passes: in-flight requests are abandoned (their
+    /// events stay queued).
+    abort: CancellationToken,
+    gc_stop: CancellationToken,
+    gc: Option<JoinHandle<()>>,
+}
+
+impl Delivery {
+    /// Starts a worker per sink, and the collector.
+    pub fn start(
+        queue: Queue,
+        sinks: &[SinkConfig],
+        metrics: Arc<Metrics>,
+        board: Arc<StatusBoard>,
+    ) -> Result<Delivery, QueueError> {
+        let mut d = Delivery {
+            queue: queue.clone(),
+            metrics,
+            board,
+            workers: BTreeMap::new(),
+            active: Arc::new(Mutex::new(Vec::new())),
+            abort: CancellationToken::new(),
+            gc_stop: CancellationToken::new(),
+            gc: None,
+        };
+        d.apply(sinks)?;
+        let (active, stop) = (d.active.clone(), d.gc_stop.clone());
+        d.gc = Some(tokio::spawn(async move {
+            let mut last_warn = None::<std::time::Instant>;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(GC_INTERVAL) => {}
+                }
+                let ids = active.lock().map(|a| a.clone()).unwrap_or_default();
+                let q = queue.clone();
+                let r = tokio::task::spawn_blocking(move || q.gc(&ids)).await;
+                if let Ok(Err(e)) = r {
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        tracing::warn!(error = %e, "removing delivered events failed");
+                        last_warn = Some(std::time::Instant::now());
+                    }
+                }
+            }
+        }));
+        Ok(d)
+    }
+
+    /// The sinks' queue ids, for routing.
+    pub fn sink_ids(&self) -> Vec<(String, u16)> {
+        self.workers
+            .iter()
+            .map(|(n, w)| (n.clone(), w.id))
+            .collect()
+    }
+
+    /// Brings the running workers in line with `sinks`: starts new ones, reconfigures
+    /// changed ones (a new key resumes a sink paused for auth), stops removed ones.
+    pub fn apply(&mut self, sinks: &[SinkConfig]) -> Result<(), QueueError> {
+        // Resolve every id first, so a failure changes nothing.
+        let mut ids = Vec::with_capacity(sinks.len());
+        for s in sinks {
+            ids.push(self.queue.sink_id(&s.name)?);
+        }
+        let wanted: BTreeMap<&str, (&SinkConfig, u16)> = sinks
+            .iter()
+            .zip(ids.iter().copied())
+            .map(|(s, id)| (s.name.as_str(), (s, id)))
+            .collect();
+        let gone: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|n| !wanted.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(w) = self.workers.remove(&name) {
+                tracing::info!(sink = %name, "sink removed from the config; its undelivered events are no longer kept for it");
+                w.stop.cancel();
+                self.board.remove(&name);
+            }
+        }
+        for (name, (cfg, id)) in wanted {
+            match self.workers.get(name) {
+                Some(w) => {
+                    if **w.config.borrow() != *cfg {
+                        w.config.send_replace(Arc::new(cfg.clone()));
+                    }
+                }
+                None => {
+                    let cfg = Arc::new(cfg.clone());
+                    let worker = worker::Worker::new(
+                        cfg.clone(),
+                        id,
+                        self.queue.clone(),
+                        self.metrics.clone(),
+                        self.board.clone(),
+                    )?;
+                    let (tx, rx) = watch::channel(cfg);
+                    let stop = CancellationToken::new();
+                    let task = tokio::spawn(worker.run(rx, stop.clone(), self.abort.clone()));
+                    self.workers.insert(
+                        name.to_string(),
+                        WorkerHandle {
+                            id,
+                            config: tx,
+                            stop,
+                            task,
+                        },
+                    );
+                }
+            }
+        }
+        if let Ok(mut a) = self.active.lock() {
+            *a = ids;
+        }
+        Ok(())
+    }
+
+    /// Stops sending, lets in-flight requests finish for up to `drain`, then stops.
+    pub async fn shutdown(mut self, drain: Duration) {
+        for w in self.workers.values() {
+            w.stop.cancel();
+        }
+        let abort = self.abort.clone();
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut self.workers)
+            .into_values()
+            .map(|w| w.task)
+            .collect();
+        let deadline = tokio::time::Instant::now() + drain;
+        let mut aborted = false;
+        for mut t in tasks {
+            if !aborted && tokio::time::timeout_at(deadline, &mut t).await.is_ok() {
+                continue;
+            }
+            if !aborted {
+                tracing::warn!(?drain, "drain deadline reached; in-flight deliveries abandoned (their events stay queued)");
+                abort.cancel();
+                aborted = true;
+            }
+            // After an abort every worker returns promptly (it persists its cursor first).
+            let _ = t.await;
+        }
+        self.gc_stop.cancel();
+        if let Some(gc) = self.gc.take() {
+            let _ = gc.await;
+        }
+    }
+}

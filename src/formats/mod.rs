@@ -18,6 +18,7 @@ pub struct Attributes {
     pub model: Option<String>,
     pub environment: Option<String>,
     pub tags: Vec<String>,
+    pub canonical: bool,
 }
 impl Format {
     pub fn name(self) -> &'static str {
@@ -45,4 +46,62 @@ impl TrackKind {
             TrackKind::Group => "/library-track-group",
         }
     }
+}
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+pub mod pezzo {
+    use super::*;
+    use serde_json::Value;
+    pub fn validate(_b: &Value) -> Result<(), Vec<FieldError>> {
+        Ok(())
+    }
+    pub fn attributes(_b: &Value) -> Attributes {
+        Attributes::default()
+    }
+    pub fn success_reply(b: &Value) -> Value {
+        b.clone()
+    }
+}
+pub mod promptlayer {
+    use super::*;
+    use serde_json::Value;
+    pub fn validate(_b: &Value) -> Result<(), Vec<FieldError>> {
+        Ok(())
+    }
+    pub fn validate_track(_k: TrackKind, _b: &Value) -> Result<(), Vec<FieldError>> {
+        Ok(())
+    }
+    pub fn attributes(_b: &Value) -> Attributes {
+        Attributes::default()
+    }
+    pub fn log_reply(id: u64, _b: &Value) -> Value {
+        serde_json::json!({"id": id})
+    }
+    pub fn track_request_id(b: &Value) -> Option<u64> {
+        b.get("request_id")?.as_u64()
+    }
+    pub fn set_track_request_id(b: &mut Value, id: u64) {
+        b["request_id"] = id.into();
+    }
+    pub fn set_track_api_key(b: &mut Value, k: &str) {
+        b["api_key"] = k.into();
+    }
+}
+pub mod native {
+    use super::*;
+    use serde_json::Value;
+    pub fn attributes(_b: &Value) -> Attributes {
+        Attributes::default()
+    }
+}
+
+pub fn render(
+    _kind: crate::event::EventKind,
+    _payload: &[u8],
+    _to: Format,
+) -> Result<Vec<u8>, String> {
+    Err("conversion not available yet".into())
 }

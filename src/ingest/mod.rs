@@ -1,1 +1,285 @@
-//! TODO
+//! Ingest: turn requests into events, route them, and answer once they are durable.
+//!
+//! - `http.rs`: the routes (native, Pezzo, PromptLayer, ops endpoints), shared by the TCP
+//!   listener and the Unix socket.
+//! - `server.rs`: listeners: accept loops, connection cap, header/body timeouts, graceful stop,
+//!   protocol detection on the Unix socket.
+//! - `ndjson.rs`: the line protocol on the Unix socket.
+//!
+//! Validation happens before anything is stored: a refused request stores nothing, an accepted
+//! one is stored whole (one group commit for all its events) or not at all.
+
+pub mod http;
+pub mod ndjson;
+pub mod server;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::config::{Route, SinkConfig, SinkKind};
+use crate::event::{EventKind, NewEvent};
+use crate::formats::FieldError;
+use crate::ops::metrics::Metrics;
+use crate::queue::{Appended, Queue, QueueError};
+
+/// Which sinks take which events; rebuilt on reload and swapped in atomically.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    entries: Vec<RouteEntry>,
+}
+
+#[derive(Debug)]
+struct RouteEntry {
+    id: u16,
+    kind: SinkType,
+    route: Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkType {
+    Http,
+    Pezzo,
+    PromptLayer,
+}
+
+impl RouteTable {
+    /// Builds the table from the sinks' config and their queue ids.
+    pub fn new(sinks: &[(u16, &SinkConfig)]) -> Self {
+        RouteTable {
+            entries: sinks
+                .iter()
+                .map(|(id, s)| RouteEntry {
+                    id: *id,
+                    kind: match s.kind {
+                        SinkKind::Http { .. } => SinkType::Http,
+                        SinkKind::Pezzo { .. } => SinkType::Pezzo,
+                        SinkKind::PromptLayer { .. } => SinkType::PromptLayer,
+                    },
+                    route: s.route.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The sinks an event goes to. A sink takes an event when its route matches and it can
+    /// render the event: the `http` sink takes anything; Pezzo and PromptLayer take events they
+    /// can convert (native events only in the canonical shape); PromptLayer follow-ups go only
+    /// to PromptLayer (and `http`) sinks.
+    pub fn routes_for(&self, ev: &NewEvent) -> Vec<u16> {
+        self.entries
+            .iter()
+            .filter(|e| {
+                let renders = match (e.kind, ev.kind) {
+                    (SinkType::Http, _) => true,
+                    (_, EventKind::Native) => ev.attrs.canonical,
+                    (SinkType::Pezzo, EventKind::PromptLayerTrack(_)) => false,
+                    _ => true,
+                };
+                renders && route_matches(&e.route, ev)
+            })
+            .map(|e| e.id)
+            .collect()
+    }
+}
+
+fn route_matches(r: &Route, ev: &NewEvent) -> bool {
+    (r.formats.is_empty() || r.formats.contains(&ev.kind.format()))
+        && (r.environments.is_empty()
+            || ev
+                .attrs
+                .environment
+                .as_ref()
+                .is_some_and(|e| r.environments.iter().any(|x| x == e)))
+        && (r.tags.is_empty() || ev.attrs.tags.iter().any(|t| r.tags.contains(t)))
+}
+
+/// A refused request: the status, a machine-readable code, and what was wrong.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestError {
+    #[serde(skip)]
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldError>,
+    /// Seconds after which a retry may succeed (queue full, busy).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
+}
+
+impl IngestError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        IngestError {
+            status,
+            code,
+            message: message.into(),
+            fields: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid(fields: Vec<FieldError>) -> Self {
+        let message = match fields.as_slice() {
+            [one] => format!("{}: {}", one.field, one.problem),
+            many => format!("{} fields are invalid", many.len()),
+        };
+        IngestError {
+            fields,
+            ..IngestError::new(400, "invalid_field", message)
+        }
+    }
+
+    /// The result label for `llmlogd_ingest_events_total`.
+    pub fn metric_result(&self) -> &'static str {
+        match self.status {
+            413 => "too_large",
+            503 | 507 => "full",
+            s if s >= 500 => "error",
+            _ => "invalid",
+        }
+    }
+}
+
+impl From<QueueError> for IngestError {
+    fn from(e: QueueError) -> Self {
+        let mut err = match &e {
+            QueueError::Full { .. } | QueueError::Busy | QueueError::Closed => {
+                IngestError::new(503, "unavailable", e.to_string())
+            }
+            QueueError::NoSpace => IngestError::new(507, "no_space", e.to_string()),
+            QueueError::TooLarge { .. } => IngestError::new(413, "too_large", e.to_string()),
+            _ => IngestError::new(500, "storage_error", e.to_string()),
+        };
+        if e.is_transient() {
+            err.retry_after = Some(match e {
+                QueueError::Full { .. } | QueueError::NoSpace => 5,
+                _ => 1,
+            });
+        }
+        err
+    }
+}
+
+/// The shared front of ingest: routing and the durable append.
+pub struct Ingest {
+    pub queue: Queue,
+    pub routes: ArcSwap<RouteTable>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    pub fn new(queue: Queue, routes: RouteTable, metrics: Arc<Metrics>) -> Self {
+        Ingest {
+            queue,
+            routes: ArcSwap::from_pointee(routes),
+            metrics,
+        }
+    }
+
+    /// Routes and stores `events` as one durable write; counts the outcome under `route`.
+    pub async fn admit(
+        &self,
+        route: &'static str,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Appended>, IngestError> {
+        let n = events.len() as u64;
+        let table = self.routes.load();
+        let prepared = events
+            .iter()
+            .map(|ev| self.queue.prepare(ev, &table.routes_for(ev)))
+            .collect();
+        match self.queue.append(prepared).await {
+            Ok(ids) => {
+                self.metrics.ingest(route, "accepted", n);
+                Ok(ids)
+            }
+            Err(e) => {
+                let err = IngestError::from(e);
+                self.metrics.ingest(route, err.metric_result(), n);
+                Err(err)
+            }
+        }
+    }
+
+    /// Counts a request refused before it reached the queue.
+    pub fn refused(&self, route: &'static str, err: &IngestError) {
+        self.metrics.ingest(route, err.metric_result(), 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+    use crate::formats::{Attributes, Format, TrackKind};
+
+    fn ev(kind: EventKind, env: Option<&str>, tags: &[&str], canonical: bool) -> NewEvent {
+        NewEvent {
+            kind,
+            payload: bytes::Bytes::from_static(b"{}"),
+            attrs: Attributes {
+                environment: env.map(String::from),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                canonical,
+                ..Attributes::default()
+            },
+            creds: Default::default(),
+        }
+    }
+
+    #[test]
+    fn routing_by_format_environment_tag_and_renderability() {
+        let c = Config::parse(
+            r#"
+[sinks.all]
+type = "http"
+url = "http://127.0.0.1:1"
+[sinks.pl]
+type = "promptlayer"
+route.environments = ["prod"]
+[sinks.pz]
+type = "pezzo"
+route.tags = ["keep"]
+route.formats = ["pezzo", "promptlayer"]
+"#,
+            &Overrides::default(),
+        )
+        .unwrap();
+        let ids: Vec<(u16, &SinkConfig)> = c
+            .sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u16, s))
+            .collect();
+        // BTreeMap order: all=0, pl=1, pz=2.
+        let t = RouteTable::new(&ids);
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Native, Some("prod"), &[], false)),
+            vec![0]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Native, Some("prod"), &[], true)),
+            vec![0, 1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Pezzo, Some("prod"), &["keep"], false)),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Pezzo, Some("dev"), &["x"], false)),
+            vec![0]
+        );
+        assert_eq!(
+            t.routes_for(&ev(
+                EventKind::PromptLayerTrack(TrackKind::Score),
+                Some("prod"),
+                &["keep"],
+                false
+            )),
+            vec![0, 1]
+        );
+        assert_eq!(Format::from_name("pezzo"), Some(Format::Pezzo));
+    }
+}

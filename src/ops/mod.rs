@@ -1,1 +1,6 @@
-//! TODO
+//! Operations: signals, systemd integration, metrics, status.
+
+pub mod metrics;
+pub mod signals;
+pub mod status;
+pub mod systemd;

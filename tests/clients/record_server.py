@@ -30,6 +30,9 @@ Replies (modelled on the real services):
                                            requested model is "nonexistent-model":
                                            404 OpenAI error JSON (model_not_found)
     anything else                          404 {"message": "Not found", "statusCode": 404}
+
+Negative testing: RECORD_OVERRIDE="/log-request=200,/api/reporting/v2/request=500" forces
+those reply statuses (bodies unchanged).
 """
 
 import argparse
@@ -170,6 +173,13 @@ def openai_chat(body):
     }
 
 
+# RECORD_OVERRIDE="/log-request=200,/api/reporting/v2/request=500" forces reply statuses
+# (reply bodies unchanged), to check how the clients react to a misbehaving server.
+OVERRIDES = {
+    path: int(code)
+    for path, _, code in (item.partition("=") for item in os.environ.get("RECORD_OVERRIDE", "").split(",") if item)
+}
+
 ROUTES = {
     ("POST", "/api/reporting/v2/request"): pezzo_report,
     ("POST", "/api/cache/v1/request/retrieve"): lambda b: (201, {"hit": False, "data": None}),
@@ -225,6 +235,8 @@ class Handler(BaseHTTPRequestHandler):
             status, reply = 404, {"message": "Not found", "statusCode": 404}
         else:
             status, reply = route(body)
+        if split.path in OVERRIDES:  # negative testing: force a status, keep the body
+            status = OVERRIDES[split.path]
         entry = {
             "seq": next(_seq),
             "method": self.command,

@@ -1,0 +1,529 @@
+//! The HTTP routes, served on loopback TCP and on the Unix socket alike.
+//!
+//! | route | format | success |
+//! |---|---|---|
+//! | `POST /v1/events` | native: one JSON object, an array, or NDJSON | 202 `{"ids":[..],"seqs":[..]}` |
+//! | `POST /api/reporting/v2/request`, `/reporting/v2/request` | Pezzo | 201, the saved report |
+//! | `POST /log-request` | PromptLayer | 201 `{"id": <local id>, ...}` |
+//! | `POST /library-track-{score,metadata,prompt,group}` | PromptLayer follow-up | 200 `{"success":true}` |
+//! | `GET /metrics`, `/healthz`, `/readyz`, `/v1/status` | ops | 200 |
+//!
+//! Every refusal is a JSON body `{"success":false,"message":..,"error":{"code","message","fields"}}`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use super::{Ingest, IngestError};
+use crate::config::Secret;
+use crate::event::{ClientCredentials, EventKind, NewEvent};
+use crate::formats::{self, TrackKind};
+use crate::ops::status::StatusBoard;
+
+/// What the handlers share.
+pub struct HttpState {
+    pub ingest: Arc<Ingest>,
+    pub max_body: usize,
+    pub body_timeout: Duration,
+    pub status: Arc<StatusBoard>,
+    /// Set once every listener is bound and the queue is open (`/readyz`).
+    pub ready: Arc<AtomicBool>,
+}
+
+type St = State<Arc<HttpState>>;
+
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(native_events))
+        .route("/api/reporting/v2/request", post(pezzo_report))
+        .route("/reporting/v2/request", post(pezzo_report))
+        .route("/log-request", post(pl_log))
+        .route("/library-track-score", post(pl_track_score))
+        .route("/library-track-metadata", post(pl_track_metadata))
+        .route("/library-track-prompt", post(pl_track_prompt))
+        .route("/library-track-group", post(pl_track_group))
+        .route("/metrics", get(metrics))
+        .route(
+            "/healthz",
+            get(|| async { Json200(json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A JSON reply with a given status.
+struct JsonReply(StatusCode, Value);
+struct Json200(Value);
+
+impl IntoResponse for JsonReply {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, self.1.to_string()).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+}
+
+impl IntoResponse for Json200 {
+    fn into_response(self) -> Response {
+        JsonReply(StatusCode::OK, self.0).into_response()
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let body = json!({
+            "success": false,
+            "message": self.message,
+            "error": self,
+        });
+        let mut r = JsonReply(status, body).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> IngestError {
+    IngestError::new(404, "not_found", format!("no route for {}", uri.path()))
+}
+
+/// Reads the body within the size and time limits.
+async fn read_body(st: &HttpState, body: Body) -> Result<Bytes, IngestError> {
+    let limited = http_body_util::Limited::new(body, st.max_body);
+    match tokio::time::timeout(st.body_timeout, limited.collect()).await {
+        Err(_) => Err(IngestError::new(
+            408,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {}s",
+                st.body_timeout.as_secs()
+            ),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(IngestError::new(
+            413,
+            "too_large",
+            format!(
+                "request body exceeds {} bytes (server.max_body_bytes)",
+                st.max_body
+            ),
+        )),
+        Ok(Err(e)) => Err(IngestError::new(
+            400,
+            "body_error",
+            format!("could not read the request body: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// How a request body is framed, from its Content-Type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    Json,
+    Ndjson,
+}
+
+fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(Framing::Json);
+    };
+    let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    match mime {
+        "application/json" | "text/json" | "" => Ok(Framing::Json),
+        m if m.ends_with("+json") => Ok(Framing::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+        | "application/x-jsonlines" | "application/jsonlines" => Ok(Framing::Ndjson),
+        other => Err(IngestError::new(
+            415,
+            "unsupported_media_type",
+            format!(
+                "Content-Type `{other}` is not accepted; use application/json or application/x-ndjson"
+            ),
+        )),
+    }
+}
+
+fn json_error(e: &serde_json::Error, what: &str) -> IngestError {
+    let problem = if e.is_eof() {
+        "unexpected end of input".to_string()
+    } else {
+        e.to_string()
+    };
+    IngestError::new(
+        400,
+        "invalid_json",
+        format!("{what} is not valid JSON: {problem}"),
+    )
+}
+
+fn not_object(what: &str) -> IngestError {
+    IngestError::new(400, "invalid_json", format!("{what} must be a JSON object"))
+}
+
+/// Splits a native body into raw event slices, each a JSON object, exactly as sent.
+pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>, IngestError> {
+    let trimmed = trim_ascii(body);
+    match framing {
+        Framing::Json if trimmed.first() == Some(&b'[') => {
+            let items: Vec<&serde_json::value::RawValue> =
+                serde_json::from_slice(trimmed).map_err(|e| json_error(&e, "the body"))?;
+            if items.is_empty() {
+                return Err(IngestError::new(400, "empty", "the array holds no event"));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| {
+                    if !raw.get().starts_with('{') {
+                        return Err(not_object(&format!("event [{i}]")));
+                    }
+                    Ok(body.slice_ref(raw.get().as_bytes()))
+                })
+                .collect()
+        }
+        Framing::Json => {
+            let raw: &serde_json::value::RawValue =
+                serde_json::from_slice(trimmed).map_err(|e| json_error(&e, "the body"))?;
+            if !raw.get().starts_with('{') {
+                return Err(not_object("the event"));
+            }
+            Ok(vec![body.slice_ref(trimmed)])
+        }
+        Framing::Ndjson => {
+            let mut out = Vec::new();
+            for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+                let line = trim_ascii(line);
+                if line.is_empty() {
+                    continue;
+                }
+                let what = format!("line {}", i + 1);
+                let raw: &serde_json::value::RawValue =
+                    serde_json::from_slice(line).map_err(|e| json_error(&e, &what))?;
+                if !raw.get().starts_with('{') {
+                    return Err(not_object(&what));
+                }
+                out.push(body.slice_ref(line));
+            }
+            if out.is_empty() {
+                return Err(IngestError::new(400, "empty", "the body holds no event"));
+            }
+            Ok(out)
+        }
+    }
+}
+
+pub(crate) fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |p| p + 1);
+    &b[start..end]
+}
+
+/// Builds a native event from one raw object (already known to be a JSON object).
+pub(crate) fn native_event(raw: Bytes) -> Result<NewEvent, IngestError> {
+    let v: Value = serde_json::from_slice(&raw).map_err(|e| json_error(&e, "the event"))?;
+    Ok(NewEvent {
+        kind: EventKind::Native,
+        attrs: formats::native::attributes(&v),
+        payload: raw,
+        creds: ClientCredentials::default(),
+    })
+}
+
+async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    const ROUTE: &str = "native";
+    let result = async {
+        let framing = framing(&headers)?;
+        let body = read_body(&st, body).await?;
+        let events = split_native(&body, framing)?
+            .into_iter()
+            .map(native_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, IngestError>(events)
+    }
+    .await;
+    let events = match result {
+        Ok(e) => e,
+        Err(e) => {
+            st.ingest.refused(ROUTE, &e);
+            return e.into_response();
+        }
+    };
+    match st.ingest.admit(ROUTE, events).await {
+        Ok(ids) => JsonReply(
+            StatusCode::ACCEPTED,
+            json!({
+                "accepted": ids.len(),
+                "ids": ids.iter().map(|a| a.id.to_string()).collect::<Vec<_>>(),
+                "seqs": ids.iter().map(|a| a.seq).collect::<Vec<_>>(),
+            }),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Parses a single JSON object body (Pezzo, PromptLayer).
+async fn object_body(
+    st: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, Value), IngestError> {
+    if framing(headers)? != Framing::Json {
+        return Err(IngestError::new(
+            415,
+            "unsupported_media_type",
+            "this route takes one JSON object (application/json)",
+        ));
+    }
+    let body = read_body(st, body).await?;
+    let trimmed = body.slice_ref(trim_ascii(&body));
+    let v: Value = serde_json::from_slice(&trimmed).map_err(|e| json_error(&e, "the body"))?;
+    if !v.is_object() {
+        return Err(not_object("the body"));
+    }
+    Ok((trimmed, v))
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+async fn pezzo_report(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    const ROUTE: &str = "pezzo";
+    let parsed = async {
+        let (raw, v) = object_body(&st, &headers, body).await?;
+        formats::pezzo::validate(&v).map_err(IngestError::invalid)?;
+        Ok::<_, IngestError>((raw, v))
+    }
+    .await;
+    let (raw, v) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            st.ingest.refused(ROUTE, &e);
+            return e.into_response();
+        }
+    };
+    let ev = NewEvent {
+        kind: EventKind::Pezzo,
+        attrs: formats::pezzo::attributes(&v),
+        payload: raw,
+        creds: ClientCredentials {
+            api_key: header_str(&headers, "x-pezzo-api-key").map(Secret::new),
+            project_id: header_str(&headers, "x-pezzo-project-id"),
+        },
+    };
+    match st.ingest.admit(ROUTE, vec![ev]).await {
+        Ok(_) => JsonReply(StatusCode::CREATED, formats::pezzo::success_reply(&v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn pl_log(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    const ROUTE: &str = "promptlayer";
+    let parsed = async {
+        let (raw, v) = object_body(&st, &headers, body).await?;
+        formats::promptlayer::validate(&v).map_err(IngestError::invalid)?;
+        Ok::<_, IngestError>((raw, v))
+    }
+    .await;
+    let (raw, v) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            st.ingest.refused(ROUTE, &e);
+            return e.into_response();
+        }
+    };
+    let ev = NewEvent {
+        kind: EventKind::PromptLayerLog,
+        attrs: formats::promptlayer::attributes(&v),
+        payload: raw,
+        creds: ClientCredentials {
+            api_key: header_str(&headers, "x-api-key").map(Secret::new),
+            project_id: None,
+        },
+    };
+    match st.ingest.admit(ROUTE, vec![ev]).await {
+        Ok(ids) => JsonReply(
+            StatusCode::CREATED,
+            formats::promptlayer::log_reply(ids[0].seq, &v),
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn pl_track(st: &HttpState, kind: TrackKind, headers: HeaderMap, body: Body) -> Response {
+    const ROUTE: &str = "promptlayer_track";
+    let parsed = async {
+        let (raw, v) = object_body(st, &headers, body).await?;
+        formats::promptlayer::validate_track(kind, &v).map_err(IngestError::invalid)?;
+        // The request id must be one this llmlogd handed out: the sink swaps it for the
+        // service's id when it delivers the follow-up.
+        if let Some(id) = formats::promptlayer::track_request_id(&v) {
+            if id >= *st.ingest.queue.head().borrow() {
+                return Err(IngestError::invalid(vec![formats::FieldError {
+                    field: "request_id".into(),
+                    problem: format!("{id} is not an id this llmlogd returned from /log-request"),
+                }]));
+            }
+        }
+        Ok::<_, IngestError>((raw, v))
+    }
+    .await;
+    let (raw, v) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            st.ingest.refused(ROUTE, &e);
+            return e.into_response();
+        }
+    };
+    let api_key = v
+        .get("api_key")
+        .and_then(Value::as_str)
+        .map(Secret::new)
+        .or_else(|| header_str(&headers, "x-api-key").map(Secret::new));
+    let ev = NewEvent {
+        kind: EventKind::PromptLayerTrack(kind),
+        attrs: formats::promptlayer::attributes(&v),
+        payload: raw,
+        creds: ClientCredentials {
+            api_key,
+            project_id: None,
+        },
+    };
+    match st.ingest.admit(ROUTE, vec![ev]).await {
+        Ok(_) => Json200(json!({"success": true})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn pl_track_score(State(st): St, h: HeaderMap, b: Body) -> Response {
+    pl_track(&st, TrackKind::Score, h, b).await
+}
+async fn pl_track_metadata(State(st): St, h: HeaderMap, b: Body) -> Response {
+    pl_track(&st, TrackKind::Metadata, h, b).await
+}
+async fn pl_track_prompt(State(st): St, h: HeaderMap, b: Body) -> Response {
+    pl_track(&st, TrackKind::Prompt, h, b).await
+}
+async fn pl_track_group(State(st): St, h: HeaderMap, b: Body) -> Response {
+    pl_track(&st, TrackKind::Group, h, b).await
+}
+
+async fn metrics(State(st): St) -> Response {
+    let text = st.ingest.metrics.render(&st.ingest.queue);
+    let mut r = (StatusCode::OK, text).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+async fn readyz(State(st): St) -> Response {
+    if st.ready.load(Ordering::Acquire) {
+        Json200(json!({"status": "ready"})).into_response()
+    } else {
+        JsonReply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "starting or stopping"}),
+        )
+        .into_response()
+    }
+}
+
+async fn status(State(st): St) -> Response {
+    Json200(st.status.render(&st.ingest.queue)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raws(body: &str, f: Framing) -> Result<Vec<String>, IngestError> {
+        let b = Bytes::copy_from_slice(body.as_bytes());
+        split_native(&b, f).map(|v| {
+            v.iter()
+                .map(|x| String::from_utf8(x.to_vec()).unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn native_bodies_split_byte_exact() {
+        assert_eq!(
+            raws(" {\"a\": 1 } \n", Framing::Json).unwrap(),
+            vec!["{\"a\": 1 }"]
+        );
+        assert_eq!(
+            raws("[ {\"a\":1} ,{ \"b\" : [2]}]", Framing::Json).unwrap(),
+            vec!["{\"a\":1}", "{ \"b\" : [2]}"]
+        );
+        assert_eq!(
+            raws("{\"a\":1}\n\n{\"b\":2}\r\n", Framing::Ndjson).unwrap(),
+            vec!["{\"a\":1}", "{\"b\":2}"]
+        );
+    }
+
+    #[test]
+    fn native_errors_name_the_problem() {
+        let e = raws("{\"a\":", Framing::Json).unwrap_err();
+        assert_eq!((e.status, e.code), (400, "invalid_json"));
+        assert!(e.message.contains("end of input"), "{}", e.message);
+        let e = raws("[1]", Framing::Json).unwrap_err();
+        assert!(e.message.contains("event [0]"), "{}", e.message);
+        let e = raws("{\"a\":1}\nnope\n", Framing::Ndjson).unwrap_err();
+        assert!(e.message.contains("line 2"), "{}", e.message);
+        let e = raws("[]", Framing::Json).unwrap_err();
+        assert_eq!(e.code, "empty");
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        let e = raws(&deep, Framing::Json).unwrap_err();
+        assert_eq!(e.code, "invalid_json");
+    }
+
+    #[test]
+    fn content_types() {
+        let mut h = HeaderMap::new();
+        assert_eq!(framing(&h).unwrap(), Framing::Json);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        assert_eq!(framing(&h).unwrap(), Framing::Ndjson);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert_eq!(framing(&h).unwrap(), Framing::Json);
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+        assert_eq!(framing(&h).unwrap_err().status, 415);
+    }
+}

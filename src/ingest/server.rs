@@ -1,0 +1,335 @@
+//! Listeners: loopback TCP and the Unix socket, one accept loop each.
+//!
+//! Bounded: a semaphore caps connections over both listeners (`server.max_connections`); when
+//! it is exhausted the loop stops accepting and the kernel backlog holds the rest. A client
+//! must send its headers within `header_timeout` (hyper's timer, which also closes idle
+//! keep-alive connections) and its body within `body_timeout` (in the handlers).
+//!
+//! On the Unix socket the protocol is chosen per connection from its first byte: an ASCII
+//! capital letter starts an HTTP request line (`POST /v1/events HTTP/1.1`); anything else is
+//! NDJSON (`ndjson.rs`).
+//!
+//! Stop: when `shutdown` is cancelled the loops stop accepting, every HTTP connection is told
+//! to finish the request it is serving and close, and NDJSON connections stop reading new
+//! lines but answer the ones already read. The caller waits on the returned tracker.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ndjson::{self, NdjsonLimits};
+use super::Ingest;
+use crate::config::ServerConfig;
+
+/// Errors binding the listeners (reported before READY=1, so startup fails cleanly).
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr}: {source}")]
+    Tcp { addr: String, source: io::Error },
+    #[error("unix socket {path}: {problem}")]
+    Unix { path: PathBuf, problem: String },
+}
+
+/// The bound listeners, ready to serve.
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Listeners {
+    /// Binds what the config asks for. Inherited sockets (systemd socket activation) are
+    /// used when present: a TCP one for HTTP, a Unix one for the socket.
+    pub async fn bind(cfg: &ServerConfig) -> Result<Listeners, BindError> {
+        let (mut tcp, mut unix) = (None, None);
+        for fd in crate::ops::systemd::listen_fds() {
+            match fd {
+                crate::ops::systemd::Inherited::Tcp(l) => {
+                    l.set_nonblocking(true).ok();
+                    tcp = TcpListener::from_std(l).ok();
+                }
+                crate::ops::systemd::Inherited::Unix(l) => {
+                    l.set_nonblocking(true).ok();
+                    let path = l
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                        .unwrap_or_default();
+                    unix = UnixListener::from_std(l).ok().map(|u| (u, path));
+                }
+            }
+        }
+        if tcp.is_none() {
+            if let Some(addr) = cfg.http_listen {
+                tcp = Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| BindError::Tcp {
+                            addr: addr.to_string(),
+                            source,
+                        })?,
+                );
+            }
+        }
+        if unix.is_none() {
+            if let Some(path) = &cfg.unix_socket {
+                unix = Some((bind_unix(path, cfg).await?, path.clone()));
+            }
+        }
+        Ok(Listeners { tcp, unix })
+    }
+
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+async fn bind_unix(path: &Path, cfg: &ServerConfig) -> Result<UnixListener, BindError> {
+    let err = |problem: String| BindError::Unix {
+        path: path.to_path_buf(),
+        problem,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+    }
+    if path.exists() {
+        // A live daemon answers on it; a stale file from a crash does not.
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(err("in use by another running llmlogd".into()));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
+        .map_err(|e| err(format!("cannot set its mode: {e}")))?;
+    if let Some(group) = &cfg.socket_group {
+        chown_group(path, group).map_err(err)?;
+    }
+    Ok(l)
+}
+
+fn chown_group(path: &Path, group: &str) -> Result<(), String> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cgroup = CString::new(group).map_err(|_| format!("bad group name {group:?}"))?;
+    // SAFETY: getgrnam returns a pointer into static storage or null; we read gr_gid at once.
+    let gid = unsafe {
+        let g = libc::getgrnam(cgroup.as_ptr());
+        if g.is_null() {
+            return Err(format!("group {group:?} does not exist"));
+        }
+        (*g).gr_gid
+    };
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| "bad path".to_string())?;
+    // SAFETY: a valid C string path; uid -1 leaves the owner unchanged.
+    let rc = unsafe { libc::chown(cpath.as_ptr(), u32::MAX, gid) };
+    if rc != 0 {
+        return Err(format!(
+            "cannot give it to group {group:?}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Everything a connection needs.
+#[derive(Clone)]
+pub struct ServeContext {
+    pub router: Router,
+    pub ingest: Arc<Ingest>,
+    pub header_timeout: std::time::Duration,
+    pub ndjson: NdjsonLimits,
+    pub connections: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Starts the accept loops; returns at once. Connections run on `ctx.tracker`.
+pub fn spawn(listeners: Listeners, ctx: ServeContext) {
+    if let Some(l) = listeners.tcp {
+        let c = ctx.clone();
+        ctx.tracker
+            .spawn(async move { accept_loop(c, AnyListener::Tcp(l)).await });
+    }
+    if let Some((l, path)) = listeners.unix {
+        let c = ctx.clone();
+        ctx.tracker.spawn(async move {
+            accept_loop(c, AnyListener::Unix(l)).await;
+            // Remove our socket file on the way out, so the next start finds none.
+            let _ = std::fs::remove_file(&path);
+        });
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(UnixStream),
+}
+
+enum AnyListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl AnyListener {
+    async fn accept(&self) -> io::Result<Conn> {
+        match self {
+            AnyListener::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
+            AnyListener::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+        }
+    }
+}
+
+async fn accept_loop(ctx: ServeContext, listener: AnyListener) {
+    let mut last_error_log: Option<std::time::Instant> = None;
+    loop {
+        let permit = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            p = ctx.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let conn = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning; log once a minute.
+                if last_error_log.is_none_or(|t| t.elapsed().as_secs() >= 60) {
+                    tracing::warn!(error = %e, "accept failed");
+                    last_error_log = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let c = ctx.clone();
+        ctx.tracker.spawn(async move {
+            let _permit = permit;
+            match conn {
+                Conn::Tcp(s) => {
+                    let _ = s.set_nodelay(true);
+                    serve_http(s, &c).await
+                }
+                Conn::Unix(s) => serve_unix(s, &c).await,
+            }
+        });
+    }
+}
+
+async fn serve_http<S>(io: S, ctx: &ServeContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = TowerToHyperService::new(ctx.router.clone());
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = ctx.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn serve_unix(mut s: UnixStream, ctx: &ServeContext) {
+    // Sniff the first byte (within the header timeout), then hand the stream on with it.
+    let mut first = [0u8; 1];
+    let n = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return,
+        r = tokio::time::timeout(ctx.header_timeout, s.read(&mut first)) => match r {
+            Ok(Ok(n)) => n,
+            _ => return,
+        },
+    };
+    if n == 0 {
+        return;
+    }
+    let stream = Prefixed {
+        prefix: first[..n].to_vec(),
+        pos: 0,
+        inner: s,
+    };
+    if first[0].is_ascii_uppercase() {
+        serve_http(stream, ctx).await
+    } else {
+        ndjson::serve(
+            stream,
+            ctx.ingest.clone(),
+            ctx.ndjson.clone(),
+            ctx.shutdown.clone(),
+        )
+        .await
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+pub(crate) struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

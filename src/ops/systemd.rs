@@ -1,0 +1,86 @@
+//! The `Type=notify` contract: READY=1 once listeners are bound and the queue is open,
+//! RELOADING=1/READY=1 around a reload, STOPPING=1 on stop, WATCHDOG=1 pings at half the
+//! `WatchdogSec` interval; and socket activation (`LISTEN_FDS`). Outside systemd
+//! (`NOTIFY_SOCKET` unset) every call is a no-op.
+
+use std::os::fd::FromRawFd;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+fn send(states: &[NotifyState]) {
+    // Failing to notify must not stop the daemon; systemd will time out and say so.
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn reloading() {
+    // RELOADING=1 wants MONOTONIC_USEC alongside it (systemd 253+ Type=notify-reload).
+    match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(m) => send(&[NotifyState::Reloading, m]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+pub fn status(s: &str) {
+    send(&[NotifyState::Status(s)]);
+}
+
+/// The watchdog ping interval (half of `WatchdogSec`), when systemd asked for one.
+pub fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        Some(Duration::from_micros(usec / 2))
+    } else {
+        None
+    }
+}
+
+pub fn watchdog_ping() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// A listening socket passed in by systemd.
+pub enum Inherited {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Sockets passed by socket activation, classified by address family. Empty when not
+/// socket-activated (or `LISTEN_PID` is not us).
+pub fn listen_fds() -> Vec<Inherited> {
+    let Ok(fds) = sd_notify::listen_fds() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for fd in fds {
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: getsockname writes at most `len` bytes into `addr`, which we own.
+        let rc =
+            unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) };
+        if rc != 0 {
+            continue;
+        }
+        // SAFETY: systemd passed us ownership of these listening fds (LISTEN_FDS protocol).
+        match addr.ss_family as i32 {
+            libc::AF_UNIX => out.push(Inherited::Unix(unsafe {
+                std::os::unix::net::UnixListener::from_raw_fd(fd)
+            })),
+            libc::AF_INET | libc::AF_INET6 => out.push(Inherited::Tcp(unsafe {
+                std::net::TcpListener::from_raw_fd(fd)
+            })),
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,106 @@
+//! The `promptlayer` sink: `POST {url}/log-request` with `X-API-KEY` per log, and the
+//! `/library-track-*` follow-ups with `api_key` and `request_id` in the body.
+//!
+//! Follow-ups name the local id llmlogd returned for the log; the service needs its own id,
+//! which its `/log-request` reply carried (`id`). The engine stores that id when the log is
+//! delivered, and a follow-up is built only once it is known ([`RemoteId`]).
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{key_for, Accepted, BuildContext, BuildError, RemoteId, Sink, SinkRequest};
+use crate::config::Secret;
+use crate::event::{EventKind, StoredEvent};
+use crate::formats;
+
+pub struct PromptLayerSink {
+    base: String,
+    key: Option<Secret>,
+}
+
+impl PromptLayerSink {
+    pub fn new(base: String, key: Option<Secret>) -> Self {
+        PromptLayerSink { base, key }
+    }
+}
+
+impl Sink for PromptLayerSink {
+    fn events_per_request(&self) -> usize {
+        1
+    }
+
+    fn build(
+        &self,
+        events: &[&StoredEvent],
+        ctx: &dyn BuildContext,
+    ) -> Result<SinkRequest, BuildError> {
+        let ev = events.first().ok_or(BuildError::NotYet)?;
+        let key = key_for(&self.key, ev).ok_or(BuildError::NoKey)?;
+        match ev.kind {
+            EventKind::PromptLayerTrack(kind) => {
+                let mut body: Value = serde_json::from_slice(&ev.payload)
+                    .map_err(|e| BuildError::Unrenderable(format!("stored follow-up: {e}")))?;
+                let local = formats::promptlayer::track_request_id(&body).ok_or_else(|| {
+                    BuildError::Unrenderable("follow-up without request_id".into())
+                })?;
+                match ctx.remote_id(local) {
+                    RemoteId::Known(remote) => {
+                        formats::promptlayer::set_track_request_id(&mut body, remote)
+                    }
+                    RemoteId::Pending => return Err(BuildError::NotYet),
+                    RemoteId::Unknown => {
+                        return Err(BuildError::Unrenderable(format!(
+                            "the log with id {local} was not delivered to this sink, so the follow-up has no request to refer to"
+                        )))
+                    }
+                }
+                formats::promptlayer::set_track_api_key(&mut body, key.expose());
+                Ok(SinkRequest {
+                    url: format!("{}{}", self.base, kind.path()),
+                    headers: vec![super::json_content_type()],
+                    body: Bytes::from(body.to_string()),
+                })
+            }
+            kind => {
+                let body = match kind {
+                    EventKind::PromptLayerLog => ev.payload.clone(),
+                    _ => Bytes::from(
+                        formats::render(kind, &ev.payload, formats::Format::PromptLayer)
+                            .map_err(BuildError::Unrenderable)?,
+                    ),
+                };
+                Ok(SinkRequest {
+                    url: format!("{}/log-request", self.base),
+                    headers: vec![
+                        super::json_content_type(),
+                        super::header("x-api-key", key.expose())?,
+                        super::header("idempotency-key", &ev.id.to_string())?,
+                    ],
+                    body,
+                })
+            }
+        }
+    }
+
+    fn accepted(&self, events: &[&StoredEvent], body: &[u8]) -> Accepted {
+        let is_log = events
+            .first()
+            .is_some_and(|e| !matches!(e.kind, EventKind::PromptLayerTrack(_)));
+        let v: Option<Value> = serde_json::from_slice(body).ok();
+        if let Some(Value::Bool(false)) = v.as_ref().and_then(|v| v.get("success")) {
+            let msg = v
+                .as_ref()
+                .and_then(|v| v.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or("the service answered success: false");
+            return Accepted::Refused(msg.to_string());
+        }
+        Accepted::Yes {
+            remote_id: if is_log {
+                v.as_ref().and_then(|v| v.get("id")).and_then(Value::as_u64)
+            } else {
+                None
+            },
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! Test helpers: a mock remote endpoint, the daemon in-process or as a real process, and
+//! waiting on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{mpsc, oneshot};
+
+use llmlogd::app::{ConfigSource, Started};
+use llmlogd::config::{Config, Overrides};
+use llmlogd::ops::signals::Signal;
+
+/// Waits until `f` returns `Some`, polling every 10 ms, up to `timeout`; panics with `what`.
+pub async fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Generous: CI machines are slow and shared. Tests never wait this long when they pass.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// One request the mock received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("mock received JSON")
+    }
+
+    /// For a JSON-array batch: each element's exact bytes.
+    pub fn raw_events(&self) -> Vec<String> {
+        let items: Vec<&serde_json::value::RawValue> =
+            serde_json::from_slice(&self.body).expect("batch is a JSON array");
+        items.iter().map(|r| r.get().to_string()).collect()
+    }
+}
+
+/// What the mock answers, in order; after the script runs out, `default`.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Status(u16),
+    StatusBody(u16, String),
+    RetryAfter(u16, String),
+    /// Wait, then answer 200 (slower than a sink timeout = a timeout).
+    Delay(Duration),
+    /// Close the connection without answering.
+    Reset,
+}
+
+type Rule = Arc<dyn Fn(&Received) -> Option<Answer> + Send + Sync>;
+
+#[derive(Default)]
+struct MockState {
+    received: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<Answer>>,
+    default: Mutex<Option<Answer>>,
+    /// Per-request override computed from the body (e.g. poison events).
+    rule: Mutex<Option<Rule>>,
+    /// Answer for a success (status, body).
+    ok: Mutex<Option<(u16, String)>>,
+}
+
+/// A local endpoint that records what arrives and answers from a script.
+#[derive(Clone)]
+pub struct MockSink {
+    state: Arc<MockState>,
+    pub addr: SocketAddr,
+    stop: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl MockSink {
+    /// Starts on a free loopback port.
+    pub async fn start() -> MockSink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener).await
+    }
+
+    /// Starts on a given address (to come back on the same port after a stop).
+    pub async fn start_at(addr: SocketAddr) -> MockSink {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        Self::serve(listener).await
+    }
+
+    async fn serve(listener: tokio::net::TcpListener) -> MockSink {
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MockState::default());
+        let (tx, rx) = oneshot::channel::<()>();
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        MockSink {
+            state,
+            addr,
+            stop: Arc::new(Mutex::new(Some(tx))),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) -> &Self {
+        self.state.script.lock().unwrap().extend(answers);
+        self
+    }
+
+    pub fn default_answer(&self, a: Answer) -> &Self {
+        *self.state.default.lock().unwrap() = Some(a);
+        self
+    }
+
+    pub fn rule(&self, f: impl Fn(&Received) -> Option<Answer> + Send + Sync + 'static) -> &Self {
+        *self.state.rule.lock().unwrap() = Some(Arc::new(f));
+        self
+    }
+
+    pub fn ok_answer(&self, status: u16, body: &str) -> &Self {
+        *self.state.ok.lock().unwrap() = Some((status, body.to_string()));
+        self
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn stop(&self) {
+        if let Some(tx) = self.stop.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn handle(
+    State(st): State<Arc<MockState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let rec = Received {
+        at: Instant::now(),
+        path: uri.path().to_string(),
+        headers,
+        body,
+    };
+    let rule = st.rule.lock().unwrap().clone();
+    let answer = rule
+        .and_then(|r| r(&rec))
+        .or_else(|| st.script.lock().unwrap().pop_front())
+        .or_else(|| st.default.lock().unwrap().clone());
+    let ok = st
+        .ok
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or((200, "{}".to_string()));
+    let record = |st: &MockState, rec: Received| st.received.lock().unwrap().push(rec);
+    match answer {
+        None => {
+            record(&st, rec);
+            (StatusCode::from_u16(ok.0).unwrap(), ok.1).into_response()
+        }
+        Some(Answer::Status(s)) => {
+            record(&st, rec);
+            (StatusCode::from_u16(s).unwrap(), ok_body_for(s, &ok.1)).into_response()
+        }
+        Some(Answer::StatusBody(s, b)) => {
+            record(&st, rec);
+            (StatusCode::from_u16(s).unwrap(), b).into_response()
+        }
+        Some(Answer::RetryAfter(s, v)) => {
+            record(&st, rec);
+            let mut r = (StatusCode::from_u16(s).unwrap(), "slow down").into_response();
+            r.headers_mut().insert("retry-after", v.parse().unwrap());
+            r
+        }
+        Some(Answer::Delay(d)) => {
+            record(&st, rec);
+            tokio::time::sleep(d).await;
+            (StatusCode::from_u16(ok.0).unwrap(), ok.1).into_response()
+        }
+        Some(Answer::Reset) => {
+            record(&st, rec);
+            // Panicking inside the handler makes hyper drop the connection without a reply.
+            std::panic::resume_unwind(Box::new("mock reset"))
+        }
+    }
+}
+
+fn ok_body_for(status: u16, ok: &str) -> String {
+    if (200..300).contains(&status) {
+        ok.to_string()
+    } else {
+        format!("{{\"error\":\"mock status {status}\"}}")
+    }
+}
+
+/// The daemon running in this process through `app::run`.
+pub struct InProcess {
+    pub started: Started,
+    control: mpsc::Sender<Signal>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub config_path: PathBuf,
+}
+
+impl InProcess {
+    /// Starts with `toml` (written to a file so reload can re-read it) in `dir`.
+    pub async fn start(dir: &Path, toml: &str) -> InProcess {
+        let config_path = dir.join("llmlogd.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        let overrides = Overrides {
+            data_dir: Some(dir.join("data")),
+            http_listen: Some("127.0.0.1:0".into()),
+            unix_socket: Some(dir.join("llmlogd.sock").display().to_string()),
+        };
+        let cfg = Config::load(Some(&config_path), &overrides).expect("valid test config");
+        let (control, rx) = mpsc::channel(4);
+        let (tx, started) = oneshot::channel();
+        let source = ConfigSource {
+            path: Some(config_path.clone()),
+            overrides,
+        };
+        let task = tokio::spawn(llmlogd::app::run(cfg, source, rx, Some(tx)));
+        let started = tokio::time::timeout(DEADLINE, started)
+            .await
+            .expect("daemon started in time")
+            .expect("daemon started");
+        InProcess {
+            started,
+            control,
+            task,
+            config_path,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.started.http.unwrap(), path)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.started.unix.clone().unwrap()
+    }
+
+    pub async fn reload(&self, toml: &str) {
+        std::fs::write(&self.config_path, toml).unwrap();
+        self.control.send(Signal::Reload).await.unwrap();
+    }
+
+    pub async fn stop(self) {
+        self.control.send(Signal::Shutdown).await.unwrap();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("daemon stopped in time")
+            .unwrap()
+            .expect("daemon exited cleanly");
+    }
+}
+
+/// The real binary, as a child process.
+pub struct Process {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub stderr_lines: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_llmlogd")
+}
+
+impl Process {
+    /// Starts `llmlogd run` with `config` in `dir` and waits for "llmlogd ready".
+    pub fn start(dir: &Path, config: &str) -> Process {
+        let cfg = dir.join("llmlogd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--http-listen")
+            .arg("127.0.0.1:0")
+            .arg("--unix-socket")
+            .arg(dir.join("llmlogd.sock"))
+            .env("RUST_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn llmlogd");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("llmlogd ready") {
+                    let _ = tx.send(line.clone());
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let ready = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            panic!("llmlogd did not become ready: {:?}", lines.lock().unwrap())
+        });
+        let addr = ready
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("ready line names the HTTP address")
+            .parse()
+            .expect("an address");
+        Process {
+            child,
+            http: addr,
+            stderr_lines: lines,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client for tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Posts JSON text to `url`, returns (status, body).
+pub async fn post_json(url: &str, body: &str) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request sent");
+    let s = r.status().as_u16();
+    let v = r.json().await.unwrap_or(serde_json::Value::Null);
+    (s, v)
+}
