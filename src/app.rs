@@ -72,7 +72,7 @@ pub async fn run(
     ));
     let listeners = Listeners::bind(&cfg.server).await?;
     let http_addr = listeners.http_addr();
-    let unix_path = listeners.unix.as_ref().map(|(_, p)| p.clone());
+    let unix_path = listeners.unix.as_ref().map(|(_, p, _)| p.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let state = Arc::new(HttpState {
         ingest: ingest.clone(),

@@ -18,6 +18,9 @@ pub enum EventKind {
     Pezzo,
     PromptLayerLog,
     PromptLayerTrack(TrackKind),
+    /// `POST /create-group`: the local group id is this event's seq; the sink creates the
+    /// group remotely and remembers the service's id for `/track-group` follow-ups.
+    PromptLayerCreateGroup,
 }
 
 impl EventKind {
@@ -26,7 +29,9 @@ impl EventKind {
         match self {
             EventKind::Native => Format::Native,
             EventKind::Pezzo => Format::Pezzo,
-            EventKind::PromptLayerLog | EventKind::PromptLayerTrack(_) => Format::PromptLayer,
+            EventKind::PromptLayerLog
+            | EventKind::PromptLayerTrack(_)
+            | EventKind::PromptLayerCreateGroup => Format::PromptLayer,
         }
     }
 
@@ -40,6 +45,7 @@ impl EventKind {
             EventKind::PromptLayerTrack(TrackKind::Metadata) => 4,
             EventKind::PromptLayerTrack(TrackKind::Prompt) => 5,
             EventKind::PromptLayerTrack(TrackKind::Group) => 6,
+            EventKind::PromptLayerCreateGroup => 7,
         }
     }
 
@@ -52,8 +58,18 @@ impl EventKind {
             4 => EventKind::PromptLayerTrack(TrackKind::Metadata),
             5 => EventKind::PromptLayerTrack(TrackKind::Prompt),
             6 => EventKind::PromptLayerTrack(TrackKind::Group),
+            7 => EventKind::PromptLayerCreateGroup,
             _ => return None,
         })
+    }
+
+    /// Follow-ups and group creation carry the app's key in their body and mean something
+    /// only to PromptLayer: they are routed to PromptLayer sinks alone, never to a collector.
+    pub fn promptlayer_only(self) -> bool {
+        matches!(
+            self,
+            EventKind::PromptLayerTrack(_) | EventKind::PromptLayerCreateGroup
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -65,6 +81,7 @@ impl EventKind {
             EventKind::PromptLayerTrack(TrackKind::Metadata) => "promptlayer-track-metadata",
             EventKind::PromptLayerTrack(TrackKind::Prompt) => "promptlayer-track-prompt",
             EventKind::PromptLayerTrack(TrackKind::Group) => "promptlayer-track-group",
+            EventKind::PromptLayerCreateGroup => "promptlayer-create-group",
         }
     }
 }
@@ -124,10 +141,10 @@ mod tests {
 
     #[test]
     fn kind_codes_round_trip() {
-        for c in 0..=6u8 {
+        for c in 0..=7u8 {
             let k = EventKind::from_code(c).unwrap();
             assert_eq!(k.code(), c);
         }
-        assert!(EventKind::from_code(7).is_none());
+        assert!(EventKind::from_code(8).is_none());
     }
 }

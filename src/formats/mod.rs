@@ -43,7 +43,7 @@ impl TrackKind {
             TrackKind::Score => "/library-track-score",
             TrackKind::Metadata => "/library-track-metadata",
             TrackKind::Prompt => "/library-track-prompt",
-            TrackKind::Group => "/library-track-group",
+            TrackKind::Group => "/track-group",
         }
     }
 }

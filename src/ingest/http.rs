@@ -5,7 +5,8 @@
 //! | `POST /v1/events` | native: one JSON object, an array, or NDJSON | 202 `{"ids":[..],"seqs":[..]}` |
 //! | `POST /api/reporting/v2/request`, `/reporting/v2/request` | Pezzo | 201, the saved report |
 //! | `POST /log-request` | PromptLayer | 201 `{"id": <local id>, ...}` |
-//! | `POST /library-track-{score,metadata,prompt,group}` | PromptLayer follow-up | 200 `{"success":true}` |
+//! | `POST /library-track-{score,metadata,prompt}`, `/track-group` | PromptLayer follow-up | 200 `{"success":true}` |
+//! | `POST /create-group` | PromptLayer group | 200 `{"success":true,"id":<local id>}` |
 //! | `GET /metrics`, `/healthz`, `/readyz`, `/v1/status` | ops | 200 |
 //!
 //! Every refusal is a JSON body `{"success":false,"message":..,"error":{"code","message","fields"}}`.
@@ -51,7 +52,9 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/library-track-score", post(pl_track_score))
         .route("/library-track-metadata", post(pl_track_metadata))
         .route("/library-track-prompt", post(pl_track_prompt))
+        .route("/track-group", post(pl_track_group))
         .route("/library-track-group", post(pl_track_group))
+        .route("/create-group", post(pl_create_group))
         .route("/metrics", get(metrics))
         .route(
             "/healthz",
@@ -385,15 +388,30 @@ async fn pl_track(st: &HttpState, kind: TrackKind, headers: HeaderMap, body: Bod
     let parsed = async {
         let (raw, v) = object_body(st, &headers, body).await?;
         formats::promptlayer::validate_track(kind, &v).map_err(IngestError::invalid)?;
-        // The request id must be one this llmlogd handed out: the sink swaps it for the
-        // service's id when it delivers the follow-up.
-        if let Some(id) = formats::promptlayer::track_request_id(&v) {
-            if id >= *st.ingest.queue.head().borrow() {
-                return Err(IngestError::invalid(vec![formats::FieldError {
-                    field: "request_id".into(),
-                    problem: format!("{id} is not an id this llmlogd returned from /log-request"),
-                }]));
+        // Ids must be ones this llmlogd handed out: the sink swaps them for the service's
+        // ids when it delivers the follow-up.
+        let head = *st.ingest.queue.head().borrow();
+        let mut bad = Vec::new();
+        if let Some(id) = formats::promptlayer::track_request_id(&v).filter(|id| *id >= head) {
+            bad.push(formats::FieldError {
+                field: "request_id".into(),
+                problem: format!("{id} is not an id this llmlogd returned from /log-request"),
+            });
+        }
+        if kind == TrackKind::Group {
+            if let Some(id) = v
+                .get("group_id")
+                .and_then(Value::as_u64)
+                .filter(|id| *id >= head)
+            {
+                bad.push(formats::FieldError {
+                    field: "group_id".into(),
+                    problem: format!("{id} is not an id this llmlogd returned from /create-group"),
+                });
             }
+        }
+        if !bad.is_empty() {
+            return Err(IngestError::invalid(bad));
         }
         Ok::<_, IngestError>((raw, v))
     }
@@ -436,6 +454,51 @@ async fn pl_track_prompt(State(st): St, h: HeaderMap, b: Body) -> Response {
 }
 async fn pl_track_group(State(st): St, h: HeaderMap, b: Body) -> Response {
     pl_track(&st, TrackKind::Group, h, b).await
+}
+
+/// `POST /create-group`: answered at once with a local group id; the group is created at the
+/// service when the sink delivers this event, and `/track-group` follow-ups wait for it.
+async fn pl_create_group(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    const ROUTE: &str = "promptlayer_group";
+    let parsed = async {
+        let (raw, v) = object_body(&st, &headers, body).await?;
+        match v.get("api_key") {
+            None | Some(Value::String(_)) | Some(Value::Null) => {}
+            Some(_) => {
+                return Err(IngestError::invalid(vec![formats::FieldError {
+                    field: "api_key".into(),
+                    problem: "must be a string".into(),
+                }]))
+            }
+        }
+        Ok::<_, IngestError>((raw, v))
+    }
+    .await;
+    let (raw, v) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            st.ingest.refused(ROUTE, &e);
+            return e.into_response();
+        }
+    };
+    let api_key = v
+        .get("api_key")
+        .and_then(Value::as_str)
+        .map(Secret::new)
+        .or_else(|| header_str(&headers, "x-api-key").map(Secret::new));
+    let ev = NewEvent {
+        kind: EventKind::PromptLayerCreateGroup,
+        attrs: Default::default(),
+        payload: raw,
+        creds: ClientCredentials {
+            api_key,
+            project_id: None,
+        },
+    };
+    match st.ingest.admit(ROUTE, vec![ev]).await {
+        Ok(ids) => Json200(json!({"success": true, "id": ids[0].seq})).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn metrics(State(st): St) -> Response {

@@ -64,17 +64,18 @@ impl RouteTable {
     }
 
     /// The sinks an event goes to. A sink takes an event when its route matches and it can
-    /// render the event: the `http` sink takes anything; Pezzo and PromptLayer take events they
-    /// can convert (native events only in the canonical shape); PromptLayer follow-ups go only
-    /// to PromptLayer (and `http`) sinks.
+    /// render the event: the `http` sink takes any log; Pezzo and PromptLayer take logs they
+    /// can convert (native events only in the canonical shape); PromptLayer follow-ups and
+    /// group creation go only to PromptLayer sinks (their bodies carry the app's key).
     pub fn routes_for(&self, ev: &NewEvent) -> Vec<u16> {
         self.entries
             .iter()
             .filter(|e| {
                 let renders = match (e.kind, ev.kind) {
+                    (SinkType::PromptLayer, _) if ev.kind.promptlayer_only() => true,
+                    (_, k) if k.promptlayer_only() => false,
                     (SinkType::Http, _) => true,
                     (_, EventKind::Native) => ev.attrs.canonical,
-                    (SinkType::Pezzo, EventKind::PromptLayerTrack(_)) => false,
                     _ => true,
                 };
                 renders && route_matches(&e.route, ev)
@@ -278,7 +279,16 @@ route.formats = ["pezzo", "promptlayer"]
                 &["keep"],
                 false
             )),
-            vec![0, 1]
+            vec![1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(
+                EventKind::PromptLayerCreateGroup,
+                Some("prod"),
+                &[],
+                false
+            )),
+            vec![1]
         );
         assert_eq!(Format::from_name("pezzo"), Some(Format::Pezzo));
     }

@@ -45,7 +45,9 @@ pub enum BindError {
 /// The bound listeners, ready to serve.
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
-    pub unix: Option<(UnixListener, PathBuf)>,
+    /// The socket, its path, and whether we bound it (and so remove it on exit) or systemd
+    /// handed it to us (and keeps it).
+    pub unix: Option<(UnixListener, PathBuf, bool)>,
 }
 
 impl Listeners {
@@ -66,7 +68,7 @@ impl Listeners {
                         .ok()
                         .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                         .unwrap_or_default();
-                    unix = UnixListener::from_std(l).ok().map(|u| (u, path));
+                    unix = UnixListener::from_std(l).ok().map(|u| (u, path, false));
                 }
             }
         }
@@ -84,7 +86,7 @@ impl Listeners {
         }
         if unix.is_none() {
             if let Some(path) = &cfg.unix_socket {
-                unix = Some((bind_unix(path, cfg).await?, path.clone()));
+                unix = Some((bind_unix(path, cfg).await?, path.clone(), true));
             }
         }
         Ok(Listeners { tcp, unix })
@@ -164,12 +166,15 @@ pub fn spawn(listeners: Listeners, ctx: ServeContext) {
         ctx.tracker
             .spawn(async move { accept_loop(c, AnyListener::Tcp(l)).await });
     }
-    if let Some((l, path)) = listeners.unix {
+    if let Some((l, path, owned)) = listeners.unix {
         let c = ctx.clone();
         ctx.tracker.spawn(async move {
             accept_loop(c, AnyListener::Unix(l)).await;
-            // Remove our socket file on the way out, so the next start finds none.
-            let _ = std::fs::remove_file(&path);
+            // Remove our socket file on the way out, so the next start finds none; an
+            // inherited one belongs to systemd, which keeps it for the next start.
+            if owned {
+                let _ = std::fs::remove_file(&path);
+            }
         });
     }
 }

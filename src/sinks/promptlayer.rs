@@ -11,7 +11,18 @@ use serde_json::Value;
 use super::{key_for, Accepted, BuildContext, BuildError, RemoteId, Sink, SinkRequest};
 use crate::config::Secret;
 use crate::event::{EventKind, StoredEvent};
-use crate::formats;
+use crate::formats::{self, TrackKind};
+
+/// The service's id for a local one, or why the follow-up cannot be built yet (or ever).
+fn resolve(ctx: &dyn BuildContext, local: u64, what: &str) -> Result<u64, BuildError> {
+    match ctx.remote_id(local) {
+        RemoteId::Known(remote) => Ok(remote),
+        RemoteId::Pending => Err(BuildError::NotYet),
+        RemoteId::Unknown => Err(BuildError::Unrenderable(format!(
+            "the {what} with id {local} was not delivered to this sink, so the follow-up has nothing to refer to"
+        ))),
+    }
+}
 
 pub struct PromptLayerSink {
     base: String,
@@ -43,15 +54,11 @@ impl Sink for PromptLayerSink {
                 let local = formats::promptlayer::track_request_id(&body).ok_or_else(|| {
                     BuildError::Unrenderable("follow-up without request_id".into())
                 })?;
-                match ctx.remote_id(local) {
-                    RemoteId::Known(remote) => {
-                        formats::promptlayer::set_track_request_id(&mut body, remote)
-                    }
-                    RemoteId::Pending => return Err(BuildError::NotYet),
-                    RemoteId::Unknown => {
-                        return Err(BuildError::Unrenderable(format!(
-                            "the log with id {local} was not delivered to this sink, so the follow-up has no request to refer to"
-                        )))
+                let remote = resolve(ctx, local, "log")?;
+                formats::promptlayer::set_track_request_id(&mut body, remote);
+                if kind == TrackKind::Group {
+                    if let Some(local_group) = body.get("group_id").and_then(Value::as_u64) {
+                        body["group_id"] = resolve(ctx, local_group, "group")?.into();
                     }
                 }
                 formats::promptlayer::set_track_api_key(&mut body, key.expose());
@@ -61,6 +68,11 @@ impl Sink for PromptLayerSink {
                     body: Bytes::from(body.to_string()),
                 })
             }
+            EventKind::PromptLayerCreateGroup => Ok(SinkRequest {
+                url: format!("{}/create-group", self.base),
+                headers: vec![super::json_content_type()],
+                body: Bytes::from(serde_json::json!({"api_key": key.expose()}).to_string()),
+            }),
             kind => {
                 let body = match kind {
                     EventKind::PromptLayerLog => ev.payload.clone(),
@@ -83,6 +95,7 @@ impl Sink for PromptLayerSink {
     }
 
     fn accepted(&self, events: &[&StoredEvent], body: &[u8]) -> Accepted {
+        // Logs and group creation answer with the service's id, which follow-ups need.
         let is_log = events
             .first()
             .is_some_and(|e| !matches!(e.kind, EventKind::PromptLayerTrack(_)));
