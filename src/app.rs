@@ -4,9 +4,10 @@
 //! Start: open the queue → start delivery → bind listeners → serve → READY=1.
 //! Stop: STOPPING=1 → stop accepting, answer in-flight requests (their acks need the queue)
 //! → let delivery drain up to `delivery.drain_timeout` → close the queue (final sync) → exit 0.
-//! Reload (SIGHUP): re-read and validate the file; if it is valid, swap sinks, keys, limits and
-//! routing in place (no connection or event is dropped); if not, log why and keep running the
-//! old one.
+//! Reload (SIGHUP): re-read and validate the file; if it is valid, swap sinks, keys, sink
+//! limits, routing and the queue caps in place (no connection or event is dropped); if not, log
+//! why and keep running the old one. Listeners, server limits, the data dir and logging are
+//! fixed at start: a change there is logged as needing a restart.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -249,6 +249,7 @@ pub(crate) fn trim_ascii(b: &[u8]) -> &[u8] {
 /// Builds a native event from one raw object (already known to be a JSON object).
 pub(crate) fn native_event(raw: Bytes) -> Result<NewEvent, IngestError> {
     let v: Value = serde_json::from_slice(&raw).map_err(|e| json_error(&e, "the event"))?;
+    formats::native::validate(&v).map_err(IngestError::invalid)?;
     Ok(NewEvent {
         kind: EventKind::Native,
         attrs: formats::native::attributes(&v),
@@ -438,7 +439,7 @@ async fn pl_track(st: &HttpState, kind: TrackKind, headers: HeaderMap, body: Bod
         },
     };
     match st.ingest.admit(ROUTE, vec![ev]).await {
-        Ok(_) => Json200(json!({"success": true})).into_response(),
+        Ok(_) => Json200(formats::promptlayer::track_reply()).into_response(),
         Err(e) => e.into_response(),
     }
 }

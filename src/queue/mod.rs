@@ -132,6 +132,8 @@ struct Trees {
 struct Shared {
     trees: Trees,
     cfg: QueueConfig,
+    /// The caps (`max_bytes`, `max_events`, `when_full`), replaced on reload.
+    caps: arc_swap::ArcSwap<QueueConfig>,
     events: AtomicU64,
     bytes: AtomicU64,
     syncs: AtomicU64,
@@ -206,6 +208,7 @@ impl Queue {
         let shared = Arc::new(Shared {
             trees: t,
             cfg: cfg.clone(),
+            caps: arc_swap::ArcSwap::from_pointee(cfg.clone()),
             events: AtomicU64::new(events),
             bytes: AtomicU64::new(bytes),
             syncs: AtomicU64::new(0),
@@ -483,6 +486,12 @@ impl Queue {
         }
     }
 
+    /// Applies new caps (`max_bytes`, `max_events`, `when_full`) from a reloaded config; the
+    /// other queue settings need a restart.
+    pub fn set_caps(&self, cfg: &QueueConfig) {
+        self.shared.caps.store(Arc::new(cfg.clone()));
+    }
+
     /// Bytes sled's files take on disk.
     pub fn disk_bytes(&self) -> u64 {
         dir_size(&self.shared.cfg.data_dir)
@@ -532,8 +541,7 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
         let mut chunk_batch = sled::Batch::default();
         let mut replies = Vec::new();
         let (mut add_events, mut add_bytes) = (0u64, 0u64);
-        let events_now = shared.events.load(Ordering::Relaxed);
-        let bytes_now = shared.bytes.load(Ordering::Relaxed);
+        let caps = shared.caps.load_full();
         for op in ops {
             let (records, reply) = match op {
                 WriteOp::Append { records, reply } => (records, reply),
@@ -544,14 +552,18 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
             };
             let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
             let count = records.len() as u64;
+            // Read fresh each time: eviction (and the collector) lower them as we go.
+            let events_now = shared.events.load(Ordering::Relaxed);
+            let bytes_now = shared.bytes.load(Ordering::Relaxed);
             if let Some(reason) = over_cap(
-                &shared.cfg,
+                &caps,
                 events_now + add_events + count,
                 bytes_now + add_bytes + size,
             ) {
-                let made_room = shared.cfg.when_full == WhenFull::DropOldest
+                let made_room = caps.when_full == WhenFull::DropOldest
                     && evict_for(
                         &shared,
+                        &caps,
                         events_now + add_events + count,
                         bytes_now + add_bytes + size,
                     );
@@ -625,13 +637,10 @@ fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> 
 }
 
 /// `when_full = "drop_oldest"`: removes the oldest records until `events`/`bytes` fit.
-fn evict_for(shared: &Shared, events: u64, bytes: u64) -> bool {
+fn evict_for(shared: &Shared, caps: &QueueConfig, events: u64, bytes: u64) -> bool {
     let t = &shared.trees;
-    let mut need_bytes = bytes.saturating_sub(shared.cfg.max_bytes);
-    let mut need_events = shared
-        .cfg
-        .max_events
-        .map_or(0, |m| events.saturating_sub(m));
+    let mut need_bytes = bytes.saturating_sub(caps.max_bytes);
+    let mut need_events = caps.max_events.map_or(0, |m| events.saturating_sub(m));
     let mut dropped = 0u64;
     while need_bytes > 0 || need_events > 0 {
         let Ok(Some((k, v))) = t.log.pop_min() else {

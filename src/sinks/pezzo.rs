@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{key_for, BuildContext, BuildError, Sink, SinkRequest};
 use crate::config::Secret;
-use crate::event::{EventKind, StoredEvent};
+use crate::event::StoredEvent;
 use crate::formats;
 
 pub struct PezzoSink {
@@ -45,13 +45,12 @@ impl Sink for PezzoSink {
             .as_deref()
             .or(ev.creds.project_id.as_deref())
             .ok_or(BuildError::NoKey)?;
-        let body = match ev.kind {
-            EventKind::Pezzo => ev.payload.clone(),
-            _ => Bytes::from(
-                formats::render(ev.kind, &ev.payload, formats::Format::Pezzo)
-                    .map_err(BuildError::Unrenderable)?,
-            ),
-        };
+        // Pezzo events go through the renderer too: for the official clients' bodies with a
+        // priced model it returns them unchanged, and otherwise it avoids the server's 500s.
+        let body = Bytes::from(
+            formats::render_payload(ev.kind.format(), &ev.payload, formats::Format::Pezzo)
+                .map_err(|e| BuildError::Unrenderable(e.to_string()))?,
+        );
         Ok(SinkRequest {
             url: self.url.clone(),
             headers: vec![

@@ -77,8 +77,12 @@ impl Sink for PromptLayerSink {
                 let body = match kind {
                     EventKind::PromptLayerLog => ev.payload.clone(),
                     _ => Bytes::from(
-                        formats::render(kind, &ev.payload, formats::Format::PromptLayer)
-                            .map_err(BuildError::Unrenderable)?,
+                        formats::render_payload(
+                            kind.format(),
+                            &ev.payload,
+                            formats::Format::PromptLayer,
+                        )
+                        .map_err(|e| BuildError::Unrenderable(e.to_string()))?,
                     ),
                 };
                 Ok(SinkRequest {
