@@ -35,14 +35,16 @@ pub fn status(s: &str) {
     send(&[NotifyState::Status(s)]);
 }
 
-/// The watchdog ping interval (half of `WatchdogSec`), when systemd asked for one.
+/// The watchdog ping interval (half of `WatchdogSec`), when systemd asked for one. Same rule
+/// as sd_watchdog_enabled(3): `WATCHDOG_USEC` set, and `WATCHDOG_PID`, if set, is us.
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec / 2))
-    } else {
-        None
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
     }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 pub fn watchdog_ping() {

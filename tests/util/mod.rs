@@ -308,9 +308,21 @@ pub fn bin() -> &'static str {
 impl Process {
     /// Starts `llmlogd run` with `config` in `dir` and waits for "llmlogd ready".
     pub fn start(dir: &Path, config: &str) -> Process {
+        Self::start_with(dir, config, &[])
+    }
+
+    /// Like `start`, with extra environment variables (e.g. NOTIFY_SOCKET).
+    pub fn start_with(dir: &Path, config: &str, env: &[(&str, &str)]) -> Process {
         let cfg = dir.join("llmlogd.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("LISTEN_FDS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .arg("run")
             .arg("--config")
             .arg(&cfg)
@@ -321,7 +333,6 @@ impl Process {
             .arg("--unix-socket")
             .arg(dir.join("llmlogd.sock"))
             .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -358,6 +369,19 @@ impl Process {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.http, path)
+    }
+
+    /// Sends a signal (SIGHUP to reload, …).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Stderr lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr_lines.lock().unwrap().clone()
     }
 
     pub fn kill9(mut self) {

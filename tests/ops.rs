@@ -1,0 +1,317 @@
+//! Operations: sd_notify, reload, metrics, status, check-config.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn http_sink(name: &str, mock: &MockSink) -> String {
+    format!(
+        "[sinks.{name}]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\nretry_initial = \"20ms\"\nretry_max = \"200ms\"\n",
+        mock.url("/in")
+    )
+}
+
+/// Reads notify datagrams until `pred` matches one, or the deadline passes.
+fn recv_until(sock: &UnixDatagram, seen: &mut Vec<String>, pred: impl Fn(&str) -> bool) -> bool {
+    let deadline = Instant::now() + DEADLINE;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = pred(&msg);
+            seen.push(msg);
+            if hit {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_reloading_watchdog_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let p = Process::start_with(
+        dir.path(),
+        "",
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    // READY comes once the listener answers: it does now.
+    let (s, _) = post_json(&p.url("/v1/events"), "{\"a\":1}").await;
+    assert_eq!(s, 202);
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("WATCHDOG=1")),
+        "{seen:?}"
+    );
+    p.signal(libc::SIGHUP);
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("RELOADING=1")),
+        "{seen:?}"
+    );
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let status = p.terminate();
+    assert!(status.success());
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("STOPPING=1")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_loses_nothing_and_applies_sinks_and_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = MockSink::start().await;
+    let b = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &http_sink("a", &a)).await;
+    let url = d.url("/v1/events");
+    // Four keep-alive clients posting 300 events each while the config is reloaded.
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let http = client();
+            let mut acked = Vec::new();
+            for k in 0..300 {
+                let body = format!("{{\"c\":{c},\"k\":{k}}}");
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("no connection lost during reload");
+                assert_eq!(r.status(), 202);
+                acked.push(body);
+            }
+            acked
+        }));
+    }
+    // Reload mid-stream: add sink b (events from now on), change a's batching; and an invalid
+    // config in between, which must be refused while the old one keeps running.
+    wait_for(DEADLINE, "some events delivered before the reload", || {
+        (a.received().len() > 5).then_some(())
+    })
+    .await;
+    d.reload("[sinks.a]\ntype = \"nope\"\n").await;
+    let both = http_sink("a", &a) + "batch_max_events = 7\n" + &http_sink("b", &b);
+    d.reload(&both).await;
+    let mut sent = Vec::new();
+    for c in clients {
+        sent.extend(c.await.unwrap());
+    }
+    let got_a = wait_for(DEADLINE, "all 1200 events at sink a", || {
+        let all: std::collections::HashSet<String> =
+            a.received().iter().flat_map(|r| r.raw_events()).collect();
+        sent.iter().all(|s| all.contains(s)).then_some(all)
+    })
+    .await;
+    assert_eq!(got_a.len(), 1200);
+    // b was added by the reload and receives what came after it.
+    let after = "{\"after\":\"reload\"}";
+    let (s, _) = post_json(&url, after).await;
+    assert_eq!(s, 202);
+    wait_for(DEADLINE, "the post-reload event at sink b", || {
+        b.received()
+            .iter()
+            .any(|r| r.raw_events().iter().any(|e| e == after))
+            .then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_a_known_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    // First attempt fails with 503 (no Retry-After): one retry, then delivered.
+    mock.script([Answer::Status(503)]);
+    let d = InProcess::start(
+        dir.path(),
+        &(http_sink("m", &mock) + "batch_max_events = 3\n"),
+    )
+    .await;
+    let (s, _) = post_json(&d.url("/v1/events"), "[{\"n\":1},{\"n\":2},{\"n\":3}]").await;
+    assert_eq!(s, 202);
+    let (s, _) = post_json(&d.url("/v1/events"), "{\"n\":").await;
+    assert_eq!(s, 400);
+    let http = client();
+    let text = wait_for(DEADLINE, "delivered metric", || {
+        let t = futures_lite_block(http.get(d.url("/metrics")).send());
+        t.contains("llmlogd_sink_delivered_events_total{sink=\"m\"} 3")
+            .then_some(t)
+    })
+    .await;
+    for line in [
+        "llmlogd_ingest_events_total{route=\"native\",result=\"accepted\"} 3",
+        "llmlogd_ingest_events_total{route=\"native\",result=\"invalid\"} 1",
+        "llmlogd_sink_failed_attempts_total{sink=\"m\",class=\"status_5xx\"} 1",
+        "llmlogd_sink_retried_events_total{sink=\"m\"} 3",
+        "llmlogd_sink_state{sink=\"m\",state=\"ok\"} 1",
+        "llmlogd_sink_delivery_latency_seconds_count{sink=\"m\"} 2",
+        "llmlogd_sink_in_flight_requests{sink=\"m\"} 0",
+    ] {
+        assert!(text.contains(line), "missing {line}\n{text}");
+    }
+    // The queue empties once delivered (the collector runs every 500 ms).
+    wait_for(DEADLINE, "queue_events 0", || {
+        let t = futures_lite_block(http.get(d.url("/metrics")).send());
+        t.contains("llmlogd_queue_events 0").then_some(())
+    })
+    .await;
+    let (s, v) = get(&d.url("/readyz")).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ready")));
+    let (s, _) = get(&d.url("/healthz")).await;
+    assert_eq!(s, 200);
+    let (s, v) = get(&d.url("/v1/status")).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["sinks"][0]["name"], "m");
+    assert_eq!(v["sinks"][0]["delivered"], 3);
+    d.stop().await;
+}
+
+async fn get(url: &str) -> (u16, serde_json::Value) {
+    let r = client().get(url).send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or_default())
+}
+
+/// Runs a request to completion from a sync closure (wait_for polls synchronously).
+fn futures_lite_block(
+    fut: impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static,
+) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    tokio::spawn(async move {
+        let text = match fut.await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        let _ = tx.send(text);
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_cli_shows_sinks_table_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let p = Process::start(dir.path(), &http_sink("collector", &mock));
+    let (s, _) = post_json(&p.url("/v1/events"), "{\"x\":1}").await;
+    assert_eq!(s, 202);
+    wait_for(DEADLINE, "delivery", || {
+        (!mock.received().is_empty()).then_some(())
+    })
+    .await;
+    let addr = p.http.to_string();
+    let out = Command::new(bin())
+        .args(["status", "--json", "--http-listen", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sinks"][0]["name"], "collector");
+    assert_eq!(v["sinks"][0]["state"], "ok");
+    let out = Command::new(bin())
+        .args(["status", "--http-listen", &addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("SINK") && table.contains("collector") && table.contains("http"),
+        "{table}"
+    );
+    drop(p);
+    // Daemon gone: a one-line error and exit 69.
+    let out = Command::new(bin())
+        .args(["status", "--http-listen", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
+
+#[test]
+fn check_config_validates_and_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("pl.key");
+    std::fs::write(&key_file, "pl_file_secret\n").unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "[sinks.pl]\ntype = \"promptlayer\"\napi_key_file = \"{}\"\n[sinks.pz]\ntype = \"pezzo\"\napi_key = \"pz_inline_secret\"\nproject_id = \"p1\"\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("pl_file_secret") && !text.contains("pz_inline_secret"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("from file {}", key_file.display())),
+        "{text}"
+    );
+    // The example config in the repo is valid (with its env key set).
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .env("PROMPTLAYER_API_KEY", "x")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Bad: a missing key file is named.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[sinks.pl]\ntype = \"promptlayer\"\napi_key_file = \"/nonexistent/k\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sinks.pl.api_key_file") && err.contains("/nonexistent/k"),
+        "{err}"
+    );
+}
