@@ -562,6 +562,15 @@ impl Worker {
                     (r.poison_after, r.initial, r.max, r.max_age);
                 let wall = now_ms();
                 let mut poisoned = Vec::new();
+                // One jittered delay for the whole request, so its events retry together as
+                // one batch instead of scattering into many small ones.
+                let attempts = seqs
+                    .iter()
+                    .filter_map(|k| self.window.get(k))
+                    .map(|s| s.attempts + 1)
+                    .max()
+                    .unwrap_or(1);
+                let delay = retry::delay_after(attempts, initial, max);
                 for k in &seqs {
                     let Some(s) = self.window.get_mut(k) else {
                         continue;
@@ -578,7 +587,7 @@ impl Worker {
                     } else if wall.saturating_sub(s.ev.received_ms) > max_age.as_millis() as u64 {
                         poisoned.push((*k, "max_age reached before delivery"));
                     } else {
-                        s.next_try = now + retry::delay_after(s.attempts, initial, max);
+                        s.next_try = now + delay;
                     }
                 }
                 self.metrics
