@@ -2,5 +2,6 @@
 
 mod util;
 
+mod clients;
 mod foundation;
 mod ops;

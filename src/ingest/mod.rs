@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::{Route, SinkConfig, SinkKind};
 use crate::event::{EventKind, NewEvent};
-use crate::formats::FieldError;
+use crate::formats::{FieldError, Format};
 use crate::ops::metrics::Metrics;
 use crate::queue::{Appended, Queue, QueueError};
 
@@ -35,6 +35,9 @@ struct RouteEntry {
     id: u16,
     kind: SinkType,
     route: Route,
+    /// The sink has its own API key; without one it can only send events that came in its
+    /// own format with the app's key.
+    own_key: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,7 @@ impl RouteTable {
                         SinkKind::PromptLayer { .. } => SinkType::PromptLayer,
                     },
                     route: s.route.clone(),
+                    own_key: s.key.is_some(),
                 })
                 .collect(),
         }
@@ -78,7 +82,18 @@ impl RouteTable {
                     (_, EventKind::Native) => ev.attrs.canonical,
                     _ => true,
                 };
-                renders && route_matches(&e.route, ev)
+                let native_format = match e.kind {
+                    SinkType::Pezzo => Some(Format::Pezzo),
+                    SinkType::PromptLayer => Some(Format::PromptLayer),
+                    SinkType::Http => None,
+                };
+                // An app's key is only ever sent to the service it was meant for.
+                let has_key = match native_format {
+                    None => true,
+                    Some(_) if e.own_key => true,
+                    Some(f) => ev.kind.format() == f && ev.creds.api_key.is_some(),
+                };
+                renders && has_key && route_matches(&e.route, ev)
             })
             .map(|e| e.id)
             .collect()
@@ -213,8 +228,10 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
     use crate::config::{Config, Overrides};
-    use crate::formats::{Attributes, Format, TrackKind};
+    use crate::event::ClientCredentials;
+    use crate::formats::{Attributes, TrackKind};
 
     fn ev(kind: EventKind, env: Option<&str>, tags: &[&str], canonical: bool) -> NewEvent {
         NewEvent {
@@ -226,7 +243,10 @@ mod tests {
                 canonical,
                 ..Attributes::default()
             },
-            creds: Default::default(),
+            creds: ClientCredentials {
+                api_key: Some(Secret::new("app-key")),
+                project_id: None,
+            },
         }
     }
 
@@ -239,9 +259,11 @@ type = "http"
 url = "http://127.0.0.1:1"
 [sinks.pl]
 type = "promptlayer"
+api_key = "k"
 route.environments = ["prod"]
 [sinks.pz]
 type = "pezzo"
+api_key = "k"
 route.tags = ["keep"]
 route.formats = ["pezzo", "promptlayer"]
 "#,
@@ -291,5 +313,36 @@ route.formats = ["pezzo", "promptlayer"]
             vec![1]
         );
         assert_eq!(Format::from_name("pezzo"), Some(Format::Pezzo));
+    }
+
+    #[test]
+    fn keyless_service_sinks_take_only_their_own_format_with_the_apps_key() {
+        let c = Config::parse(
+            "[sinks.pl]\ntype = \"promptlayer\"\n[sinks.pz]\ntype = \"pezzo\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let ids: Vec<(u16, &SinkConfig)> = c
+            .sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u16, s))
+            .collect();
+        let t = RouteTable::new(&ids); // pl=0, pz=1
+        assert_eq!(
+            t.routes_for(&ev(EventKind::PromptLayerLog, None, &[], false)),
+            vec![0]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Pezzo, None, &[], false)),
+            vec![1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Native, None, &[], true)),
+            Vec::<u16>::new()
+        );
+        let mut no_key = ev(EventKind::Pezzo, None, &[], false);
+        no_key.creds.api_key = None;
+        assert_eq!(t.routes_for(&no_key), Vec::<u16>::new());
     }
 }

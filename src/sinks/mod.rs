@@ -106,9 +106,18 @@ pub fn build(cfg: &SinkConfig) -> Box<dyn Sink> {
     }
 }
 
-/// The key to send: the sink's own, else the one the app sent with the event.
-pub(crate) fn key_for<'a>(own: &'a Option<Secret>, ev: &'a StoredEvent) -> Option<&'a Secret> {
-    own.as_ref().or(ev.creds.api_key.as_ref())
+/// The key to send: the sink's own, else the one the app sent with the event — only when the
+/// event came in this sink's own format (an app's key goes only to the service it was for).
+pub(crate) fn key_for<'a>(
+    own: &'a Option<Secret>,
+    ev: &'a StoredEvent,
+    format: crate::formats::Format,
+) -> Option<&'a Secret> {
+    own.as_ref().or(ev
+        .creds
+        .api_key
+        .as_ref()
+        .filter(|_| ev.kind.format() == format))
 }
 
 pub(crate) fn header(

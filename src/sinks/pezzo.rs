@@ -39,11 +39,15 @@ impl Sink for PezzoSink {
         _ctx: &dyn BuildContext,
     ) -> Result<SinkRequest, BuildError> {
         let ev = events.first().ok_or(BuildError::NotYet)?;
-        let key = key_for(&self.key, ev).ok_or(BuildError::NoKey)?;
+        let key = key_for(&self.key, ev, formats::Format::Pezzo).ok_or(BuildError::NoKey)?;
         let project = self
             .project_id
             .as_deref()
-            .or(ev.creds.project_id.as_deref())
+            .or(ev
+                .creds
+                .project_id
+                .as_deref()
+                .filter(|_| ev.kind.format() == formats::Format::Pezzo))
             .ok_or(BuildError::NoKey)?;
         // Pezzo events go through the renderer too: for the official clients' bodies with a
         // priced model it returns them unchanged, and otherwise it avoids the server's 500s.

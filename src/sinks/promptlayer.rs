@@ -46,7 +46,7 @@ impl Sink for PromptLayerSink {
         ctx: &dyn BuildContext,
     ) -> Result<SinkRequest, BuildError> {
         let ev = events.first().ok_or(BuildError::NotYet)?;
-        let key = key_for(&self.key, ev).ok_or(BuildError::NoKey)?;
+        let key = key_for(&self.key, ev, formats::Format::PromptLayer).ok_or(BuildError::NoKey)?;
         match ev.kind {
             EventKind::PromptLayerTrack(kind) => {
                 let mut body: Value = serde_json::from_slice(&ev.payload)

@@ -1,0 +1,317 @@
+//! Drop-in for the official clients: golden fixtures of what they send, and the real SDKs run
+//! against llmlogd with mock Pezzo / PromptLayer services behind it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use llmlogd::formats::{self, Format, TrackKind};
+
+use crate::util::*;
+
+fn fixtures() -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clients");
+    let mut out: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .expect("fixtures dir")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let v: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(out.len() >= 20, "fixtures missing: {}", out.len());
+    out
+}
+
+/// Fixtures of calls llmlogd takes (cache and wrapper calls are out of scope).
+fn logging_fixtures() -> Vec<(String, String, Value)> {
+    fixtures()
+        .into_iter()
+        .filter_map(|(name, f)| {
+            let path = f["path"].as_str()?.to_string();
+            let known = path.ends_with("/reporting/v2/request")
+                || path == "/log-request"
+                || path == "/create-group"
+                || TrackKind::from_path(&path).is_some();
+            known.then(|| (name, path, f["body"].clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn golden_fixtures_validate_and_round_trip() {
+    let mut checked = 0;
+    for (name, path, body) in logging_fixtures() {
+        if name.contains("async-track-prompt") {
+            // promptlayer 1.5.16's async track.prompt sends its arguments in the wrong order
+            // (request_id: true); refusing it names the field.
+            let errs = formats::promptlayer::validate_track(TrackKind::Prompt, &body).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.field == "request_id"),
+                "{name}: {errs:?}"
+            );
+            continue;
+        }
+        if path.ends_with("/reporting/v2/request") {
+            formats::pezzo::validate(&body).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let back = formats::render(Format::Pezzo, &body, Format::Pezzo).unwrap();
+            // The clients' bodies come back unchanged unless the model is not priced by the
+            // server (then usage moves into properties so the server does not answer 500).
+            let model = body["request"]["body"]["model"].as_str().unwrap_or("");
+            if formats::pezzo::is_priced_model(model)
+                || body["response"]["body"].get("usage").is_none()
+            {
+                assert_eq!(back, body, "{name}: Pezzo round trip");
+            }
+            formats::pezzo::validate(&back).unwrap_or_else(|e| panic!("{name} rendered: {e:?}"));
+            // And across: to PromptLayer, valid per its spec.
+            let pl = formats::render(Format::Pezzo, &body, Format::PromptLayer).unwrap();
+            formats::promptlayer::validate(&pl)
+                .unwrap_or_else(|e| panic!("{name} → PL: {e:?}\n{pl:#}"));
+        } else if path == "/log-request" {
+            formats::promptlayer::validate(&body).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let back = formats::render(Format::PromptLayer, &body, Format::PromptLayer).unwrap();
+            formats::promptlayer::validate(&back)
+                .unwrap_or_else(|e| panic!("{name} rendered: {e:?}"));
+            let pz = formats::render(Format::PromptLayer, &body, Format::Pezzo).unwrap();
+            formats::pezzo::validate(&pz)
+                .unwrap_or_else(|e| panic!("{name} → Pezzo: {e:?}\n{pz:#}"));
+            assert_eq!(
+                pz["metadata"]["provider"], "OpenAI",
+                "{name}: no Pezzo 500 for other providers"
+            );
+        } else if let Some(kind) = TrackKind::from_path(&path) {
+            formats::promptlayer::validate_track(kind, &body)
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+        checked += 1;
+    }
+    assert!(checked >= 20, "{checked}");
+}
+
+/// Every fixture posted to llmlogd gets the status its client needs (201 for logs and Pezzo
+/// reports, 200 with a JSON body for follow-ups and groups), with ids the SDKs accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixtures_posted_to_llmlogd_get_the_replies_the_clients_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "").await;
+    let http = client();
+    // A log first, so follow-ups can name a local id that exists.
+    let log = logging_fixtures()
+        .into_iter()
+        .find(|(_, p, _)| p == "/log-request")
+        .unwrap();
+    let r = http
+        .post(d.url("/log-request"))
+        .json(&log.2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let local_id = v["id"].as_u64().expect("integer id");
+    let group = http
+        .post(d.url("/create-group"))
+        .json(&json!({"api_key": "k"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(group.status(), 200);
+    let group_id = group.json::<Value>().await.unwrap()["id"].as_u64().unwrap();
+    for (name, path, mut body) in logging_fixtures() {
+        if body.get("request_id").is_some_and(Value::is_u64) {
+            body["request_id"] = json!(local_id);
+        }
+        if body.get("group_id").is_some() {
+            body["group_id"] = json!(group_id);
+        }
+        let r = http.post(d.url(&path)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let reply: Value = r.json().await.unwrap_or(Value::Null);
+        let want = if path == "/log-request" || path.ends_with("/reporting/v2/request") {
+            201
+        } else if name.contains("async-track-prompt") {
+            400
+        } else {
+            200
+        };
+        assert_eq!(status, want, "{name} {path}: {reply}");
+        if path == "/log-request" {
+            assert!(reply["id"].is_u64(), "{name}: {reply}");
+            assert!(reply["prompt_version"].is_object(), "{name}: {reply}");
+        }
+        if want == 200 {
+            assert!(
+                reply.is_object(),
+                "{name}: JSON reply required by the JS SDK"
+            );
+        }
+    }
+    // A follow-up naming an id llmlogd never issued is refused, naming the field.
+    let r = http
+        .post(d.url("/library-track-score"))
+        .json(&json!({"api_key": "k", "request_id": 999_999, "score": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["fields"][0]["field"], "request_id", "{v}");
+    d.stop().await;
+}
+
+/// Where the official clients' dependencies are, or why the test cannot run here.
+fn client_env() -> Option<(PathBuf, String)> {
+    let clients = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    let python = std::env::var("LLMLOGD_CLIENTS_PYTHON")
+        .unwrap_or_else(|_| "/tmp/clients-venv/bin/python".into());
+    let ready = clients.join("node_modules/@pezzo/client").exists()
+        && clients.join("node_modules/promptlayer").exists()
+        && Path::new(&python).exists();
+    if ready {
+        return Some((clients, python));
+    }
+    let why = "official clients not installed (cd tests/clients && npm ci; python3 -m venv /tmp/clients-venv && /tmp/clients-venv/bin/pip install -r tests/clients/requirements.txt)";
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// The real SDKs (PromptLayer Python + JS, Pezzo JS + Python) against llmlogd; llmlogd
+/// delivers to mock services; the mocks see what the real services would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_clients_end_to_end() {
+    let Some((clients, python)) = client_env() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pezzo = MockSink::start().await;
+    pezzo.ok_answer(201, "{\"reportId\":\"x\"}");
+    let pl = MockSink::start().await;
+    let next_id = Arc::new(AtomicU64::new(90_000));
+    let ids = next_id.clone();
+    pl.rule(move |r| {
+        let id = ids.fetch_add(1, Ordering::SeqCst);
+        Some(match r.path.as_str() {
+            "/log-request" => {
+                Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+            }
+            "/create-group" => Answer::StatusBody(200, format!("{{\"success\":true,\"id\":{id}}}")),
+            _ => Answer::StatusBody(200, "{\"success\":true}".into()),
+        })
+    });
+    let raw = MockSink::start().await;
+    let cfg = format!(
+        r#"
+[sinks.pezzo]
+type = "pezzo"
+url = "{}"
+batch_max_wait = "10ms"
+[sinks.promptlayer]
+type = "promptlayer"
+url = "{}"
+[sinks.raw]
+type = "http"
+url = "{}"
+batch_max_wait = "10ms"
+"#,
+        pezzo.url(""),
+        pl.url(""),
+        raw.url("/raw")
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = d.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(clients.join("run_all.sh"))
+            .env("LLMLOGD_URL", base)
+            .env("PYTHON", python)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "clients failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // PromptLayer: every log arrives with the app's key, valid per the spec, and each
+    // follow-up names the id the service gave (90000+), never llmlogd's local id.
+    let got = wait_for(DEADLINE, "PromptLayer logs and follow-ups", || {
+        let r = pl.received();
+        let logs = r.iter().filter(|x| x.path == "/log-request").count();
+        let tracks = r
+            .iter()
+            .filter(|x| x.path.starts_with("/library-track") || x.path == "/track-group")
+            .count();
+        (logs >= 5 && tracks >= 8).then_some(r)
+    })
+    .await;
+    for r in &got {
+        let body = r.json();
+        match r.path.as_str() {
+            "/log-request" => {
+                assert_eq!(
+                    r.header("x-api-key").as_deref(),
+                    Some("pl_test_api_key_0123456789")
+                );
+                formats::promptlayer::validate(&body).unwrap_or_else(|e| panic!("{e:?}\n{body:#}"));
+            }
+            "/create-group" => assert_eq!(body["api_key"], "pl_test_api_key_0123456789"),
+            p => {
+                let kind = TrackKind::from_path(p).unwrap_or_else(|| panic!("unexpected path {p}"));
+                formats::promptlayer::validate_track(kind, &body)
+                    .unwrap_or_else(|e| panic!("{p}: {e:?}\n{body:#}"));
+                assert!(
+                    body["request_id"].as_u64().unwrap() >= 90_000,
+                    "{p}: {body}"
+                );
+                if kind == TrackKind::Group {
+                    assert!(body["group_id"].as_u64().unwrap() >= 90_000, "{body}");
+                }
+            }
+        }
+    }
+    // PromptLayer logs reach PromptLayer byte-identical to what the SDK sent (the raw sink
+    // holds what the apps sent).
+    let raws: Vec<String> = raw.received().iter().flat_map(|r| r.raw_events()).collect();
+    for r in got.iter().filter(|r| r.path == "/log-request") {
+        let sent = String::from_utf8(r.body.to_vec()).unwrap();
+        assert!(
+            raws.contains(&sent),
+            "log not byte-identical to what the SDK sent: {sent}"
+        );
+    }
+
+    // Pezzo: reports arrive with the app's key and project, valid, provider OpenAI.
+    let reports = wait_for(DEADLINE, "Pezzo reports", || {
+        let r = pezzo.received();
+        (r.len() >= 6).then_some(r)
+    })
+    .await;
+    for r in &reports {
+        assert_eq!(r.path, "/api/reporting/v2/request");
+        assert_eq!(
+            r.header("x-pezzo-api-key").as_deref(),
+            Some("pez_test_api_key_0123456789")
+        );
+        assert_eq!(
+            r.header("x-pezzo-project-id").as_deref(),
+            Some("test-project-id")
+        );
+        let body = r.json();
+        formats::pezzo::validate(&body).unwrap_or_else(|e| panic!("{e:?}\n{body:#}"));
+        assert_eq!(body["metadata"]["provider"], "OpenAI");
+        assert!(body["metadata"]["environment"].is_string(), "{body}");
+    }
+    d.stop().await;
+}
