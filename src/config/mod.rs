@@ -878,11 +878,26 @@ mod tests {
     }
 
     #[test]
-    fn example_config_parses() {
-        std::env::set_var("PROMPTLAYER_API_KEY", "pl_test");
+    fn example_config_parses_with_and_without_its_sink_examples() {
         let text = include_str!("../../config.example.toml");
         let c = parse(text).unwrap_or_else(|e| panic!("config.example.toml: {e}"));
-        assert!(!c.sinks.is_empty());
+        assert!(c.sinks.is_empty(), "the example installs with no active sink");
+        // Uncommented, every example sink is valid too.
+        std::env::set_var("PROMPTLAYER_API_KEY", "pl_test");
+        let creds = std::env::temp_dir().join(format!("llmlogd-creds-{}", std::process::id()));
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("pezzo"), "pz").unwrap();
+        std::env::set_var("CREDENTIALS_DIRECTORY", &creds);
+        let sinks_at = text.find("#[sinks.").unwrap();
+        let uncommented: String = text[sinks_at..]
+            .lines()
+            .filter(|l| !l.starts_with("##"))
+            .map(|l| l.strip_prefix('#').unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&(text[..sinks_at].to_string() + &uncommented))
+            .unwrap_or_else(|e| panic!("example sinks: {e}"));
+        assert_eq!(c.sinks.len(), 3);
     }
 
     #[test]
