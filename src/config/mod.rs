@@ -98,6 +98,9 @@ pub struct QueueConfig {
     pub when_full: WhenFull,
     pub cache_bytes: u64,
     pub compression: Compression,
+    /// When the store's files exceed this (and four times what it holds) after a backlog
+    /// drained, the live records are moved to a fresh store to give the disk space back.
+    pub compact_above: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,6 +330,13 @@ impl Config {
                 1 << 20,
                 u64::MAX,
             )?,
+            compact_above: bytes_in(
+                "queue.compact_above",
+                q.compact_above,
+                64 << 20,
+                1 << 20,
+                u64::MAX,
+            )?,
             compression: match q.compression.as_deref() {
                 None | Some("zstd") => Compression::Zstd,
                 Some("none") => Compression::None,
@@ -417,6 +427,7 @@ impl Config {
             }
         );
         let _ = writeln!(o, "cache_bytes = {}", q.cache_bytes);
+        let _ = writeln!(o, "compact_above = {}", q.compact_above);
         let _ = writeln!(
             o,
             "compression = {:?}",
@@ -881,7 +892,10 @@ mod tests {
     fn example_config_parses_with_and_without_its_sink_examples() {
         let text = include_str!("../../config.example.toml");
         let c = parse(text).unwrap_or_else(|e| panic!("config.example.toml: {e}"));
-        assert!(c.sinks.is_empty(), "the example installs with no active sink");
+        assert!(
+            c.sinks.is_empty(),
+            "the example installs with no active sink"
+        );
         // Uncommented, every example sink is valid too.
         std::env::set_var("PROMPTLAYER_API_KEY", "pl_test");
         let creds = std::env::temp_dir().join(format!("llmlogd-creds-{}", std::process::id()));

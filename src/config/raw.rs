@@ -47,6 +47,7 @@ pub(crate) struct RawQueue {
     pub when_full: Option<String>,
     pub cache_bytes: Option<ByteSize>,
     pub compression: Option<String>,
+    pub compact_above: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::record::{self, CHUNK};
+use super::store::Trees;
 use super::{key_u64, Queue, QueueError, RecordError};
 use crate::event::{now_ms, StoredEvent};
 
@@ -69,7 +70,7 @@ impl Queue {
         seq: u64,
         mut info: DeadLetterInfo,
     ) -> Result<(), QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let Some(value) = t.log.get(seq.to_be_bytes())? else {
             return Ok(());
         };
@@ -99,7 +100,7 @@ impl Queue {
         sink: Option<u16>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let iter = match sink {
             Some(s) => t.dlq.scan_prefix(s.to_be_bytes()),
             None => t.dlq.iter(),
@@ -107,58 +108,25 @@ impl Queue {
         let mut out = Vec::new();
         for kv in iter.take(limit) {
             let (k, v) = kv?;
-            out.push(self.decode_dead(&k, &v));
+            out.push(decode_dead(&t, &k, &v));
         }
         Ok(out)
     }
 
     pub fn dead_letter_count(&self) -> u64 {
-        self.shared.trees.dlq.len() as u64
+        self.shared.trees().map(|t| t.dlq.len() as u64).unwrap_or(0)
     }
 
     /// One dead letter.
     pub fn dead_letter_get(&self, sink: u16, seq: u64) -> Result<Option<DeadLetter>, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let k = dlq_key(sink, seq);
-        Ok(t.dlq.get(k)?.map(|v| self.decode_dead(&k, &v)))
-    }
-
-    fn decode_dead(&self, k: &[u8], v: &[u8]) -> DeadLetter {
-        let sink_id = u16::from_be_bytes([k[0], k[1]]);
-        let seq = key_u64(&k[2..]);
-        let meta_len = v
-            .get(..4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .unwrap_or(usize::MAX);
-        let info = v
-            .get(4..4usize.saturating_add(meta_len))
-            .and_then(|m| serde_json::from_slice::<DeadLetterInfo>(m).ok())
-            .unwrap_or_else(|| DeadLetterInfo::new("?", "dead letter metadata unreadable"));
-        let event =
-            match v.get(4usize.saturating_add(meta_len)..) {
-                Some(rec) => record::decode(seq, rec, |len| {
-                    let mut out = Vec::with_capacity(len);
-                    for kv in self.shared.trees.dlq_chunks.range(
-                        dlq_chunk_key(sink_id, seq, 0)..dlq_chunk_key(sink_id, seq, u32::MAX),
-                    ) {
-                        let (_, c) = kv.map_err(|_| RecordError("chunk unreadable"))?;
-                        out.extend_from_slice(&c);
-                    }
-                    Ok(out)
-                }),
-                None => Err(RecordError("dead letter truncated")),
-            };
-        DeadLetter {
-            sink_id,
-            seq,
-            info,
-            event,
-        }
+        Ok(t.dlq.get(k)?.map(|v| decode_dead(&t, &k, &v)))
     }
 
     /// Removes one dead letter (after replay, or by `purge`).
     pub fn dead_letter_remove(&self, sink: u16, seq: u64) -> Result<bool, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let existed = t.dlq.remove(dlq_key(sink, seq))?.is_some();
         let mut b = sled::Batch::default();
         for k in t
@@ -212,5 +180,39 @@ fn truncate_utf8(s: &mut String, max: usize) {
             cut -= 1;
         }
         s.truncate(cut);
+    }
+}
+
+/// Decodes one dead-letter entry (key, value) of store `t`.
+fn decode_dead(t: &Trees, k: &[u8], v: &[u8]) -> DeadLetter {
+    let sink_id = u16::from_be_bytes([k[0], k[1]]);
+    let seq = key_u64(&k[2..]);
+    let meta_len = v
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(usize::MAX);
+    let info = v
+        .get(4..4usize.saturating_add(meta_len))
+        .and_then(|m| serde_json::from_slice::<DeadLetterInfo>(m).ok())
+        .unwrap_or_else(|| DeadLetterInfo::new("?", "dead letter metadata unreadable"));
+    let event = match v.get(4usize.saturating_add(meta_len)..) {
+        Some(rec) => record::decode(seq, rec, |len| {
+            let mut out = Vec::with_capacity(len);
+            for kv in t
+                .dlq_chunks
+                .range(dlq_chunk_key(sink_id, seq, 0)..dlq_chunk_key(sink_id, seq, u32::MAX))
+            {
+                let (_, c) = kv.map_err(|_| RecordError("chunk unreadable"))?;
+                out.extend_from_slice(&c);
+            }
+            Ok(out)
+        }),
+        None => Err(RecordError("dead letter truncated")),
+    };
+    DeadLetter {
+        sink_id,
+        seq,
+        info,
+        event,
     }
 }

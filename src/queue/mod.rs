@@ -37,6 +37,7 @@
 mod dlq;
 mod error;
 mod record;
+mod store;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 use tokio::sync::{oneshot, watch};
 
 pub use dlq::{DeadLetter, DeadLetterInfo};
@@ -55,13 +57,16 @@ pub use record::RecordError;
 use crate::config::{QueueConfig, WhenFull};
 use crate::event::{now_ms, NewEvent, StoredEvent};
 use record::{Encoded, RecordRef, CHUNK};
+use store::Trees;
 
 /// Writes waiting for the writer thread; beyond this ingest answers "busy".
 const WRITE_QUEUE_DEPTH: usize = 4096;
 /// Upper bound of records in one group commit (keeps one commit's latency bounded).
 const MAX_GROUP_RECORDS: usize = 8192;
-/// sled segment size: pages up to a quarter of it stay in the log file that we fsync.
-const SEGMENT_SIZE: usize = 2 << 20;
+/// Compaction is considered at most this often.
+const COMPACT_CHECK_EVERY_MS: u64 = 10_000;
+/// Compaction runs only when the live data is at most this big (it copies it).
+const COMPACT_MAX_LIVE_BYTES: u64 = 64 << 20;
 
 /// A record encoded by ingest (off the writer thread), ready to append.
 pub struct Prepared {
@@ -112,25 +117,15 @@ enum WriteOp {
         records: Vec<Prepared>,
         reply: oneshot::Sender<Result<Vec<Appended>, QueueError>>,
     },
+    /// Copy the live records into a fresh store (see `store.rs`).
+    Compact,
     Stop,
 }
 
-struct Trees {
-    db: sled::Db,
-    log: sled::Tree,
-    chunks: sled::Tree,
-    sinks: sled::Tree,
-    cursors: sled::Tree,
-    dlq: sled::Tree,
-    dlq_chunks: sled::Tree,
-    remote: sled::Tree,
-    meta: sled::Tree,
-    /// sled's log file, opened a second time so the writer can `fdatasync` it.
-    db_file: File,
-}
-
 struct Shared {
-    trees: Trees,
+    /// The store; `None` only while it is being reopened after a storage error. A write lock
+    /// is taken only to swap it (compaction, reopen), so no operation sees two stores.
+    trees: RwLock<Option<Trees>>,
     cfg: QueueConfig,
     /// The caps (`max_bytes`, `max_events`, `when_full`), replaced on reload.
     caps: arc_swap::ArcSwap<QueueConfig>,
@@ -140,7 +135,17 @@ struct Shared {
     evicted: AtomicU64,
     head: watch::Sender<u64>,
     closed: AtomicBool,
+    last_compact_check: AtomicU64,
     _lock: DirLock,
+}
+
+impl Shared {
+    /// The store, for the duration of one operation.
+    fn trees(&self) -> Result<MappedRwLockReadGuard<'_, Trees>, QueueError> {
+        RwLockReadGuard::try_map(self.trees.read(), |t| t.as_ref()).map_err(|_| {
+            QueueError::Storage("the queue store is being reopened after a storage error".into())
+        })
+    }
 }
 
 /// Handle to the queue; cheap to clone.
@@ -157,45 +162,9 @@ impl Queue {
         let dir = &cfg.data_dir;
         create_private_dir(dir)?;
         let lock = DirLock::acquire(dir)?;
-        let path = dir.join("queue");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(cfg.cache_bytes)
-            .segment_size(SEGMENT_SIZE)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
-                    QueueError::DataDir {
-                        path: path.clone(),
-                        problem: format!("permission denied ({io})"),
-                    }
-                }
-                other => QueueError::from(other),
-            })?;
-        let db_file = File::open(path.join("db")).map_err(|e| QueueError::DataDir {
-            path: path.join("db"),
-            problem: e.to_string(),
-        })?;
-        let t = Trees {
-            log: db.open_tree("log")?,
-            chunks: db.open_tree("chunks")?,
-            sinks: db.open_tree("sinks")?,
-            cursors: db.open_tree("cursors")?,
-            dlq: db.open_tree("dlq")?,
-            dlq_chunks: db.open_tree("dlq_chunks")?,
-            remote: db.open_tree("remote")?,
-            meta: db.open_tree("meta")?,
-            db,
-            db_file,
-        };
+        let t = Trees::open(dir, cfg)?;
         // Recount what the log holds (the cap is enforced against these).
-        let (mut events, mut bytes) = (0u64, 0u64);
-        for kv in t.log.iter() {
-            let (_, v) = kv?;
-            events += 1;
-            bytes += stored_len_of(&v) as u64;
-        }
+        let (events, bytes) = count_log(&t)?;
         let mut next_seq = t.log.last()?.map(|(k, _)| key_u64(&k) + 1).unwrap_or(0);
         if let Some(v) = t.meta.get("next_seq")? {
             next_seq = next_seq.max(key_u64(&v));
@@ -206,7 +175,7 @@ impl Queue {
         }
         let (head, _) = watch::channel(next_seq);
         let shared = Arc::new(Shared {
-            trees: t,
+            trees: RwLock::new(Some(t)),
             cfg: cfg.clone(),
             caps: arc_swap::ArcSwap::from_pointee(cfg.clone()),
             events: AtomicU64::new(events),
@@ -215,6 +184,7 @@ impl Queue {
             evicted: AtomicU64::new(0),
             head,
             closed: AtomicBool::new(false),
+            last_compact_check: AtomicU64::new(now_ms()),
             _lock: lock,
         });
         let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
@@ -272,7 +242,7 @@ impl Queue {
     /// The id of a sink by name, assigned on first use and stable forever after. A new sink
     /// starts its cursor at the current head: it receives events appended from now on.
     pub fn sink_id(&self, name: &str) -> Result<u16, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         if let Some(v) = t.sinks.get(name)? {
             return Ok(u16::from_be_bytes([v[0], v[1]]));
         }
@@ -304,7 +274,7 @@ impl Queue {
     /// Every sink name the queue has seen, with its id.
     pub fn sink_names(&self) -> Result<Vec<(String, u16)>, QueueError> {
         let mut out = Vec::new();
-        for kv in self.shared.trees.sinks.iter() {
+        for kv in self.shared.trees()?.sinks.iter() {
             let (k, v) = kv?;
             out.push((
                 String::from_utf8_lossy(&k).into_owned(),
@@ -317,7 +287,7 @@ impl Queue {
     pub fn cursor(&self, sink: u16) -> Result<u64, QueueError> {
         Ok(self
             .shared
-            .trees
+            .trees()?
             .cursors
             .get(sink.to_be_bytes())?
             .map(|v| key_u64(&v))
@@ -328,7 +298,7 @@ impl Queue {
     /// (see "After a crash").
     pub fn set_cursor(&self, sink: u16, seq: u64) -> Result<(), QueueError> {
         self.shared
-            .trees
+            .trees()?
             .cursors
             .insert(sink.to_be_bytes(), &seq.to_be_bytes())?;
         Ok(())
@@ -345,7 +315,7 @@ impl Queue {
         max_bytes: usize,
         max_scan: usize,
     ) -> Result<ReadBatch, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let mut out = ReadBatch {
             items: Vec::new(),
             next: from,
@@ -389,7 +359,7 @@ impl Queue {
 
     /// Reads one record by sequence number (dead-lettering, `status`).
     pub fn get(&self, seq: u64) -> Result<Option<ReadItem>, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let Some(v) = t.log.get(seq.to_be_bytes())? else {
             return Ok(None);
         };
@@ -412,11 +382,13 @@ impl Queue {
         for id in active {
             min = min.min(self.cursor(*id)?);
         }
-        self.remove_below(min, u64::MAX)
+        let removed = self.remove_below(min, u64::MAX)?;
+        self.maybe_compact();
+        Ok(removed)
     }
 
     fn remove_below(&self, limit: u64, max: u64) -> Result<u64, QueueError> {
-        let t = &self.shared.trees;
+        let t = self.shared.trees()?;
         let mut removed = 0u64;
         loop {
             let mut batch = sled::Batch::default();
@@ -451,7 +423,7 @@ impl Queue {
     /// Stores the remote id the service assigned to `seq` (PromptLayer's request id).
     pub fn set_remote_id(&self, sink: u16, seq: u64, remote: u64) -> Result<(), QueueError> {
         self.shared
-            .trees
+            .trees()?
             .remote
             .insert(pair_key(sink, seq), &remote.to_be_bytes())?;
         Ok(())
@@ -460,7 +432,7 @@ impl Queue {
     pub fn remote_id(&self, sink: u16, seq: u64) -> Result<Option<u64>, QueueError> {
         Ok(self
             .shared
-            .trees
+            .trees()?
             .remote
             .get(pair_key(sink, seq))?
             .map(|v| key_u64(&v)))
@@ -469,11 +441,9 @@ impl Queue {
     pub fn stats(&self) -> QueueStats {
         let oldest_ms = self
             .shared
-            .trees
-            .log
-            .first()
+            .trees()
             .ok()
-            .flatten()
+            .and_then(|t| t.log.first().ok().flatten())
             .and_then(|(k, v)| record::decode(key_u64(&k), &v, |_| Ok(Vec::new())).ok())
             .map(|e| e.received_ms);
         QueueStats {
@@ -494,7 +464,53 @@ impl Queue {
 
     /// Bytes sled's files take on disk.
     pub fn disk_bytes(&self) -> u64 {
-        dir_size(&self.shared.cfg.data_dir)
+        store::dir_size(&self.shared.cfg.data_dir)
+    }
+
+    /// Asks the writer to compact the store when a drained backlog left it much larger than
+    /// what it holds (checked at most every 10 s; called after removing delivered records).
+    fn maybe_compact(&self) {
+        let now = now_ms();
+        let last = self.shared.last_compact_check.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < COMPACT_CHECK_EVERY_MS
+            || self
+                .shared
+                .last_compact_check
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let live = self.shared.bytes.load(Ordering::Relaxed);
+        if live > COMPACT_MAX_LIVE_BYTES {
+            return;
+        }
+        let on_disk = store::dir_size(&self.shared.cfg.data_dir.join("queue"));
+        let threshold = self
+            .shared
+            .caps
+            .load()
+            .compact_above
+            .max(live.saturating_mul(4));
+        if on_disk > threshold {
+            let _ = self.tx.try_send(WriteOp::Compact);
+        }
+    }
+
+    /// Compacts now, whatever the sizes (tests, `fsck`). Returns once done.
+    pub async fn compact_now(&self) -> Result<(), QueueError> {
+        self.tx
+            .send(WriteOp::Compact)
+            .map_err(|_| QueueError::Closed)?;
+        // An empty append is a barrier: it is answered after the compaction ran.
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(WriteOp::Append {
+                records: Vec::new(),
+                reply,
+            })
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?.map(|_| ())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -513,15 +529,14 @@ impl Queue {
         if let Some(h) = handle {
             let _ = h.join();
         }
-        self.shared.trees.db.flush()?;
-        self.shared.trees.db_file.sync_data()?;
-        Ok(())
+        self.shared.trees()?.sync()
     }
 }
 
 /// The group-commit writer: take everything waiting, insert, flush, fdatasync, then answer.
+/// It also runs compaction and reopens the store after a storage error (disk full), between
+/// groups, so no append ever sees a half-swapped store.
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
-    let t = &shared.trees;
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         let mut n = 0;
@@ -536,94 +551,172 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
                 Err(_) => break,
             }
         }
-        let mut stop = false;
-        let mut batch = sled::Batch::default();
-        let mut chunk_batch = sled::Batch::default();
-        let mut replies = Vec::new();
-        let (mut add_events, mut add_bytes) = (0u64, 0u64);
-        let caps = shared.caps.load_full();
-        for op in ops {
-            let (records, reply) = match op {
-                WriteOp::Append { records, reply } => (records, reply),
-                WriteOp::Stop => {
-                    stop = true;
-                    continue;
-                }
-            };
-            let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
-            let count = records.len() as u64;
-            // Read fresh each time: eviction (and the collector) lower them as we go.
-            let events_now = shared.events.load(Ordering::Relaxed);
-            let bytes_now = shared.bytes.load(Ordering::Relaxed);
-            if let Some(reason) = over_cap(
-                &caps,
-                events_now + add_events + count,
-                bytes_now + add_bytes + size,
-            ) {
-                let made_room = caps.when_full == WhenFull::DropOldest
-                    && evict_for(
-                        &shared,
-                        &caps,
-                        events_now + add_events + count,
-                        bytes_now + add_bytes + size,
-                    );
-                if !made_room {
-                    let _ = reply.send(Err(QueueError::Full { reason }));
-                    continue;
-                }
-            }
-            let mut ids = Vec::with_capacity(records.len());
-            for r in records {
-                let seq = next_seq;
-                next_seq += 1;
-                if let Some(over) = &r.enc.overflow {
-                    for (i, c) in over.chunks(CHUNK).enumerate() {
-                        chunk_batch.insert(&chunk_key(seq, i as u32)[..], c);
-                    }
-                }
-                batch.insert(&seq.to_be_bytes()[..], r.enc.value);
-                ids.push(Appended { seq, id: r.id });
-            }
-            add_events += count;
-            add_bytes += size;
-            replies.push((reply, ids));
+        if shared.trees.read().is_none() {
+            reopen(&shared);
         }
-        if !replies.is_empty() {
-            let result = (|| -> Result<(), QueueError> {
-                // Chunks first: a log record never points at chunks that are not stored.
-                t.chunks.apply_batch(chunk_batch)?;
-                t.log.apply_batch(batch)?;
-                t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
-                t.db.flush()?;
-                t.db_file.sync_data()?;
-                Ok(())
-            })();
-            match result {
-                Ok(()) => {
-                    shared.syncs.fetch_add(1, Ordering::Relaxed);
-                    shared.events.fetch_add(add_events, Ordering::Relaxed);
-                    shared.bytes.fetch_add(add_bytes, Ordering::Relaxed);
-                    shared.head.send_replace(next_seq);
-                    for (reply, ids) in replies {
-                        let _ = reply.send(Ok(ids));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "queue write failed; the writes were not acknowledged");
-                    let msg = e.to_string();
-                    for (reply, _) in replies {
-                        let _ = reply.send(Err(match &e {
-                            QueueError::NoSpace => QueueError::NoSpace,
-                            _ => QueueError::Storage(msg.clone()),
-                        }));
-                    }
-                }
-            }
+        let stop = ops.iter().any(|o| matches!(o, WriteOp::Stop));
+        if ops.iter().any(|o| matches!(o, WriteOp::Compact)) {
+            run_compaction(&shared);
+        }
+        if commit_group(&shared, ops, &mut next_seq) {
+            // sled may refuse every write after an I/O error: start from what is on disk.
+            reopen(&shared);
         }
         if stop {
             break;
         }
     }
+}
+
+/// One group commit; answers every append in `ops`. Returns whether storage failed.
+fn commit_group(shared: &Shared, ops: Vec<WriteOp>, next_seq: &mut u64) -> bool {
+    let mut replies = Vec::new();
+    let t = match shared.trees() {
+        Ok(t) => t,
+        Err(_) => {
+            for op in ops {
+                if let WriteOp::Append { reply, .. } = op {
+                    let _ = reply.send(Err(QueueError::NoSpace));
+                }
+            }
+            return false;
+        }
+    };
+    let caps = shared.caps.load_full();
+    let mut batch = sled::Batch::default();
+    let mut chunk_batch = sled::Batch::default();
+    let (mut add_events, mut add_bytes) = (0u64, 0u64);
+    let first_seq = *next_seq;
+    for op in ops {
+        let WriteOp::Append { records, reply } = op else {
+            continue;
+        };
+        let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
+        let count = records.len() as u64;
+        // Read fresh each time: eviction (and the collector) lower them as we go.
+        let events_now = shared.events.load(Ordering::Relaxed) + add_events + count;
+        let bytes_now = shared.bytes.load(Ordering::Relaxed) + add_bytes + size;
+        if let Some(reason) = over_cap(&caps, events_now, bytes_now) {
+            let made_room = caps.when_full == WhenFull::DropOldest
+                && evict_for(shared, &t, &caps, events_now, bytes_now);
+            if !made_room {
+                let _ = reply.send(Err(QueueError::Full { reason }));
+                continue;
+            }
+        }
+        let mut ids = Vec::with_capacity(records.len());
+        for r in records {
+            let seq = *next_seq;
+            *next_seq += 1;
+            if let Some(over) = &r.enc.overflow {
+                for (i, c) in over.chunks(CHUNK).enumerate() {
+                    chunk_batch.insert(&chunk_key(seq, i as u32)[..], c);
+                }
+            }
+            batch.insert(&seq.to_be_bytes()[..], r.enc.value);
+            ids.push(Appended { seq, id: r.id });
+        }
+        add_events += count;
+        add_bytes += size;
+        replies.push((reply, ids));
+    }
+    if replies.iter().all(|(_, ids)| ids.is_empty()) {
+        // Nothing to write (empty barrier appends, or all refused).
+        for (reply, ids) in replies {
+            let _ = reply.send(Ok(ids));
+        }
+        return false;
+    }
+    let result = (|| -> Result<(), QueueError> {
+        // Chunks first: a log record never points at chunks that are not stored.
+        t.chunks.apply_batch(chunk_batch)?;
+        t.log.apply_batch(batch)?;
+        t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
+        t.sync()
+    })();
+    match result {
+        Ok(()) => {
+            shared.syncs.fetch_add(1, Ordering::Relaxed);
+            shared.events.fetch_add(add_events, Ordering::Relaxed);
+            shared.bytes.fetch_add(add_bytes, Ordering::Relaxed);
+            shared.head.send_replace(*next_seq);
+            for (reply, ids) in replies {
+                let _ = reply.send(Ok(ids));
+            }
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "queue write failed; the writes were not acknowledged");
+            let msg = e.to_string();
+            for (reply, _) in replies {
+                let _ = reply.send(Err(match &e {
+                    QueueError::NoSpace => QueueError::NoSpace,
+                    _ => QueueError::Storage(msg.clone()),
+                }));
+            }
+            // Keep sequence numbers unique even if some of this group reached the disk.
+            let _ = first_seq;
+            true
+        }
+    }
+}
+
+/// Drops the store and opens it again from disk (after a storage error). While that fails
+/// (the disk is still full), the store stays unavailable and appends are refused; the next
+/// group tries again.
+fn reopen(shared: &Shared) {
+    let mut guard = shared.trees.write();
+    drop(guard.take());
+    match Trees::open(&shared.cfg.data_dir, &shared.cfg) {
+        Ok(t) => {
+            let (events, bytes) = count_log(&t).unwrap_or((0, 0));
+            shared.events.store(events, Ordering::Relaxed);
+            shared.bytes.store(bytes, Ordering::Relaxed);
+            *guard = Some(t);
+            tracing::info!("queue store reopened");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "queue store cannot be reopened yet; refusing new events until it can");
+        }
+    }
+}
+
+fn run_compaction(shared: &Shared) {
+    let mut guard = shared.trees.write();
+    let Some(current) = guard.take() else {
+        return;
+    };
+    let before = store::dir_size(&shared.cfg.data_dir);
+    let started = std::time::Instant::now();
+    let (result, err) = store::compact(current, &shared.cfg.data_dir, &shared.cfg);
+    if let Some(e) = err {
+        tracing::warn!(error = %e, "compaction did not complete; the store is unchanged");
+    }
+    match result {
+        Ok(t) => {
+            *guard = Some(t);
+            let after = store::dir_size(&shared.cfg.data_dir);
+            tracing::info!(
+                before_bytes = before,
+                after_bytes = after,
+                took_ms = started.elapsed().as_millis() as u64,
+                "queue compacted: disk space given back"
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "queue store cannot be reopened after compaction; retrying");
+        }
+    }
+}
+
+fn count_log(t: &Trees) -> Result<(u64, u64), QueueError> {
+    let (mut events, mut bytes) = (0u64, 0u64);
+    for kv in t.log.iter() {
+        let (_, v) = kv?;
+        events += 1;
+        bytes += stored_len_of(&v) as u64;
+    }
+    Ok((events, bytes))
 }
 
 fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> {
@@ -637,8 +730,7 @@ fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> 
 }
 
 /// `when_full = "drop_oldest"`: removes the oldest records until `events`/`bytes` fit.
-fn evict_for(shared: &Shared, caps: &QueueConfig, events: u64, bytes: u64) -> bool {
-    let t = &shared.trees;
+fn evict_for(shared: &Shared, t: &Trees, caps: &QueueConfig, events: u64, bytes: u64) -> bool {
     let mut need_bytes = bytes.saturating_sub(caps.max_bytes);
     let mut need_events = caps.max_events.map_or(0, |m| events.saturating_sub(m));
     let mut dropped = 0u64;
@@ -710,22 +802,6 @@ fn key_u64(k: &[u8]) -> u64 {
     let n = k.len().min(8);
     b[8 - n..].copy_from_slice(&k[..n]);
     u64::from_be_bytes(b)
-}
-
-fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.filter_map(|e| e.ok())
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                m.blocks() * 512
-            }
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {

@@ -1,0 +1,205 @@
+//! The sled store under `<data_dir>/queue`, and giving disk space back.
+//!
+//! sled never shrinks its files: after a large backlog drains, the data directory stays as big
+//! as the backlog was. Compaction copies the few live records into a fresh store and swaps it
+//! in, crash-safely:
+//!
+//! 1. build `queue.compact/`, copy every tree, flush + fsync, write `COMPLETE` (fsynced);
+//! 2. close both stores; rename `queue` → `queue.old`, `queue.compact` → `queue`; fsync the dir;
+//! 3. remove `queue.old`; reopen `queue`.
+//!
+//! [`Trees::open`] finishes or undoes an interrupted compaction: a `queue.compact` without
+//! `COMPLETE` is deleted; with `COMPLETE` and no `queue` it is renamed into place; a leftover
+//! `queue.old` is deleted once `queue` exists. At every step one complete store is on disk.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::QueueError;
+use crate::config::QueueConfig;
+
+/// sled segment size: pages up to a quarter of it stay in the log file that we fsync.
+pub(crate) const SEGMENT_SIZE: usize = 2 << 20;
+const COMPLETE: &str = "COMPLETE";
+
+pub(crate) struct Trees {
+    pub db: sled::Db,
+    pub log: sled::Tree,
+    pub chunks: sled::Tree,
+    pub sinks: sled::Tree,
+    pub cursors: sled::Tree,
+    pub dlq: sled::Tree,
+    pub dlq_chunks: sled::Tree,
+    pub remote: sled::Tree,
+    pub meta: sled::Tree,
+    /// sled's log file, opened a second time so the writer can `fdatasync` it.
+    pub db_file: File,
+}
+
+fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("queue"),
+        dir.join("queue.compact"),
+        dir.join("queue.old"),
+    )
+}
+
+impl Trees {
+    /// Opens the store in `dir` (the data directory), first settling any interrupted compaction.
+    pub fn open(dir: &Path, cfg: &QueueConfig) -> Result<Trees, QueueError> {
+        let (live, fresh, old) = paths(dir);
+        if fresh.exists() {
+            if fresh.join(COMPLETE).exists() && !live.exists() {
+                std::fs::rename(&fresh, &live)?;
+                sync_dir(dir)?;
+            } else {
+                std::fs::remove_dir_all(&fresh)?;
+            }
+        }
+        if old.exists() {
+            if live.exists() {
+                std::fs::remove_dir_all(&old)?;
+            } else {
+                std::fs::rename(&old, &live)?;
+                sync_dir(dir)?;
+            }
+        }
+        Self::open_at(&live, cfg)
+    }
+
+    fn open_at(path: &Path, cfg: &QueueConfig) -> Result<Trees, QueueError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cfg.cache_bytes)
+            .segment_size(SEGMENT_SIZE)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                    QueueError::DataDir {
+                        path: path.to_path_buf(),
+                        problem: format!("permission denied ({io})"),
+                    }
+                }
+                other => QueueError::from(other),
+            })?;
+        let db_file = File::open(path.join("db")).map_err(|e| QueueError::DataDir {
+            path: path.join("db"),
+            problem: e.to_string(),
+        })?;
+        Ok(Trees {
+            log: db.open_tree("log")?,
+            chunks: db.open_tree("chunks")?,
+            sinks: db.open_tree("sinks")?,
+            cursors: db.open_tree("cursors")?,
+            dlq: db.open_tree("dlq")?,
+            dlq_chunks: db.open_tree("dlq_chunks")?,
+            remote: db.open_tree("remote")?,
+            meta: db.open_tree("meta")?,
+            db,
+            db_file,
+        })
+    }
+
+    fn named(&self) -> [(&'static str, &sled::Tree); 8] {
+        [
+            ("log", &self.log),
+            ("chunks", &self.chunks),
+            ("sinks", &self.sinks),
+            ("cursors", &self.cursors),
+            ("dlq", &self.dlq),
+            ("dlq_chunks", &self.dlq_chunks),
+            ("remote", &self.remote),
+            ("meta", &self.meta),
+        ]
+    }
+
+    /// flush + fdatasync: everything written so far survives power loss.
+    pub fn sync(&self) -> Result<(), QueueError> {
+        self.db.flush()?;
+        self.db_file.sync_data()?;
+        Ok(())
+    }
+}
+
+/// Copies the live contents of `current` into a fresh store and swaps it in. The caller holds
+/// the store exclusively (no other reader or writer) and passes it by value; on success the
+/// compacted store is returned, on failure the original (reopened) one, or the error when even
+/// that cannot be opened.
+pub(crate) fn compact(
+    current: Trees,
+    dir: &Path,
+    cfg: &QueueConfig,
+) -> (Result<Trees, QueueError>, Option<QueueError>) {
+    let (live, fresh_path, old) = paths(dir);
+    let copy = (|| -> Result<(), QueueError> {
+        if fresh_path.exists() {
+            std::fs::remove_dir_all(&fresh_path)?;
+        }
+        let fresh = Trees::open_at(&fresh_path, cfg)?;
+        for ((_, src), (_, dst)) in current.named().iter().zip(fresh.named().iter()) {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in src.iter() {
+                let (k, v) = kv?;
+                batch.insert(k, v);
+                n += 1;
+                if n % 4096 == 0 {
+                    dst.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            dst.apply_batch(batch)?;
+        }
+        fresh.sync()?;
+        drop(fresh);
+        let marker = File::create(fresh_path.join(COMPLETE))?;
+        marker.sync_all()?;
+        sync_dir(&fresh_path)?;
+        Ok(())
+    })();
+    if let Err(e) = copy {
+        let _ = std::fs::remove_dir_all(&fresh_path);
+        return (Ok(current), Some(e));
+    }
+    // Close the running store before moving directories (sled opens files by path).
+    if let Err(e) = current.sync() {
+        let _ = std::fs::remove_dir_all(&fresh_path);
+        return (Ok(current), Some(e));
+    }
+    drop(current);
+    let swap = (|| -> Result<(), QueueError> {
+        std::fs::rename(&live, &old)?;
+        std::fs::rename(&fresh_path, &live)?;
+        sync_dir(dir)?;
+        Ok(())
+    })();
+    let swap_err = swap.err();
+    if swap_err.is_none() {
+        let _ = std::fs::remove_dir_all(&old);
+        let _ = std::fs::remove_file(live.join(COMPLETE));
+    }
+    // `open` settles whatever state the renames reached.
+    (Trees::open(dir, cfg), swap_err)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), QueueError> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Bytes the store's files occupy on disk.
+pub(crate) fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512
+            }
+            Err(_) => 0,
+        })
+        .sum()
+}
