@@ -90,6 +90,17 @@ pub enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Check the queue store offline (the daemon must be stopped); --repair fixes it.
+    Fsck {
+        /// Move corrupt records to the dead letters, remove orphans.
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Inspect and act on dead letters.
     Dlq {
         #[command(subcommand)]
@@ -371,13 +382,7 @@ fn age(now: u64, then: Option<u64>) -> String {
 /// `llmlogd dlq …`, on the data directory (the daemon must not hold it).
 pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
     let c = cfg.load()?;
-    let queue = crate::queue::Queue::open(&c.queue).map_err(|e| match e {
-        crate::queue::QueueError::Locked { .. } => CliError::new(
-            EXIT_UNAVAILABLE,
-            format!("{e}; stop it first (dead letters are edited offline)"),
-        ),
-        other => CliError::new(1, other.to_string()),
-    })?;
+    let queue = open_offline(&c)?;
     let names = queue
         .sink_names()
         .map_err(|e| CliError::new(1, e.to_string()))?;
@@ -495,4 +500,49 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
     };
     queue.close().map_err(fail)?;
     result
+}
+
+/// `llmlogd fsck [--repair]`: exit 0 when the store is clean (or was repaired), 1 otherwise.
+pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
+    let c = cfg.load()?;
+    let queue = open_offline(&c)?;
+    let report = queue
+        .fsck(repair)
+        .map_err(|e| CliError::new(1, format!("fsck failed: {e}")))?;
+    queue.close().map_err(|e| CliError::new(1, e.to_string()))?;
+    if json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        println!(
+            "{} records; corrupt: {:?}; orphan chunks: {}; orphan cursors: {}; unreadable dead letters: {}; next_seq behind: {}",
+            report.records,
+            report.corrupt_records,
+            report.orphan_chunks,
+            report.orphan_cursors,
+            report.unreadable_dead_letters,
+            report.next_seq_behind
+        );
+    }
+    if report.is_clean() || repair {
+        if repair && !report.is_clean() {
+            eprintln!("repaired: corrupt records are in the dead letters (llmlogd dlq list)");
+        }
+        Ok(())
+    } else {
+        Err(CliError::new(
+            1,
+            "problems found; run `llmlogd fsck --repair` to fix them",
+        ))
+    }
+}
+
+/// Opens the queue without a daemon, or says which daemon holds it.
+fn open_offline(c: &Config) -> Result<crate::queue::Queue, CliError> {
+    crate::queue::Queue::open(&c.queue).map_err(|e| match e {
+        crate::queue::QueueError::Locked { .. } => CliError::new(
+            EXIT_UNAVAILABLE,
+            format!("{e}; stop it first (this command works on the data directory offline)"),
+        ),
+        other => CliError::new(1, other.to_string()),
+    })
 }

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Send { file, socket, cfg } => cli::send(file, socket, &cfg),
         Command::Status { json, cfg } => cli::status(json, &cfg),
         Command::Dlq { action, cfg } => cli::dlq(action, &cfg),
+        Command::Fsck { repair, json, cfg } => cli::fsck(repair, json, &cfg),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,6 +36,7 @@
 
 mod dlq;
 mod error;
+mod fsck;
 mod record;
 mod store;
 
@@ -52,6 +53,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use dlq::{DeadLetter, DeadLetterInfo};
 pub use error::QueueError;
+pub use fsck::{FsckReport, UNKNOWN_SINK};
 pub use record::RecordError;
 
 use crate::config::{QueueConfig, WhenFull};

@@ -282,3 +282,35 @@ fn interrupted_compaction_is_settled_on_open() {
     let q = Queue::open(&c).unwrap();
     assert_eq!(q.read(0, 0, 10, 1 << 20, 10).unwrap().items.len(), 1);
 }
+
+#[test]
+fn fsck_finds_and_repairs_corruption_without_losing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let a = q.sink_id("a").unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[a]), q.prepare(&ev("{}"), &[a])]))
+        .unwrap();
+    assert!(q.fsck(false).unwrap().is_clean());
+    {
+        let t = q.shared.trees().unwrap();
+        // Record 1: valid header naming sink a, garbage payload flag.
+        let mut bad = t.log.get(1u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        bad[2] |= 1; // claims zstd
+        t.log.insert(1u64.to_be_bytes(), bad).unwrap();
+        t.chunks.insert(chunk_key(99, 0), &b"orphan"[..]).unwrap();
+    }
+    let r = q.fsck(false).unwrap();
+    assert_eq!(r.corrupt_records, vec![1]);
+    assert_eq!(r.orphan_chunks, 1);
+    assert!(!r.is_clean());
+    let r = q.fsck(true).unwrap();
+    assert!(r.repaired);
+    let r = q.fsck(false).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    assert_eq!(r.records, 1);
+    let dl = q.dead_letters(Some(a), 10).unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].seq, 1);
+    assert!(dl[0].event.is_err(), "kept as unreadable, not lost");
+}

@@ -1,0 +1,130 @@
+//! `llmlogd fsck`: check the store offline, and with `repair` fix what can be fixed.
+//!
+//! | finding | repair |
+//! |---|---|
+//! | a log record that does not decode | moved to the dead letters of every sink it names (or of sink id 0xFFFF when its routes are unreadable), then removed from the log |
+//! | chunks with no log record | removed |
+//! | a cursor for a sink id no name maps to | removed |
+//! | a dead letter that does not decode | kept (it is shown as unreadable by `dlq list`); counted |
+//! | `next_seq` behind the log | raised |
+//!
+//! Nothing acknowledged is deleted: a corrupt record becomes a dead letter, where an operator
+//! can still look at its bytes.
+
+use serde::Serialize;
+
+use super::dlq::DeadLetterInfo;
+use super::{key_u64, record, Queue, QueueError};
+
+/// What `fsck` found (and repaired, when asked).
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct FsckReport {
+    pub records: u64,
+    pub corrupt_records: Vec<u64>,
+    pub orphan_chunks: u64,
+    pub orphan_cursors: u64,
+    pub unreadable_dead_letters: u64,
+    pub next_seq_behind: bool,
+    pub repaired: bool,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.corrupt_records.is_empty()
+            && self.orphan_chunks == 0
+            && self.orphan_cursors == 0
+            && !self.next_seq_behind
+    }
+}
+
+/// Dead-letter sink id for records whose routes cannot be read.
+pub const UNKNOWN_SINK: u16 = 0xFFFF;
+
+impl Queue {
+    /// Checks the store; with `repair`, fixes what it found (see the module table).
+    pub fn fsck(&self, repair: bool) -> Result<FsckReport, QueueError> {
+        let mut r = FsckReport {
+            repaired: repair,
+            ..FsckReport::default()
+        };
+        let mut chunked = std::collections::BTreeSet::new();
+        let mut corrupt: Vec<(u64, Vec<u16>)> = Vec::new();
+        let mut last_seq = None;
+        {
+            let t = self.shared.trees()?;
+            for kv in t.log.iter() {
+                let (k, v) = kv?;
+                let seq = key_u64(&k);
+                r.records += 1;
+                last_seq = Some(seq);
+                if record::chunked_len(&v).is_some() {
+                    chunked.insert(seq);
+                }
+                let ok = record::decode(seq, &v, |len| super::read_chunks(&t.chunks, seq, len));
+                if ok.is_err() {
+                    let routes = record::routes_of(&v)
+                        .map(|i| i.collect::<Vec<_>>())
+                        .unwrap_or_default();
+                    corrupt.push((seq, routes));
+                }
+            }
+            for k in t.chunks.iter().keys() {
+                let k = k?;
+                if !chunked.contains(&key_u64(&k[..8.min(k.len())])) {
+                    r.orphan_chunks += 1;
+                    if repair {
+                        t.chunks.remove(k)?;
+                    }
+                }
+            }
+            let known: Vec<u16> = t
+                .sinks
+                .iter()
+                .values()
+                .filter_map(|v| v.ok())
+                .map(|v| u16::from_be_bytes([v[0], v[1]]))
+                .collect();
+            for k in t.cursors.iter().keys() {
+                let k = k?;
+                if k.len() != 2 || !known.contains(&u16::from_be_bytes([k[0], k[1]])) {
+                    r.orphan_cursors += 1;
+                    if repair {
+                        t.cursors.remove(k)?;
+                    }
+                }
+            }
+            let next = t.meta.get("next_seq")?.map(|v| key_u64(&v)).unwrap_or(0);
+            if let Some(last) = last_seq {
+                if next <= last {
+                    r.next_seq_behind = true;
+                    if repair {
+                        t.meta.insert("next_seq", &(last + 1).to_be_bytes())?;
+                    }
+                }
+            }
+        }
+        r.unreadable_dead_letters = self
+            .dead_letters(None, usize::MAX)?
+            .iter()
+            .filter(|d| d.event.is_err())
+            .count() as u64;
+        r.corrupt_records = corrupt.iter().map(|(s, _)| *s).collect();
+        if repair {
+            for (seq, routes) in corrupt {
+                let sinks = if routes.is_empty() {
+                    vec![UNKNOWN_SINK]
+                } else {
+                    routes
+                };
+                for sink in sinks {
+                    self.dead_letter(sink, seq, DeadLetterInfo::new("?", "corrupt record (fsck)"))?;
+                }
+                let t = self.shared.trees()?;
+                t.log.remove(seq.to_be_bytes())?;
+                super::remove_chunks(&t.chunks, seq)?;
+            }
+            self.shared.trees()?.sync()?;
+        }
+        Ok(r)
+    }
+}
