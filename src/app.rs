@@ -202,14 +202,16 @@ fn reload(
     delivery: &mut Delivery,
     ingest: &Ingest,
 ) -> anyhow::Result<()> {
+    let queue_fixed =
+        |q: &crate::config::QueueConfig| (q.data_dir.clone(), q.cache_bytes, q.compression);
     let restart_only = [
         (
             "server",
             format!("{:?}", old.server) != format!("{:?}", new.server),
         ),
         (
-            "queue",
-            format!("{:?}", old.queue) != format!("{:?}", new.queue),
+            "queue (data_dir, cache_bytes, compression)",
+            queue_fixed(&old.queue) != queue_fixed(&new.queue),
         ),
         ("log", format!("{:?}", old.log) != format!("{:?}", new.log)),
     ];
@@ -225,6 +227,7 @@ fn reload(
     ingest
         .routes
         .store(Arc::new(route_table(delivery, &new.sinks)));
+    ingest.queue.set_caps(&new.queue);
     Ok(())
 }
 

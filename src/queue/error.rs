@@ -42,17 +42,37 @@ impl From<sled::Error> for QueueError {
     fn from(e: sled::Error) -> Self {
         match e {
             sled::Error::Io(io) => io.into(),
-            other => QueueError::Storage(other.to_string()),
+            other => {
+                // sled wraps some I/O failures in its own variants; a full disk must still be
+                // reported as such (507, retry later), not as a generic storage failure.
+                let msg = other.to_string();
+                if mentions_no_space(&msg) {
+                    QueueError::NoSpace
+                } else {
+                    QueueError::Storage(msg)
+                }
+            }
         }
     }
 }
 
 impl From<std::io::Error> for QueueError {
     fn from(e: std::io::Error) -> Self {
-        if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        if e.raw_os_error() == Some(libc::ENOSPC)
+            || e.raw_os_error() == Some(libc::EDQUOT)
+            || e.kind() == std::io::ErrorKind::StorageFull
+            || e.kind() == std::io::ErrorKind::QuotaExceeded
+            || mentions_no_space(&e.to_string())
+        {
             QueueError::NoSpace
         } else {
             QueueError::Storage(e.to_string())
         }
     }
+}
+
+fn mentions_no_space(msg: &str) -> bool {
+    msg.contains("No space left on device")
+        || msg.contains("StorageFull")
+        || msg.contains("code: 28,")
 }

@@ -35,6 +35,24 @@ pub async fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> O
     }
 }
 
+/// Like [`wait_for`], for conditions that need to await (an HTTP request).
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Generous: CI machines are slow and shared. Tests never wait this long when they pass.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 

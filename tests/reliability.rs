@@ -1,0 +1,506 @@
+//! Reliability: crash loops, bounded resources, disk full, hostile input, disk space.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::util::*;
+
+fn sink(mock: &MockSink) -> String {
+    format!(
+        "[sinks.m]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"5ms\"\nretry_initial = \"20ms\"\nretry_max = \"200ms\"\n",
+        mock.url("/in")
+    )
+}
+
+async fn metric(url: &str, line_prefix: &str) -> Option<f64> {
+    let text = client().get(url).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Posts unique events over HTTP until `stop`, recording the acknowledged ones.
+async fn http_writer(
+    url: String,
+    tag: String,
+    acked: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let http = client();
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+        let body = format!("{{\"w\":\"{tag}\",\"i\":{i}}}");
+        i += 1;
+        match http
+            .post(&url)
+            .header("content-type", "application/json")
+            .timeout(Duration::from_secs(5))
+            .body(body.clone())
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 202 => acked.lock().unwrap().push(body),
+            Ok(_) => {}
+            Err(_) => return, // daemon killed
+        }
+    }
+}
+
+/// The same over the Unix socket, NDJSON, waiting for each ack.
+async fn socket_writer(
+    path: std::path::PathBuf,
+    tag: String,
+    acked: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let Ok(s) = tokio::net::UnixStream::connect(&path).await else {
+        return;
+    };
+    let (rd, mut wr) = s.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+        let body = format!("{{\"w\":\"{tag}\",\"i\":{i}}}");
+        i += 1;
+        if wr.write_all(format!("{body}\n").as_bytes()).await.is_err() {
+            return;
+        }
+        match lines.next_line().await {
+            Ok(Some(l)) if l.contains("\"ok\":true") => acked.lock().unwrap().push(body),
+            Ok(Some(_)) => {}
+            _ => return,
+        }
+    }
+}
+
+/// N rounds of concurrent ingest (HTTP and socket), SIGKILL at a random moment, restart;
+/// at the end every acknowledged event has arrived. Duplicates are counted and reported.
+/// `LLMLOGD_CRASH_ROUNDS` sets N (CI: 3; `make crash-loop`: 50).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_loses_no_acknowledged_event() {
+    let rounds: usize = std::env::var("LLMLOGD_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    // A slightly slow endpoint keeps deliveries in flight when the kill lands.
+    mock.default_answer(Answer::Delay(Duration::from_millis(5)));
+    let cfg = sink(&mock) + "batch_max_events = 50\n";
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    for round in 0..rounds {
+        let p = Process::start(dir.path(), &cfg);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for w in 0..3 {
+            tasks.push(tokio::spawn(http_writer(
+                p.url("/v1/events"),
+                format!("r{round}h{w}"),
+                acked.clone(),
+                stop.clone(),
+            )));
+        }
+        for w in 0..2 {
+            tasks.push(tokio::spawn(socket_writer(
+                dir.path().join("llmlogd.sock"),
+                format!("r{round}s{w}"),
+                acked.clone(),
+                stop.clone(),
+            )));
+        }
+        let wait = rand::thread_rng().gen_range(100..700);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        p.kill9();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+    let p = Process::start(dir.path(), &cfg);
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "the load did run: {} acked", acked.len());
+    let counts = wait_for(
+        Duration::from_secs(120),
+        "every acknowledged event at the endpoint",
+        || {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for r in mock.received() {
+                for e in r.raw_events() {
+                    *counts.entry(e).or_default() += 1;
+                }
+            }
+            acked
+                .iter()
+                .all(|a| counts.contains_key(a))
+                .then_some(counts)
+        },
+    )
+    .await;
+    let dupes: usize = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "crash loop: {rounds} rounds, {} acknowledged, all delivered, {dupes} duplicate deliveries ({:.2} %)",
+        acked.len(),
+        100.0 * dupes as f64 / acked.len() as f64
+    );
+    assert!(p.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    // The sink's endpoint is closed: events stay queued.
+    let mock = MockSink::start().await;
+    mock.stop();
+    let cfg = sink(&mock) + "[queue]\nmax_events = 5\n";
+    let d = InProcess::start(dir.path(), &cfg).await;
+    for i in 0..5 {
+        let (s, v) = post_json(&d.url("/v1/events"), &format!("{{\"i\":{i}}}")).await;
+        assert_eq!(s, 202, "{v}");
+    }
+    let r = client()
+        .post(d.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body("{\"i\":5}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("max_events"), "{v}");
+    // NDJSON says so per line; `send` exits non-zero naming the event.
+    let s = tokio::net::UnixStream::connect(d.socket()).await.unwrap();
+    let (rd, mut wr) = s.into_split();
+    wr.write_all(b"{\"i\":6}\n").await.unwrap();
+    let line = BufReader::new(rd)
+        .lines()
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["status"], 503, "{v}");
+    let sock = d.socket();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(bin())
+            .args(["send", "--socket"])
+            .arg(sock)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(b"{\"i\":7}\n").unwrap();
+        c.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("event 1") && err.contains("full"), "{err}");
+    // drop_oldest: new events go in, the oldest go out, counted.
+    d.reload(&(sink(&mock) + "[queue]\nmax_events = 5\nwhen_full = \"drop_oldest\"\n"))
+        .await;
+    let url = d.url("/v1/events");
+    wait_until(DEADLINE, "reloaded caps accept again", || async {
+        let (s, _) = post_json(&url, "{\"i\":8}").await;
+        (s == 202).then_some(())
+    })
+    .await;
+    let evicted = metric(&d.url("/metrics"), "llmlogd_queue_evicted_events").await;
+    assert_eq!(evicted, Some(1.0));
+    let full = metric(
+        &d.url("/metrics"),
+        "llmlogd_ingest_events_total{route=\"native\",result=\"full\"}",
+    )
+    .await;
+    assert_eq!(full, Some(1.0));
+    d.stop().await;
+}
+
+/// Mounts a small tmpfs, or says why it cannot (not root, no mount permission).
+struct SmallFs {
+    path: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(path).ok()?;
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: cannot mount a tmpfs here ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(SmallFs {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&dir.path().join("data"), "48m") else {
+        return;
+    };
+    let mock = MockSink::start().await;
+    let addr = mock.addr;
+    mock.stop();
+    let p = Process::start(dir.path(), &sink(&mock));
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let body = format!("{{\"before\":{i}}}");
+        let (s, v) = post_json(&p.url("/v1/events"), &body).await;
+        assert_eq!(s, 202, "{v}");
+        acked.push(body);
+    }
+    // Fill the filesystem with a ballast file, leaving little room.
+    let ballast = fs.path.join("ballast");
+    {
+        let mut f = std::fs::File::create(&ballast).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // Incompressible 8 KB events until the disk says no.
+    let mut refused = None;
+    let mut rng = rand::thread_rng();
+    for i in 0..20_000 {
+        let noise: String = (0..8000)
+            .map(|_| rng.gen_range(b'a'..=b'z') as char)
+            .collect();
+        let body = format!("{{\"i\":{i},\"n\":\"{noise}\"}}");
+        let (s, v) = post_json(&p.url("/v1/events"), &body).await;
+        match s {
+            202 => acked.push(body),
+            507 | 503 => {
+                refused = Some((s, v));
+                break;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    let (status, v) = refused.expect("the disk filled up");
+    eprintln!(
+        "disk full after {} more events: {status} {v}",
+        acked.len() - 50
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("space") || status == 503,
+        "{v}"
+    );
+    // Still up and answering.
+    let r = client().get(p.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Space returns: ingest recovers by itself.
+    std::fs::remove_file(&ballast).unwrap();
+    let after = "{\"after\":\"space returned\"}".to_string();
+    let url = p.url("/v1/events");
+    wait_until(DEADLINE, "ingest to recover", || async {
+        let (s, _) = post_json(&url, &after).await;
+        (s == 202).then_some(())
+    })
+    .await;
+    acked.push(after);
+    // Nothing acknowledged was lost.
+    let mock = MockSink::start_at(addr).await;
+    wait_for(
+        Duration::from_secs(120),
+        "every acknowledged event delivered",
+        || {
+            let got: HashSet<String> = mock
+                .received()
+                .iter()
+                .flat_map(|r| r.raw_events())
+                .collect();
+            acked.iter().all(|a| got.contains(a)).then_some(())
+        },
+    )
+    .await;
+    assert!(p.terminate().success());
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_backlog_gives_disk_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let addr = mock.addr;
+    mock.stop();
+    let cfg = sink(&mock) + "[queue]\ncompact_above = \"4MiB\"\ncompression = \"none\"\n";
+    let d = InProcess::start(dir.path(), &cfg).await;
+    // ~40 MB of backlog while the endpoint is down.
+    let event = format!("{{\"pad\":\"{}\"}}", "x".repeat(4000));
+    let batch = format!("[{}]", vec![event.as_str(); 100].join(","));
+    for _ in 0..100 {
+        let (s, v) = post_json(&d.url("/v1/events"), &batch).await;
+        assert_eq!(s, 202, "{v}");
+    }
+    let full = metric(&d.url("/metrics"), "llmlogd_disk_bytes")
+        .await
+        .unwrap();
+    assert!(full > 30e6, "backlog on disk: {full}");
+    let mock = MockSink::start_at(addr).await;
+    wait_for(Duration::from_secs(120), "the backlog delivered", || {
+        let n: usize = mock.received().iter().map(|r| r.raw_events().len()).sum();
+        (n >= 10_000).then_some(())
+    })
+    .await;
+    let url = d.url("/metrics");
+    let small = wait_until(
+        Duration::from_secs(120),
+        "the data dir to shrink",
+        || async {
+            let b = metric(&url, "llmlogd_disk_bytes").await?;
+            (b < 8e6).then_some(b)
+        },
+    )
+    .await;
+    eprintln!("disk: {full:.0} bytes with the backlog, {small:.0} after it drained");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let cfg = sink(&mock)
+        + "[server]\nmax_body_bytes = \"64KiB\"\nheader_timeout = \"1s\"\nbody_timeout = \"2s\"\nmax_connections = 8\n";
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let url = d.url("/v1/events");
+    let http = client();
+    let send = |body: Vec<u8>, ct: &'static str| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http
+                .post(&url)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            (s, r.json::<serde_json::Value>().await.unwrap_or_default())
+        }
+    };
+    // Too large.
+    let (s, v) = send(
+        format!("{{\"a\":\"{}\"}}", "x".repeat(100_000)).into_bytes(),
+        "application/json",
+    )
+    .await;
+    assert_eq!(s, 413, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("max_body_bytes"));
+    // Invalid UTF-8.
+    let (s, v) = send(b"{\"a\":\"\xff\xfe\"}".to_vec(), "application/json").await;
+    assert_eq!(s, 400, "{v}");
+    // Deep nesting.
+    let deep = "[".repeat(5000) + &"]".repeat(5000);
+    let (s, v) = send(format!("{{\"a\":{deep}}}").into_bytes(), "application/json").await;
+    assert_eq!(s, 400, "{v}");
+    // Wrong types on a service route: every bad field named.
+    let r = http
+        .post(d.url("/log-request"))
+        .json(&serde_json::json!({"provider": 3, "model": "m", "input": {}, "output": {}, "request_start_time": "soon", "request_end_time": 1.0, "score": 101}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let fields: Vec<&str> = v["error"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    for f in ["provider", "request_start_time", "score"] {
+        assert!(fields.contains(&f), "{f} not named: {v}");
+    }
+    // A slow client that never finishes its headers is disconnected after header_timeout,
+    // and does not hold up others.
+    let addr = d.started.http.unwrap();
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf); // returns when the server closes (or answers 408)
+        started.elapsed()
+    });
+    let (s, _) = send(b"{\"fine\":1}".to_vec(), "application/json").await;
+    assert_eq!(s, 202);
+    let held = tokio::task::spawn_blocking(move || slow.join().unwrap())
+        .await
+        .unwrap();
+    assert!(held < Duration::from_secs(25), "slow client held {held:?}");
+    // More connections than max_connections: the extra ones wait; all eventually served.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(addr).unwrap());
+    }
+    let waiter = {
+        let url = url.clone();
+        tokio::spawn(async move { post_json(&url, "{\"after\":\"idle\"}").await.0 })
+    };
+    // The idle ones are cut after header_timeout; then the waiter gets its turn.
+    let status = tokio::time::timeout(DEADLINE, waiter)
+        .await
+        .expect("served")
+        .unwrap();
+    assert_eq!(status, 202);
+    drop(idle);
+    // The daemon is fine and delivered the good events, and nothing else.
+    wait_for(DEADLINE, "the two good events", || {
+        let got: Vec<String> = mock
+            .received()
+            .iter()
+            .flat_map(|r| r.raw_events())
+            .collect();
+        (got.len() >= 2).then_some(got)
+    })
+    .await;
+    let got: Vec<String> = mock
+        .received()
+        .iter()
+        .flat_map(|r| r.raw_events())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            "{\"fine\":1}".to_string(),
+            "{\"after\":\"idle\"}".to_string()
+        ]
+    );
+    d.stop().await;
+}
