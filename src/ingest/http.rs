@@ -590,4 +590,139 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
         assert_eq!(framing(&h).unwrap_err().status, 415);
     }
+
+    /// Fuzzing on stable: random JSON shaped like the services' bodies (known field names
+    /// mixed with noise) through every parser and renderer. Nothing may panic, and whatever a
+    /// validator accepts must render into bodies the target's validator accepts. The case
+    /// count is bounded (PROPTEST_CASES, default 256) so CI runs it every time.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "provider",
+            "model",
+            "input",
+            "output",
+            "request_start_time",
+            "request_end_time",
+            "metadata",
+            "request",
+            "response",
+            "body",
+            "timestamp",
+            "messages",
+            "role",
+            "content",
+            "type",
+            "text",
+            "tags",
+            "score",
+            "price",
+            "input_tokens",
+            "status",
+            "error_type",
+            "error_message",
+            "parameters",
+            "client",
+            "clientVersion",
+            "environment",
+            "properties",
+            "choices",
+            "message",
+            "usage",
+            "prompt_tokens",
+            "completion_tokens",
+            "schema",
+            "api_type",
+            "prompt_name",
+            "request_id",
+            "api_key",
+            "cacheHit",
+            "tool_calls",
+            "system",
+            "stop_reason",
+        ];
+
+        fn arb_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                (-1e12f64..1e12).prop_map(|f| json!(f)),
+                prop_oneof![
+                    Just("OpenAI".to_string()),
+                    Just("anthropic".to_string()),
+                    Just("2024-01-01T00:00:00.000Z".to_string()),
+                    Just("chat".to_string()),
+                    Just("ERROR".to_string()),
+                    ".{0,12}",
+                ]
+                .prop_map(Value::String),
+            ];
+            leaf.prop_recursive(5, 96, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::vec(
+                        (
+                            prop_oneof![
+                                prop::sample::select(KEYS).prop_map(String::from),
+                                "[a-z]{1,6}"
+                            ],
+                            inner
+                        ),
+                        0..8
+                    )
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn service_parsers_never_panic_and_render_valid(v in arb_json()) {
+                use crate::formats::{self, Format};
+                for from in [Format::Pezzo, Format::PromptLayer, Format::Native] {
+                    let _ = formats::attributes(from, &v);
+                    if formats::validate(from, &v).is_ok() {
+                        for to in [Format::Pezzo, Format::PromptLayer] {
+                            if let Ok(out) = formats::render(from, &v, to) {
+                                prop_assert!(
+                                    formats::validate(to, &out).is_ok(),
+                                    "{:?} → {:?} rendered an invalid body: {}",
+                                    from, to, out
+                                );
+                            }
+                        }
+                    }
+                }
+                for kind in crate::formats::TrackKind::ALL {
+                    let _ = crate::formats::promptlayer::validate_track(kind, &v);
+                }
+            }
+
+            #[test]
+            fn native_framing_never_panics_and_slices_exactly(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                let body = Bytes::from(bytes);
+                for f in [Framing::Json, Framing::Ndjson] {
+                    if let Ok(events) = split_native(&body, f) {
+                        for e in events {
+                            let v: Value = serde_json::from_slice(&e).expect("each slice is JSON");
+                            prop_assert!(v.is_object());
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn native_framing_of_real_json(v in arb_json(), n in 1usize..4) {
+                let obj = json!({"wrapped": v});
+                let one = obj.to_string();
+                let lines = vec![one.clone(); n].join("\n");
+                let got = split_native(&Bytes::from(lines), Framing::Ndjson).unwrap();
+                prop_assert_eq!(got.len(), n);
+                prop_assert_eq!(&got[0][..], one.as_bytes());
+            }
+        }
+    }
 }
