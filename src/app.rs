@@ -81,6 +81,7 @@ pub async fn run(
         body_timeout: cfg.server.body_timeout,
         status: board.clone(),
         ready: ready.clone(),
+        body_budget: crate::ingest::http::body_budget(cfg.server.max_body_bytes),
     });
     let stop_serving = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -39,6 +39,15 @@ pub struct HttpState {
     pub status: Arc<StatusBoard>,
     /// Set once every listener is bound and the queue is open (`/readyz`).
     pub ready: Arc<AtomicBool>,
+    /// Bytes of request bodies held in memory at once, over all connections (see
+    /// [`body_budget`]); a request waits for its share before its body is read.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// The memory budget for request bodies: 64 MiB, or one largest body if that is more. With it,
+/// memory for bodies is bounded whatever the number of connections.
+pub fn body_budget(max_body: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(max_body.max(64 << 20)))
 }
 
 type St = State<Arc<HttpState>>;
@@ -108,32 +117,68 @@ async fn not_found(uri: axum::http::Uri) -> IngestError {
     IngestError::new(404, "not_found", format!("no route for {}", uri.path()))
 }
 
-/// Reads the body within the size and time limits.
-async fn read_body(st: &HttpState, body: Body) -> Result<Bytes, IngestError> {
-    let limited = http_body_util::Limited::new(body, st.max_body);
-    match tokio::time::timeout(st.body_timeout, limited.collect()).await {
-        Err(_) => Err(IngestError::new(
-            408,
-            "body_timeout",
-            format!(
-                "the request body did not arrive within {}s",
-                st.body_timeout.as_secs()
-            ),
-        )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(IngestError::new(
+/// Reads the body within the size, time and memory limits. The permit returned holds the
+/// body's share of the memory budget until the request is answered.
+async fn read_body(
+    st: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), IngestError> {
+    let too_large = || {
+        IngestError::new(
             413,
             "too_large",
             format!(
                 "request body exceeds {} bytes (server.max_body_bytes)",
                 st.max_body
             ),
-        )),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > st.max_body) {
+        return Err(too_large());
+    }
+    let share = declared.unwrap_or(st.max_body).max(1) as u32;
+    let timeout = || {
+        IngestError::new(
+            408,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {}s",
+                st.body_timeout.as_secs()
+            ),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    let permit =
+        match tokio::time::timeout_at(deadline, st.body_budget.clone().acquire_many_owned(share))
+            .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(IngestError::new(503, "unavailable", "shutting down")),
+            Err(_) => {
+                let mut e = IngestError::new(
+                    503,
+                    "busy",
+                    "too many request bodies in memory; retry later",
+                );
+                e.retry_after = Some(1);
+                return Err(e);
+            }
+        };
+    let limited = http_body_util::Limited::new(body, st.max_body);
+    match tokio::time::timeout_at(deadline, limited.collect()).await {
+        Err(_) => Err(timeout()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(e)) => Err(IngestError::new(
             400,
             "body_error",
             format!("could not read the request body: {e}"),
         )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Ok(c)) => Ok((c.to_bytes(), permit)),
     }
 }
 
@@ -262,15 +307,15 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
     const ROUTE: &str = "native";
     let result = async {
         let framing = framing(&headers)?;
-        let body = read_body(&st, body).await?;
+        let (body, permit) = read_body(&st, &headers, body).await?;
         let events = split_native(&body, framing)?
             .into_iter()
             .map(native_event)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok::<_, IngestError>(events)
+        Ok::<_, IngestError>((events, permit))
     }
     .await;
-    let events = match result {
+    let (events, _permit) = match result {
         Ok(e) => e,
         Err(e) => {
             st.ingest.refused(ROUTE, &e);
@@ -296,7 +341,7 @@ async fn object_body(
     st: &HttpState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Bytes, Value), IngestError> {
+) -> Result<(Bytes, Value, tokio::sync::OwnedSemaphorePermit), IngestError> {
     if framing(headers)? != Framing::Json {
         return Err(IngestError::new(
             415,
@@ -304,13 +349,13 @@ async fn object_body(
             "this route takes one JSON object (application/json)",
         ));
     }
-    let body = read_body(st, body).await?;
+    let (body, permit) = read_body(st, headers, body).await?;
     let trimmed = body.slice_ref(trim_ascii(&body));
     let v: Value = serde_json::from_slice(&trimmed).map_err(|e| json_error(&e, "the body"))?;
     if !v.is_object() {
         return Err(not_object("the body"));
     }
-    Ok((trimmed, v))
+    Ok((trimmed, v, permit))
 }
 
 fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
@@ -323,12 +368,12 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
 async fn pezzo_report(State(st): St, headers: HeaderMap, body: Body) -> Response {
     const ROUTE: &str = "pezzo";
     let parsed = async {
-        let (raw, v) = object_body(&st, &headers, body).await?;
+        let (raw, v, permit) = object_body(&st, &headers, body).await?;
         formats::pezzo::validate(&v).map_err(IngestError::invalid)?;
-        Ok::<_, IngestError>((raw, v))
+        Ok::<_, IngestError>((raw, v, permit))
     }
     .await;
-    let (raw, v) = match parsed {
+    let (raw, v, _permit) = match parsed {
         Ok(p) => p,
         Err(e) => {
             st.ingest.refused(ROUTE, &e);
@@ -353,12 +398,12 @@ async fn pezzo_report(State(st): St, headers: HeaderMap, body: Body) -> Response
 async fn pl_log(State(st): St, headers: HeaderMap, body: Body) -> Response {
     const ROUTE: &str = "promptlayer";
     let parsed = async {
-        let (raw, v) = object_body(&st, &headers, body).await?;
+        let (raw, v, permit) = object_body(&st, &headers, body).await?;
         formats::promptlayer::validate(&v).map_err(IngestError::invalid)?;
-        Ok::<_, IngestError>((raw, v))
+        Ok::<_, IngestError>((raw, v, permit))
     }
     .await;
-    let (raw, v) = match parsed {
+    let (raw, v, _permit) = match parsed {
         Ok(p) => p,
         Err(e) => {
             st.ingest.refused(ROUTE, &e);
@@ -387,7 +432,7 @@ async fn pl_log(State(st): St, headers: HeaderMap, body: Body) -> Response {
 async fn pl_track(st: &HttpState, kind: TrackKind, headers: HeaderMap, body: Body) -> Response {
     const ROUTE: &str = "promptlayer_track";
     let parsed = async {
-        let (raw, v) = object_body(st, &headers, body).await?;
+        let (raw, v, permit) = object_body(st, &headers, body).await?;
         formats::promptlayer::validate_track(kind, &v).map_err(IngestError::invalid)?;
         // Ids must be ones this llmlogd handed out: the sink swaps them for the service's
         // ids when it delivers the follow-up.
@@ -414,10 +459,10 @@ async fn pl_track(st: &HttpState, kind: TrackKind, headers: HeaderMap, body: Bod
         if !bad.is_empty() {
             return Err(IngestError::invalid(bad));
         }
-        Ok::<_, IngestError>((raw, v))
+        Ok::<_, IngestError>((raw, v, permit))
     }
     .await;
-    let (raw, v) = match parsed {
+    let (raw, v, _permit) = match parsed {
         Ok(p) => p,
         Err(e) => {
             st.ingest.refused(ROUTE, &e);
@@ -462,7 +507,7 @@ async fn pl_track_group(State(st): St, h: HeaderMap, b: Body) -> Response {
 async fn pl_create_group(State(st): St, headers: HeaderMap, body: Body) -> Response {
     const ROUTE: &str = "promptlayer_group";
     let parsed = async {
-        let (raw, v) = object_body(&st, &headers, body).await?;
+        let (raw, v, permit) = object_body(&st, &headers, body).await?;
         match v.get("api_key") {
             None | Some(Value::String(_)) | Some(Value::Null) => {}
             Some(_) => {
@@ -472,10 +517,10 @@ async fn pl_create_group(State(st): St, headers: HeaderMap, body: Body) -> Respo
                 }]))
             }
         }
-        Ok::<_, IngestError>((raw, v))
+        Ok::<_, IngestError>((raw, v, permit))
     }
     .await;
-    let (raw, v) = match parsed {
+    let (raw, v, _permit) = match parsed {
         Ok(p) => p,
         Err(e) => {
             st.ingest.refused(ROUTE, &e);
