@@ -504,3 +504,48 @@ async fn hostile_input_is_refused_cleanly() {
     );
     d.stop().await;
 }
+
+#[test]
+fn unusable_data_dirs_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // Held by another daemon.
+    let p = Process::start(dir.path(), "");
+    let out = Command::new(bin())
+        .args(["run", "--http-listen", "127.0.0.1:0", "--unix-socket", ""])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.contains("in use by another llmlogd") && last.contains(&format!("pid {}", p.child.id())),
+        "{err}"
+    );
+    drop(p);
+    // Not ours to read: run as `nobody` against a root-only directory (needs root to set up).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/sbin/runuser").exists() {
+        eprintln!("skipped: the permission case needs root and runuser");
+        return;
+    }
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    // The binary must be reachable by nobody: the test dir is root's 0700 temp dir, so the
+    // data dir is what is refused, not the binary (which lives under target/).
+    let out = Command::new("/usr/sbin/runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin())
+        .args(["run", "--http-listen", "127.0.0.1:0", "--unix-socket", ""])
+        .arg("--data-dir")
+        .arg(private.join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("Permission denied") || err.contains("permission denied"), "{err}");
+    assert!(err.contains("private"), "names the directory: {err}");
+}
