@@ -315,3 +315,82 @@ fn check_config_validates_and_masks() {
         "{err}"
     );
 }
+
+/// Socket activation (llmlogd.socket): the daemon serves on the sockets it is handed and binds
+/// nothing of its own. `systemd-socket-activate` plays systemd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_uses_the_inherited_sockets() {
+    if which("systemd-socket-activate").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-socket-activate missing in CI"
+        );
+        eprintln!("skipped: systemd-socket-activate not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let activated = dir.path().join("activated.sock");
+    let own = dir.path().join("own.sock");
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-l")
+        .arg(&activated)
+        .arg(bin())
+        .args(["run", "--http-listen", "127.0.0.1:9", "--unix-socket"])
+        .arg(&own)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/events");
+    // The first connection starts the daemon; it is answered once the daemon is up.
+    let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
+        let r = client()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body("{\"via\":\"tcp\"}")
+            .send()
+            .await
+            .ok()?;
+        let s = r.status().as_u16();
+        Some((s, r.text().await.unwrap_or_default()))
+    })
+    .await;
+    assert_eq!(s, 202, "{v}");
+    // The inherited Unix socket speaks NDJSON too.
+    let stream = tokio::net::UnixStream::connect(&activated).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    tokio::io::AsyncWriteExt::write_all(&mut wr, b"{\"via\":\"unix\"}\n")
+        .await
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(rd));
+    let line = lines.next_line().await.unwrap().unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    assert!(!own.exists(), "bound its own socket despite activation");
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        activated.exists(),
+        "the activated socket belongs to systemd and stays"
+    );
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(cmd))
+            .find(|f| f.exists())
+    })
+}
