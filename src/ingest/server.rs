@@ -1,24 +1,34 @@
 //! Listeners: loopback TCP and the Unix socket, one accept loop each.
 //!
-//! Bounded: a semaphore caps connections over both listeners (`server.max_connections`); when
-//! it is exhausted the loop stops accepting and the kernel backlog holds the rest. A client
-//! must send its headers within `header_timeout` (hyper's timer, which also closes idle
-//! keep-alive connections) and its body within `body_timeout` (in the handlers).
+//! Bounded: a semaphore caps connections over both listeners (`server.max_connections`). An
+//! accept loop takes a slot for each connection it accepts; when none is free it holds the one
+//! it accepted (unserved) and accepts nothing more, so the kernel backlog holds the rest until
+//! a connection closes. A client must send its headers within `header_timeout` (hyper's timer,
+//! which also closes idle keep-alive connections) and its body within `body_timeout` (in the
+//! handlers); a client that takes nothing we write to it (its replies) for `body_timeout` is
+//! cut off (`WriteStall`), so it cannot keep a slot or hold up a stop.
 //!
 //! On the Unix socket the protocol is chosen per connection from its first byte: an ASCII
 //! capital letter starts an HTTP request line (`POST /v1/events HTTP/1.1`); anything else is
 //! NDJSON (`ndjson.rs`).
 //!
+//! The socket file: a stale one (no process answers on it) is removed before binding; a live
+//! one means another daemon uses it, and we refuse to start naming its pid; a path that is not
+//! a socket is never removed. At exit we remove the file only if it is still the one we bound.
+//!
 //! Stop: when `shutdown` is cancelled the loops stop accepting, every HTTP connection is told
 //! to finish the request it is serving and close, and NDJSON connections stop reading new
-//! lines but answer the ones already read. The caller waits on the returned tracker.
+//! lines but answer the ones already read. A connection still busy `STOP_GRACE` after that is
+//! dropped (its client got no ack, so it will retry). The caller waits on the returned tracker.
 
+use std::future::Future;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -106,13 +116,29 @@ async fn bind_unix(path: &Path, cfg: &ServerConfig) -> Result<UnixListener, Bind
         std::fs::create_dir_all(parent)
             .map_err(|e| err(format!("cannot create its directory: {e}")))?;
     }
-    if path.exists() {
-        // A live daemon answers on it; a stale file from a crash does not.
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(err("in use by another running llmlogd".into()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(err(
+                "exists and is not a socket; not removing it (choose another server.unix_socket)"
+                    .into(),
+            ));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?;
+        Ok(_) => match UnixStream::connect(path).await {
+            // A live daemon answers on it.
+            Ok(s) => return Err(err(format!("in use by {}", describe_peer(&s)))),
+            // A stale file from a crash: nobody listens.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .map_err(|e| err(format!("cannot remove the stale socket file: {e}")))?;
+            }
+            Err(e) => {
+                return Err(err(format!(
+                    "exists and cannot be probed ({e}); remove it if no llmlogd uses it"
+                )))
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
     }
     let l = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.socket_mode))
@@ -121,6 +147,21 @@ async fn bind_unix(path: &Path, cfg: &ServerConfig) -> Result<UnixListener, Bind
         chown_group(path, group).map_err(err)?;
     }
     Ok(l)
+}
+
+/// "another running llmlogd (pid 123)", from the peer's credentials and /proc.
+fn describe_peer(s: &UnixStream) -> String {
+    match s.peer_cred().ok().and_then(|c| c.pid()) {
+        Some(pid) => {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|n| n.trim().to_string())
+                .ok()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "process".into());
+            format!("another running {name} (pid {pid})")
+        }
+        None => "another running process".into(),
+    }
 }
 
 fn chown_group(path: &Path, group: &str) -> Result<(), String> {
@@ -159,6 +200,14 @@ pub struct ServeContext {
     pub tracker: TaskTracker,
 }
 
+impl ServeContext {
+    /// How long a client may leave what we write to it unread: `server.body_timeout`, the
+    /// same patience we have for a client sending its request.
+    fn write_timeout(&self) -> Duration {
+        self.ndjson.line_timeout
+    }
+}
+
 /// Starts the accept loops; returns at once. Connections run on `ctx.tracker`.
 pub fn spawn(listeners: Listeners, ctx: ServeContext) {
     if let Some(l) = listeners.tcp {
@@ -168,16 +217,28 @@ pub fn spawn(listeners: Listeners, ctx: ServeContext) {
     }
     if let Some((l, path, owned)) = listeners.unix {
         let c = ctx.clone();
+        // The file as we bound it, to recognise it at exit.
+        let ours = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         ctx.tracker.spawn(async move {
             accept_loop(c, AnyListener::Unix(l)).await;
             // Remove our socket file on the way out, so the next start finds none; an
-            // inherited one belongs to systemd, which keeps it for the next start.
-            if owned {
+            // inherited one belongs to systemd, which keeps it for the next start. A file
+            // someone put in its place since (another daemon's) is not ours to remove.
+            let still_ours = std::fs::symlink_metadata(&path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+                .is_some_and(|id| Some(id) == ours);
+            if owned && still_ours {
                 let _ = std::fs::remove_file(&path);
             }
         });
     }
 }
+
+/// How long a connection may go on after stop (see the module doc).
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 enum Conn {
     Tcp(tokio::net::TcpStream),
@@ -201,13 +262,6 @@ impl AnyListener {
 async fn accept_loop(ctx: ServeContext, listener: AnyListener) {
     let mut last_error_log: Option<std::time::Instant> = None;
     loop {
-        let permit = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            p = ctx.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let conn = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             c = listener.accept() => c,
@@ -220,19 +274,37 @@ async fn accept_loop(ctx: ServeContext, listener: AnyListener) {
                     tracing::warn!(error = %e, "accept failed");
                     last_error_log = Some(std::time::Instant::now());
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // Taken after the accept: an idle loop must not sit on a slot. While none is free
+        // this connection waits unserved and the backlog holds the next ones.
+        let permit = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            p = ctx.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
         };
         let c = ctx.clone();
         ctx.tracker.spawn(async move {
             let _permit = permit;
-            match conn {
-                Conn::Tcp(s) => {
-                    let _ = s.set_nodelay(true);
-                    serve_http(s, &c).await
+            let serve = async {
+                match conn {
+                    Conn::Tcp(s) => {
+                        let _ = s.set_nodelay(true);
+                        serve_http(WriteStall::new(s, c.write_timeout()), &c).await
+                    }
+                    Conn::Unix(s) => serve_unix(s, &c).await,
                 }
-                Conn::Unix(s) => serve_unix(s, &c).await,
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = async {
+                    c.shutdown.cancelled().await;
+                    tokio::time::sleep(STOP_GRACE).await
+                } => {}
             }
         });
     }
@@ -274,7 +346,7 @@ async fn serve_unix(mut s: UnixStream, ctx: &ServeContext) {
     let stream = Prefixed {
         prefix: first[..n].to_vec(),
         pos: 0,
-        inner: s,
+        inner: WriteStall::new(s, ctx.write_timeout()),
     };
     if first[0].is_ascii_uppercase() {
         serve_http(stream, ctx).await
@@ -333,6 +405,84 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` once one has made no progress for `limit`: a
+/// peer that stops reading what we send it is cut off instead of holding its task forever.
+pub(crate) struct WriteStall<S> {
+    inner: S,
+    limit: Duration,
+    /// Running while a write (or flush) is pending; reset by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteStall<S> {
+    pub(crate) fn new(inner: S, limit: Duration) -> Self {
+        WriteStall {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn guard<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?}"),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteStall<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.guard(cx, r)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, r)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.guard(cx, r)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, r)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
