@@ -72,13 +72,18 @@ pub enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Submit events (JSON object, array, or NDJSON) from a file or stdin over the socket.
+    /// Submit events (a JSON object, a JSON array of objects, or NDJSON) from a file or stdin
+    /// over the socket. Silent on success; names each event refused or left unanswered and
+    /// exits 1 (refused) or 69 (daemon unreachable, or it stopped answering).
     Send {
         /// File to read (default: stdin; "-" is stdin too).
         file: Option<PathBuf>,
         /// Socket path (default: from the config).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Give up when the daemon sends no reply for this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
         #[command(flatten)]
         cfg: ConfigArgs,
     },
@@ -176,10 +181,12 @@ pub fn check_config(file: Option<PathBuf>, cfg: &ConfigArgs) -> Result<(), CliEr
     Ok(())
 }
 
-/// `llmlogd send`: one line per event over the socket; reports each refusal.
+/// `llmlogd send`: the events go over the socket as NDJSON, one line each; every reply is
+/// matched to its event. Refusals and unanswered events are named on stderr.
 pub fn send(
     file: Option<PathBuf>,
     socket: Option<PathBuf>,
+    timeout: Duration,
     cfg: &ConfigArgs,
 ) -> Result<(), CliError> {
     let mut input = Vec::new();
@@ -194,9 +201,12 @@ pub fn send(
         _ => std::io::stdin().read_to_end(&mut input),
     };
     read.map_err(|e| CliError::new(EXIT_USAGE, format!("cannot read {source}: {e}")))?;
-    let lines = split_input(&input)?;
-    if lines.is_empty() {
-        return Err(CliError::new(EXIT_USAGE, "no event in the input"));
+    let Outgoing {
+        stream: out,
+        events,
+    } = split_input(&input);
+    if events.is_empty() {
+        return Err(CliError::new(EXIT_USAGE, format!("no event in {source}")));
     }
     let path = match socket {
         Some(p) => p,
@@ -207,93 +217,167 @@ pub fn send(
             )
         })?,
     };
-    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+    let unavailable = |e: std::io::Error| {
         CliError::new(
             EXIT_UNAVAILABLE,
             format!("cannot connect to llmlogd at {}: {e}", path.display()),
         )
-    })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-    let reader_stream = stream
-        .try_clone()
-        .map_err(|e| CliError::new(EXIT_UNAVAILABLE, e.to_string()))?;
+    };
+    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(unavailable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(unavailable)?;
+    let write_half = stream.try_clone().map_err(unavailable)?;
     // Write in a thread while reading replies, so large inputs never deadlock on buffers.
-    let n = lines.len();
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut w = std::io::BufWriter::new(&stream);
-        for l in lines {
-            w.write_all(&l)?;
-            w.write_all(b"\n")?;
-        }
+        let mut w = std::io::BufWriter::new(&write_half);
+        w.write_all(&out)?;
         w.flush()?;
-        stream.shutdown(std::net::Shutdown::Write)
+        write_half.shutdown(std::net::Shutdown::Write)
     });
+
+    let n = events.len();
     let mut refused = 0usize;
     let mut answered = 0usize;
-    for (i, line) in BufReader::new(reader_stream).lines().enumerate() {
-        let line = line.map_err(|e| {
-            CliError::new(
-                EXIT_UNAVAILABLE,
-                format!("lost the connection after {i} replies: {e}"),
-            )
-        })?;
+    let mut lost: Option<String> = None;
+    let mut replies = BufReader::new(&stream);
+    let mut line = String::new();
+    while answered < n {
+        line.clear();
+        match replies.read_line(&mut line) {
+            Ok(0) => {
+                lost = Some("llmlogd closed the connection".into());
+                break;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                lost = Some(format!(
+                    "no answer within {}",
+                    humantime::format_duration(timeout)
+                ));
+                break;
+            }
+            Err(e) => {
+                lost = Some(format!("lost the connection: {e}"));
+                break;
+            }
+        }
+        let ev = &events[answered];
         answered += 1;
-        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let v: Value = serde_json::from_str(line.trim_end()).unwrap_or(Value::Null);
         if v.get("ok") != Some(&Value::Bool(true)) {
             refused += 1;
-            let err = v.get("error").and_then(Value::as_str).unwrap_or(&line);
-            eprintln!("event {}: refused: {err}", i + 1);
+            let err = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or(line.trim_end());
+            // The daemon counts lines as sent; say it in the input's terms instead.
+            let err = strip_line_prefix(err, ev.sent_line);
+            eprintln!("{}: refused: {err}", ev.label);
         }
     }
+    // Unblock the writer if the daemon stopped reading, then collect it.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = writer.join();
-    if answered < n {
+
+    if let Some(why) = lost {
         return Err(CliError::new(
             EXIT_UNAVAILABLE,
             format!(
-                "{} of {n} events got no answer (not stored or not confirmed)",
-                n - answered
+                "{} of {n} events got no answer, from {} on: {why}; they may not be stored{}",
+                n - answered,
+                events[answered].label,
+                if refused > 0 {
+                    format!(", and {refused} were refused")
+                } else {
+                    String::new()
+                }
             ),
         ));
     }
     if refused > 0 {
         return Err(CliError::new(1, format!("{refused} of {n} events refused")));
     }
-    eprintln!("{n} events stored");
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("{n} events stored");
+    }
     Ok(())
 }
 
-/// Splits `send` input into one compact JSON object per line.
-fn split_input(input: &[u8]) -> Result<Vec<Vec<u8>>, CliError> {
-    let text =
-        std::str::from_utf8(input).map_err(|_| CliError::new(EXIT_USAGE, "input is not UTF-8"))?;
-    let trimmed = text.trim();
-    // A whole JSON document (object or array) first; else NDJSON.
-    if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
-        let items = match v {
-            Value::Array(a) => a,
-            other => vec![other],
+/// What `send` writes, and the events in it (each line that gets a reply).
+#[derive(Debug)]
+struct Outgoing {
+    /// NDJSON, newline-terminated.
+    stream: Vec<u8>,
+    events: Vec<OutEvent>,
+}
+
+#[derive(Debug, PartialEq)]
+struct OutEvent {
+    /// How to name it to the user: "event 2", or "event 2 (line 3)" for NDJSON input.
+    label: String,
+    /// Its line number in `stream`, as the daemon counts (it names lines in its errors).
+    sent_line: usize,
+}
+
+/// Splits `send` input into NDJSON. A whole JSON document (an object, or an array of them) is
+/// sent one event per line, each element's bytes as written except for its line breaks; any
+/// other input is taken as NDJSON and sent line for line, so the daemon judges each line and
+/// its "line N" is the input's own line N (blank lines get no reply, as on the socket).
+fn split_input(input: &[u8]) -> Outgoing {
+    let trimmed = input.trim_ascii();
+    if let Ok(doc) = serde_json::from_slice::<&serde_json::value::RawValue>(trimmed) {
+        let text = doc.get();
+        let items: Vec<&str> = if text.starts_with('[') {
+            serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+                .map(|v| v.iter().map(|r| r.get()).collect())
+                .unwrap_or_default()
+        } else {
+            vec![text]
         };
-        return items
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                if !v.is_object() {
-                    return Err(CliError::new(
-                        EXIT_USAGE,
-                        format!("event {} is not a JSON object", i + 1),
-                    ));
-                }
-                Ok(serde_json::to_vec(&v).unwrap_or_default())
-            })
-            .collect();
+        let mut stream = Vec::with_capacity(trimmed.len() + items.len());
+        let mut events = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            // Line breaks in valid JSON are only ever whitespace between tokens.
+            stream.extend(item.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
+            stream.push(b'\n');
+            events.push(OutEvent {
+                label: format!("event {}", i + 1),
+                sent_line: i + 1,
+            });
+        }
+        return Outgoing { stream, events };
     }
-    // NDJSON: lines go as they are; the daemon judges each and `send` reports its verdicts.
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|l| l.as_bytes().to_vec())
-        .collect())
+    let mut stream = Vec::with_capacity(input.len() + 1);
+    let mut events = Vec::new();
+    let body = input.strip_suffix(b"\n").unwrap_or(input);
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        stream.extend_from_slice(line);
+        stream.push(b'\n');
+        if !line.trim_ascii().is_empty() {
+            events.push(OutEvent {
+                label: format!("event {} (line {})", events.len() + 1, i + 1),
+                sent_line: i + 1,
+            });
+        }
+    }
+    Outgoing { stream, events }
+}
+
+/// "line 3: the event is …" → "the event is …"; "line 3 exceeds …" → "exceeds …".
+fn strip_line_prefix(err: &str, line: usize) -> &str {
+    let tag = format!("line {line}");
+    match err.strip_prefix(&tag) {
+        Some(rest) if rest.starts_with(": ") => &rest[2..],
+        Some(rest) if rest.starts_with(' ') => &rest[1..],
+        _ => err,
+    }
 }
 
 fn daemon_url(cfg: &ConfigArgs, path: &str) -> Result<String, CliError> {
@@ -545,4 +629,53 @@ fn open_offline(c: &Config) -> Result<crate::queue::Queue, CliError> {
         ),
         other => CliError::new(1, other.to_string()),
     })
+}
+
+#[cfg(test)]
+mod send_tests {
+    use super::*;
+
+    fn labels(o: &Outgoing) -> Vec<(&str, usize)> {
+        o.events
+            .iter()
+            .map(|e| (e.label.as_str(), e.sent_line))
+            .collect()
+    }
+
+    #[test]
+    fn ndjson_goes_line_for_line_keeping_blank_lines_for_the_numbering() {
+        let o = split_input(b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}");
+        assert_eq!(o.stream, b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}\n");
+        assert_eq!(
+            labels(&o),
+            [
+                ("event 1 (line 1)", 1),
+                ("event 2 (line 4)", 4),
+                ("event 3 (line 5)", 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_document_keeps_its_bytes_but_its_line_breaks() {
+        let o = split_input(b"\n[\n {\"a\": 1.50},\n {\"b\":\n  \"\\u00e9\"}, 7\n]\n");
+        assert_eq!(o.stream, b"{\"a\": 1.50}\n{\"b\":  \"\\u00e9\"}\n7\n");
+        assert_eq!(labels(&o), [("event 1", 1), ("event 2", 2), ("event 3", 3)]);
+        let o = split_input(b"{\n  \"one\": true\n}\n");
+        assert_eq!(o.stream, b"{  \"one\": true}\n");
+        assert_eq!(labels(&o), [("event 1", 1)]);
+        assert!(split_input(b"[]").events.is_empty());
+        assert!(split_input(b" \n\n").events.is_empty());
+    }
+
+    #[test]
+    fn the_daemons_line_numbers_give_way_to_ours() {
+        assert_eq!(strip_line_prefix("line 3: bad", 3), "bad");
+        assert_eq!(
+            strip_line_prefix("line 3 exceeds 9 bytes", 3),
+            "exceeds 9 bytes"
+        );
+        assert_eq!(strip_line_prefix("line 31: bad", 3), "line 31: bad");
+        assert_eq!(strip_line_prefix("queue is full", 3), "queue is full");
+    }
 }

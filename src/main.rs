@@ -12,7 +12,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::CheckConfig { file, cfg } => cli::check_config(file, &cfg),
-        Command::Send { file, socket, cfg } => cli::send(file, socket, &cfg),
+        Command::Send {
+            file,
+            socket,
+            timeout,
+            cfg,
+        } => cli::send(file, socket, timeout, &cfg),
         Command::Status { json, cfg } => cli::status(json, &cfg),
         Command::Dlq { action, cfg } => cli::dlq(action, &cfg),
         Command::Fsck { repair, json, cfg } => cli::fsck(repair, json, &cfg),
