@@ -5,3 +5,4 @@ mod util;
 mod clients;
 mod foundation;
 mod ops;
+mod socket;
