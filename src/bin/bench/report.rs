@@ -1,0 +1,394 @@
+//! The results, and the one table they print as (Markdown, pasted into BENCHMARKS.md).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::load::Summary;
+use crate::storage::Ceiling;
+use crate::sys::Machine;
+
+/// One ingest measurement.
+pub struct IngestRow {
+    pub transport: &'static str,
+    pub format: &'static str,
+    pub clients: usize,
+    /// "1" (wait for each ack) or the pipeline window.
+    pub in_flight: usize,
+    pub rate: f64,
+    pub latency: Summary,
+    /// Events per group commit (fdatasync) during the window.
+    pub per_sync: Option<f64>,
+    /// CPU used, in cores (1.0 = one core busy all the time).
+    pub daemon_cpu: f64,
+    pub bench_cpu: f64,
+}
+
+pub struct SteadyRow {
+    pub transport: &'static str,
+    pub rate: f64,
+    pub achieved: f64,
+    pub conns: usize,
+    pub latency: Summary,
+    pub late: u64,
+}
+
+pub struct AppRow {
+    pub how: String,
+    pub latency: Summary,
+}
+
+pub struct DrainRow {
+    pub sink: String,
+    pub backlog: u64,
+    pub fill_rate: f64,
+    /// Spawn to "ready" with the backlog on disk (the queue recounts it when it opens).
+    pub startup: Duration,
+    /// Ready to the last event received by the mock.
+    pub drain: Duration,
+    pub rate: f64,
+    pub received: u64,
+    pub unique: u64,
+    pub peak_rss: u64,
+    pub disk_after_fill: u64,
+    pub payload_bytes: u64,
+    pub disk_after_drain: Option<u64>,
+    pub daemon_cpu: f64,
+    pub bench_cpu: f64,
+    /// What the target is for this sink (events/s).
+    pub target: f64,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub header: Vec<(String, String)>,
+    pub ceilings: Vec<Ceiling>,
+    /// In-process `Queue`: appenders, events/s, ack latency.
+    pub queue_ceilings: Vec<(usize, f64, Summary)>,
+    pub ingest: Vec<IngestRow>,
+    pub ingest_rss: Option<(u64, u64)>,
+    pub steady: Vec<SteadyRow>,
+    pub app: Vec<AppRow>,
+    pub drains: Vec<DrainRow>,
+    pub notes: Vec<String>,
+}
+
+pub fn rate(r: f64) -> String {
+    let n = r.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn dur(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1e6 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+pub fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0} %", x * 100.0)
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "**met**"
+    } else {
+        "**missed**"
+    }
+}
+
+impl Report {
+    pub fn machine(&mut self, m: &Machine) {
+        self.header.extend([
+            (
+                "CPU".into(),
+                format!("{} × {} ({} online)", m.cpus, m.cpu_model, m.cpus),
+            ),
+            ("memory".into(), m.memory.clone()),
+            ("kernel".into(), m.kernel.clone()),
+            ("data dir filesystem".into(), m.filesystem.clone()),
+        ]);
+    }
+
+    fn ceiling_at(&self, group: usize) -> Option<f64> {
+        self.ceilings
+            .iter()
+            .find(|c| c.group == group)
+            .map(Ceiling::events_per_sec)
+    }
+
+    fn ingest_at(&self, transport: &str, format: &str, clients: usize) -> Option<&IngestRow> {
+        self.ingest.iter().find(|r| {
+            r.transport == transport
+                && r.format == format
+                && r.clients == clients
+                && r.in_flight == 1
+        })
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "| | |\n|---|---|");
+        for (k, v) in &self.header {
+            let _ = writeln!(o, "| {k} | {v} |");
+        }
+
+        if !self.ceilings.is_empty() || !self.queue_ceilings.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n### Storage ceiling (sled insert + flush + fdatasync, no network)\n"
+            );
+            let _ = writeln!(
+                o,
+                "| what | group | commits/s | events/s | commit p50 | p99 | p99.9 |\n|---|--:|--:|--:|--:|--:|--:|"
+            );
+            for c in &self.ceilings {
+                let _ = writeln!(
+                    o,
+                    "| raw sled | {} | {} | {} | {} | {} | {} |",
+                    c.group,
+                    rate(c.commits as f64 / c.window.as_secs_f64()),
+                    rate(c.events_per_sec()),
+                    dur(c.commit_latency.p50),
+                    dur(c.commit_latency.p99),
+                    dur(c.commit_latency.p999)
+                );
+            }
+            for (n, r, l) in &self.queue_ceilings {
+                let _ = writeln!(
+                    o,
+                    "| llmlogd `Queue` in process, {n} appenders | ≤ {n} | | {} | {} | {} | {} |",
+                    rate(*r),
+                    dur(l.p50),
+                    dur(l.p99),
+                    dur(l.p999)
+                );
+            }
+        }
+
+        if !self.ingest.is_empty() {
+            let _ = writeln!(o, "\n### Durable ingest (ack after fdatasync)\n");
+            let _ = writeln!(
+                o,
+                "| transport | format | clients | in flight each | events/s | ack p50 | p99 | p99.9 | events/sync | % of ceiling | llmlogd CPU | bench CPU |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+            );
+            for r in &self.ingest {
+                let ceiling = self
+                    .ceiling_at(r.clients)
+                    .map_or("–".into(), |c| pct(r.rate / c));
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.transport,
+                    r.format,
+                    r.clients,
+                    r.in_flight,
+                    rate(r.rate),
+                    dur(r.latency.p50),
+                    dur(r.latency.p99),
+                    dur(r.latency.p999),
+                    r.per_sync.map_or("–".into(), |g| format!("{g:.1}")),
+                    if r.in_flight == 1 {
+                        ceiling
+                    } else {
+                        "–".into()
+                    },
+                    pct(r.daemon_cpu),
+                    pct(r.bench_cpu)
+                );
+            }
+        }
+
+        if !self.steady.is_empty() {
+            let _ = writeln!(o, "\n### Ack latency at a steady rate (open loop)\n");
+            let _ = writeln!(
+                o,
+                "| transport | rate asked | achieved | connections | p50 | p99 | p99.9 | max | late sends |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+            );
+            for r in &self.steady {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.transport,
+                    rate(r.rate),
+                    rate(r.achieved),
+                    r.conns,
+                    dur(r.latency.p50),
+                    dur(r.latency.p99),
+                    dur(r.latency.p999),
+                    dur(r.latency.max),
+                    r.late
+                );
+            }
+        }
+
+        if !self.app.is_empty() {
+            let _ = writeln!(o, "\n### The app's view: time one log call takes\n");
+            let _ = writeln!(
+                o,
+                "| how the app logs | calls | p50 | p99 | p99.9 | max |\n|---|--:|--:|--:|--:|--:|"
+            );
+            for r in &self.app {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.how,
+                    r.latency.count,
+                    dur(r.latency.p50),
+                    dur(r.latency.p99),
+                    dur(r.latency.p999),
+                    dur(r.latency.max)
+                );
+            }
+        }
+
+        if !self.drains.is_empty() {
+            let _ = writeln!(o, "\n### Drain from a backlog\n");
+            let _ = writeln!(
+                o,
+                "| sink | backlog | filled at (events/s) | startup with backlog | drain time | events/s | target | received (unique) | peak RSS | llmlogd CPU | bench CPU |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+            );
+            for d in &self.drains {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
+                    d.sink,
+                    rate(d.backlog as f64),
+                    rate(d.fill_rate),
+                    dur(d.startup),
+                    dur(d.drain),
+                    rate(d.rate),
+                    rate(d.target),
+                    rate(d.received as f64),
+                    rate(d.unique as f64),
+                    mib(d.peak_rss),
+                    pct(d.daemon_cpu),
+                    pct(d.bench_cpu)
+                );
+            }
+            let _ = writeln!(o, "\n### Disk\n");
+            let _ = writeln!(
+                o,
+                "| backlog | payload/event | disk/event with backlog | disk ÷ payload | disk after drain |\n|--:|--:|--:|--:|--:|"
+            );
+            for d in &self.drains {
+                let per_payload = d.payload_bytes as f64 / d.backlog.max(1) as f64;
+                let per_disk = d.disk_after_fill as f64 / d.backlog.max(1) as f64;
+                let _ = writeln!(
+                    o,
+                    "| {} ({}) | {per_payload:.0} B | {per_disk:.0} B | {:.2} | {} |",
+                    rate(d.backlog as f64),
+                    d.sink,
+                    per_disk / per_payload,
+                    d.disk_after_drain.map_or("–".into(), mib)
+                );
+            }
+        }
+
+        let targets = self.targets();
+        if !targets.is_empty() {
+            let _ = writeln!(o, "\n### Targets (issue #8)\n");
+            let _ = writeln!(o, "| target | measured | |\n|---|---|---|");
+            for (t, m, ok) in targets {
+                let _ = writeln!(o, "| {t} | {m} | {} |", met(ok));
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(o, "\n{n}");
+        }
+        o
+    }
+
+    /// (target, measured, met) for every target this run measured.
+    pub fn targets(&self) -> Vec<(String, String, bool)> {
+        let mut t = Vec::new();
+        let top = self.ingest.iter().map(|r| r.clients).max().unwrap_or(0);
+        for (transport, want) in [("HTTP", 35_000.0), ("Unix NDJSON", 50_000.0)] {
+            if let Some(r) = self.ingest_at(transport, "native", top) {
+                t.push((
+                    format!("{transport} ≥ {} events/s at {top} clients", rate(want)),
+                    format!("{} events/s", rate(r.rate)),
+                    r.rate >= want,
+                ));
+                if let Some(c) = self.ceiling_at(top) {
+                    t.push((
+                        format!("{transport} ingest ≥ 80 % of the storage ceiling ({top} clients)"),
+                        format!("{} of {}", pct(r.rate / c), rate(c)),
+                        r.rate >= 0.8 * c,
+                    ));
+                }
+            }
+        }
+        for r in &self.steady {
+            t.push((
+                format!(
+                    "{} ack p99 ≤ 2 ms at {} events/s",
+                    r.transport,
+                    rate(r.rate)
+                ),
+                dur(r.latency.p99),
+                r.latency.p99 <= Duration::from_millis(2),
+            ));
+        }
+        for r in &self.app {
+            let limit = if r.how.starts_with("Unix NDJSON, wait for the ack") {
+                Duration::from_millis(1)
+            } else if r.how.starts_with("Unix NDJSON, write and go on") {
+                Duration::from_micros(50)
+            } else {
+                continue;
+            };
+            t.push((
+                format!("app cost p99 ≤ {}: {}", dur(limit), r.how),
+                dur(r.latency.p99),
+                r.latency.p99 <= limit,
+            ));
+        }
+        for d in &self.drains {
+            t.push((
+                format!("drain to {} ≥ {} events/s", d.sink, rate(d.target)),
+                format!("{} events/s", rate(d.rate)),
+                d.rate >= d.target,
+            ));
+        }
+        if let Some(d) = self.drains.iter().max_by_key(|d| d.backlog) {
+            t.push((
+                format!(
+                    "RSS ≤ 64 MiB with a {}-event backlog (drain)",
+                    rate(d.backlog as f64)
+                ),
+                mib(d.peak_rss),
+                d.peak_rss <= 64 << 20,
+            ));
+            let ratio = d.disk_after_fill as f64 / d.payload_bytes.max(1) as f64;
+            t.push((
+                "disk ≤ 1.5 × payload".into(),
+                format!("{ratio:.2} ×"),
+                ratio <= 1.5,
+            ));
+        }
+        if let Some((peak, _)) = self.ingest_rss {
+            t.push((
+                "RSS ≤ 64 MiB during ingest".into(),
+                mib(peak),
+                peak <= 64 << 20,
+            ));
+        }
+        t
+    }
+}
