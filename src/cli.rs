@@ -218,9 +218,18 @@ pub fn send(
         })?,
     };
     let unavailable = |e: std::io::Error| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                "; is it running? (--socket PATH for another socket)"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "; the socket is for its owner and group (server.socket_group)"
+            }
+            _ => "",
+        };
         CliError::new(
             EXIT_UNAVAILABLE,
-            format!("cannot connect to llmlogd at {}: {e}", path.display()),
+            format!("cannot connect to llmlogd at {}: {e}{hint}", path.display()),
         )
     };
     let stream = std::os::unix::net::UnixStream::connect(&path).map_err(unavailable)?;

@@ -849,6 +849,59 @@ async fn max_connections_bounds_the_socket_and_waiting_clients_get_in_when_one_l
     d.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_mid_stream_answers_what_was_read_and_every_ack_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let s = UnixStream::connect(d.socket()).await.unwrap();
+    let (rd, mut wr) = s.into_split();
+    let line = |i: usize| format!("{{\"stream\":{i}}}");
+    let writer = tokio::spawn(async move {
+        for i in 0..5000 {
+            if wr
+                .write_all(format!("{}\n", line(i)).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut replies = BufReader::new(rd).lines();
+    let first = replies.next_line().await.unwrap().expect("a first reply");
+    assert!(first.contains("\"ok\":true"), "{first}");
+    let stopping = tokio::spawn(d.stop());
+    // Replies go on for what was read, then the connection ends.
+    let mut acked = vec![line(0)];
+    loop {
+        match tokio::time::timeout(DEADLINE, replies.next_line()).await {
+            Err(_) => panic!("the connection did not end after stop"),
+            Ok(Ok(Some(r))) => {
+                let v: Value = serde_json::from_str(&r).unwrap();
+                if v["ok"] == true {
+                    assert_eq!(acked.len(), v["seq"].as_u64().unwrap() as usize, "{r}");
+                    acked.push(line(acked.len()));
+                } else {
+                    // Nothing after a refusal is acked.
+                    assert_eq!(v["status"], 503, "{r}");
+                }
+            }
+            Ok(_) => break,
+        }
+    }
+    stopping.await.unwrap();
+    writer.abort();
+    println!(
+        "{} of 5000 pipelined lines acked before the stop",
+        acked.len()
+    );
+    // Every ack was durable: after a restart, all of them arrive.
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    wait_arrived(&mock, &acked).await;
+    d.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // llmlogd send
 
@@ -973,6 +1026,7 @@ async fn send_without_a_daemon_exits_69_naming_the_socket() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(err.contains(&sock.display().to_string()), "{err}");
+    assert!(err.contains("is it running?"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
