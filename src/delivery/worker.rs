@@ -8,10 +8,23 @@
 //!
 //! Sink states: `ok`; `backoff` (some events wait for a retry); `paused` (Retry-After, or a
 //! refused key until reload); `open` (the circuit: after `circuit_after` consecutive failures
-//! only one probe goes out per backoff interval; one log line when it opens, a summary every
-//! five minutes, one line when it closes).
+//! of at least two different events, only one probe goes out per backoff interval; one log
+//! line when it opens, a summary every five minutes, one line when it closes). Any reply
+//! that is not a transient failure (delivered, refused, paused) closes the circuit: the
+//! service is reachable.
+//!
+//! Probes rotate through the window (least recently tried first), so one event that always
+//! fails cannot keep the circuit open while the others would go through.
+//!
+//! Poison events: a *strike* is a failure of an event while the sink delivered something else
+//! since that event last failed (or was first sent). A single-event request's strikes add up
+//! to `poison_after`, then the event goes to the dead letters. A multi-event batch that fails
+//! that way is not struck but bisected (its events go out in halves), so the culprit ends up
+//! alone and its batch-mates are delivered. An event failing on its own with nothing else
+//! being sent is not evidence of either poison or outage: it does not open the circuit (its
+//! own backoff already paces it like a probe would).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,27 +54,59 @@ const OUTAGE_SUMMARY: Duration = Duration::from_secs(300);
 /// How long a follow-up waits before asking again whether its log was delivered.
 const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 
+/// Bytes a batch body adds around its events: `[`, `]` and a comma per event for a JSON
+/// array; a newline per event for NDJSON. Counted as 1 + one per event.
+const FRAMING_PER_BATCH: usize = 1;
+const FRAMING_PER_EVENT: usize = 1;
+
 struct Slot {
     ev: StoredEvent,
     attempts: u32,
     strikes: u32,
     next_try: Instant,
     in_flight: bool,
-    /// Send alone (after a 413 on a batch).
-    solo: bool,
+    /// Largest batch this event may go in: halved by a 413, or by a failure while other
+    /// requests succeed (bisection finds the event that fails the batch).
+    max_batch: usize,
     first_attempt_ms: Option<u64>,
     last_attempt_ms: Option<u64>,
-    /// The sink's success count when this event was last sent (poison detection).
-    successes_at_send: u64,
+    /// The worker's send counter when this event last went out (0: never): probes go to the
+    /// event sent least recently.
+    last_sent: u64,
+    /// The sink's success count when this event last failed (or was first sent): a success
+    /// since then makes its next failure a strike.
+    mark: u64,
     last_error: Option<(Option<u16>, String)>,
     /// When it entered the window (batch max wait).
     ready_at: Instant,
+}
+
+impl Slot {
+    fn new(ev: StoredEvent, now: Instant) -> Slot {
+        Slot {
+            ev,
+            attempts: 0,
+            strikes: 0,
+            next_try: now,
+            in_flight: false,
+            max_batch: usize::MAX,
+            first_attempt_ms: None,
+            last_attempt_ms: None,
+            last_sent: 0,
+            mark: 0,
+            last_error: None,
+            ready_at: now,
+        }
+    }
 }
 
 /// What came back for one request.
 struct Done {
     seqs: Vec<u64>,
     elapsed: Duration,
+    /// The config generation the request was built with (a refused key from before a reload
+    /// says nothing about the new key).
+    generation: u64,
     result: Result<Reply, (FailureClass, String)>,
 }
 
@@ -99,8 +144,19 @@ pub(crate) struct Worker {
     persisted_cursor: u64,
     flow: FlowControl,
     requests: JoinSet<Done>,
+    /// The events of each request task, to recover them if the task itself fails.
+    flights: HashMap<tokio::task::Id, Vec<u64>>,
     in_flight: usize,
+    /// Bumped by every reload.
+    generation: u64,
+    /// Requests sent so far (orders `Slot::last_sent`).
+    sends: u64,
+    /// A Retry-After pause was logged since the last delivery (later ones log at debug).
+    pause_logged: bool,
     consecutive_failures: u32,
+    /// Up to two different events that failed since the last success: the circuit opens only
+    /// when more than one event fails.
+    failing: Vec<u64>,
     successes: u64,
     delivered: u64,
     dead_lettered: u64,
@@ -149,8 +205,13 @@ impl Worker {
             read_pos: cursor,
             persisted_cursor: cursor,
             requests: JoinSet::new(),
+            flights: HashMap::new(),
             in_flight: 0,
+            generation: 0,
+            sends: 0,
+            pause_logged: false,
             consecutive_failures: 0,
+            failing: Vec::new(),
             successes: 0,
             delivered: 0,
             dead_lettered: 0,
@@ -189,10 +250,8 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                Some(done) = self.requests.join_next(), if self.in_flight > 0 => {
-                    if let Ok(done) = done {
-                        self.complete(done);
-                    }
+                Some(joined) = self.requests.join_next_with_id(), if self.in_flight > 0 => {
+                    self.joined(joined);
                 }
                 Ok(()) = config.changed() => {
                     let cfg = config.borrow_and_update().clone();
@@ -206,11 +265,7 @@ impl Worker {
         while self.in_flight > 0 {
             tokio::select! {
                 _ = abort.cancelled() => break,
-                Some(done) = self.requests.join_next() => {
-                    if let Ok(done) = done {
-                        self.complete(done);
-                    }
-                }
+                Some(joined) = self.requests.join_next_with_id() => self.joined(joined),
             }
         }
         self.requests.abort_all();
@@ -218,7 +273,26 @@ impl Worker {
         self.publish();
     }
 
+    /// A request task ended: apply its reply, or, if the task itself failed (it never
+    /// should), retry its events rather than lose track of them.
+    fn joined(&mut self, joined: Result<(tokio::task::Id, Done), tokio::task::JoinError>) {
+        let done = match joined {
+            Ok((id, done)) => {
+                self.flights.remove(&id);
+                done
+            }
+            Err(e) => Done {
+                seqs: self.flights.remove(&e.id()).unwrap_or_default(),
+                elapsed: Duration::ZERO,
+                generation: self.generation,
+                result: Err((FailureClass::other, format!("delivery task failed: {e}"))),
+            },
+        };
+        self.complete(done, Instant::now());
+    }
+
     fn reconfigure(&mut self, cfg: Arc<SinkConfig>) {
+        self.generation += 1;
         self.sink = sinks::build(&cfg);
         self.client = client_for(&cfg);
         self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
@@ -258,22 +332,7 @@ impl Worker {
                 match item {
                     ReadItem::Event(ev) => {
                         self.window_bytes += ev.payload.len();
-                        self.window.insert(
-                            ev.seq,
-                            Slot {
-                                ev,
-                                attempts: 0,
-                                strikes: 0,
-                                next_try: now,
-                                in_flight: false,
-                                solo: false,
-                                first_attempt_ms: None,
-                                last_attempt_ms: None,
-                                successes_at_send: 0,
-                                last_error: None,
-                                ready_at: now,
-                            },
-                        );
+                        self.window.insert(ev.seq, Slot::new(ev, now));
                     }
                     ReadItem::Corrupt { seq, error, .. } => {
                         tracing::error!(sink = %self.name, seq, %error, "corrupt queue record moved to the dead letters");
@@ -290,19 +349,27 @@ impl Worker {
         Ok(())
     }
 
-    /// Dead-letters events older than `max_age` that are waiting for a retry.
+    /// Dead-letters events older than `max_age` that were sent at least once, or that wait
+    /// behind an open circuit or a Retry-After pause (which may never let them be sent).
+    /// Never while the sink waits for a fixed key: a wrong key loses nothing.
     fn sweep_expired(&mut self, now: Instant) {
-        if now.duration_since(self.last_expiry_sweep) < Duration::from_secs(1) {
+        if now.saturating_duration_since(self.last_expiry_sweep) < Duration::from_secs(1) {
             return;
         }
         self.last_expiry_sweep = now;
+        if matches!(self.pause, Some(Pause::UntilReload(_))) {
+            return;
+        }
+        let held = self.circuit.is_some() || self.pause.is_some();
         let max_age = self.cfg.retry.max_age.as_millis() as u64;
         let wall = now_ms();
         let expired: Vec<u64> = self
             .window
             .iter()
             .filter(|(_, s)| {
-                !s.in_flight && s.attempts > 0 && wall.saturating_sub(s.ev.received_ms) > max_age
+                !s.in_flight
+                    && (held || s.first_attempt_ms.is_some())
+                    && wall.saturating_sub(s.ev.received_ms) > max_age
             })
             .map(|(k, _)| *k)
             .collect();
@@ -317,39 +384,47 @@ impl Worker {
             Some(Pause::Until(t, _)) if *t > now => return Some(*t),
             Some(Pause::UntilReload(_)) => return None,
             Some(Pause::Until(..)) => {
-                tracing::info!(sink = %self.name, "pause over; resuming delivery");
+                tracing::debug!(sink = %self.name, "Retry-After pause over; resuming delivery");
                 self.pause = None;
             }
             None => {}
         }
         if let Some(c) = &mut self.circuit {
-            if now.duration_since(c.last_summary) >= OUTAGE_SUMMARY {
+            if now.saturating_duration_since(c.last_summary) >= OUTAGE_SUMMARY {
                 c.last_summary = now;
                 tracing::warn!(
                     sink = %self.name,
-                    down_for = %humantime::format_duration(Duration::from_secs(now.duration_since(c.since).as_secs())),
+                    down_for = %humantime::format_duration(Duration::from_secs(now.saturating_duration_since(c.since).as_secs())),
                     waiting = self.window.len(),
                     failed_probes = c.failures,
                     last_error = self.last_error.as_deref().unwrap_or(""),
                     "sink still unreachable"
                 );
             }
-            if self.in_flight > 0 || now < c.next_probe {
+            if self.in_flight > 0 {
+                // A probe (or a request sent before the circuit opened) is out: its reply
+                // wakes us. Never return a time already past, or the loop would spin.
+                return None;
+            }
+            if now < c.next_probe {
                 return Some(c.next_probe);
             }
-            // One probe: the oldest event that is not waiting on another.
+            // One probe: the event tried least recently (never-tried ones first), so probes
+            // rotate and one event that always fails cannot hold the circuit open.
             let probe = self
                 .window
                 .iter()
-                .find(|(_, s)| !s.in_flight && s.last_error.is_some())
-                .or_else(|| self.window.iter().find(|(_, s)| !s.in_flight))
+                .filter(|(_, s)| !s.in_flight)
+                .min_by_key(|(k, s)| (s.last_sent, **k))
                 .map(|(k, _)| *k);
             let seq = probe?;
             let next = c.backoff.next_backoff().unwrap_or(self.cfg.retry.max);
             c.next_probe = now + next;
             let next_probe = c.next_probe;
-            self.send(vec![seq], now);
-            return Some(next_probe);
+            return match self.send(vec![seq], now) {
+                Some(later) => Some(later.min(next_probe)),
+                None => Some(next_probe),
+            };
         }
 
         let per_request = self.sink.events_per_request().max(1);
@@ -374,24 +449,31 @@ impl Worker {
         let caught_up = self.read_pos >= *self.queue.head().borrow();
         let mut i = 0;
         while i < due.len() && self.in_flight < self.flow.concurrency() {
-            // Form one request's worth.
+            // Form one request's worth: at most `per_request` events (and the smallest
+            // `max_batch` among them), at most `max_bytes` of body.
+            let first = &self.window[&due[i]];
+            let mut limit = per_request.min(first.max_batch).max(1);
             let mut group = vec![due[i]];
-            let mut bytes = self.window[&due[i]].ev.payload.len();
-            let solo = self.window[&due[i]].solo;
+            let mut bytes = FRAMING_PER_BATCH + first.ev.payload.len() + FRAMING_PER_EVENT;
             let mut j = i + 1;
-            if !solo {
-                while j < due.len() && group.len() < per_request {
-                    let s = &self.window[&due[j]];
-                    if s.solo || bytes + s.ev.payload.len() > max_bytes {
-                        break;
-                    }
-                    bytes += s.ev.payload.len();
-                    group.push(due[j]);
-                    j += 1;
+            // Whether something other than running out of due events ended the batch.
+            let mut full = group.len() >= limit;
+            while !full && j < due.len() {
+                let s = &self.window[&due[j]];
+                let size = s.ev.payload.len() + FRAMING_PER_EVENT;
+                if group.len() + 1 > s.max_batch || bytes + size > max_bytes {
+                    full = true;
+                    break;
                 }
+                bytes += size;
+                limit = limit.min(s.max_batch);
+                group.push(due[j]);
+                j += 1;
+                full = group.len() >= limit;
             }
-            // A part-full batch waits up to max_wait for more, unless more is already queued.
-            if per_request > 1 && !solo && group.len() < per_request && caught_up {
+            // A batch that could still grow waits up to max_wait for more, unless more is
+            // already queued.
+            if !full && caught_up {
                 let oldest = group
                     .iter()
                     .map(|k| self.window[k].ready_at)
@@ -407,14 +489,17 @@ impl Worker {
                 earliest(now + wait, &mut wake);
                 break;
             }
-            self.send(group, now);
+            if let Some(later) = self.send(group, now) {
+                earliest(later, &mut wake);
+            }
             i = j;
         }
         wake
     }
 
-    /// Builds and starts one request for `seqs`.
-    fn send(&mut self, seqs: Vec<u64>, now: Instant) {
+    /// Builds and starts one request for `seqs`. When it cannot be built yet (a follow-up
+    /// waiting for its log), returns when to try again.
+    fn send(&mut self, seqs: Vec<u64>, now: Instant) -> Option<Instant> {
         let built = {
             let ctx = Ctx { w: self };
             let events: Vec<&StoredEvent> = seqs.iter().map(|k| &self.window[k].ev).collect();
@@ -428,14 +513,14 @@ impl Worker {
                         s.next_try = now + DEPENDENCY_WAIT;
                     }
                 }
-                return;
+                return Some(now + DEPENDENCY_WAIT);
             }
             Err(BuildError::Unrenderable(reason)) => {
                 self.metrics.failed(&self.name, FailureClass::convert);
                 for k in seqs {
                     self.dead_letter(k, &format!("cannot render for this sink: {reason}"), None);
                 }
-                return;
+                return None;
             }
             Err(BuildError::NoKey) => {
                 if !matches!(self.pause, Some(Pause::UntilReload(_))) {
@@ -443,37 +528,45 @@ impl Worker {
                 }
                 self.note_error("no API key configured and none sent by the app".into());
                 self.pause = Some(Pause::UntilReload("no API key".into()));
-                return;
+                return None;
             }
         };
         let wall = now_ms();
+        self.sends += 1;
         for k in &seqs {
             if let Some(s) = self.window.get_mut(k) {
                 s.in_flight = true;
-                s.first_attempt_ms.get_or_insert(wall);
+                s.last_sent = self.sends;
+                if s.first_attempt_ms.is_none() {
+                    s.first_attempt_ms = Some(wall);
+                    s.mark = self.successes;
+                }
                 s.last_attempt_ms = Some(wall);
-                s.successes_at_send = self.successes;
             }
         }
         self.in_flight += 1;
         self.metrics.in_flight(&self.name, 1);
         let client = self.client.clone();
-        self.requests.spawn(async move {
+        let generation = self.generation;
+        let task_seqs = seqs.clone();
+        let handle = self.requests.spawn(async move {
             let started = Instant::now();
             let result = execute(&client, req).await;
             Done {
-                seqs,
+                seqs: task_seqs,
                 elapsed: started.elapsed(),
+                generation,
                 result,
             }
         });
+        self.flights.insert(handle.id(), seqs);
+        None
     }
 
     /// Applies what came back for one request.
-    fn complete(&mut self, done: Done) {
-        self.in_flight -= 1;
+    fn complete(&mut self, done: Done, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         self.metrics.in_flight(&self.name, -1);
-        let now = Instant::now();
         for k in &done.seqs {
             if let Some(s) = self.window.get_mut(k) {
                 s.in_flight = false;
@@ -508,6 +601,7 @@ impl Worker {
                         }
                         Accepted::Refused(msg) => {
                             self.metrics.failed(&self.name, FailureClass::rejected_4xx);
+                            self.reachable(now);
                             return self.reject(
                                 &seqs,
                                 Some(reply.status),
@@ -520,6 +614,16 @@ impl Worker {
                 (v, Some(reply.status), body)
             }
         };
+        if verdict == Verdict::PauseAuth && done.generation != self.generation {
+            // Sent with the key of a config that was reloaded since: says nothing about the
+            // current key. Send again (not an attempt).
+            self.metrics.failed(&self.name, FailureClass::auth);
+            return;
+        }
+        if !matches!(verdict, Verdict::Retry(_)) {
+            // The service answered: it is reachable, whatever it thought of these events.
+            self.reachable(now);
+        }
         match verdict {
             Verdict::Delivered => {
                 let n = seqs.len() as u64;
@@ -531,24 +635,15 @@ impl Worker {
                 self.successes += 1;
                 self.delivered += n;
                 self.metrics.delivered(&self.name, n);
-                self.consecutive_failures = 0;
                 self.last_success_ms = Some(now_ms());
+                self.pause_logged = false;
                 self.flow.on_success();
-                if let Some(c) = self.circuit.take() {
-                    tracing::info!(
-                        sink = %self.name,
-                        down_for = %humantime::format_duration(Duration::from_secs(now.duration_since(c.since).as_secs())),
-                        failed_probes = c.failures,
-                        "sink reachable again; resuming delivery"
-                    );
-                    for s in self.window.values_mut() {
-                        s.next_try = now;
-                    }
-                }
+                self.reachable(now);
             }
             Verdict::Retry(class) => {
                 self.metrics.failed(&self.name, class);
-                if class == FailureClass::status_429 {
+                let throttled = class == FailureClass::status_429;
+                if throttled {
                     self.flow.on_throttle();
                 }
                 let what = match status {
@@ -557,6 +652,14 @@ impl Worker {
                 };
                 self.note_error(what.clone());
                 self.consecutive_failures += 1;
+                for k in &seqs {
+                    if self.failing.len() >= 2 {
+                        break;
+                    }
+                    if !self.failing.contains(k) {
+                        self.failing.push(*k);
+                    }
+                }
                 let r = &self.cfg.retry;
                 let (poison_after, initial, max, max_age) =
                     (r.poison_after, r.initial, r.max, r.max_age);
@@ -571,16 +674,29 @@ impl Worker {
                     .max()
                     .unwrap_or(1);
                 let delay = retry::delay_after(attempts, initial, max);
+                // Did the sink deliver anything else since these events last failed (or were
+                // first sent)? Then this failure is about them, not the service: strike a
+                // lone event, bisect a batch. A 429 is about the pace, never the event.
+                let successes = self.successes;
+                let evidence = !throttled
+                    && seqs
+                        .iter()
+                        .filter_map(|k| self.window.get(k))
+                        .any(|s| successes > s.mark);
+                let bisect = evidence && seqs.len() > 1;
+                let half = (seqs.len() / 2).max(1);
                 for k in &seqs {
                     let Some(s) = self.window.get_mut(k) else {
                         continue;
                     };
                     s.attempts += 1;
                     s.last_error = Some((status, detail.clone()));
-                    // A strike only when others were delivered since this one was sent.
-                    if self.successes > s.successes_at_send {
+                    if bisect {
+                        s.max_batch = s.max_batch.min(half);
+                    } else if evidence {
                         s.strikes += 1;
                     }
+                    s.mark = successes;
                     if s.strikes >= poison_after {
                         poisoned
                             .push((*k, "poison: kept failing while other events were delivered"));
@@ -597,7 +713,9 @@ impl Worker {
                 }
                 if let Some(c) = &mut self.circuit {
                     c.failures += 1;
-                } else if self.consecutive_failures >= self.cfg.retry.circuit_after {
+                } else if self.consecutive_failures >= self.cfg.retry.circuit_after
+                    && self.failing.len() >= 2
+                {
                     let mut backoff = retry::backoff(self.cfg.retry.initial, self.cfg.retry.max);
                     let first = backoff.next_backoff().unwrap_or(self.cfg.retry.max);
                     tracing::warn!(
@@ -620,14 +738,28 @@ impl Worker {
                 if class == FailureClass::status_429 {
                     self.flow.on_throttle();
                 }
-                let d = d.min(self.cfg.retry.max_retry_after);
+                // Capped by config; and never shorter than the first retry delay, so a
+                // service answering `Retry-After: 0` (or a date in the past) to everything
+                // is not hammered in a loop that counts no attempts.
+                let r = &self.cfg.retry;
+                let d = d
+                    .min(r.max_retry_after)
+                    .max(r.initial.min(r.max_retry_after));
                 let until = now + d;
                 let later = match &self.pause {
                     Some(Pause::Until(t, _)) => until > *t,
-                    _ => true,
+                    // A sink waiting for a fixed key keeps waiting for it.
+                    Some(Pause::UntilReload(_)) => false,
+                    None => true,
                 };
                 if later {
-                    tracing::info!(sink = %self.name, status = ?status, pause = ?d, "service asked to wait (Retry-After); pausing the sink");
+                    // One line per run of pauses, not one per 429.
+                    if self.pause_logged {
+                        tracing::debug!(sink = %self.name, status = ?status, pause = ?d, "Retry-After; pausing the sink");
+                    } else {
+                        tracing::info!(sink = %self.name, status = ?status, pause = ?d, "service asked to wait (Retry-After); pausing the sink");
+                        self.pause_logged = true;
+                    }
                     self.pause = Some(Pause::Until(
                         until,
                         format!("Retry-After from HTTP {}", status.unwrap_or(0)),
@@ -655,10 +787,13 @@ impl Worker {
                 )));
             }
             Verdict::Split => {
+                // Bisect: halves go out at once; a half still too large is halved again, and
+                // a single event that is still too large is refused (dead letter).
                 self.metrics.failed(&self.name, FailureClass::too_large);
+                let half = (seqs.len() / 2).max(1);
                 for k in &seqs {
                     if let Some(s) = self.window.get_mut(k) {
-                        s.solo = true;
+                        s.max_batch = s.max_batch.min(half);
                         s.next_try = now;
                     }
                 }
@@ -670,6 +805,26 @@ impl Worker {
                     _ => format!("refused by the service (HTTP {})", status.unwrap_or(0)),
                 };
                 self.reject(&seqs, status, &reason, Some(detail));
+            }
+        }
+    }
+
+    /// The service answered with something other than a transient failure: it is reachable,
+    /// so the failure count starts over and an open circuit closes.
+    fn reachable(&mut self, now: Instant) {
+        self.consecutive_failures = 0;
+        self.failing.clear();
+        if let Some(c) = self.circuit.take() {
+            tracing::info!(
+                sink = %self.name,
+                down_for = %humantime::format_duration(Duration::from_secs(now.saturating_duration_since(c.since).as_secs())),
+                failed_probes = c.failures,
+                "sink reachable again; resuming delivery"
+            );
+            for s in self.window.values_mut() {
+                if !s.in_flight {
+                    s.next_try = s.next_try.min(now);
+                }
             }
         }
     }
@@ -870,5 +1025,368 @@ fn snippet(s: &str) -> String {
         format!("{}…", &one[..cut])
     } else {
         one
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker's decisions, driven directly: requests are started for real (towards a
+    //! closed port) but their replies are injected with `complete`, at injected instants.
+
+    use super::*;
+    use crate::config::{Config, Overrides};
+    use crate::event::EventKind;
+
+    struct Rig {
+        w: Worker,
+        t: Instant,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(extra: &str) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[sinks.s]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/ingest\"\n\
+             retry_initial = \"100ms\"\nretry_max = \"1s\"\n{extra}"
+        );
+        let ov = Overrides {
+            data_dir: Some(dir.path().join("data")),
+            http_listen: Some(String::new()),
+            unix_socket: Some(String::new()),
+        };
+        let cfg = Config::parse(&toml, &ov).expect("test config");
+        let queue = Queue::open(&cfg.queue).unwrap();
+        let id = queue.sink_id("s").unwrap();
+        let w = Worker::new(
+            Arc::new(cfg.sinks[0].clone()),
+            id,
+            queue,
+            Arc::new(Metrics::new()),
+            Arc::new(StatusBoard::default()),
+        )
+        .unwrap();
+        Rig {
+            w,
+            t: Instant::now(),
+            _dir: dir,
+        }
+    }
+
+    impl Rig {
+        /// Instant `ms` milliseconds into the test.
+        fn at(&self, ms: u64) -> Instant {
+            self.t + Duration::from_millis(ms)
+        }
+
+        /// Puts events `seqs` in the window (payload `{"i":seq}` padded to `len` bytes).
+        fn add(&mut self, seqs: std::ops::Range<u64>, len: usize) {
+            for seq in seqs {
+                let mut p = format!("{{\"i\":{seq},\"pad\":\"");
+                while p.len() + 2 < len {
+                    p.push('x');
+                }
+                p.push_str("\"}");
+                let ev = StoredEvent {
+                    seq,
+                    id: uuid::Uuid::now_v7(),
+                    kind: EventKind::Native,
+                    received_ms: now_ms(),
+                    routes: vec![self.w.id],
+                    creds: Default::default(),
+                    payload: bytes::Bytes::from(p),
+                };
+                self.w.window_bytes += ev.payload.len();
+                self.w.window.insert(seq, Slot::new(ev, self.t));
+            }
+        }
+
+        /// Dispatches at `ms`; returns the requests it started (their events) and its wake.
+        fn dispatch(&mut self, ms: u64) -> (Vec<Vec<u64>>, Option<Instant>) {
+            let wake = self.w.dispatch(self.at(ms));
+            let mut sent: Vec<Vec<u64>> =
+                std::mem::take(&mut self.w.flights).into_values().collect();
+            sent.sort();
+            // The real requests would fail against the closed port; replies are injected.
+            self.w.requests.abort_all();
+            (sent, wake)
+        }
+
+        fn reply(&mut self, seqs: &[u64], status: u16, ms: u64) {
+            self.reply_gen(seqs, status, ms, self.w.generation);
+        }
+
+        fn reply_gen(&mut self, seqs: &[u64], status: u16, ms: u64, generation: u64) {
+            let done = Done {
+                seqs: seqs.to_vec(),
+                elapsed: Duration::ZERO,
+                generation,
+                result: Ok(Reply {
+                    status,
+                    retry_after: None,
+                    body: Vec::new(),
+                }),
+            };
+            self.w.complete(done, self.at(ms));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_probe_in_flight_never_makes_the_loop_spin() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
+        r.add(0..4, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent, vec![vec![0], vec![1]]);
+        r.reply(&[0], 503, 10);
+        r.reply(&[1], 503, 10);
+        assert!(r.w.circuit.is_some(), "two events failed twice in a row");
+        let (sent, wake) = r.dispatch(20);
+        assert!(sent.is_empty(), "no probe before the interval: {sent:?}");
+        assert!(wake.is_some_and(|w| w > r.at(20)));
+        let (sent, _) = r.dispatch(5_000);
+        assert_eq!(sent.len(), 1, "one probe");
+        // The probe hangs (a blackholed endpoint) long past the next probe time: the worker
+        // waits for its reply instead of waking at a time already past.
+        for ms in [6_000, 60_000] {
+            let (sent, wake) = r.dispatch(ms);
+            assert!(sent.is_empty());
+            assert!(
+                wake.is_none_or(|w| w > r.at(ms)),
+                "wake {:?} before now",
+                r.at(ms) - wake.unwrap()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_rotate_through_the_waiting_events() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
+        r.add(0..3, 20);
+        let (sent, _) = r.dispatch(0);
+        r.reply(&sent[0], 500, 10);
+        r.reply(&sent[1], 500, 10);
+        assert!(r.w.circuit.is_some());
+        let mut probed = Vec::new();
+        for k in 1..=6 {
+            let (sent, _) = r.dispatch(k * 10_000);
+            assert_eq!(sent.len(), 1);
+            probed.push(sent[0][0]);
+            r.reply(&sent[0], 500, k * 10_000 + 5);
+        }
+        // Never-sent 2 first, then the least recently sent.
+        assert_eq!(probed, vec![2, 0, 1, 2, 0, 1]);
+        // A probe that is answered at all closes the circuit, even with a refusal.
+        let (sent, _) = r.dispatch(100_000);
+        r.reply(&sent[0], 400, 100_005);
+        assert!(r.w.circuit.is_none());
+        assert_eq!(r.w.dead_lettered, 1);
+        let (sent, _) = r.dispatch(100_010);
+        assert_eq!(sent.len(), 2, "the circuit closed: both others go at once");
+    }
+
+    #[tokio::test]
+    async fn one_event_failing_alone_does_not_open_the_circuit() {
+        let mut r = rig("batch_max_events = 1\ncircuit_after = 2");
+        r.add(0..1, 20);
+        let mut ms = 0;
+        for _ in 0..6 {
+            ms += 10_000;
+            let (sent, _) = r.dispatch(ms);
+            assert_eq!(sent, vec![vec![0]]);
+            r.reply(&[0], 500, ms + 1);
+        }
+        assert!(r.w.circuit.is_none(), "its own backoff paces it already");
+        assert_eq!(
+            r.w.window[&0].strikes, 0,
+            "nothing else succeeded: no strike"
+        );
+        // A second event failing too looks like an outage.
+        r.add(1..2, 20);
+        let (sent, _) = r.dispatch(ms + 10_000);
+        assert_eq!(sent, vec![vec![0], vec![1]]);
+        r.reply(&[1], 500, ms + 10_001);
+        assert!(r.w.circuit.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_batch_failing_while_others_succeed_is_bisected_and_only_the_culprit_struck() {
+        let mut r = rig("batch_max_events = 4\nconcurrency = 2\npoison_after = 2");
+        r.add(0..8, 20);
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        r.reply(&[4, 5, 6, 7], 200, 1_001);
+        r.reply(&[0, 1, 2, 3], 500, 1_002);
+        assert!(r.w.window.values().all(|s| s.strikes == 0));
+        let (sent, _) = r.dispatch(10_000);
+        assert_eq!(sent, vec![vec![0, 1], vec![2, 3]], "halves");
+        r.reply(&[0, 1], 200, 10_001);
+        r.reply(&[2, 3], 500, 10_002);
+        let (sent, _) = r.dispatch(20_000);
+        assert_eq!(sent, vec![vec![2], vec![3]], "quarters");
+        r.reply(&[2], 200, 20_001);
+        r.reply(&[3], 500, 20_002);
+        assert_eq!(r.w.window[&3].strikes, 1);
+        // Failing again with nothing delivered in between: not evidence, no strike.
+        let (sent, _) = r.dispatch(30_000);
+        r.reply(&sent[0], 500, 30_001);
+        assert_eq!(r.w.window[&3].strikes, 1);
+        // Another event delivered, then 3 fails again: second strike, dead letter.
+        r.add(8..9, 20);
+        let (sent, _) = r.dispatch(40_000);
+        assert_eq!(sent, vec![vec![3], vec![8]]);
+        r.reply(&[8], 200, 40_001);
+        r.reply(&[3], 500, 40_002);
+        assert!(r.w.window.is_empty());
+        assert_eq!(r.w.dead_lettered, 1);
+        assert_eq!(r.w.delivered, 8);
+    }
+
+    #[tokio::test]
+    async fn a_413_halves_the_batch() {
+        let mut r = rig("batch_max_events = 8\nconcurrency = 1");
+        r.add(0..8, 20);
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent, vec![(0..8).collect::<Vec<_>>()]);
+        r.reply(&sent[0], 413, 1_001);
+        let (sent, _) = r.dispatch(1_002);
+        assert_eq!(sent, vec![vec![0, 1, 2, 3]]);
+        r.reply(&sent[0], 413, 1_003);
+        let (sent, _) = r.dispatch(1_004);
+        assert_eq!(sent, vec![vec![0, 1]]);
+        r.reply(&sent[0], 200, 1_005);
+        let (sent, _) = r.dispatch(1_006);
+        assert_eq!(sent, vec![vec![2, 3]]);
+    }
+
+    #[tokio::test]
+    async fn batch_bytes_count_the_framing_and_a_batch_cut_by_bytes_goes_at_once() {
+        let mut r = rig(
+            "batch_max_events = 100\nbatch_max_bytes = 1024\nbatch_max_wait = \"1h\"\nconcurrency = 2",
+        );
+        // Six payloads of 170 bytes are 1020 bytes, but 1027 as a JSON array.
+        r.add(0..12, 170);
+        let (sent, wake) = r.dispatch(0);
+        assert_eq!(sent, vec![(0..5).collect::<Vec<_>>(), (5..10).collect()]);
+        assert!(wake.is_none(), "waits for a reply (concurrency 2)");
+        let events: Vec<&StoredEvent> = (0..5).map(|k| &r.w.window[&k].ev).collect();
+        struct NoCtx;
+        impl BuildContext for NoCtx {
+            fn remote_id(&self, _: u64) -> RemoteId {
+                RemoteId::Unknown
+            }
+        }
+        let body = r.w.sink.build(&events, &NoCtx).unwrap().body;
+        assert!(body.len() <= 1024, "{}", body.len());
+        r.reply(&sent[0], 200, 1);
+        r.reply(&sent[1], 200, 1);
+        // The rest could still grow: it waits for max_wait.
+        let (sent, wake) = r.dispatch(2);
+        assert!(sent.is_empty());
+        assert_eq!(wake, Some(r.at(0) + Duration::from_secs(3600)));
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_from_before_a_reload_does_not_pause_the_sink_again() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2");
+        r.add(0..2, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent.len(), 2);
+        let old = r.w.generation;
+        let mut cfg = (*r.w.cfg).clone();
+        cfg.timeout = Duration::from_secs(3);
+        r.w.reconfigure(Arc::new(cfg));
+        r.reply_gen(&[0], 401, 10, old);
+        assert!(r.w.pause.is_none(), "an old key's refusal");
+        assert_eq!(r.w.window[&0].attempts, 0, "not an attempt");
+        let (sent, _) = r.dispatch(20);
+        assert_eq!(sent, vec![vec![0]], "sent again with the new key");
+        r.reply(&[0], 401, 30);
+        assert!(matches!(r.w.pause, Some(Pause::UntilReload(_))));
+        // Paused for the key: nothing is sent, and nothing expires.
+        let (sent, wake) = r.dispatch(10_000);
+        assert!(sent.is_empty() && wake.is_none());
+    }
+
+    #[tokio::test]
+    async fn old_events_expire_behind_an_open_circuit_but_not_while_waiting_for_a_key() {
+        let mut r =
+            rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2\nmax_age = \"1s\"");
+        r.add(0..6, 20);
+        for s in r.w.window.values_mut() {
+            s.ev.received_ms -= 10_000;
+        }
+        r.w.pause = Some(Pause::UntilReload("test".into()));
+        r.w.sweep_expired(r.at(5_000));
+        assert_eq!(r.w.window.len(), 6, "a wrong key loses nothing");
+        r.w.pause = None;
+        let (sent, _) = r.dispatch(6_000);
+        assert_eq!(sent, vec![vec![0], vec![1]]);
+        r.reply(&sent[0], 503, 6_001);
+        r.reply(&sent[1], 503, 6_001);
+        // Both tried events were too old to retry; their failures opened the circuit.
+        assert_eq!(r.w.window.len(), 4);
+        assert!(r.w.circuit.is_some());
+        // Never-sent events behind the open circuit expire too; young ones stay.
+        r.add(10..12, 20);
+        r.w.sweep_expired(r.at(8_000));
+        let left: Vec<u64> = r.w.window.keys().copied().collect();
+        assert_eq!(left, vec![10, 11], "only the young ones stay");
+    }
+
+    #[tokio::test]
+    async fn retry_after_pauses_without_an_attempt_within_floor_and_cap() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 1\nmax_retry_after = \"5s\"");
+        r.add(0..1, 20);
+        let ra = |w: &mut Worker, secs: u64, ms: u64, t: Instant| {
+            let done = Done {
+                seqs: vec![0],
+                elapsed: Duration::ZERO,
+                generation: w.generation,
+                // 503: a 429 would also lower the rate (AIMD), which is not under test here.
+                result: Ok(Reply {
+                    status: 503,
+                    retry_after: Some(Duration::from_secs(secs)),
+                    body: Vec::new(),
+                }),
+            };
+            w.complete(done, t + Duration::from_millis(ms));
+        };
+        let t = r.t;
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent.len(), 1);
+        ra(&mut r.w, 2, 10, t);
+        assert_eq!(r.w.window[&0].attempts, 0, "a pause is not an attempt");
+        let (sent, wake) = r.dispatch(2_009);
+        assert!(sent.is_empty(), "nothing before the time");
+        assert_eq!(wake, Some(r.at(2_010)));
+        let (sent, _) = r.dispatch(2_010);
+        assert_eq!(sent.len(), 1);
+        // `Retry-After: 0` still waits the first retry delay (100 ms here).
+        ra(&mut r.w, 0, 3_000, t);
+        assert!(r.dispatch(3_050).0.is_empty());
+        assert_eq!(r.dispatch(3_100).0.len(), 1);
+        // An hour is capped at max_retry_after.
+        ra(&mut r.w, 3600, 4_000, t);
+        assert_eq!(r.dispatch(8_999).1, Some(r.at(9_000)));
+        assert_eq!(r.dispatch(9_000).0.len(), 1);
+        // A sink waiting for a fixed key is not resumed by a Retry-After's end.
+        r.w.pause = Some(Pause::UntilReload("key".into()));
+        ra(&mut r.w, 1, 9_001, t);
+        assert!(matches!(r.w.pause, Some(Pause::UntilReload(_))));
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_task_does_not_strand_its_events() {
+        let mut r = rig("batch_max_events = 1");
+        r.add(0..1, 20);
+        // A request task that panics instead of returning its reply.
+        r.w.window.get_mut(&0).unwrap().in_flight = true;
+        r.w.in_flight = 1;
+        let h = r.w.requests.spawn(async { panic!("boom") });
+        r.w.flights.insert(h.id(), vec![0]);
+        let joined = r.w.requests.join_next_with_id().await.unwrap();
+        r.w.joined(joined);
+        let s = &r.w.window[&0];
+        assert!(!s.in_flight && s.attempts == 1, "retried like any failure");
+        assert_eq!(r.w.in_flight, 0);
     }
 }
