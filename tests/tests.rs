@@ -3,6 +3,7 @@
 mod util;
 
 mod clients;
+mod delivery;
 mod foundation;
 mod ops;
 mod socket;

@@ -1,0 +1,1262 @@
+//! Delivery under real-world failure (issue #4), against a fault-injecting endpoint.
+//!
+//! Every test runs on real time with tiny retry intervals (20 ms … 400 ms) and waits on
+//! conditions with deadlines; timing assertions are lower bounds ("no request before …"),
+//! never tight upper bounds, so a slow shared machine cannot make them fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use crate::util::*;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+type Decide = Box<dyn FnMut(&Received) -> Answer + Send>;
+
+/// A mock endpoint whose answer to each request is decided by a function (swappable while the
+/// test runs), with a log of every request and what it was answered.
+#[derive(Clone)]
+struct Endpoint {
+    mock: MockSink,
+    decide: Arc<Mutex<Decide>>,
+    log: Arc<Mutex<Vec<(Received, Answer)>>>,
+}
+
+impl Endpoint {
+    async fn start(decide: impl FnMut(&Received) -> Answer + Send + 'static) -> Endpoint {
+        Self::wrap(MockSink::start().await, decide)
+    }
+
+    async fn start_at(
+        addr: SocketAddr,
+        decide: impl FnMut(&Received) -> Answer + Send + 'static,
+    ) -> Endpoint {
+        Self::wrap(MockSink::start_at(addr).await, decide)
+    }
+
+    fn wrap(mock: MockSink, decide: impl FnMut(&Received) -> Answer + Send + 'static) -> Self {
+        let decide: Arc<Mutex<Decide>> = Arc::new(Mutex::new(Box::new(decide)));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (d, l) = (decide.clone(), log.clone());
+        mock.rule(move |r| {
+            let a = (d.lock().unwrap())(r);
+            l.lock().unwrap().push((r.clone(), a.clone()));
+            Some(a)
+        });
+        Endpoint { mock, decide, log }
+    }
+
+    fn set(&self, decide: impl FnMut(&Received) -> Answer + Send + 'static) {
+        *self.decide.lock().unwrap() = Box::new(decide);
+    }
+
+    fn url(&self) -> String {
+        self.mock.url("/ingest")
+    }
+
+    fn requests(&self) -> Vec<(Received, Answer)> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Event numbers (`"i"`) of every request answered with a 2xx right away, in arrival
+    /// order (a delayed answer is not counted: the daemon timed out on it).
+    fn delivered(&self) -> Vec<u64> {
+        self.requests()
+            .iter()
+            .filter(|(_, a)| answered_ok(a))
+            .flat_map(|(r, _)| nums(r))
+            .collect()
+    }
+
+    fn delivered_set(&self) -> BTreeSet<u64> {
+        self.delivered().into_iter().collect()
+    }
+
+    /// How often each event number arrived, whatever the answer.
+    fn attempts_of(&self, i: u64) -> usize {
+        self.requests()
+            .iter()
+            .filter(|(r, _)| nums(r).contains(&i))
+            .count()
+    }
+}
+
+fn ok() -> Answer {
+    Answer::Status(200)
+}
+
+fn answered_ok(a: &Answer) -> bool {
+    match a {
+        Answer::Status(s) | Answer::StatusBody(s, _) => (200..300).contains(s),
+        _ => false,
+    }
+}
+
+/// The events of one request (JSON array or NDJSON, gzip or not).
+fn events_of(r: &Received) -> Vec<Value> {
+    let mut body = r.body.to_vec();
+    if r.header("content-encoding").as_deref() == Some("gzip") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .expect("gzip body");
+        body = out;
+    }
+    if r.header("content-type").as_deref() == Some("application/x-ndjson") {
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("NDJSON line"))
+            .collect()
+    } else {
+        serde_json::from_slice::<Vec<Value>>(&body).expect("a JSON array batch")
+    }
+}
+
+fn nums(r: &Received) -> Vec<u64> {
+    events_of(r)
+        .iter()
+        .map(|e| e["i"].as_u64().expect("event number"))
+        .collect()
+}
+
+/// Event `i`, padded to roughly `pad` extra bytes; `tag` is put in its body.
+fn event(i: u64, tag: &str, pad: usize) -> String {
+    format!(
+        r#"{{"i":{i},"model":"gpt-4o","tag":"{tag}","input":"{}","output":"hi"}}"#,
+        "x".repeat(pad)
+    )
+}
+
+/// Posts events as one request; returns their ids (as the http sink spells them).
+async fn post(url: &str, events: &[String]) -> Vec<String> {
+    let (s, v) = post_json(url, &format!("[{}]", events.join(","))).await;
+    assert_eq!(s, 202, "ingest refused: {v}");
+    v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|id| id.as_str().unwrap().replace('-', ""))
+        .collect()
+}
+
+async fn post_range(url: &str, range: std::ops::Range<u64>, tag: &str) -> Vec<String> {
+    let evs: Vec<String> = range.map(|i| event(i, tag, 0)).collect();
+    post(url, &evs).await
+}
+
+/// One `[sinks.NAME]` table: an http sink with test-friendly defaults, then `over` on top.
+fn sink(name: &str, url: &str, over: &[(&str, &str)]) -> String {
+    let mut keys: BTreeMap<&str, String> = [
+        ("type", "\"http\"".to_string()),
+        ("url", format!("\"{url}\"")),
+        ("batch_max_wait", "\"10ms\"".into()),
+        ("retry_initial", "\"20ms\"".into()),
+        ("retry_max", "\"200ms\"".into()),
+        ("timeout", "\"2s\"".into()),
+    ]
+    .into_iter()
+    .collect();
+    for (k, v) in over {
+        keys.insert(k, v.to_string());
+    }
+    let mut s = format!("[sinks.{name}]\n");
+    for (k, v) in keys {
+        s.push_str(&format!("{k} = {v}\n"));
+    }
+    s
+}
+
+/// A loopback address where nothing listens (connections are refused).
+async fn closed_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn status(base: &dyn Fn(&str) -> String) -> Value {
+    serde_json::from_str(&get_text(&base("/v1/status")).await).expect("status JSON")
+}
+
+fn sink_status<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["sinks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// The value of one line of `/metrics` (`name` includes its labels, if any).
+async fn metric(base: &dyn Fn(&str) -> String, name: &str) -> Option<f64> {
+    let text = get_text(&base("/metrics")).await;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l[name.len()..].trim().parse().ok())
+}
+
+/// Polls `f` (async) every 20 ms until it returns `Some`, up to `timeout`.
+async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A poison event earns a strike for each failure with another event delivered since its
+/// previous one: keeps good events (numbered from `next`) flowing, one every 50 ms, until
+/// one dead letter shows. Returns the next unused event number.
+async fn traffic_until_dead_lettered(url: &str, base: &dyn Fn(&str) -> String, next: u64) -> u64 {
+    let mut i = next;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if status(base).await["queue"]["dead_letters"] == 1 {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter after {} more events",
+            i - next
+        );
+        post_range(url, i..i + 1, "").await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn range_set(r: std::ops::Range<u64>) -> BTreeSet<u64> {
+    r.collect()
+}
+
+/// Runs `llmlogd dlq --data-dir DIR ARGS…`; returns (exit code, stdout, stderr).
+fn dlq(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .arg("dlq")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("LLMLOGD_CONFIG")
+        .output()
+        .expect("run llmlogd dlq");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn dlq_list(data_dir: &Path) -> Vec<Value> {
+    let (code, out, err) = dlq(data_dir, &["list", "--json", "--limit", "100000"]);
+    assert_eq!(code, 0, "dlq list: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect()
+}
+
+/// CPU time (user + system) a process has used, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')'.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Independent sinks
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_or_stuck_sink_never_delays_another_and_gets_everything_once_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = Endpoint::start(|_| ok()).await;
+    // Accepts requests but never answers within the sink's timeout.
+    let stuck = Endpoint::start(|_| Answer::Delay(Duration::from_secs(3600))).await;
+    // Nothing listens: connections are refused.
+    let down_addr = closed_addr().await;
+    let cfg = [
+        sink("good", &good.url(), &[("batch_max_events", "7")]),
+        sink(
+            "down",
+            &format!("http://{down_addr}/ingest"),
+            &[("circuit_after", "2")],
+        ),
+        sink("stuck", &stuck.url(), &[("timeout", "\"300ms\"")]),
+    ]
+    .concat();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    for k in 0..4 {
+        post_range(&d.url("/v1/events"), k * 25..(k + 1) * 25, "").await;
+    }
+    wait_for(DEADLINE, "the good sink to get all 100 events", || {
+        (good.delivered_set() == range_set(0..100)).then_some(())
+    })
+    .await;
+    assert_eq!(good.delivered().len(), 100, "each event exactly once");
+    assert!(stuck.delivered().is_empty());
+    assert_eq!(
+        metric(&base, "llmlogd_queue_events").await,
+        Some(100.0),
+        "two sinks still need every event"
+    );
+    let st = status(&base).await;
+    assert_eq!(sink_status(&st, "good")["delivered"], 100, "{st}");
+    assert_eq!(sink_status(&st, "down")["delivered"], 0, "{st}");
+
+    // The stuck endpoint starts answering; the down one comes back on its port.
+    stuck.set(|_| ok());
+    let down = Endpoint::start_at(down_addr, |_| ok()).await;
+    wait_for(
+        DEADLINE,
+        "the recovered sinks to get all 100 events",
+        || {
+            (down.delivered_set() == range_set(0..100)
+                && stuck.delivered_set() == range_set(0..100))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(down.delivered().len(), 100, "each event exactly once");
+    wait_until(
+        DEADLINE,
+        "the queue to drain once every sink is done",
+        || async { (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Batching and concurrency
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_respect_max_events_max_bytes_and_max_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = Endpoint::start(|_| ok()).await;
+    let bytes = Endpoint::start(|_| ok()).await;
+    let full = Endpoint::start(|_| ok()).await;
+    let wait = Endpoint::start(|_| ok()).await;
+    let nd = Endpoint::start(|_| ok()).await;
+    let cfg = [
+        sink("count", &count.url(), &[("batch_max_events", "10")]),
+        // Bytes bind first; a batch cut by its byte limit must not wait for more.
+        sink(
+            "bytes",
+            &bytes.url(),
+            &[("batch_max_bytes", "1024"), ("batch_max_wait", "\"30s\"")],
+        ),
+        // A full batch goes out at once, however long max_wait is.
+        sink(
+            "full",
+            &full.url(),
+            &[("batch_max_events", "5"), ("batch_max_wait", "\"30s\"")],
+        ),
+        sink("wait", &wait.url(), &[("batch_max_wait", "\"400ms\"")]),
+        sink(
+            "nd",
+            &nd.url(),
+            &[
+                ("encoding", "\"ndjson\""),
+                ("gzip", "true"),
+                ("batch_max_events", "8"),
+            ],
+        ),
+    ]
+    .concat();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let evs: Vec<String> = (0..25).map(|i| event(i, "", 120)).collect();
+    let one = evs[0].len();
+    assert!(one > 150 && one < 200, "event size {one}");
+    let t0 = Instant::now();
+    let ids = post(&d.url("/v1/events"), &evs).await;
+
+    wait_for(DEADLINE, "count, full and nd to get all 25", || {
+        let all = range_set(0..25);
+        (count.delivered_set() == all && full.delivered_set() == all && nd.delivered_set() == all)
+            .then_some(())
+    })
+    .await;
+    for (r, _) in count.requests() {
+        assert!(nums(&r).len() <= 10, "count: batch of {}", nums(&r).len());
+    }
+    assert!(count.count() >= 3);
+    for (r, _) in full.requests() {
+        assert_eq!(nums(&r).len(), 5, "full: 25 events in batches of exactly 5");
+    }
+    // Generous: max_wait is 30 s; a full batch must not have waited for it.
+    let last = full.requests().last().unwrap().0.at;
+    assert!(
+        last < t0 + Duration::from_secs(20),
+        "full batches waited {:?}",
+        last - t0
+    );
+    for (r, _) in nd.requests() {
+        assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
+        let n = nums(&r).len();
+        assert!(n <= 8);
+        let hdr = r.header("x-llmlogd-event-ids").unwrap();
+        let want: Vec<String> = nums(&r).iter().map(|i| ids[*i as usize].clone()).collect();
+        assert_eq!(
+            hdr,
+            want.join(","),
+            "ids header names the body's events in order"
+        );
+    }
+
+    // 1024 bytes hold 5 of these events (with the array's brackets and commas), not 6.
+    wait_for(
+        DEADLINE,
+        "bytes to get the 20 events of its 4 full batches",
+        || (bytes.delivered_set().len() >= 20).then_some(()),
+    )
+    .await;
+    for (r, _) in bytes.requests() {
+        assert!(
+            r.body.len() <= 1024,
+            "bytes: a body of {} bytes ({} events) exceeds batch_max_bytes",
+            r.body.len(),
+            nums(&r).len()
+        );
+    }
+    let last = bytes.requests()[3].0.at;
+    assert!(
+        last < t0 + Duration::from_secs(20),
+        "batches cut by bytes waited {:?}",
+        last - t0
+    );
+
+    // A part-full batch waits max_wait for company: not one request before t0 + 400 ms.
+    wait_for(DEADLINE, "wait to get all 25", || {
+        (wait.delivered_set() == range_set(0..25)).then_some(())
+    })
+    .await;
+    let first = wait.requests()[0].0.at;
+    assert!(
+        first >= t0 + Duration::from_millis(400),
+        "a part-full batch went out after {:?}, before batch_max_wait",
+        first - t0
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_caps_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let delay = Duration::from_millis(400);
+    let ep = Endpoint::start(move |_| Answer::Delay(delay)).await;
+    let cfg = sink(
+        "c",
+        &ep.url(),
+        &[("batch_max_events", "1"), ("concurrency", "3")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    post_range(&d.url("/v1/events"), 0..12, "").await;
+    let base = |p: &str| d.url(p);
+    wait_until(DEADLINE, "all 12 delivered", || async {
+        (sink_status(&status(&base).await, "c")["delivered"] == 12).then_some(())
+    })
+    .await;
+    // Each request occupies [arrival, arrival + delay): count the most that overlap.
+    let starts: Vec<Instant> = ep.requests().iter().map(|(r, _)| r.at).collect();
+    let most = starts
+        .iter()
+        .map(|s| {
+            starts
+                .iter()
+                .filter(|t| *t <= s && **t + delay > *s)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 3, "{most} requests in flight, concurrency is 3");
+    assert!(most >= 2, "requests went out one at a time ({most})");
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Transient failures; 9. idempotency ids
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_until_delivered_with_stable_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    // 503 storm, then every other kind of transient failure, then success.
+    let ep = Endpoint::start(move |_| match n2.fetch_add(1, Ordering::SeqCst) {
+        0..=5 => Answer::Status(503),
+        6 => Answer::Status(500),
+        7 => Answer::Status(502),
+        8 => Answer::Status(408),
+        9 => Answer::Status(429),
+        10 => Answer::Reset,
+        11 => Answer::Delay(Duration::from_secs(3)),
+        _ => ok(),
+    })
+    .await;
+    let cfg = sink(
+        "t",
+        &ep.url(),
+        &[
+            ("batch_max_events", "5"),
+            ("concurrency", "1"),
+            ("timeout", "\"500ms\""),
+            ("circuit_after", "100"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let ids = post_range(&d.url("/v1/events"), 0..20, "").await;
+    wait_for(DEADLINE, "all 20 delivered", || {
+        (ep.delivered_set() == range_set(0..20)).then_some(())
+    })
+    .await;
+    let reqs = ep.requests();
+    assert!(
+        reqs.len() >= 16,
+        "12 failures then 4 batches: {}",
+        reqs.len()
+    );
+    // Every attempt, failed or not, names its events by the ids ingest gave them.
+    for (r, _) in &reqs {
+        let want: Vec<String> = nums(r).iter().map(|i| ids[*i as usize].clone()).collect();
+        assert_eq!(r.header("x-llmlogd-event-ids").unwrap(), want.join(","));
+    }
+    let base = |p: &str| d.url(p);
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"t\"}").await;
+    assert!(retried.unwrap_or(0.0) >= 12.0, "retried: {retried:?}");
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Retry-After
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_pauses_the_sink_and_is_not_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let date_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let (n2, date2) = (n.clone(), date_at.clone());
+    let ep = Endpoint::start(move |_| match n2.fetch_add(1, Ordering::SeqCst) {
+        0 => Answer::RetryAfter(429, "2".into()),
+        1 => {
+            // An HTTP-date two seconds ahead (whole seconds: the pause is 1–2 s).
+            let when = SystemTime::now() + Duration::from_secs(2);
+            let text = httpdate::fmt_http_date(when);
+            let exact = httpdate::parse_http_date(&text).unwrap();
+            let left = exact
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            *date2.lock().unwrap() = Some(Instant::now() + left);
+            Answer::RetryAfter(503, text)
+        }
+        2 => Answer::StatusBody(422, r#"{"error":"field x is bad"}"#.into()),
+        _ => ok(),
+    })
+    .await;
+    let capped = Endpoint::start({
+        let mut first = true;
+        move |_| {
+            if std::mem::take(&mut first) {
+                Answer::RetryAfter(429, "3600".into())
+            } else {
+                ok()
+            }
+        }
+    })
+    .await;
+    let cfg = [
+        sink("ra", &ep.url(), &[("concurrency", "1")]),
+        sink(
+            "capped",
+            &capped.url(),
+            &[("concurrency", "1"), ("max_retry_after", "\"300ms\"")],
+        ),
+    ]
+    .concat();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    post_range(&d.url("/v1/events"), 0..1, "").await;
+    let base = |p: &str| d.url(p);
+    wait_until(DEADLINE, "the event dead-lettered by the 422", || async {
+        (status(&base).await["queue"]["dead_letters"] == 1).then_some(())
+    })
+    .await;
+    let reqs = ep.requests();
+    assert_eq!(reqs.len(), 3, "429, 503, 422: {reqs:?}");
+    let gap = reqs[1].0.at - reqs[0].0.at;
+    assert!(
+        gap >= Duration::from_secs(2),
+        "a request {gap:?} after `Retry-After: 2`"
+    );
+    let date = date_at.lock().unwrap().unwrap();
+    assert!(
+        reqs[2].0.at + Duration::from_millis(5) >= date,
+        "a request {:?} before the Retry-After date",
+        date - reqs[2].0.at
+    );
+
+    wait_for(DEADLINE, "capped to deliver after its capped pause", || {
+        (capped.delivered_set() == range_set(0..1)).then_some(())
+    })
+    .await;
+    let c = capped.requests();
+    assert!(c[1].0.at - c[0].0.at >= Duration::from_millis(300));
+    d.stop().await;
+
+    // The pauses were not attempts: one attempt, the 422, with its status and body.
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["attempts"], 1, "{info}");
+    assert_eq!(info["status"], 422, "{info}");
+    assert!(
+        info["response"]
+            .as_str()
+            .unwrap()
+            .contains("field x is bad"),
+        "{info}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Rate limits: token bucket, AIMD
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_paces_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|_| ok()).await;
+    let cfg = sink(
+        "paced",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("rate_limit", "20.0"),
+            ("rate_burst", "2"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    post_range(&d.url("/v1/events"), 0..16, "").await;
+    wait_for(DEADLINE, "all 16 delivered", || {
+        (ep.delivered_set() == range_set(0..16)).then_some(())
+    })
+    .await;
+    let at: Vec<Instant> = ep.requests().iter().map(|(r, _)| r.at).collect();
+    // Between any two requests: at most burst + rate * elapsed (+1 for arrival jitter).
+    for i in 0..at.len() {
+        for j in i + 1..at.len() {
+            let dt = (at[j] - at[i]).as_secs_f64();
+            let allowed = 2.0 + 20.0 * dt + 1.0;
+            assert!(
+                ((j - i + 1) as f64) <= allowed,
+                "{} requests within {dt:.3}s at 20/s burst 2",
+                j - i + 1
+            );
+        }
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_lowers_concurrency_and_rate_per_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) < 3 {
+            Answer::Status(429)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "aimd",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "8"),
+            ("rate_limit", "100.0"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    wait_until(DEADLINE, "the configured concurrency published", || async {
+        (metric(&base, "llmlogd_sink_concurrency{sink=\"aimd\"}").await == Some(8.0)).then_some(())
+    })
+    .await;
+    post_range(&d.url("/v1/events"), 0..5, "").await;
+    wait_for(DEADLINE, "all 5 delivered", || {
+        (ep.delivered_set() == range_set(0..5)).then_some(())
+    })
+    .await;
+    // Three 429s halve three times (8 → 1, 100/s → 12.5/s); five successes add back a little.
+    let (conc, rate) = wait_until(Duration::from_secs(10), "lowered limits", || async {
+        let c = metric(&base, "llmlogd_sink_concurrency{sink=\"aimd\"}").await?;
+        let r = metric(&base, "llmlogd_sink_rate_limit{sink=\"aimd\"}").await?;
+        (c <= 4.0 && r < 50.0 && r > 0.0).then_some((c, r))
+    })
+    .await;
+    eprintln!("after 3 × 429 and 5 successes: concurrency {conc}, rate {rate}/s");
+    d.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Offline: circuit, probes, one log line, CPU
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_opens_the_circuit_one_probe_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let outage = Arc::new(AtomicBool::new(true));
+    let o2 = outage.clone();
+    let ep = Endpoint::start(move |_| {
+        if o2.load(Ordering::SeqCst) {
+            Answer::Status(503)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let initial = Duration::from_millis(200);
+    let cfg = sink(
+        "o",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "2"),
+            ("circuit_after", "3"),
+            ("retry_initial", "\"200ms\""),
+            ("retry_max", "\"400ms\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_until(DEADLINE, "the circuit to open", || async {
+        (sink_status(&status(&base).await, "o")["state"] == "open").then_some(())
+    })
+    .await;
+    let (t_open, n_open) = (Instant::now(), ep.count());
+    assert!(
+        n_open <= 3 + 2,
+        "{n_open} requests before the circuit opened"
+    );
+    wait_for(DEADLINE, "6 probes", || {
+        (ep.count() >= n_open + 6).then_some(())
+    })
+    .await;
+    let window = t_open.elapsed();
+    let probes: Vec<Received> = ep.requests()[n_open..]
+        .iter()
+        .map(|(r, _)| r.clone())
+        .collect();
+    for p in &probes {
+        assert_eq!(nums(p).len(), 1, "a probe carries one event");
+    }
+    // Jitter is ±50 %: probes are at least initial / 2 apart (minus a little arrival jitter).
+    for w in probes.windows(2).skip(1) {
+        let gap = w[1].at - w[0].at;
+        assert!(
+            gap + Duration::from_millis(10) >= initial / 2,
+            "two probes {gap:?} apart"
+        );
+    }
+    eprintln!(
+        "outage: {} requests before the circuit opened, {} probes in {window:?}",
+        n_open,
+        probes.len()
+    );
+    // The endpoint comes back: the next probe closes the circuit and everything goes out.
+    outage.store(false, Ordering::SeqCst);
+    wait_for(DEADLINE, "all 10 delivered", || {
+        (ep.delivered_set() == range_set(0..10)).then_some(())
+    })
+    .await;
+    assert_eq!(ep.delivered().len(), 10, "each event exactly once");
+    wait_until(DEADLINE, "the sink back to ok", || async {
+        (sink_status(&status(&base).await, "o")["state"] == "ok").then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_is_logged_once_and_costs_almost_no_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    // Blackholed: requests hang until the sink's timeout, the hardest case for a busy loop.
+    let ep = Endpoint::start(|_| Answer::Delay(Duration::from_secs(3600))).await;
+    let cfg = sink(
+        "out",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "2"),
+            ("circuit_after", "2"),
+            ("timeout", "\"1s\""),
+            ("retry_initial", "\"50ms\""),
+            ("retry_max", "\"100ms\""),
+        ],
+    );
+    let p = Process::start(dir.path(), &cfg);
+    post_range(&p.url("/v1/events"), 0..5, "").await;
+    let lines = || p.stderr_lines.lock().unwrap().clone();
+    let unreachable = |ls: &[String]| ls.iter().filter(|l| l.contains("sink unreachable")).count();
+    wait_for(DEADLINE, "the outage to be logged", || {
+        (unreachable(&lines()) > 0).then_some(())
+    })
+    .await;
+    let pid = p.child.id();
+    let (cpu0, t0, n0) = (cpu_time(pid), Instant::now(), ep.count());
+    // Three more probes, each hanging for the 1 s timeout.
+    wait_for(DEADLINE, "3 more probes", || {
+        (ep.count() >= n0 + 3).then_some(())
+    })
+    .await;
+    let (cpu, wall) = (cpu_time(pid) - cpu0, t0.elapsed());
+    let probes = ep.count() - n0;
+    eprintln!("offline: {cpu:?} CPU in {wall:?} wall, {probes} probes");
+    assert!(
+        cpu.as_secs_f64() < 0.25 * wall.as_secs_f64(),
+        "{cpu:?} CPU in {wall:?} while offline"
+    );
+    // At most one probe in flight at a time, one per timeout here.
+    assert!(
+        probes as f64 <= wall.as_secs_f64() + 2.0,
+        "{probes} probes in {wall:?}"
+    );
+
+    ep.set(|_| ok());
+    wait_for(DEADLINE, "all 5 delivered", || {
+        (ep.delivered_set() == range_set(0..5)).then_some(())
+    })
+    .await;
+    wait_for(DEADLINE, "the end of the outage logged", || {
+        lines()
+            .iter()
+            .any(|l| l.contains("sink reachable again"))
+            .then_some(())
+    })
+    .await;
+    let all = lines();
+    assert_eq!(unreachable(&all), 1, "one line for the outage: {all:#?}");
+    let about_sink = all.iter().filter(|l| l.contains("sink=out")).count();
+    assert!(about_sink <= 3, "no line per request: {all:#?}");
+    assert!(p.terminate().success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Classification: 401/403, 413, other 4xx, poison, max_age
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_pauses_and_a_reloaded_key_resumes_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if r.header("authorization").as_deref() == Some("Bearer right") {
+            ok()
+        } else {
+            Answer::Status(401)
+        }
+    })
+    .await;
+    let cfg = |key: &str| {
+        sink(
+            "auth",
+            &ep.url(),
+            &[
+                ("batch_max_events", "5"),
+                ("concurrency", "2"),
+                (
+                    "headers",
+                    &format!("{{ Authorization = \"Bearer {key}\" }}"),
+                ),
+            ],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg("wrong")).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_until(DEADLINE, "the sink paused for its key", || async {
+        (sink_status(&status(&base).await, "auth")["state"] == "paused").then_some(())
+    })
+    .await;
+    let n = ep.count();
+    assert!(n <= 2, "{n} requests after the first 401 (concurrency 2)");
+    post_range(&d.url("/v1/events"), 10..20, "").await;
+    // A negative check needs some time: 300 ms is 15 retry intervals here.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ep.count(), n, "a sink paused for its key sends nothing");
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["events"], 20, "{st}");
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+
+    d.reload(&cfg("right")).await;
+    wait_for(DEADLINE, "all 20 delivered after the reload", || {
+        (ep.delivered_set() == range_set(0..20)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if r.body.len() > 600 {
+            Answer::Status(413)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "big",
+        &ep.url(),
+        &[("batch_max_events", "50"), ("concurrency", "1")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let mut evs: Vec<String> = (0..20).map(|i| event(i, "", 0)).collect();
+    evs.insert(7, event(99, "huge", 1000));
+    post(&d.url("/v1/events"), &evs).await;
+    wait_for(DEADLINE, "the 20 small events delivered", || {
+        (ep.delivered_set() == range_set(0..20)).then_some(())
+    })
+    .await;
+    wait_until(DEADLINE, "the huge event dead-lettered", || async {
+        (status(&base).await["queue"]["dead_letters"] == 1).then_some(())
+    })
+    .await;
+    assert!(ep.delivered().iter().all(|i| *i != 99));
+    let sent_alone = ep
+        .requests()
+        .iter()
+        .any(|(r, a)| nums(r) == vec![99] && matches!(a, Answer::Status(413)));
+    assert!(sent_alone, "the huge event was tried on its own");
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["info"]["status"], 413, "{letters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_never_holds_up_later_events_and_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    // Like the real Pezzo server: a 500 for this one event, forever; 200 for the others.
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("poison") {
+            Answer::StatusBody(500, r#"{"message":"provider not supported"}"#.into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "p",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("poison_after", "3"),
+            ("circuit_after", "3"),
+            ("retry_max", "\"100ms\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    // Alone in the queue, the poison event looks like an outage: the circuit may open.
+    post(&d.url("/v1/events"), &[event(1000, "poison", 0)]).await;
+    wait_for(DEADLINE, "the poison event tried 4 times", || {
+        (ep.attempts_of(1000) >= 4).then_some(())
+    })
+    .await;
+    // Traffic resumes: it must get through at once, not wait behind the poison event.
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_for(DEADLINE, "the 10 good events delivered", || {
+        (ep.delivered_set() == range_set(0..10)).then_some(())
+    })
+    .await;
+    let next = traffic_until_dead_lettered(&d.url("/v1/events"), &base, 10).await;
+    post_range(&d.url("/v1/events"), next..next + 10, "").await;
+    wait_for(DEADLINE, "every good event delivered", || {
+        (ep.delivered_set() == range_set(0..next + 10)).then_some(())
+    })
+    .await;
+    eprintln!(
+        "poison: dead-lettered after {} attempts, {} good events sent meanwhile",
+        ep.attempts_of(1000),
+        next
+    );
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "only the poison event: {letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["status"], 500, "{info}");
+    assert!(
+        info["reason"].as_str().unwrap().contains("poison"),
+        "{info}"
+    );
+    assert!(info["attempts"].as_u64().unwrap() >= 3, "{info}");
+    assert!(
+        info["response"]
+            .as_str()
+            .unwrap()
+            .contains("provider not supported"),
+        "{info}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_in_a_batch_is_isolated_and_only_it_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("poison") {
+            Answer::Status(500)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "pb",
+        &ep.url(),
+        &[
+            ("batch_max_events", "10"),
+            ("concurrency", "2"),
+            ("poison_after", "2"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let mut evs: Vec<String> = (0..40).map(|i| event(i, "", 0)).collect();
+    evs[13] = event(13, "poison", 0);
+    post(&d.url("/v1/events"), &evs).await;
+    let mut want = range_set(0..40);
+    want.remove(&13);
+    wait_for(DEADLINE, "the 39 good events delivered", || {
+        (ep.delivered_set() == want).then_some(())
+    })
+    .await;
+    let next = traffic_until_dead_lettered(&d.url("/v1/events"), &base, 40).await;
+    want.extend(40..next);
+    wait_for(DEADLINE, "every good event delivered", || {
+        (ep.delivered_set() == want).then_some(())
+    })
+    .await;
+    eprintln!(
+        "poison in a batch: isolated and dead-lettered after {} attempts, {} requests in all",
+        ep.attempts_of(13),
+        ep.count()
+    );
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(
+        letters.len(),
+        1,
+        "no innocent batch-mate dead-lettered: {letters:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_older_than_max_age_go_to_the_dead_letters_even_behind_an_open_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|_| Answer::Status(503)).await;
+    let cfg = sink(
+        "aged",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "2"),
+            ("circuit_after", "2"),
+            ("max_age", "\"1s\""),
+            ("retry_max", "\"100ms\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let t0 = Instant::now();
+    post_range(&d.url("/v1/events"), 0..200, "").await;
+    let first = wait_until(DEADLINE, "a dead letter", || async {
+        (status(&base).await["queue"]["dead_letters"].as_u64() > Some(0)).then_some(t0.elapsed())
+    })
+    .await;
+    assert!(
+        first >= Duration::from_secs(1),
+        "dead-lettered after {first:?}"
+    );
+    // Expiry runs every second: all 200 go soon after their max age, probes or not.
+    wait_until(Duration::from_secs(15), "all 200 dead-lettered", || async {
+        (status(&base).await["queue"]["dead_letters"] == 200).then_some(())
+    })
+    .await;
+    wait_until(DEADLINE, "the queue empty", || async {
+        (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 200);
+    assert!(letters
+        .iter()
+        .all(|l| l["info"]["reason"].as_str().unwrap().contains("max_age")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Dead letters: the `dlq` command
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_show_purge_and_replay_on_a_stopped_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("\"bad\"") {
+            Answer::StatusBody(422, r#"{"error":"unknown model"}"#.into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "col",
+        &ep.url(),
+        &[("batch_max_events", "1"), ("concurrency", "1")],
+    );
+    let p = Process::start(dir.path(), &cfg);
+    let base = |path: &str| p.url(path);
+    let mut evs: Vec<String> = (0..3).map(|i| event(i, "", 0)).collect();
+    evs.push(event(10, "bad", 0));
+    evs.push(event(11, "bad", 0));
+    let ids = post(&p.url("/v1/events"), &evs).await;
+    wait_until(DEADLINE, "two dead letters", || async {
+        (status(&base).await["queue"]["dead_letters"] == 2).then_some(())
+    })
+    .await;
+    wait_for(DEADLINE, "the good ones delivered", || {
+        (ep.delivered_set() == range_set(0..3)).then_some(())
+    })
+    .await;
+    // While the daemon holds the data dir, dlq says so.
+    let (code, _, err) = dlq(&data, &["list"]);
+    assert_eq!(code, 69, "{err}");
+    assert!(p.terminate().success());
+
+    let letters = dlq_list(&data);
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (l, want_id) in letters.iter().zip(&ids[3..]) {
+        assert_eq!(l["sink"], "col");
+        assert_eq!(l["event_id"].as_str().unwrap().replace('-', ""), *want_id);
+        let info = &l["info"];
+        assert_eq!(info["status"], 422);
+        assert_eq!(info["attempts"], 1);
+        assert!(info["reason"].as_str().unwrap().contains("422"), "{info}");
+        assert!(info["response"].as_str().unwrap().contains("unknown model"));
+        assert!(info["first_attempt_ms"].as_u64().is_some());
+        assert!(info["last_attempt_ms"].as_u64() >= info["first_attempt_ms"].as_u64());
+        assert!(info["dead_ms"].as_u64() >= info["last_attempt_ms"].as_u64());
+    }
+    let (seq10, seq11) = (
+        letters[0]["seq"].as_u64().unwrap(),
+        letters[1]["seq"].as_u64().unwrap(),
+    );
+    let (code, out, err) = dlq(&data, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("unknown model") || out.contains("422"),
+        "{out}"
+    );
+
+    let (code, out, err) = dlq(&data, &["show", "col", &seq10.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).expect("show prints JSON");
+    assert_eq!(shown["event"]["payload"]["i"], 10, "{shown}");
+    assert_eq!(shown["info"]["status"], 422);
+    let (code, _, _) = dlq(&data, &["show", "col", "987654"]);
+    assert_ne!(code, 0);
+
+    let (code, _, err) = dlq(&data, &["purge"]);
+    assert_eq!(code, 64, "purge without --sink or --all is refused: {err}");
+    let (code, out, err) = dlq(
+        &data,
+        &["purge", "--sink", "col", "--seq", &seq11.to_string()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 dead letters purged"), "{out}");
+    let (code, out, err) = dlq(&data, &["replay", "--sink", "col"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 dead letters put back"), "{out}");
+    assert!(dlq_list(&data).is_empty());
+
+    // The fixed service accepts the replayed event, with its original id; not the purged one.
+    ep.set(|_| ok());
+    let p = Process::start(dir.path(), &cfg);
+    wait_for(DEADLINE, "the replayed event delivered", || {
+        ep.delivered_set().contains(&10).then_some(())
+    })
+    .await;
+    let replayed = ep
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|(r, a)| answered_ok(a) && nums(r) == vec![10])
+        .unwrap()
+        .0;
+    assert_eq!(replayed.header("x-llmlogd-event-ids").unwrap(), ids[3]);
+    let base = |path: &str| p.url(path);
+    wait_until(DEADLINE, "the queue drained", || async {
+        (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(
+        !ep.delivered_set().contains(&11),
+        "the purged event stays gone"
+    );
+    assert!(p.terminate().success());
+}
