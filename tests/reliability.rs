@@ -520,7 +520,8 @@ fn unusable_data_dirs_give_one_line_errors() {
     assert!(!out.status.success());
     let last = err.lines().last().unwrap_or("");
     assert!(
-        last.contains("in use by another llmlogd") && last.contains(&format!("pid {}", p.child.id())),
+        last.contains("in use by another llmlogd")
+            && last.contains(&format!("pid {}", p.child.id())),
         "{err}"
     );
     drop(p);
@@ -532,7 +533,11 @@ fn unusable_data_dirs_give_one_line_errors() {
     }
     let private = dir.path().join("private");
     std::fs::create_dir(&private).unwrap();
-    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     // The binary must be reachable by nobody: the test dir is root's 0700 temp dir, so the
     // data dir is what is refused, not the binary (which lives under target/).
     let out = Command::new("/usr/sbin/runuser")
@@ -546,6 +551,9 @@ fn unusable_data_dirs_give_one_line_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("Permission denied") || err.contains("permission denied"), "{err}");
+    assert!(
+        err.contains("Permission denied") || err.contains("permission denied"),
+        "{err}"
+    );
     assert!(err.contains("private"), "names the directory: {err}");
 }

@@ -6,4 +6,5 @@ mod clients;
 mod delivery;
 mod foundation;
 mod ops;
+mod reliability;
 mod socket;
