@@ -292,6 +292,10 @@ impl Worker {
     }
 
     fn reconfigure(&mut self, cfg: Arc<SinkConfig>) {
+        self.reconfigure_at(cfg, Instant::now());
+    }
+
+    fn reconfigure_at(&mut self, cfg: Arc<SinkConfig>, now: Instant) {
         self.generation += 1;
         self.sink = sinks::build(&cfg);
         self.client = client_for(&cfg);
@@ -301,9 +305,13 @@ impl Worker {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
             self.pause = None;
         }
+        // Or a URL: an open circuit probes the new config at once, not after the interval.
+        if let Some(c) = &mut self.circuit {
+            c.next_probe = c.next_probe.min(now);
+        }
         for s in self.window.values_mut() {
             if !s.in_flight {
-                s.next_try = s.next_try.min(Instant::now());
+                s.next_try = s.next_try.min(now);
             }
         }
         self.cfg = cfg;
@@ -1158,6 +1166,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_open_circuit_summarises_the_outage_every_five_minutes() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
+        r.add(0..2, 20);
+        let (sent, _) = r.dispatch(0);
+        r.reply(&sent[0], 503, 10);
+        r.reply(&sent[1], 503, 10);
+        let since = r.w.circuit.as_ref().unwrap().last_summary;
+        let (sent, _) = r.dispatch(200_000);
+        r.reply(&sent[0], 503, 200_001);
+        assert_eq!(r.w.circuit.as_ref().unwrap().last_summary, since);
+        r.dispatch(300_010);
+        assert_eq!(
+            r.w.circuit.as_ref().unwrap().last_summary,
+            r.at(300_010),
+            "a summary line after five minutes"
+        );
+    }
+
+    #[tokio::test]
     async fn probes_rotate_through_the_waiting_events() {
         let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
         r.add(0..3, 20);
@@ -1174,6 +1201,14 @@ mod tests {
         }
         // Never-sent 2 first, then the least recently sent.
         assert_eq!(probed, vec![2, 0, 1, 2, 0, 1]);
+        // A reload (a fixed URL, say) probes at once instead of after the interval.
+        let (sent, wake) = r.dispatch(60_010);
+        assert!(sent.is_empty() && wake.is_some_and(|w| w > r.at(60_010)));
+        let cfg = r.w.cfg.clone();
+        r.w.reconfigure_at(cfg, r.at(60_020));
+        let (sent, _) = r.dispatch(60_020);
+        assert_eq!(sent.len(), 1, "probe right after the reload");
+        r.reply(&sent[0], 500, 60_030);
         // A probe that is answered at all closes the circuit, even with a refusal.
         let (sent, _) = r.dispatch(100_000);
         r.reply(&sent[0], 400, 100_005);
