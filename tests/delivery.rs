@@ -366,6 +366,65 @@ async fn a_down_or_stuck_sink_never_delays_another_and_gets_everything_once_back
     d.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_removed_and_added_back_by_reload_never_runs_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every request takes a second: the old worker is still waiting on one when the sink
+    // comes back.
+    let slow = Duration::from_secs(1);
+    let ep = Endpoint::start(move |_| Answer::Delay(slow)).await;
+    let other = Endpoint::start(|_| ok()).await;
+    let with_a = [
+        sink("a", &ep.url(), &[("timeout", "\"10s\"")]),
+        sink("b", &other.url(), &[]),
+    ]
+    .concat();
+    let without_a = sink("b", &other.url(), &[]);
+    let d = InProcess::start(dir.path(), &with_a).await;
+    let base = |p: &str| d.url(p);
+    let has_a = |st: &Value| !sink_status(st, "a").is_null();
+    post_range(&d.url("/v1/events"), 0..3, "").await;
+    wait_for(DEADLINE, "a request in flight to a", || {
+        (ep.count() == 1).then_some(())
+    })
+    .await;
+    d.reload(&without_a).await;
+    wait_until(DEADLINE, "a removed", || async {
+        (!has_a(&status(&base).await)).then_some(())
+    })
+    .await;
+    d.reload(&with_a).await;
+    wait_until(DEADLINE, "a back", || async {
+        has_a(&status(&base).await).then_some(())
+    })
+    .await;
+    post_range(&d.url("/v1/events"), 3..5, "").await;
+    wait_until(DEADLINE, "a to deliver the new events", || async {
+        (ep.requests()
+            .iter()
+            .flat_map(|(r, _)| nums(r))
+            .any(|i| i == 4))
+        .then_some(())
+    })
+    .await;
+    // The old worker finished its request (and moved the cursor) before the new one read it.
+    let mut seen: Vec<u64> = ep.requests().iter().flat_map(|(r, _)| nums(r)).collect();
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 2, 3, 4], "each event sent to a once");
+
+    // Removed for good: once its last request is answered, its status stays gone.
+    d.reload(&without_a).await;
+    wait_until(DEADLINE, "a's requests answered", || async {
+        let f = metric(&base, "llmlogd_sink_in_flight_requests{sink=\"a\"}").await;
+        (f == Some(0.0)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st = status(&base).await;
+    assert!(!has_a(&st), "a removed sink shows in status: {st}");
+    d.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Batching and concurrency
 // ---------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ pub struct Delivery {
     metrics: Arc<Metrics>,
     board: Arc<StatusBoard>,
     workers: BTreeMap<String, WorkerHandle>,
+    /// Workers of removed sinks, possibly still finishing in-flight requests. A sink added
+    /// back under the same name starts only once its old worker is gone, so two workers
+    /// never share one cursor.
+    retiring: BTreeMap<String, JoinHandle<()>>,
     /// Ids of the configured sinks: the collector keeps what the slowest of them needs.
     active: Arc<Mutex<Vec<u16>>>,
     /// Cancelled when the drain deadline passes: in-flight requests are abandoned (their
@@ -59,6 +63,7 @@ impl Delivery {
             metrics,
             board,
             workers: BTreeMap::new(),
+            retiring: BTreeMap::new(),
             active: Arc::new(Mutex::new(Vec::new())),
             abort: CancellationToken::new(),
             gc_stop: CancellationToken::new(),
@@ -114,11 +119,13 @@ impl Delivery {
             .filter(|n| !wanted.contains_key(n.as_str()))
             .cloned()
             .collect();
+        self.retiring.retain(|_, t| !t.is_finished());
         for name in gone {
             if let Some(w) = self.workers.remove(&name) {
                 tracing::info!(sink = %name, "sink removed from the config; its undelivered events are no longer kept for it");
                 w.stop.cancel();
                 self.board.remove(&name);
+                self.retiring.insert(name, w.task);
             }
         }
         for (name, (cfg, id)) in wanted {
@@ -130,16 +137,38 @@ impl Delivery {
                 }
                 None => {
                     let cfg = Arc::new(cfg.clone());
-                    let worker = worker::Worker::new(
-                        cfg.clone(),
-                        id,
-                        self.queue.clone(),
-                        self.metrics.clone(),
-                        self.board.clone(),
-                    )?;
-                    let (tx, rx) = watch::channel(cfg);
+                    let (tx, mut rx) = watch::channel(cfg.clone());
                     let stop = CancellationToken::new();
-                    let task = tokio::spawn(worker.run(rx, stop.clone(), self.abort.clone()));
+                    let task = match self.retiring.remove(name) {
+                        None => {
+                            let worker = worker::Worker::new(
+                                cfg,
+                                id,
+                                self.queue.clone(),
+                                self.metrics.clone(),
+                                self.board.clone(),
+                            )?;
+                            tokio::spawn(worker.run(rx, stop.clone(), self.abort.clone()))
+                        }
+                        // Removed, then added back while its old worker still drains: start
+                        // from the cursor the old one leaves.
+                        Some(prev) => {
+                            let (queue, metrics, board) =
+                                (self.queue.clone(), self.metrics.clone(), self.board.clone());
+                            let (stop, abort) = (stop.clone(), self.abort.clone());
+                            tokio::spawn(async move {
+                                let _ = prev.await;
+                                let cfg = rx.borrow_and_update().clone();
+                                let name = cfg.name.clone();
+                                match worker::Worker::new(cfg, id, queue, metrics, board) {
+                                    Ok(w) => w.run(rx, stop, abort).await,
+                                    Err(e) => {
+                                        tracing::error!(sink = %name, error = %e, "cannot start delivery for the sink")
+                                    }
+                                }
+                            })
+                        }
+                    };
                     self.workers.insert(
                         name.to_string(),
                         WorkerHandle {
@@ -167,6 +196,7 @@ impl Delivery {
         let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut self.workers)
             .into_values()
             .map(|w| w.task)
+            .chain(std::mem::take(&mut self.retiring).into_values())
             .collect();
         let deadline = tokio::time::Instant::now() + drain;
         let mut aborted = false;

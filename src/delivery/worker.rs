@@ -270,7 +270,13 @@ impl Worker {
         }
         self.requests.abort_all();
         self.advance_cursor();
-        self.publish();
+        if config.has_changed().is_err() {
+            // The manager dropped our config: the sink was removed (or the daemon stops).
+            // Take its status down, after the last update this loop may have made.
+            self.board.remove(&self.name);
+        } else {
+            self.publish();
+        }
     }
 
     /// A request task ended: apply its reply, or, if the task itself failed (it never
