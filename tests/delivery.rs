@@ -238,12 +238,17 @@ where
 
 /// A poison event earns a strike for each failure with another event delivered since its
 /// previous one: keeps good events (numbered from `next`) flowing, one every 50 ms, until
-/// one dead letter shows. Returns the next unused event number.
-async fn traffic_until_dead_lettered(url: &str, base: &dyn Fn(&str) -> String, next: u64) -> u64 {
+/// `want` dead letters show. Returns the next unused event number.
+async fn traffic_until_dead_lettered(
+    url: &str,
+    base: &dyn Fn(&str) -> String,
+    next: u64,
+    want: u64,
+) -> u64 {
     let mut i = next;
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if status(base).await["queue"]["dead_letters"] == 1 {
+        if status(base).await["queue"]["dead_letters"] == want {
             return i;
         }
         assert!(
@@ -1082,7 +1087,7 @@ async fn a_poison_event_never_holds_up_later_events_and_is_dead_lettered() {
         (ep.delivered_set() == range_set(0..10)).then_some(())
     })
     .await;
-    let next = traffic_until_dead_lettered(&d.url("/v1/events"), &base, 10).await;
+    let next = traffic_until_dead_lettered(&d.url("/v1/events"), &base, 10, 1).await;
     post_range(&d.url("/v1/events"), next..next + 10, "").await;
     wait_for(DEADLINE, "every good event delivered", || {
         (ep.delivered_set() == range_set(0..next + 10)).then_some(())
@@ -1115,23 +1120,40 @@ async fn a_poison_event_never_holds_up_later_events_and_is_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_in_a_batch_is_isolated_and_only_it_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
-    let ep = Endpoint::start(|r| {
+    let poisoned = |r: &Received| {
         if String::from_utf8_lossy(&r.body).contains("poison") {
             Answer::Status(500)
         } else {
             ok()
         }
-    })
-    .await;
-    let cfg = sink(
-        "pb",
-        &ep.url(),
-        &[
-            ("batch_max_events", "10"),
-            ("concurrency", "2"),
-            ("poison_after", "2"),
-        ],
-    );
+    };
+    // Several batches at once: the others succeed while the poisoned one fails.
+    let ep = Endpoint::start(poisoned).await;
+    // Every event in one batch, one request at a time: nothing succeeds until the circuit's
+    // single-event probes show the service works.
+    let one = Endpoint::start(poisoned).await;
+    let cfg = [
+        sink(
+            "pb",
+            &ep.url(),
+            &[
+                ("batch_max_events", "10"),
+                ("concurrency", "2"),
+                ("poison_after", "2"),
+            ],
+        ),
+        sink(
+            "one",
+            &one.url(),
+            &[
+                ("batch_max_events", "100"),
+                ("concurrency", "1"),
+                ("circuit_after", "2"),
+                ("poison_after", "2"),
+            ],
+        ),
+    ]
+    .concat();
     let d = InProcess::start(dir.path(), &cfg).await;
     let base = |p: &str| d.url(p);
     let mut evs: Vec<String> = (0..40).map(|i| event(i, "", 0)).collect();
@@ -1140,27 +1162,32 @@ async fn a_poison_event_in_a_batch_is_isolated_and_only_it_is_dead_lettered() {
     let mut want = range_set(0..40);
     want.remove(&13);
     wait_for(DEADLINE, "the 39 good events delivered", || {
-        (ep.delivered_set() == want).then_some(())
+        (ep.delivered_set() == want && one.delivered_set() == want).then_some(())
     })
     .await;
-    let next = traffic_until_dead_lettered(&d.url("/v1/events"), &base, 40).await;
+    let next = traffic_until_dead_lettered(&d.url("/v1/events"), &base, 40, 2).await;
     want.extend(40..next);
     wait_for(DEADLINE, "every good event delivered", || {
-        (ep.delivered_set() == want).then_some(())
+        (ep.delivered_set() == want && one.delivered_set() == want).then_some(())
     })
     .await;
-    eprintln!(
-        "poison in a batch: isolated and dead-lettered after {} attempts, {} requests in all",
-        ep.attempts_of(13),
-        ep.count()
-    );
+    for (name, e) in [("pb", &ep), ("one", &one)] {
+        eprintln!(
+            "poison in a batch ({name}): isolated and dead-lettered after {} attempts, {} requests in all",
+            e.attempts_of(13),
+            e.count()
+        );
+    }
     d.stop().await;
     let letters = dlq_list(&dir.path().join("data"));
     assert_eq!(
         letters.len(),
-        1,
+        2,
         "no innocent batch-mate dead-lettered: {letters:?}"
     );
+    assert!(letters
+        .iter()
+        .all(|l| l["info"]["reason"].as_str().unwrap().contains("poison")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
