@@ -141,8 +141,8 @@ impl Queue {
     }
 
     /// Puts dead letters back into the queue for their sink: each becomes a new record
-    /// (new seq, same event id) routed to that sink only, appended durably; only then is the
-    /// dead letter removed. Returns how many were replayed.
+    /// (new seq, same event id, received now) routed to that sink only, appended durably; only
+    /// then is the dead letter removed. Returns how many were replayed.
     pub async fn replay(&self, sink: Option<u16>, seq: Option<u64>) -> Result<u64, QueueError> {
         let letters = match (sink, seq) {
             (Some(s), Some(q)) => self.dead_letter_get(s, q)?.into_iter().collect(),
@@ -156,7 +156,9 @@ impl Queue {
             let enc = record::encode(
                 &record::RecordRef {
                     kind: ev.kind,
-                    received_ms: ev.received_ms,
+                    // A replay is a fresh start: `max_age` counts from now, or an old event
+                    // would go straight back to the dead letters.
+                    received_ms: now_ms(),
                     id: ev.id,
                     routes: &[dl.sink_id],
                     creds: &ev.creds,
