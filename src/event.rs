@@ -21,6 +21,9 @@ pub enum EventKind {
     /// `POST /create-group`: the local group id is this event's seq; the sink creates the
     /// group remotely and remembers the service's id for `/track-group` follow-ups.
     PromptLayerCreateGroup,
+    /// `POST /track-request`: what the PromptLayer SDKs' OpenAI/Anthropic wrappers send (the
+    /// call's kwargs and response). Delivered as is; its local id is this event's seq.
+    PromptLayerTrackRequest,
 }
 
 impl EventKind {
@@ -31,7 +34,8 @@ impl EventKind {
             EventKind::Pezzo => Format::Pezzo,
             EventKind::PromptLayerLog
             | EventKind::PromptLayerTrack(_)
-            | EventKind::PromptLayerCreateGroup => Format::PromptLayer,
+            | EventKind::PromptLayerCreateGroup
+            | EventKind::PromptLayerTrackRequest => Format::PromptLayer,
         }
     }
 
@@ -46,6 +50,7 @@ impl EventKind {
             EventKind::PromptLayerTrack(TrackKind::Prompt) => 5,
             EventKind::PromptLayerTrack(TrackKind::Group) => 6,
             EventKind::PromptLayerCreateGroup => 7,
+            EventKind::PromptLayerTrackRequest => 8,
         }
     }
 
@@ -59,6 +64,7 @@ impl EventKind {
             5 => EventKind::PromptLayerTrack(TrackKind::Prompt),
             6 => EventKind::PromptLayerTrack(TrackKind::Group),
             7 => EventKind::PromptLayerCreateGroup,
+            8 => EventKind::PromptLayerTrackRequest,
             _ => return None,
         })
     }
@@ -68,7 +74,9 @@ impl EventKind {
     pub fn promptlayer_only(self) -> bool {
         matches!(
             self,
-            EventKind::PromptLayerTrack(_) | EventKind::PromptLayerCreateGroup
+            EventKind::PromptLayerTrack(_)
+                | EventKind::PromptLayerCreateGroup
+                | EventKind::PromptLayerTrackRequest
         )
     }
 
@@ -82,6 +90,7 @@ impl EventKind {
             EventKind::PromptLayerTrack(TrackKind::Prompt) => "promptlayer-track-prompt",
             EventKind::PromptLayerTrack(TrackKind::Group) => "promptlayer-track-group",
             EventKind::PromptLayerCreateGroup => "promptlayer-create-group",
+            EventKind::PromptLayerTrackRequest => "promptlayer-track-request",
         }
     }
 }
@@ -141,10 +150,10 @@ mod tests {
 
     #[test]
     fn kind_codes_round_trip() {
-        for c in 0..=7u8 {
+        for c in 0..=8u8 {
             let k = EventKind::from_code(c).unwrap();
             assert_eq!(k.code(), c);
         }
-        assert!(EventKind::from_code(8).is_none());
+        assert!(EventKind::from_code(9).is_none());
     }
 }

@@ -36,6 +36,7 @@ fn logging_fixtures() -> Vec<(String, String, Value)> {
             let known = path.ends_with("/reporting/v2/request")
                 || path == "/log-request"
                 || path == "/create-group"
+                || path == "/track-request"
                 || TrackKind::from_path(&path).is_some();
             known.then(|| (name, path, f["body"].clone()))
         })
@@ -143,6 +144,12 @@ async fn fixtures_posted_to_llmlogd_get_the_replies_the_clients_accept() {
         if path == "/log-request" {
             assert!(reply["id"].is_u64(), "{name}: {reply}");
             assert!(reply["prompt_version"].is_object(), "{name}: {reply}");
+        }
+        if path == "/track-request" {
+            assert!(
+                reply["request_id"].is_u64(),
+                "{name}: the wrappers read request_id: {reply}"
+            );
         }
         if want == 200 {
             assert!(
@@ -313,5 +320,66 @@ batch_max_wait = "10ms"
         assert_eq!(body["metadata"]["provider"], "OpenAI");
         assert!(body["metadata"]["environment"].is_string(), "{body}");
     }
+    d.stop().await;
+}
+
+/// The PromptLayer SDK wrappers' `/track-request`: answered at once with a local request id,
+/// delivered with the sink's key, and follow-ups naming the local id get the service's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_request_and_its_follow_ups_reach_promptlayer_with_the_services_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let pl = MockSink::start().await;
+    pl.rule(|r| {
+        Some(match r.path.as_str() {
+            "/track-request" => {
+                Answer::StatusBody(200, "{\"success\":true,\"request_id\":4242}".into())
+            }
+            _ => Answer::StatusBody(200, "{\"success\":true}".into()),
+        })
+    });
+    let cfg = format!(
+        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink_key\"\n",
+        pl.url("")
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let fixture = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "promptlayer_py-track-request.json")
+        .unwrap()
+        .1;
+    let http = client();
+    let r = http
+        .post(d.url("/track-request"))
+        .json(&fixture["body"])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let local = r.json::<Value>().await.unwrap()["request_id"]
+        .as_u64()
+        .unwrap();
+    let r = http
+        .post(d.url("/library-track-score"))
+        .json(&json!({"api_key": "pl_app_key", "request_id": local, "score": 80}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = wait_for(DEADLINE, "track-request and its score", || {
+        let r = pl.received();
+        (r.len() >= 2).then_some(r)
+    })
+    .await;
+    assert_eq!(got[0].path, "/track-request");
+    let mut sent = fixture["body"].clone();
+    sent["api_key"] = json!("pl_sink_key");
+    assert_eq!(
+        got[0].json(),
+        sent,
+        "forwarded as the SDK sent it, with the sink's key"
+    );
+    assert_eq!(got[1].path, "/library-track-score");
+    assert_eq!(got[1].json()["request_id"], 4242);
+    assert_eq!(got[1].json()["api_key"], "pl_sink_key");
     d.stop().await;
 }

@@ -7,6 +7,7 @@
 //! | `POST /log-request` | PromptLayer | 201 `{"id": <local id>, ...}` |
 //! | `POST /library-track-{score,metadata,prompt}`, `/track-group` | PromptLayer follow-up | 200 `{"success":true}` |
 //! | `POST /create-group` | PromptLayer group | 200 `{"success":true,"id":<local id>}` |
+//! | `POST /track-request` | PromptLayer SDK wrappers | 200 `{"success":true,"request_id":<local id>}` |
 //! | `GET /metrics`, `/healthz`, `/readyz`, `/v1/status` | ops | 200 |
 //!
 //! Every refusal is a JSON body `{"success":false,"message":..,"error":{"code","message","fields"}}`.
@@ -64,6 +65,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/track-group", post(pl_track_group))
         .route("/library-track-group", post(pl_track_group))
         .route("/create-group", post(pl_create_group))
+        .route("/track-request", post(pl_track_request))
         .route("/metrics", get(metrics))
         .route(
             "/healthz",
@@ -543,6 +545,73 @@ async fn pl_create_group(State(st): St, headers: HeaderMap, body: Body) -> Respo
     };
     match st.ingest.admit(ROUTE, vec![ev]).await {
         Ok(ids) => Json200(json!({"success": true, "id": ids[0].seq})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /track-request`, sent by the PromptLayer SDKs' OpenAI/Anthropic wrappers: stored and
+/// forwarded as is; answered with a local request id that follow-ups can name.
+async fn pl_track_request(State(st): St, headers: HeaderMap, body: Body) -> Response {
+    const ROUTE: &str = "promptlayer_track_request";
+    let parsed = async {
+        let (raw, v, permit) = object_body(&st, &headers, body).await?;
+        let mut bad = Vec::new();
+        match v.get("function_name") {
+            Some(Value::String(_)) => {}
+            Some(_) => bad.push(("function_name", "must be a string")),
+            None => bad.push(("function_name", "is required")),
+        }
+        if !matches!(
+            v.get("kwargs"),
+            None | Some(Value::Null) | Some(Value::Object(_))
+        ) {
+            bad.push(("kwargs", "must be an object"));
+        }
+        if !matches!(
+            v.get("tags"),
+            None | Some(Value::Null) | Some(Value::Array(_))
+        ) {
+            bad.push(("tags", "must be an array of strings"));
+        }
+        if v.get("api_key").is_some_and(|k| !k.is_string()) {
+            bad.push(("api_key", "must be a string"));
+        }
+        if !bad.is_empty() {
+            return Err(IngestError::invalid(
+                bad.into_iter()
+                    .map(|(f, p)| formats::FieldError {
+                        field: f.into(),
+                        problem: p.into(),
+                    })
+                    .collect(),
+            ));
+        }
+        Ok::<_, IngestError>((raw, v, permit))
+    }
+    .await;
+    let (raw, v, _permit) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            st.ingest.refused(ROUTE, &e);
+            return e.into_response();
+        }
+    };
+    let api_key = v
+        .get("api_key")
+        .and_then(Value::as_str)
+        .map(Secret::new)
+        .or_else(|| header_str(&headers, "x-api-key").map(Secret::new));
+    let ev = NewEvent {
+        kind: EventKind::PromptLayerTrackRequest,
+        attrs: Default::default(),
+        payload: raw,
+        creds: ClientCredentials {
+            api_key,
+            project_id: None,
+        },
+    };
+    match st.ingest.admit(ROUTE, vec![ev]).await {
+        Ok(ids) => Json200(json!({"success": true, "request_id": ids[0].seq})).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -68,6 +68,16 @@ impl Sink for PromptLayerSink {
                     body: Bytes::from(body.to_string()),
                 })
             }
+            EventKind::PromptLayerTrackRequest => {
+                let mut body: Value = serde_json::from_slice(&ev.payload)
+                    .map_err(|e| BuildError::Unrenderable(format!("stored track-request: {e}")))?;
+                formats::promptlayer::set_track_api_key(&mut body, key.expose());
+                Ok(SinkRequest {
+                    url: format!("{}/track-request", self.base),
+                    headers: vec![super::json_content_type()],
+                    body: Bytes::from(body.to_string()),
+                })
+            }
             EventKind::PromptLayerCreateGroup => Ok(SinkRequest {
                 url: format!("{}/create-group", self.base),
                 headers: vec![super::json_content_type()],
@@ -112,9 +122,16 @@ impl Sink for PromptLayerSink {
                 .unwrap_or("the service answered success: false");
             return Accepted::Refused(msg.to_string());
         }
+        // /track-request answers with `request_id`, /log-request and /create-group with `id`.
+        let field = match events.first().map(|e| e.kind) {
+            Some(EventKind::PromptLayerTrackRequest) => "request_id",
+            _ => "id",
+        };
         Accepted::Yes {
             remote_id: if is_log {
-                v.as_ref().and_then(|v| v.get("id")).and_then(Value::as_u64)
+                v.as_ref()
+                    .and_then(|v| v.get(field))
+                    .and_then(Value::as_u64)
             } else {
                 None
             },
