@@ -106,6 +106,10 @@ struct Args {
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// Extra `[queue]` settings for every daemon, e.g. `--queue 'cache_bytes = "16MiB"'`
+    /// (experiments; the report lists them).
+    #[arg(long = "queue", value_name = "SETTING")]
+    queue_settings: Vec<String>,
     /// Batched drain: the http sink's `batch_max_events` and `concurrency`.
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -154,7 +158,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .context("no directory for the bench binary")?
             .join("llmlogd"),
     };
-    if !bin.is_file() {
+    let needs_daemon = args.only.is_empty() || args.only.iter().any(|p| *p != Phase::Ceiling);
+    if needs_daemon && !bin.is_file() {
         bail!(
             "{} not found: build it first (`cargo build --release`) or pass --llmlogd",
             bin.display()
@@ -322,6 +327,17 @@ impl Bench {
             ),
         ));
         r.header.push((
+            "llmlogd config".into(),
+            format!(
+                "defaults, plus `queue.max_bytes = \"64GiB\"`{}; sinks as named below",
+                self.args
+                    .queue_settings
+                    .iter()
+                    .map(|s| format!(", `queue.{s}`"))
+                    .collect::<String>()
+            ),
+        ));
+        r.header.push((
             "events".into(),
             format!(
                 "OpenAI chat request + response; mean size native {} B, Pezzo {} B, PromptLayer {} B",
@@ -345,7 +361,10 @@ impl Bench {
         let config = self.work.join(format!("{name}.toml"));
         std::fs::write(
             &config,
-            format!("[log]\nlevel = \"info\"\n\n[queue]\nmax_bytes = \"64GiB\"\n\n{sinks}"),
+            format!(
+                "[log]\nlevel = \"info\"\n\n[queue]\nmax_bytes = \"64GiB\"\n{}\n\n{sinks}",
+                self.args.queue_settings.join("\n")
+            ),
         )?;
         let socket = self.work.join(format!("{name}.sock"));
         let log = self.work.join(format!("{name}.log"));

@@ -14,7 +14,7 @@ use llmlogd::formats::Format;
 use crate::client::{self, Addr, BlockingHttp, BlockingNdjson};
 use crate::daemon::{self, Daemon};
 use crate::load::{self, Outcome, Proto, Window};
-use crate::report::{AppRow, DrainRow, IngestRow, SteadyRow};
+use crate::report::{AppRow, DrainRow, IngestRow, QueueCeiling, SteadyRow};
 use crate::{metric, mock, status, storage, sys, Bench, CpuMeter, SYNCS};
 
 /// How a cell drives the daemon.
@@ -123,17 +123,23 @@ impl Bench {
             eprintln!("  Queue in process, {g} appenders");
             let dir = self.work.join(format!("queue-{g}"));
             let w = Window::after(self.warmup, self.measure);
-            let mut o = self.rt.block_on(storage::queue_ceiling(
-                &dir,
-                g,
-                payloads.clone(),
-                w,
-                CELL_CAP,
-            ))?;
-            let rate = o.rate(&w);
-            self.report
-                .queue_ceilings
-                .push((g, rate, load::summarize(&mut o.latencies)));
+            let (o, cpu) = self.rt.block_on(async {
+                let meter = tokio::spawn(async move {
+                    tokio::time::sleep_until(w.start.into()).await;
+                    let m = CpuMeter::start(std::process::id());
+                    tokio::time::sleep_until(w.end.into()).await;
+                    m.read().0
+                });
+                let o = storage::queue_ceiling(&dir, g, payloads.clone(), w, CELL_CAP).await;
+                Ok::<_, anyhow::Error>((o?, meter.await?))
+            })?;
+            let mut latencies = o.latencies;
+            self.report.queue_ceilings.push(QueueCeiling {
+                appenders: g,
+                rate: o.acked as f64 / w.len().as_secs_f64(),
+                latency: load::summarize(&mut latencies),
+                cpu,
+            });
         }
         Ok(())
     }
@@ -509,6 +515,7 @@ impl Bench {
         if held != n {
             bail!("after filling, the queue holds {held} events, not {n}");
         }
+        let fill_rss = d.peak_rss();
         d.stop(STOP_GRACE)?;
         let disk_after_fill = sys::disk_usage(&data);
 
@@ -518,6 +525,7 @@ impl Bench {
         let d = self.start_daemon(&format!("{}-drain", s.name), &data, &(s.sink)(&url))?;
         let ready = Instant::now();
         let meter = CpuMeter::start(d.pid);
+        let rss_ready = d.peak_rss();
         let limit = Duration::from_secs(60) + Duration::from_secs_f64(n as f64 / 500.0);
         let mut last_print = Instant::now();
         while mock.stats.unique() < n {
@@ -560,6 +568,8 @@ impl Bench {
             received,
             unique,
             peak_rss,
+            rss_ready,
+            fill_rss,
             disk_after_fill,
             payload_bytes,
             disk_after_drain,
@@ -570,7 +580,8 @@ impl Bench {
         Ok(())
     }
 
-    /// Waits (bounded) until the queue is empty and its disk use stops changing; returns it.
+    /// Waits (bounded) until the queue is empty and its disk use settles: unchanged for 3 s,
+    /// and either small or given the 10 s llmlogd takes to decide on compaction.
     fn settle_disk(&mut self, d: &Daemon, data: &Path) -> anyhow::Result<Option<u64>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -583,8 +594,12 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        let empty = Instant::now();
         let (mut last, mut same) = (sys::disk_usage(data), 0);
-        while same < 6 && Instant::now() < deadline {
+        let settled = |last: u64, same: u32| {
+            same >= 6 && (last < 64 << 20 || empty.elapsed() > Duration::from_secs(13))
+        };
+        while !settled(last, same) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(500));
             let now = sys::disk_usage(data);
             same = if now == last { same + 1 } else { 0 };

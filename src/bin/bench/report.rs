@@ -7,6 +7,15 @@ use crate::load::Summary;
 use crate::storage::Ceiling;
 use crate::sys::Machine;
 
+/// llmlogd's `Queue` in process.
+pub struct QueueCeiling {
+    pub appenders: usize,
+    pub rate: f64,
+    pub latency: Summary,
+    /// CPU of the bench process during the window, in cores.
+    pub cpu: f64,
+}
+
 /// One ingest measurement.
 pub struct IngestRow {
     pub transport: &'static str,
@@ -49,6 +58,10 @@ pub struct DrainRow {
     pub received: u64,
     pub unique: u64,
     pub peak_rss: u64,
+    /// Peak RSS once ready (opening the queue with the backlog), before delivering much.
+    pub rss_ready: u64,
+    /// Peak RSS of the daemon that took the backlog in (its sink unreachable).
+    pub fill_rss: u64,
     pub disk_after_fill: u64,
     pub payload_bytes: u64,
     pub disk_after_drain: Option<u64>,
@@ -62,8 +75,7 @@ pub struct DrainRow {
 pub struct Report {
     pub header: Vec<(String, String)>,
     pub ceilings: Vec<Ceiling>,
-    /// In-process `Queue`: appenders, events/s, ack latency.
-    pub queue_ceilings: Vec<(usize, f64, Summary)>,
+    pub queue_ceilings: Vec<QueueCeiling>,
     pub ingest: Vec<IngestRow>,
     pub ingest_rss: Option<(u64, u64)>,
     pub steady: Vec<SteadyRow>,
@@ -155,28 +167,33 @@ impl Report {
             );
             let _ = writeln!(
                 o,
-                "| what | group | commits/s | events/s | commit p50 | p99 | p99.9 |\n|---|--:|--:|--:|--:|--:|--:|"
+                "| what | group | commits/s | events/s | commit p50 | p99 | p99.9 | CPU | CPU µs/event |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|"
             );
             for c in &self.ceilings {
                 let _ = writeln!(
                     o,
-                    "| raw sled | {} | {} | {} | {} | {} | {} |",
+                    "| raw sled | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
                     c.group,
                     rate(c.commits as f64 / c.window.as_secs_f64()),
                     rate(c.events_per_sec()),
                     dur(c.commit_latency.p50),
                     dur(c.commit_latency.p99),
-                    dur(c.commit_latency.p999)
+                    dur(c.commit_latency.p999),
+                    pct(c.cpu),
+                    c.cpu * 1e6 / c.events_per_sec().max(1e-9)
                 );
             }
-            for (n, r, l) in &self.queue_ceilings {
+            for q in &self.queue_ceilings {
                 let _ = writeln!(
                     o,
-                    "| llmlogd `Queue` in process, {n} appenders | ≤ {n} | | {} | {} | {} | {} |",
-                    rate(*r),
-                    dur(l.p50),
-                    dur(l.p99),
-                    dur(l.p999)
+                    "| llmlogd `Queue` in process, {n} appenders (ack latency) | ≤ {n} | | {} | {} | {} | {} | {} | {:.0} |",
+                    rate(q.rate),
+                    dur(q.latency.p50),
+                    dur(q.latency.p99),
+                    dur(q.latency.p999),
+                    pct(q.cpu),
+                    q.cpu * 1e6 / q.rate.max(1e-9),
+                    n = q.appenders,
                 );
             }
         }
@@ -185,7 +202,7 @@ impl Report {
             let _ = writeln!(o, "\n### Durable ingest (ack after fdatasync)\n");
             let _ = writeln!(
                 o,
-                "| transport | format | clients | in flight each | events/s | ack p50 | p99 | p99.9 | events/sync | % of ceiling | llmlogd CPU | bench CPU |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+                "| transport | format | clients | in flight each | events/s | ack p50 | p99 | p99.9 | events/sync | % of ceiling | llmlogd CPU | CPU µs/event | bench CPU |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
             );
             for r in &self.ingest {
                 let ceiling = self
@@ -193,7 +210,7 @@ impl Report {
                     .map_or("–".into(), |c| pct(r.rate / c));
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
                     r.transport,
                     r.format,
                     r.clients,
@@ -209,6 +226,7 @@ impl Report {
                         "–".into()
                     },
                     pct(r.daemon_cpu),
+                    r.daemon_cpu * 1e6 / r.rate.max(1e-9),
                     pct(r.bench_cpu)
                 );
             }
@@ -261,16 +279,18 @@ impl Report {
             let _ = writeln!(o, "\n### Drain from a backlog\n");
             let _ = writeln!(
                 o,
-                "| sink | backlog | filled at (events/s) | startup with backlog | drain time | events/s | target | received (unique) | peak RSS | llmlogd CPU | bench CPU |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+                "| sink | backlog | filled at (events/s) | peak RSS filling | startup with backlog | peak RSS at ready | drain time | events/s | target | received (unique) | peak RSS draining | llmlogd CPU | bench CPU |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
             );
             for d in &self.drains {
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
                     d.sink,
                     rate(d.backlog as f64),
                     rate(d.fill_rate),
+                    mib(d.fill_rss),
                     dur(d.startup),
+                    mib(d.rss_ready),
                     dur(d.drain),
                     rate(d.rate),
                     rate(d.target),

@@ -28,6 +28,8 @@ pub struct Ceiling {
     pub events: u64,
     pub window: Duration,
     pub commit_latency: Summary,
+    /// CPU of the bench process (sled's threads included) during the window, in cores.
+    pub cpu: f64,
 }
 
 impl Ceiling {
@@ -79,10 +81,14 @@ pub fn sled_ceiling(
     let w = Window::after(warmup, measure);
     let (mut seq, mut commits, mut events) = (0u64, 0u64, 0u64);
     let mut lat = Vec::new();
+    let mut cpu_at_start = None;
     for _ in 0..max_commits {
         let t = Instant::now();
         if t >= w.end {
             break;
+        }
+        if t >= w.start && cpu_at_start.is_none() {
+            cpu_at_start = Some((t, crate::sys::self_cpu()));
         }
         let mut batch = sled::Batch::default();
         for _ in 0..group {
@@ -103,6 +109,9 @@ pub fn sled_ceiling(
             lat.push((done - t).as_nanos() as u64);
         }
     }
+    let cpu = cpu_at_start.map_or(0.0, |(t, c)| {
+        crate::sys::self_cpu().saturating_sub(c).as_secs_f64() / t.elapsed().as_secs_f64()
+    });
     drop((log, meta, db));
     let _ = std::fs::remove_dir_all(dir);
     Ok(Ceiling {
@@ -111,6 +120,7 @@ pub fn sled_ceiling(
         events,
         window: w.len(),
         commit_latency: load::summarize(&mut lat),
+        cpu,
     })
 }
 
