@@ -367,253 +367,216 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-async fn pezzo_report(State(st): St, headers: HeaderMap, body: Body) -> Response {
-    const ROUTE: &str = "pezzo";
-    let parsed = async {
-        let (raw, v, permit) = object_body(&st, &headers, body).await?;
-        formats::pezzo::validate(&v).map_err(IngestError::invalid)?;
-        Ok::<_, IngestError>((raw, v, permit))
-    }
-    .await;
-    let (raw, v, _permit) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            st.ingest.refused(ROUTE, &e);
-            return e.into_response();
-        }
-    };
-    let ev = NewEvent {
-        kind: EventKind::Pezzo,
-        attrs: formats::pezzo::attributes(&v),
-        payload: raw,
-        creds: ClientCredentials {
-            api_key: header_str(&headers, "x-pezzo-api-key").map(Secret::new),
-            project_id: header_str(&headers, "x-pezzo-project-id"),
-        },
-    };
-    match st.ingest.admit(ROUTE, vec![ev]).await {
-        Ok(_) => JsonReply(StatusCode::CREATED, formats::pezzo::success_reply(&v)).into_response(),
-        Err(e) => e.into_response(),
-    }
+/// One service route: how its single-object body is checked, routed, credited and answered.
+/// Every Pezzo and PromptLayer route goes through [`accept`] with one of these.
+struct ServiceRoute {
+    /// The `route` label of `llmlogd_ingest_events_total`.
+    name: &'static str,
+    kind: EventKind,
+    check: fn(&HttpState, EventKind, &Value) -> Result<(), Vec<formats::FieldError>>,
+    attrs: fn(&Value) -> formats::Attributes,
+    creds: fn(&HeaderMap, &Value) -> ClientCredentials,
+    reply: fn(u64, &Value) -> Response,
 }
 
-async fn pl_log(State(st): St, headers: HeaderMap, body: Body) -> Response {
-    const ROUTE: &str = "promptlayer";
-    let parsed = async {
-        let (raw, v, permit) = object_body(&st, &headers, body).await?;
-        formats::promptlayer::validate(&v).map_err(IngestError::invalid)?;
-        Ok::<_, IngestError>((raw, v, permit))
-    }
-    .await;
-    let (raw, v, _permit) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            st.ingest.refused(ROUTE, &e);
-            return e.into_response();
-        }
-    };
-    let ev = NewEvent {
-        kind: EventKind::PromptLayerLog,
-        attrs: formats::promptlayer::attributes(&v),
-        payload: raw,
-        creds: ClientCredentials {
-            api_key: header_str(&headers, "x-api-key").map(Secret::new),
-            project_id: None,
-        },
-    };
-    match st.ingest.admit(ROUTE, vec![ev]).await {
-        Ok(ids) => JsonReply(
-            StatusCode::CREATED,
-            formats::promptlayer::log_reply(ids[0].seq, &v),
-        )
-        .into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn pl_track(st: &HttpState, kind: TrackKind, headers: HeaderMap, body: Body) -> Response {
-    const ROUTE: &str = "promptlayer_track";
+/// Parses and checks the body, stores the event durably, and answers as the service would.
+async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body) -> Response {
     let parsed = async {
         let (raw, v, permit) = object_body(st, &headers, body).await?;
-        formats::promptlayer::validate_track(kind, &v).map_err(IngestError::invalid)?;
-        // Ids must be ones this llmlogd handed out: the sink swaps them for the service's
-        // ids when it delivers the follow-up.
-        let head = *st.ingest.queue.head().borrow();
-        let mut bad = Vec::new();
-        if let Some(id) = formats::promptlayer::track_request_id(&v).filter(|id| *id >= head) {
-            bad.push(formats::FieldError {
-                field: "request_id".into(),
-                problem: format!("{id} is not an id this llmlogd returned from /log-request"),
-            });
-        }
-        if kind == TrackKind::Group {
-            if let Some(id) = v
-                .get("group_id")
-                .and_then(Value::as_u64)
-                .filter(|id| *id >= head)
-            {
-                bad.push(formats::FieldError {
-                    field: "group_id".into(),
-                    problem: format!("{id} is not an id this llmlogd returned from /create-group"),
-                });
-            }
-        }
-        if !bad.is_empty() {
-            return Err(IngestError::invalid(bad));
-        }
+        (r.check)(st, r.kind, &v).map_err(IngestError::invalid)?;
         Ok::<_, IngestError>((raw, v, permit))
     }
     .await;
+    // The permit holds the body's share of the memory budget until the answer.
     let (raw, v, _permit) = match parsed {
         Ok(p) => p,
         Err(e) => {
-            st.ingest.refused(ROUTE, &e);
+            st.ingest.refused(r.name, &e);
             return e.into_response();
         }
     };
-    let api_key = v
-        .get("api_key")
-        .and_then(Value::as_str)
-        .map(Secret::new)
-        .or_else(|| header_str(&headers, "x-api-key").map(Secret::new));
     let ev = NewEvent {
-        kind: EventKind::PromptLayerTrack(kind),
-        attrs: formats::promptlayer::attributes(&v),
+        kind: r.kind,
+        attrs: (r.attrs)(&v),
         payload: raw,
-        creds: ClientCredentials {
-            api_key,
-            project_id: None,
-        },
+        creds: (r.creds)(&headers, &v),
     };
-    match st.ingest.admit(ROUTE, vec![ev]).await {
-        Ok(_) => Json200(formats::promptlayer::track_reply()).into_response(),
+    match st.ingest.admit(r.name, vec![ev]).await {
+        Ok(ids) => (r.reply)(ids[0].seq, &v),
         Err(e) => e.into_response(),
     }
 }
 
-async fn pl_track_score(State(st): St, h: HeaderMap, b: Body) -> Response {
-    pl_track(&st, TrackKind::Score, h, b).await
+fn field_error(field: &str, problem: impl Into<String>) -> formats::FieldError {
+    formats::FieldError {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
-async fn pl_track_metadata(State(st): St, h: HeaderMap, b: Body) -> Response {
-    pl_track(&st, TrackKind::Metadata, h, b).await
+
+fn no_attrs(_: &Value) -> formats::Attributes {
+    formats::Attributes::default()
 }
-async fn pl_track_prompt(State(st): St, h: HeaderMap, b: Body) -> Response {
-    pl_track(&st, TrackKind::Prompt, h, b).await
+
+/// PromptLayer's follow-ups carry the key in the body (`api_key`); some SDK calls also send
+/// `X-API-KEY`.
+fn body_or_header_key(h: &HeaderMap, v: &Value) -> ClientCredentials {
+    ClientCredentials {
+        api_key: v
+            .get("api_key")
+            .and_then(Value::as_str)
+            .map(Secret::new)
+            .or_else(|| header_str(h, "x-api-key").map(Secret::new)),
+        project_id: None,
+    }
 }
-async fn pl_track_group(State(st): St, h: HeaderMap, b: Body) -> Response {
-    pl_track(&st, TrackKind::Group, h, b).await
+
+/// Ids in follow-ups must be ones this llmlogd handed out: the sink swaps them for the
+/// service's ids when it delivers the follow-up.
+fn check_track(st: &HttpState, kind: EventKind, v: &Value) -> Result<(), Vec<formats::FieldError>> {
+    let EventKind::PromptLayerTrack(track) = kind else {
+        return Ok(());
+    };
+    formats::promptlayer::validate_track(track, v)?;
+    let head = *st.ingest.queue.head().borrow();
+    let mut bad = Vec::new();
+    if let Some(id) = formats::promptlayer::track_request_id(v).filter(|id| *id >= head) {
+        bad.push(field_error(
+            "request_id",
+            format!("{id} is not an id this llmlogd returned from /log-request or /track-request"),
+        ));
+    }
+    if track == TrackKind::Group {
+        if let Some(id) = v
+            .get("group_id")
+            .and_then(Value::as_u64)
+            .filter(|id| *id >= head)
+        {
+            bad.push(field_error(
+                "group_id",
+                format!("{id} is not an id this llmlogd returned from /create-group"),
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad)
+    }
+}
+
+const PEZZO: ServiceRoute = ServiceRoute {
+    name: "pezzo",
+    kind: EventKind::Pezzo,
+    check: |_, _, v| formats::pezzo::validate(v),
+    attrs: formats::pezzo::attributes,
+    creds: |h, _| ClientCredentials {
+        api_key: header_str(h, "x-pezzo-api-key").map(Secret::new),
+        project_id: header_str(h, "x-pezzo-project-id"),
+    },
+    reply: |_, v| JsonReply(StatusCode::CREATED, formats::pezzo::success_reply(v)).into_response(),
+};
+
+const PL_LOG: ServiceRoute = ServiceRoute {
+    name: "promptlayer",
+    kind: EventKind::PromptLayerLog,
+    check: |_, _, v| formats::promptlayer::validate(v),
+    attrs: formats::promptlayer::attributes,
+    creds: |h, _| ClientCredentials {
+        api_key: header_str(h, "x-api-key").map(Secret::new),
+        project_id: None,
+    },
+    reply: |seq, v| {
+        JsonReply(StatusCode::CREATED, formats::promptlayer::log_reply(seq, v)).into_response()
+    },
+};
+
+const fn pl_track_route(track: TrackKind) -> ServiceRoute {
+    ServiceRoute {
+        name: "promptlayer_track",
+        kind: EventKind::PromptLayerTrack(track),
+        check: check_track,
+        attrs: formats::promptlayer::attributes,
+        creds: body_or_header_key,
+        reply: |_, _| Json200(formats::promptlayer::track_reply()).into_response(),
+    }
 }
 
 /// `POST /create-group`: answered at once with a local group id; the group is created at the
 /// service when the sink delivers this event, and `/track-group` follow-ups wait for it.
-async fn pl_create_group(State(st): St, headers: HeaderMap, body: Body) -> Response {
-    const ROUTE: &str = "promptlayer_group";
-    let parsed = async {
-        let (raw, v, permit) = object_body(&st, &headers, body).await?;
-        match v.get("api_key") {
-            None | Some(Value::String(_)) | Some(Value::Null) => {}
-            Some(_) => {
-                return Err(IngestError::invalid(vec![formats::FieldError {
-                    field: "api_key".into(),
-                    problem: "must be a string".into(),
-                }]))
-            }
-        }
-        Ok::<_, IngestError>((raw, v, permit))
-    }
-    .await;
-    let (raw, v, _permit) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            st.ingest.refused(ROUTE, &e);
-            return e.into_response();
-        }
-    };
-    let api_key = v
-        .get("api_key")
-        .and_then(Value::as_str)
-        .map(Secret::new)
-        .or_else(|| header_str(&headers, "x-api-key").map(Secret::new));
-    let ev = NewEvent {
-        kind: EventKind::PromptLayerCreateGroup,
-        attrs: Default::default(),
-        payload: raw,
-        creds: ClientCredentials {
-            api_key,
-            project_id: None,
-        },
-    };
-    match st.ingest.admit(ROUTE, vec![ev]).await {
-        Ok(ids) => Json200(json!({"success": true, "id": ids[0].seq})).into_response(),
-        Err(e) => e.into_response(),
-    }
-}
+const PL_CREATE_GROUP: ServiceRoute = ServiceRoute {
+    name: "promptlayer_group",
+    kind: EventKind::PromptLayerCreateGroup,
+    check: |_, _, v| match v.get("api_key") {
+        None | Some(Value::String(_)) | Some(Value::Null) => Ok(()),
+        Some(_) => Err(vec![field_error("api_key", "must be a string")]),
+    },
+    attrs: no_attrs,
+    creds: body_or_header_key,
+    reply: |seq, _| Json200(json!({"success": true, "id": seq})).into_response(),
+};
 
 /// `POST /track-request`, sent by the PromptLayer SDKs' OpenAI/Anthropic wrappers: stored and
 /// forwarded as is; answered with a local request id that follow-ups can name.
-async fn pl_track_request(State(st): St, headers: HeaderMap, body: Body) -> Response {
-    const ROUTE: &str = "promptlayer_track_request";
-    let parsed = async {
-        let (raw, v, permit) = object_body(&st, &headers, body).await?;
+const PL_TRACK_REQUEST: ServiceRoute = ServiceRoute {
+    name: "promptlayer_track_request",
+    kind: EventKind::PromptLayerTrackRequest,
+    check: |_, _, v| {
         let mut bad = Vec::new();
         match v.get("function_name") {
             Some(Value::String(_)) => {}
-            Some(_) => bad.push(("function_name", "must be a string")),
-            None => bad.push(("function_name", "is required")),
+            Some(_) => bad.push(field_error("function_name", "must be a string")),
+            None => bad.push(field_error("function_name", "is required")),
         }
         if !matches!(
             v.get("kwargs"),
             None | Some(Value::Null) | Some(Value::Object(_))
         ) {
-            bad.push(("kwargs", "must be an object"));
+            bad.push(field_error("kwargs", "must be an object"));
         }
         if !matches!(
             v.get("tags"),
             None | Some(Value::Null) | Some(Value::Array(_))
         ) {
-            bad.push(("tags", "must be an array of strings"));
+            bad.push(field_error("tags", "must be an array of strings"));
         }
         if v.get("api_key").is_some_and(|k| !k.is_string()) {
-            bad.push(("api_key", "must be a string"));
+            bad.push(field_error("api_key", "must be a string"));
         }
-        if !bad.is_empty() {
-            return Err(IngestError::invalid(
-                bad.into_iter()
-                    .map(|(f, p)| formats::FieldError {
-                        field: f.into(),
-                        problem: p.into(),
-                    })
-                    .collect(),
-            ));
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(bad)
         }
-        Ok::<_, IngestError>((raw, v, permit))
-    }
-    .await;
-    let (raw, v, _permit) = match parsed {
-        Ok(p) => p,
-        Err(e) => {
-            st.ingest.refused(ROUTE, &e);
-            return e.into_response();
-        }
-    };
-    let api_key = v
-        .get("api_key")
-        .and_then(Value::as_str)
-        .map(Secret::new)
-        .or_else(|| header_str(&headers, "x-api-key").map(Secret::new));
-    let ev = NewEvent {
-        kind: EventKind::PromptLayerTrackRequest,
-        attrs: Default::default(),
-        payload: raw,
-        creds: ClientCredentials {
-            api_key,
-            project_id: None,
-        },
-    };
-    match st.ingest.admit(ROUTE, vec![ev]).await {
-        Ok(ids) => Json200(json!({"success": true, "request_id": ids[0].seq})).into_response(),
-        Err(e) => e.into_response(),
-    }
+    },
+    attrs: no_attrs,
+    creds: body_or_header_key,
+    reply: |seq, _| Json200(json!({"success": true, "request_id": seq})).into_response(),
+};
+
+async fn pezzo_report(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &PEZZO, h, b).await
+}
+async fn pl_log(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &PL_LOG, h, b).await
+}
+async fn pl_track_score(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &pl_track_route(TrackKind::Score), h, b).await
+}
+async fn pl_track_metadata(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &pl_track_route(TrackKind::Metadata), h, b).await
+}
+async fn pl_track_prompt(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &pl_track_route(TrackKind::Prompt), h, b).await
+}
+async fn pl_track_group(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &pl_track_route(TrackKind::Group), h, b).await
+}
+async fn pl_create_group(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &PL_CREATE_GROUP, h, b).await
+}
+async fn pl_track_request(State(st): St, h: HeaderMap, b: Body) -> Response {
+    accept(&st, &PL_TRACK_REQUEST, h, b).await
 }
 
 async fn metrics(State(st): St) -> Response {
