@@ -311,19 +311,33 @@ impl Bench {
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         ));
         r.machine(&m);
+        // The checkout the daemon binary was built in (`-modified`: with uncommitted changes).
         let commit = std::process::Command::new("git")
-            .args(["rev-parse", "--short", "HEAD"])
+            .arg("-C")
+            .arg(self.bin.parent().unwrap_or(Path::new(".")))
+            .args(["describe", "--always", "--dirty=-modified"])
             .output()
             .ok()
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_else(|| "unknown".into());
-        r.header.push(("llmlogd commit".into(), commit));
+        r.header.push((
+            "llmlogd".into(),
+            format!("`{}`, built from commit {commit}", self.bin.display()),
+        ));
         r.header.push((
             "command".into(),
             format!(
                 "`llmlogd-bench {}`",
-                std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+                std::env::args()
+                    .skip(1)
+                    .map(|a| if a.contains([' ', '"']) {
+                        format!("'{a}'")
+                    } else {
+                        a
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ),
         ));
         r.header.push((
