@@ -8,6 +8,7 @@
 //! `response.end_time` (RFC 3339 strings or Unix seconds) are required; `request.body` /
 //! `response.body` hold raw provider JSON; every other field is optional (see `canonical.rs`).
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::canonical::{provider_id, LlmEvent, SCHEMA};
@@ -21,13 +22,26 @@ pub fn is_canonical(body: &Value) -> bool {
 
 /// A native body must be a JSON object; one carrying the schema marker must parse as an event.
 pub fn validate(body: &Value) -> Result<(), Vec<FieldError>> {
+    check(body).map(|_| ())
+}
+
+/// Validates and returns the routing attributes in one pass (ingest's hot path: a canonical
+/// event is deserialised once, from the borrowed `Value`, with no clone).
+pub fn check(body: &Value) -> Result<Attributes, Vec<FieldError>> {
     let mut c = Checker::new();
-    if c.object(body, ROOT).is_some() && is_canonical(body) {
-        if let Err(e) = serde_json::from_value::<LlmEvent>(body.clone()) {
+    if c.object(body, ROOT).is_none() {
+        return Err(c.finish().err().unwrap_or_default());
+    }
+    if !is_canonical(body) {
+        return Ok(opaque_attributes(body));
+    }
+    match LlmEvent::deserialize(body) {
+        Ok(ev) => Ok(canonical_attributes(ev)),
+        Err(e) => {
             c.error(ROOT, format!("not a valid {SCHEMA} event: {e}"));
+            Err(c.finish().err().unwrap_or_default())
         }
     }
-    c.finish()
 }
 
 /// The canonical event, when the body carries the schema marker and parses.
@@ -35,7 +49,17 @@ pub fn to_canonical(body: &Value) -> Option<LlmEvent> {
     if !is_canonical(body) {
         return None;
     }
-    serde_json::from_value(body.clone()).ok()
+    LlmEvent::deserialize(body).ok()
+}
+
+fn canonical_attributes(ev: LlmEvent) -> Attributes {
+    Attributes {
+        provider: Some(ev.provider),
+        model: ev.model,
+        environment: ev.environment,
+        tags: ev.tags.unwrap_or_default(),
+        canonical: true,
+    }
 }
 
 /// The canonical event in its native (serde) form.
@@ -47,15 +71,13 @@ pub fn from_canonical(ev: &LlmEvent) -> Value {
 /// Routing attributes: from the canonical event when there is one, else best effort from
 /// top-level `provider`, `model`, `environment` (or `metadata.environment`) and `tags`.
 pub fn attributes(body: &Value) -> Attributes {
-    if let Some(ev) = to_canonical(body) {
-        return Attributes {
-            provider: Some(ev.provider),
-            model: ev.model,
-            environment: ev.environment,
-            tags: ev.tags.unwrap_or_default(),
-            canonical: true,
-        };
+    match to_canonical(body) {
+        Some(ev) => canonical_attributes(ev),
+        None => opaque_attributes(body),
     }
+}
+
+fn opaque_attributes(body: &Value) -> Attributes {
     let str_of = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
     Attributes {
         provider: str_of(body.get("provider")).map(|p| provider_id(&p)),

@@ -296,10 +296,10 @@ pub(crate) fn trim_ascii(b: &[u8]) -> &[u8] {
 /// Builds a native event from one raw object (already known to be a JSON object).
 pub(crate) fn native_event(raw: Bytes) -> Result<NewEvent, IngestError> {
     let v: Value = serde_json::from_slice(&raw).map_err(|e| json_error(&e, "the event"))?;
-    formats::native::validate(&v).map_err(IngestError::invalid)?;
+    let attrs = formats::native::check(&v).map_err(IngestError::invalid)?;
     Ok(NewEvent {
         kind: EventKind::Native,
-        attrs: formats::native::attributes(&v),
+        attrs,
         payload: raw,
         creds: ClientCredentials::default(),
     })
