@@ -103,6 +103,14 @@ struct Args {
     /// Also write the report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The systemd unit whose process settings (`Environment=`, `CPUSchedulingPolicy=`,
+    /// `Nice=`) llmlogd is started with, as users running the unit get them (default:
+    /// `systemd/llmlogd.service` of the checkout the llmlogd binary was built in).
+    #[arg(long)]
+    unit: Option<PathBuf>,
+    /// Start llmlogd bare, without the unit's process settings.
+    #[arg(long, conflicts_with = "unit")]
+    bare: bool,
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -127,6 +135,9 @@ struct Bench {
     warmup: Duration,
     measure: Duration,
     report: Report,
+    /// The unit's process settings the daemon is started with.
+    unit: daemon::UnitSettings,
+    unit_path: Option<PathBuf>,
     /// Problems that make the run invalid (printed, exit 1).
     failures: Vec<String>,
 }
@@ -198,9 +209,29 @@ fn run(args: Args) -> anyhow::Result<bool> {
         warmup,
         measure,
         report: Report::default(),
+        unit: daemon::UnitSettings::default(),
+        unit_path: None,
         failures: Vec::new(),
         args,
     };
+    if !b.args.bare {
+        let path = b.args.unit.clone().unwrap_or_else(|| {
+            // target/release/llmlogd -> the checkout's systemd/llmlogd.service
+            b.bin
+                .ancestors()
+                .nth(3)
+                .unwrap_or(Path::new("."))
+                .join("systemd/llmlogd.service")
+        });
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                b.unit = daemon::UnitSettings::parse(&text);
+                b.unit_path = Some(path);
+            }
+            Err(e) if b.args.unit.is_some() => bail!("{}: {e}", path.display()),
+            Err(_) => {}
+        }
+    }
     b.header();
     let phases: Vec<Phase> = if b.args.only.is_empty() {
         Phase::value_variants().to_vec()
@@ -341,6 +372,17 @@ impl Bench {
             ),
         ));
         r.header.push((
+            "llmlogd process".into(),
+            match &self.unit_path {
+                Some(p) => format!(
+                    "with the process settings of `{}`: {} (not its cgroup limits)",
+                    p.display(),
+                    self.unit.describe()
+                ),
+                None => "bare: default scheduling, environment and malloc".into(),
+            },
+        ));
+        r.header.push((
             "llmlogd config".into(),
             format!(
                 "defaults, plus `queue.max_bytes = \"64GiB\"`{}; sinks as named below",
@@ -389,6 +431,7 @@ impl Bench {
             socket: &socket,
             log: &log,
             ready_within: Duration::from_secs(600),
+            unit: &self.unit,
         })
     }
 }

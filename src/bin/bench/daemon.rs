@@ -33,12 +33,100 @@ pub struct Launch<'a> {
     pub log: &'a Path,
     /// How long to wait for "ready" (opening a large queue takes a while).
     pub ready_within: Duration,
+    /// Process settings taken from the systemd unit (empty: run it bare).
+    pub unit: &'a UnitSettings,
+}
+
+/// What `systemd/llmlogd.service` changes about the process that the bench can reproduce:
+/// `Environment=`, `CPUSchedulingPolicy=` (other, batch, idle) and `Nice=`. Its cgroup limits
+/// (`MemoryHigh=`, `MemoryMax=`) and sandboxing are not applied.
+#[derive(Debug, Clone, Default)]
+pub struct UnitSettings {
+    pub env: Vec<(String, String)>,
+    pub policy: Option<(String, libc::c_int)>,
+    pub nice: Option<i32>,
+}
+
+impl UnitSettings {
+    pub fn parse(text: &str) -> UnitSettings {
+        let mut u = UnitSettings::default();
+        let mut in_service = false;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_service = line == "[Service]";
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=').filter(|_| in_service) else {
+                continue;
+            };
+            match k.trim() {
+                "Environment" => {
+                    for word in v.split_whitespace() {
+                        if let Some((ek, ev)) = word.trim_matches('"').split_once('=') {
+                            u.env.push((ek.to_string(), ev.to_string()));
+                        }
+                    }
+                }
+                "CPUSchedulingPolicy" => {
+                    u.policy = match v.trim() {
+                        "batch" => Some(("batch".into(), libc::SCHED_BATCH)),
+                        "idle" => Some(("idle".into(), libc::SCHED_IDLE)),
+                        "other" => Some(("other".into(), libc::SCHED_OTHER)),
+                        _ => None,
+                    }
+                }
+                "Nice" => u.nice = v.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        u
+    }
+
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        if let Some((name, _)) = &self.policy {
+            parts.push(format!("`CPUSchedulingPolicy={name}`"));
+        }
+        if let Some(n) = self.nice {
+            parts.push(format!("`Nice={n}`"));
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 impl Daemon {
     pub fn start(l: &Launch<'_>) -> anyhow::Result<Daemon> {
         let t0 = Instant::now();
-        let mut child = Command::new(l.bin)
+        let mut cmd = Command::new(l.bin);
+        cmd.env_remove("MALLOC_ARENA_MAX");
+        cmd.envs(l.unit.env.iter().map(|(k, v)| (k, v)));
+        let (policy, nice) = (l.unit.policy.as_ref().map(|p| p.1), l.unit.nice);
+        if policy.is_some() || nice.is_some() {
+            // SAFETY: runs in the forked child before exec; sched_setscheduler and
+            // setpriority are plain syscalls (async-signal-safe) on stack values.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.pre_exec(move || {
+                    if let Some(p) = policy {
+                        let param = libc::sched_param { sched_priority: 0 };
+                        if libc::sched_setscheduler(0, p, &param) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    if let Some(n) = nice {
+                        if libc::setpriority(libc::PRIO_PROCESS, 0, n) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .arg("run")
             .arg("--config")
             .arg(l.config)
@@ -193,6 +281,23 @@ pub fn closed_port() -> anyhow::Result<u16> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn unit_settings() {
+        let u = super::UnitSettings::parse(
+            "[Unit]\nEnvironment=NO=1\n[Service]\nEnvironment=MALLOC_ARENA_MAX=2 \"A=b\"\nCPUSchedulingPolicy=batch\nNice=5\n",
+        );
+        assert_eq!(
+            u.env,
+            vec![
+                ("MALLOC_ARENA_MAX".into(), "2".into()),
+                ("A".into(), "b".into())
+            ]
+        );
+        assert_eq!(u.policy.map(|p| p.1), Some(libc::SCHED_BATCH));
+        assert_eq!(u.nice, Some(5));
+        assert!(super::UnitSettings::parse("").describe() == "nothing");
+    }
+
     #[test]
     fn ready_line_fields() {
         let l = "2025-01-01T00:00:00Z  INFO llmlogd::app: llmlogd ready listening=http://127.0.0.1:4242 and unix:/tmp/x/s.sock data_dir=/tmp/x sinks=0";
