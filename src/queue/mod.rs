@@ -317,14 +317,28 @@ impl Queue {
         max_bytes: usize,
         max_scan: usize,
     ) -> Result<ReadBatch, QueueError> {
+        // Only below the head: every record there was written (and synced) before this scan
+        // began. Scanning past it could see a record of a group commit still being applied
+        // while missing an earlier one of the same group (a sled iterator copies each page as
+        // it reaches it), and moving past the unseen one would skip it for good.
+        let head = *self.shared.head.borrow();
         let t = self.shared.trees()?;
         let mut out = ReadBatch {
             items: Vec::new(),
             next: from,
         };
+        if from >= head {
+            return Ok(out);
+        }
         let mut bytes = 0usize;
-        for (scanned, kv) in t.log.range(from.to_be_bytes()..).enumerate() {
+        let mut stopped = false;
+        for (scanned, kv) in t
+            .log
+            .range(from.to_be_bytes()..head.to_be_bytes())
+            .enumerate()
+        {
             if scanned >= max_scan || out.items.len() >= max_events || bytes >= max_bytes {
+                stopped = true;
                 break;
             }
             let (k, v) = kv?;
@@ -352,9 +366,9 @@ impl Queue {
             };
             out.items.push(item);
         }
-        if out.items.is_empty() {
-            // Nothing routed here before the head: the cursor may jump to what was scanned.
-            out.next = out.next.max(from);
+        if !stopped {
+            // Everything below the head was scanned (records removed meanwhile included).
+            out.next = head;
         }
         Ok(out)
     }

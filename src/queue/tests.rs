@@ -169,7 +169,7 @@ fn corrupt_records_are_reported_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let q = Queue::open(&cfg(dir.path())).unwrap();
-    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[0])]))
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[0]), q.prepare(&ev("{}"), &[0])]))
         .unwrap();
     q.shared
         .trees()
@@ -313,4 +313,27 @@ fn fsck_finds_and_repairs_corruption_without_losing_it() {
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].seq, 1);
     assert!(dl[0].event.is_err(), "kept as unreadable, not lost");
+}
+
+/// Readers see only what is below the head (fully written): a scan never moves past a record
+/// of a group commit still being applied.
+#[test]
+fn reads_stop_at_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[0])]))
+        .unwrap();
+    // A record beyond the head, as if a group commit were half applied.
+    let enc = q.prepare(&ev("{\"later\":1}"), &[0]);
+    q.shared
+        .trees()
+        .unwrap()
+        .log
+        .insert(5u64.to_be_bytes(), enc.enc.value)
+        .unwrap();
+    let r = q.read(0, 0, 10, 1 << 20, 10).unwrap();
+    assert_eq!(payloads(&r), vec!["{}".to_string()]);
+    assert_eq!(r.next, 1, "the cursor may not pass the head");
+    assert!(q.read(0, 1, 10, 1 << 20, 10).unwrap().items.is_empty());
 }

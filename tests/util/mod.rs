@@ -298,7 +298,11 @@ impl InProcess {
     }
 
     pub async fn reload(&self, toml: &str) {
-        std::fs::write(&self.config_path, toml).unwrap();
+        // Write-then-rename, as config management tools do: a reload must never read a
+        // half-written file (an empty one is a valid config with no sinks).
+        let tmp = self.config_path.with_extension("toml.tmp");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
         self.control.send(Signal::Reload).await.unwrap();
     }
 
