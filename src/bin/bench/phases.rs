@@ -272,7 +272,7 @@ impl Bench {
         let data = self.work.join("steady-data");
         let _ = std::fs::remove_dir_all(&data);
         let d = self.start_daemon("steady", &data, "")?;
-        let secs = if self.args.smoke { 1.0 } else { 10.0 };
+        let secs = if self.args.smoke { 0.5 } else { 10.0 };
         let (rate, conns) = (1000.0, 8);
         for (transport, addr, proto) in [
             (
@@ -595,9 +595,11 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(200));
         }
         let empty = Instant::now();
+        // Half-second samples that must agree: 3 s, or 1 s in a smoke run.
+        let stable = if self.args.smoke { 2 } else { 6 };
         let (mut last, mut same) = (sys::disk_usage(data), 0);
         let settled = |last: u64, same: u32| {
-            same >= 6 && (last < 64 << 20 || empty.elapsed() > Duration::from_secs(13))
+            same >= stable && (last < 64 << 20 || empty.elapsed() > Duration::from_secs(13))
         };
         while !settled(last, same) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(500));
