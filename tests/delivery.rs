@@ -218,24 +218,6 @@ async fn metric(base: &dyn Fn(&str) -> String, name: &str) -> Option<f64> {
         .and_then(|l| l[name.len()..].trim().parse().ok())
 }
 
-/// Polls `f` (async) every 20 ms until it returns `Some`, up to `timeout`.
-async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A poison event earns a strike for each failure with another event delivered since its
 /// previous one: keeps good events (numbered from `next`) flowing, one every 50 ms, until
 /// `want` dead letters show. Returns the next unused event number.
