@@ -7,6 +7,11 @@ use clap::Parser;
 use llmlogd::cli::{self, Cli, CliError, Command};
 use llmlogd::config::{Config, LogFormat};
 
+/// mimalloc instead of glibc's malloc: under load glibc's arena locks showed up in the profile
+/// as futex waits on every thread (ingest, the writer, sled's I/O threads); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

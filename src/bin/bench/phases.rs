@@ -106,17 +106,20 @@ impl Bench {
             "stored record".into(),
             format!("{mean} B (28-byte header + zstd level 1 payload)"),
         ));
-        for g in self.args.clients.clone() {
-            eprintln!("  raw sled, groups of {g}");
-            let c = storage::sled_ceiling(
-                &self.work.join(format!("ceiling-{g}")),
-                g,
-                &values,
-                self.warmup,
-                self.measure,
-                CELL_CAP,
-            )?;
-            self.report.ceilings.push(c);
+        for packed in [false, true] {
+            for g in self.args.clients.clone() {
+                eprintln!("  raw sled, groups of {g}, packed {packed}");
+                let c = storage::sled_ceiling(
+                    &self.work.join(format!("ceiling-{g}")),
+                    g,
+                    packed,
+                    &values,
+                    self.warmup,
+                    self.measure,
+                    CELL_CAP,
+                )?;
+                self.report.ceilings.push(c);
+            }
         }
         let payloads = Arc::new(self.events.native.clone());
         for g in self.args.clients.clone() {

@@ -20,10 +20,15 @@ use rand::RngCore;
 
 use crate::load::{self, Outcome, Summary, Window};
 
+/// The largest packed value (llmlogd's queue packs records into values of up to this size).
+pub const PACK_BYTES: usize = 16 * 1024;
+
 /// What one group size achieved.
 #[derive(Debug)]
 pub struct Ceiling {
     pub group: usize,
+    /// Records packed into shared sled values (up to `PACK_BYTES` each), not one per key.
+    pub packed: bool,
     pub commits: u64,
     pub events: u64,
     pub window: Duration,
@@ -62,6 +67,7 @@ pub fn records(payloads: &[Bytes]) -> Vec<Vec<u8>> {
 pub fn sled_ceiling(
     dir: &Path,
     group: usize,
+    packed: bool,
     values: &[Vec<u8>],
     warmup: Duration,
     measure: Duration,
@@ -91,12 +97,28 @@ pub fn sled_ceiling(
             cpu_at_start = Some((t, crate::sys::self_cpu()));
         }
         let mut batch = sled::Batch::default();
-        for _ in 0..group {
-            batch.insert(
-                &seq.to_be_bytes()[..],
-                &values[seq as usize % values.len()][..],
-            );
-            seq += 1;
+        if packed {
+            let mut frame: Vec<u8> = Vec::new();
+            let mut first = seq;
+            for _ in 0..group {
+                let v = &values[seq as usize % values.len()];
+                if !frame.is_empty() && frame.len() + 4 + v.len() > PACK_BYTES {
+                    batch.insert(&first.to_be_bytes()[..], std::mem::take(&mut frame));
+                    first = seq;
+                }
+                frame.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                frame.extend_from_slice(v);
+                seq += 1;
+            }
+            batch.insert(&first.to_be_bytes()[..], frame);
+        } else {
+            for _ in 0..group {
+                batch.insert(
+                    &seq.to_be_bytes()[..],
+                    &values[seq as usize % values.len()][..],
+                );
+                seq += 1;
+            }
         }
         log.apply_batch(batch)?;
         meta.insert("next_seq", &seq.to_be_bytes())?;
@@ -116,6 +138,7 @@ pub fn sled_ceiling(
     let _ = std::fs::remove_dir_all(dir);
     Ok(Ceiling {
         group,
+        packed,
         commits,
         events,
         window: w.len(),
