@@ -383,3 +383,116 @@ async fn track_request_and_its_follow_ups_reach_promptlayer_with_the_services_id
     assert_eq!(got[1].json()["api_key"], "pl_sink_key");
     d.stop().await;
 }
+
+/// Pezzo's request cache routes (asked by apps with `cache: true`): every lookup is a miss,
+/// a save is accepted, nothing is stored or sent; a broken body is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pezzo_cache_routes_answer_a_miss_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "").await;
+    let http = client();
+    let req = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    for prefix in ["/api/cache/v1", "/cache/v1"] {
+        let r = http
+            .post(d.url(&format!("{prefix}/request/retrieve")))
+            .json(&json!({ "request": req }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{prefix}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap(),
+            json!({"hit": false, "data": null})
+        );
+        let r = http
+            .post(d.url(&format!("{prefix}/request/save")))
+            .json(&json!({ "request": req, "response": {"id": "chatcmpl-1"} }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{prefix}");
+    }
+    for (path, body, field) in [
+        ("/api/cache/v1/request/retrieve", json!({}), "request"),
+        (
+            "/api/cache/v1/request/retrieve",
+            json!({"request": "x"}),
+            "request",
+        ),
+        (
+            "/api/cache/v1/request/save",
+            json!({ "request": req }),
+            "response",
+        ),
+    ] {
+        let r = http.post(d.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["fields"][0]["field"], field, "{v}");
+    }
+    let status: Value = http
+        .get(d.url("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        status["queue"]["next_seq"], 0,
+        "cache calls stored something: {status}"
+    );
+    d.stop().await;
+}
+
+/// The official Pezzo clients with the cache on (`cache: true`): their calls keep working
+/// through llmlogd (a server without the cache routes makes both throw), and the reports say
+/// the cache was on and missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_pezzo_clients_with_the_cache_on_keep_working() {
+    let Some((clients, python)) = client_env() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pezzo = MockSink::start().await;
+    pezzo.ok_answer(201, "{\"reportId\":\"x\"}");
+    let cfg = format!(
+        "[sinks.pezzo]\ntype = \"pezzo\"\nurl = \"{}\"\nbatch_max_wait = \"10ms\"\n",
+        pezzo.url("")
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = d.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg(clients.join("run_all.sh"))
+            .env("LLMLOGD_URL", base)
+            .env("PYTHON", python)
+            .env("ONLY", "pezzo_node pezzo_py")
+            .env("EXTRAS", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "clients failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cached = wait_for(DEADLINE, "the cache-miss reports of both clients", || {
+        let r: Vec<Value> = pezzo
+            .received()
+            .iter()
+            .map(|r| r.json())
+            .filter(|b| b["cacheEnabled"] == true)
+            .collect();
+        (r.len() >= 2).then_some(r)
+    })
+    .await;
+    for body in &cached {
+        assert_eq!(body["cacheHit"], false, "{body}");
+        formats::pezzo::validate(body).unwrap_or_else(|e| panic!("{e:?}\n{body:#}"));
+    }
+    d.stop().await;
+}

@@ -8,6 +8,7 @@
 //! | `POST /library-track-{score,metadata,prompt}`, `/track-group` | PromptLayer follow-up | 200 `{"success":true}` |
 //! | `POST /create-group` | PromptLayer group | 200 `{"success":true,"id":<local id>}` |
 //! | `POST /track-request` | PromptLayer SDK wrappers | 200 `{"success":true,"request_id":<local id>}` |
+//! | `POST /api/cache/v1/request/{retrieve,save}` (and without `/api`) | Pezzo request cache | 201 `{"hit":false,"data":null}` / 201 `{"hash":null,"exp":null}`: never a hit, nothing stored (see [`pezzo_cache`]) |
 //! | `GET /metrics`, `/healthz`, `/readyz`, `/v1/status` | ops | 200 |
 //!
 //! Every refusal is a JSON body `{"success":false,"message":..,"error":{"code","message","fields"}}`.
@@ -58,6 +59,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/v1/events", post(native_events))
         .route("/api/reporting/v2/request", post(pezzo_report))
         .route("/reporting/v2/request", post(pezzo_report))
+        .route("/api/cache/v1/request/retrieve", post(pezzo_cache_retrieve))
+        .route("/cache/v1/request/retrieve", post(pezzo_cache_retrieve))
+        .route("/api/cache/v1/request/save", post(pezzo_cache_save))
+        .route("/cache/v1/request/save", post(pezzo_cache_save))
         .route("/log-request", post(pl_log))
         .route("/library-track-score", post(pl_track_score))
         .route("/library-track-metadata", post(pl_track_metadata))
@@ -557,6 +562,62 @@ const PL_TRACK_REQUEST: ServiceRoute = ServiceRoute {
 async fn pezzo_report(State(st): St, h: HeaderMap, b: Body) -> Response {
     accept(&st, &PEZZO, h, b).await
 }
+/// Pezzo's request cache, as seen by an app with `cache: true`: the client asks
+/// `/cache/v1/request/retrieve` before every OpenAI call and `/save`s the answer after a miss.
+/// Both official clients break the app's call when these routes fail (the JS client parses
+/// the error body twice and throws; the Python one raises a TypeError), so llmlogd answers
+/// them: every lookup is a miss (the app calls OpenAI as it would on a cold cache) and a save
+/// is accepted and dropped. Caching is not logging: llmlogd stores nothing here and sends
+/// nothing to Pezzo, and the reports of these calls (`cacheEnabled: true`, `cacheHit: false`)
+/// are logged as usual. The body is checked as Pezzo's server checks it (`request` must be an
+/// object), so a broken client still gets a 400 that names the field.
+fn pezzo_cache(v: &Value, needs_response: bool) -> Result<(), Vec<formats::FieldError>> {
+    let mut bad = Vec::new();
+    match v.get("request") {
+        Some(Value::Object(_)) => {}
+        Some(_) => bad.push(field_error("request", "must be an object")),
+        None => bad.push(field_error("request", "is required")),
+    }
+    if needs_response && v.get("response").is_none_or(Value::is_null) {
+        bad.push(field_error("response", "is required"));
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(bad)
+    }
+}
+
+async fn pezzo_cache_call(st: &HttpState, h: HeaderMap, b: Body, save: bool) -> Response {
+    static NOTED: AtomicBool = AtomicBool::new(false);
+    let checked = async {
+        let (_, v, _permit) = object_body(st, &h, b).await?;
+        pezzo_cache(&v, save).map_err(IngestError::invalid)
+    }
+    .await;
+    if let Err(e) = checked {
+        return e.into_response();
+    }
+    if !NOTED.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            "an app uses Pezzo's request cache (cache: true); llmlogd answers every lookup as a miss and stores nothing"
+        );
+    }
+    let reply = if save {
+        json!({"hash": null, "exp": null})
+    } else {
+        json!({"hit": false, "data": null})
+    };
+    JsonReply(StatusCode::CREATED, reply).into_response()
+}
+
+async fn pezzo_cache_retrieve(State(st): St, h: HeaderMap, b: Body) -> Response {
+    pezzo_cache_call(&st, h, b, false).await
+}
+async fn pezzo_cache_save(State(st): St, h: HeaderMap, b: Body) -> Response {
+    pezzo_cache_call(&st, h, b, true).await
+}
+
 async fn pl_log(State(st): St, h: HeaderMap, b: Body) -> Response {
     accept(&st, &PL_LOG, h, b).await
 }
