@@ -207,6 +207,14 @@ async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("event 1") && err.contains("full"), "{err}");
+    // The HTTP refusal above is counted (read before the reload: until the reload is applied,
+    // the polling below may be refused too).
+    let full = metric(
+        &d.url("/metrics"),
+        "llmlogd_ingest_events_total{route=\"native\",result=\"full\"}",
+    )
+    .await;
+    assert_eq!(full, Some(1.0));
     // drop_oldest: new events go in, the oldest go out, counted.
     d.reload(&(sink(&mock) + "[queue]\nmax_events = 5\nwhen_full = \"drop_oldest\"\n"))
         .await;
@@ -218,12 +226,6 @@ async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
     .await;
     let evicted = metric(&d.url("/metrics"), "llmlogd_queue_evicted_events").await;
     assert_eq!(evicted, Some(1.0));
-    let full = metric(
-        &d.url("/metrics"),
-        "llmlogd_ingest_events_total{route=\"native\",result=\"full\"}",
-    )
-    .await;
-    assert_eq!(full, Some(1.0));
     d.stop().await;
 }
 
