@@ -203,6 +203,15 @@ fn reload(
     delivery: &mut Delivery,
     ingest: &Ingest,
 ) -> anyhow::Result<()> {
+    // Events accepted with no sink are stored and discarded. Starting that way is a choice
+    // (the embedded defaults have no sink); going there by reload is far more often a file
+    // read half-written, so it is refused and said plainly.
+    if new.sinks.is_empty() && !old.sinks.is_empty() {
+        anyhow::bail!(
+            "the new configuration has no sinks (the running one has {}): events accepted after it would be discarded; restart llmlogd to run without sinks (and write config files with a rename, so a reload never reads one half-written)",
+            old.sinks.len()
+        );
+    }
     let queue_fixed =
         |q: &crate::config::QueueConfig| (q.data_dir.clone(), q.cache_bytes, q.compression);
     let restart_only = [

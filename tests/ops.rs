@@ -417,3 +417,27 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
             .find(|f| f.exists())
     })
 }
+
+/// A reload that would leave no sink (most often a config file read half-written) is refused,
+/// said in one log line, and the running sinks keep delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_drops_every_sink_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = MockSink::start().await;
+    let d = Process::start(dir.path(), &http_sink("a", &a));
+    std::fs::write(dir.path().join("llmlogd.toml"), "").unwrap();
+    d.signal(libc::SIGHUP);
+    let line = wait_until(DEADLINE, "the refusal in the log", || async {
+        d.log().into_iter().find(|l| l.contains("has no sinks"))
+    })
+    .await;
+    assert!(line.contains("keeping the running configuration"), "{line}");
+    let (s, _) = post_json(&d.url("/v1/events"), "{\"after\":\"empty reload\"}").await;
+    assert_eq!(s, 202);
+    wait_for(DEADLINE, "the event at the running sink", || {
+        let got: Vec<String> = a.received().iter().flat_map(|r| r.raw_events()).collect();
+        got.iter().any(|e| e.contains("empty reload")).then_some(())
+    })
+    .await;
+    assert_eq!(d.terminate().code(), Some(0));
+}
