@@ -300,6 +300,14 @@ pub(crate) fn trim_ascii(b: &[u8]) -> &[u8] {
 
 /// Builds a native event from one raw object (already known to be a JSON object).
 pub(crate) fn native_event(raw: Bytes) -> Result<NewEvent, IngestError> {
+    if let Some(attrs) = formats::native::check_canonical_bytes(&raw) {
+        return Ok(NewEvent {
+            kind: EventKind::Native,
+            attrs,
+            payload: raw,
+            creds: ClientCredentials::default(),
+        });
+    }
     let v: Value = serde_json::from_slice(&raw).map_err(|e| json_error(&e, "the event"))?;
     let attrs = formats::native::check(&v).map_err(IngestError::invalid)?;
     Ok(NewEvent {
