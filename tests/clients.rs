@@ -190,6 +190,26 @@ fn client_env() -> Option<(PathBuf, String)> {
     None
 }
 
+/// Runs `tests/clients/run_all.sh` against llmlogd at `base`; fails the test if a client failed.
+async fn run_clients(clients: &Path, python: &str, base: &str, env: &[(&str, &str)]) {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(clients.join("run_all.sh"))
+        .env("LLMLOGD_URL", base)
+        .env("PYTHON", python);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "clients failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The real SDKs (PromptLayer Python + JS, Pezzo JS + Python) against llmlogd; llmlogd
 /// delivers to mock services; the mocks see what the real services would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,23 +253,7 @@ batch_max_wait = "10ms"
         raw.url("/raw")
     );
     let d = InProcess::start(dir.path(), &cfg).await;
-    let base = d.url("");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(clients.join("run_all.sh"))
-            .env("LLMLOGD_URL", base)
-            .env("PYTHON", python)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "clients failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_clients(&clients, &python, &d.url(""), &[]).await;
 
     // PromptLayer: every log arrives with the app's key, valid per the spec, and each
     // follow-up names the id the service gave (90000+), never llmlogd's local id.
@@ -461,25 +465,8 @@ async fn official_pezzo_clients_with_the_cache_on_keep_working() {
         pezzo.url("")
     );
     let d = InProcess::start(dir.path(), &cfg).await;
-    let base = d.url("");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(clients.join("run_all.sh"))
-            .env("LLMLOGD_URL", base)
-            .env("PYTHON", python)
-            .env("ONLY", "pezzo_node pezzo_py")
-            .env("EXTRAS", "1")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "clients failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = [("ONLY", "pezzo_node pezzo_py"), ("EXTRAS", "1")];
+    run_clients(&clients, &python, &d.url(""), &env).await;
     let cached = wait_for(DEADLINE, "the cache-miss reports of both clients", || {
         let r: Vec<Value> = pezzo
             .received()
