@@ -188,17 +188,6 @@ async fn closed_addr() -> SocketAddr {
     addr
 }
 
-async fn get_text(url: &str) -> String {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn status(base: &dyn Fn(&str) -> String) -> Value {
     serde_json::from_str(&get_text(&base("/v1/status")).await).expect("status JSON")
 }

@@ -160,14 +160,7 @@ async fn invalid_json_is_400_naming_the_problem_and_stores_nothing() {
     })
     .await;
     assert_eq!(got, vec!["{\"ok\":true}".to_string()]);
-    let metrics = client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&d.url("/metrics")).await;
     assert!(
         metrics.contains("llmlogd_ingest_events_total{route=\"native\",result=\"invalid\"} 5"),
         "{metrics}"

@@ -125,14 +125,7 @@ async fn reload_under_load_loses_nothing_and_applies_sinks_and_routes() {
         }
         if Instant::now() > deadline {
             let missing: Vec<&String> = sent.iter().filter(|s| !all.contains(*s)).collect();
-            let status = client()
-                .get(d.url("/v1/status"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let status = get_text(&d.url("/v1/status")).await;
             let at_b: std::collections::HashSet<String> =
                 b.received().iter().flat_map(|r| r.raw_events()).collect();
             panic!(

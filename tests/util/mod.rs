@@ -436,6 +436,18 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GETs `url` and returns the body as text.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Posts JSON text to `url`, returns (status, body).
 pub async fn post_json(url: &str, body: &str) -> (u16, serde_json::Value) {
     let r = client()
