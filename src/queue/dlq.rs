@@ -71,8 +71,11 @@ impl Queue {
         mut info: DeadLetterInfo,
     ) -> Result<(), QueueError> {
         let t = self.shared.trees()?;
-        let Some(value) = t.log.get(seq.to_be_bytes())? else {
-            return Ok(());
+        // A pack that does not open is kept whole, under its key.
+        let value = match super::record_at(&t, seq)? {
+            None => return Ok(()),
+            Some(Ok(record)) => record,
+            Some(Err((raw, _))) => raw,
         };
         if let Some(r) = info.response.as_mut() {
             truncate_utf8(r, MAX_RESPONSE);

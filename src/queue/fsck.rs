@@ -2,7 +2,8 @@
 //!
 //! | finding | repair |
 //! |---|---|
-//! | a log record that does not decode | moved to the dead letters of every sink it names (or of sink id 0xFFFF when its routes are unreadable), then removed from the log |
+//! | a log record that does not decode | moved to the dead letters of every sink it names (or of sink id 0xFFFF when its routes are unreadable), then removed from the log (inside a pack: replaced by a record routed nowhere, so the pack's numbering stays) |
+//! | a pack that does not open | moved whole to the dead letters of sink id 0xFFFF under its key, then removed |
 //! | chunks with no log record | removed |
 //! | a cursor for a sink id no name maps to | removed |
 //! | a dead letter that does not decode | kept (it is shown as unreadable by `dlq list`); counted |
@@ -54,18 +55,29 @@ impl Queue {
             let t = self.shared.trees()?;
             for kv in t.log.iter() {
                 let (k, v) = kv?;
-                let seq = key_u64(&k);
-                r.records += 1;
-                last_seq = Some(seq);
+                let key = key_u64(&k);
+                last_seq = Some(key);
                 if record::chunked_len(&v).is_some() {
-                    chunked.insert(seq);
+                    chunked.insert(key);
                 }
-                let ok = record::decode(seq, &v, |len| super::read_chunks(&t.chunks, seq, len));
-                if ok.is_err() {
-                    let routes = record::routes_of(&v)
-                        .map(|i| i.collect::<Vec<_>>())
-                        .unwrap_or_default();
-                    corrupt.push((seq, routes));
+                let Ok((first, body, spans)) = super::open_value(key, &v) else {
+                    // A pack that does not open: its routes are unknown.
+                    r.records += record::count_of(&v);
+                    corrupt.push((key, Vec::new()));
+                    continue;
+                };
+                r.records += spans.len() as u64;
+                for (i, span) in spans.into_iter().enumerate() {
+                    let seq = first + i as u64;
+                    let rec = &body[span];
+                    let ok =
+                        record::decode(seq, rec, |len| super::read_chunks(&t.chunks, seq, len));
+                    if ok.is_err() {
+                        let routes = record::routes_of(rec)
+                            .map(|i| i.collect::<Vec<_>>())
+                            .unwrap_or_default();
+                        corrupt.push((seq, routes));
+                    }
                 }
             }
             for k in t.chunks.iter().keys() {
@@ -120,8 +132,7 @@ impl Queue {
                     self.dead_letter(sink, seq, DeadLetterInfo::new("?", "corrupt record (fsck)"))?;
                 }
                 let t = self.shared.trees()?;
-                t.log.remove(seq.to_be_bytes())?;
-                super::remove_chunks(&t.chunks, seq)?;
+                super::remove_record(&t, seq, self.shared.cfg.compression)?;
             }
             self.shared.trees()?.sync()?;
         }

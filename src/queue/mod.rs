@@ -1,8 +1,10 @@
 //! The durable queue: one sled log, a cursor per sink, dead letters.
 //!
 //! # Layout (sled trees under `<data_dir>/queue`)
-//! - `log`: key = sequence number, u64 big-endian (so key order is arrival order) → record
-//!   (`record.rs`). Sequence numbers only grow, across restarts and compactions: the writer
+//! - `log`: key = sequence number, u64 big-endian (so key order is arrival order) → a pack of
+//!   the records up to and including that one, or one large record (`record.rs`: small
+//!   records are packed ~8 to a value and compressed together; a scan from any `seq` meets the
+//!   value holding it first). Sequence numbers only grow, across restarts and compactions: the writer
 //!   persists the high-water mark in `meta` with every group commit, and on open takes the
 //!   largest of it, the last log key + 1 and every cursor.
 //! - `chunks`: key = seq (8) + chunk index (u32 BE) → up to `record::CHUNK` bytes of a large
@@ -57,7 +59,7 @@ pub use fsck::{FsckReport, UNKNOWN_SINK};
 pub use record::RecordError;
 
 use crate::config::{QueueConfig, WhenFull};
-use crate::event::{now_ms, NewEvent, StoredEvent};
+use crate::event::{now_ms, ClientCredentials, NewEvent, StoredEvent};
 use record::{Encoded, RecordRef, CHUNK};
 use store::Trees;
 
@@ -343,40 +345,64 @@ impl Queue {
             return Ok(out);
         }
         let mut bytes = 0usize;
+        let mut scanned = 0usize;
         let mut stopped = false;
-        for (scanned, kv) in t
-            .log
-            .range(from.to_be_bytes()..head.to_be_bytes())
-            .enumerate()
-        {
-            if scanned >= max_scan || out.items.len() >= max_events || bytes >= max_bytes {
-                stopped = true;
-                break;
-            }
+        'values: for kv in t.log.range(from.to_be_bytes()..head.to_be_bytes()) {
             let (k, v) = kv?;
-            let seq = key_u64(&k);
-            out.next = seq + 1;
-            let routed = match record::routes_of(&v) {
-                Ok(mut r) => r.any(|id| id == sink),
-                // Unknown routes: hand it to every reader, each dead-letters its copy.
-                Err(_) => true,
-            };
-            if !routed {
-                continue;
-            }
-            bytes += v.len();
-            let item = match record::decode(seq, &v, |len| read_chunks(&t.chunks, seq, len)) {
-                Ok(ev) => {
-                    bytes += ev.payload.len().saturating_sub(v.len());
-                    ReadItem::Event(ev)
+            let key = key_u64(&k);
+            let (first, body, spans) = match open_value(key, &v) {
+                Ok(parts) => parts,
+                Err(error) => {
+                    // A pack that does not open: one corrupt item for all of it, at its key.
+                    if scanned >= max_scan || out.items.len() >= max_events || bytes >= max_bytes {
+                        stopped = true;
+                        break;
+                    }
+                    scanned += 1;
+                    out.next = key + 1;
+                    bytes += v.len();
+                    out.items.push(ReadItem::Corrupt {
+                        seq: key,
+                        raw: Bytes::copy_from_slice(&v),
+                        error,
+                    });
+                    continue;
                 }
-                Err(error) => ReadItem::Corrupt {
-                    seq,
-                    raw: Bytes::copy_from_slice(&v),
-                    error,
-                },
             };
-            out.items.push(item);
+            for (i, span) in spans.into_iter().enumerate() {
+                let seq = first + i as u64;
+                if seq < from {
+                    continue;
+                }
+                if scanned >= max_scan || out.items.len() >= max_events || bytes >= max_bytes {
+                    stopped = true;
+                    break 'values;
+                }
+                scanned += 1;
+                out.next = seq + 1;
+                let rec = &body[span];
+                let routed = match record::routes_of(rec) {
+                    Ok(mut r) => r.any(|id| id == sink),
+                    // Unknown routes: hand it to every reader, each dead-letters its copy.
+                    Err(_) => true,
+                };
+                if !routed {
+                    continue;
+                }
+                bytes += rec.len();
+                let item = match record::decode(seq, rec, |len| read_chunks(&t.chunks, seq, len)) {
+                    Ok(ev) => {
+                        bytes += ev.payload.len().saturating_sub(rec.len());
+                        ReadItem::Event(ev)
+                    }
+                    Err(error) => ReadItem::Corrupt {
+                        seq,
+                        raw: Bytes::copy_from_slice(rec),
+                        error,
+                    },
+                };
+                out.items.push(item);
+            }
         }
         if !stopped {
             // Everything below the head was scanned (records removed meanwhile included).
@@ -385,22 +411,27 @@ impl Queue {
         Ok(out)
     }
 
-    /// Reads one record by sequence number (dead-lettering, `status`).
+    /// Reads one record by sequence number.
     pub fn get(&self, seq: u64) -> Result<Option<ReadItem>, QueueError> {
         let t = self.shared.trees()?;
-        let Some(v) = t.log.get(seq.to_be_bytes())? else {
+        let Some(found) = record_at(&t, seq)? else {
             return Ok(None);
         };
-        Ok(Some(
-            match record::decode(seq, &v, |len| read_chunks(&t.chunks, seq, len)) {
+        Ok(Some(match found {
+            Ok(rec) => match record::decode(seq, &rec, |len| read_chunks(&t.chunks, seq, len)) {
                 Ok(ev) => ReadItem::Event(ev),
                 Err(error) => ReadItem::Corrupt {
                     seq,
-                    raw: Bytes::copy_from_slice(&v),
+                    raw: Bytes::from(rec),
                     error,
                 },
             },
-        ))
+            Err((raw, error)) => ReadItem::Corrupt {
+                seq,
+                raw: Bytes::from(raw),
+                error,
+            },
+        }))
     }
 
     /// Removes every record below the lowest cursor of `active` sinks (all records when there
@@ -433,7 +464,7 @@ impl Queue {
                 }
                 freed += stored_len_of(&v) as u64;
                 batch.remove(k);
-                n += 1;
+                n += record::count_of(&v);
             }
             if n == 0 {
                 return Ok(removed);
@@ -472,7 +503,11 @@ impl Queue {
             .trees()
             .ok()
             .and_then(|t| t.log.first().ok().flatten())
-            .and_then(|(k, v)| record::decode(key_u64(&k), &v, |_| Ok(Vec::new())).ok())
+            .and_then(|(k, v)| {
+                let (first, body, spans) = open_value(key_u64(&k), &v).ok()?;
+                let rec = &body[spans.first()?.clone()];
+                record::decode(first, rec, |_| Ok(Vec::new())).ok()
+            })
             .map(|e| e.received_ms);
         QueueStats {
             events: self.shared.events.load(Ordering::Relaxed),
@@ -636,9 +671,18 @@ fn commit_group(shared: &Shared, ops: Vec<WriteOp>, next_seq: &mut u64) -> bool 
         }
     };
     let caps = shared.caps.load_full();
+    let compression = shared.cfg.compression;
     let mut batch = sled::Batch::default();
     let mut chunk_batch = sled::Batch::default();
-    let (mut add_events, mut add_bytes) = (0u64, 0u64);
+    // `add_bytes` counts records as ingest encoded them (before packing and compression), an
+    // upper bound for the cap checks; `stored` what the values really take.
+    let (mut add_events, mut add_bytes, mut stored) = (0u64, 0u64, 0u64);
+    let mut pack = record::PackBuilder::default();
+    let mut pack_last = 0u64;
+    let put = |batch: &mut sled::Batch, key: u64, value: Vec<u8>, stored: &mut u64| {
+        *stored += stored_len_of(&value) as u64;
+        batch.insert(&key.to_be_bytes()[..], value);
+    };
     let first_seq = *next_seq;
     for op in ops {
         let WriteOp::Append { records, reply } = op else {
@@ -661,17 +705,31 @@ fn commit_group(shared: &Shared, ops: Vec<WriteOp>, next_seq: &mut u64) -> bool 
         for r in records {
             let seq = *next_seq;
             *next_seq += 1;
+            ids.push(Appended { seq, id: r.id });
+            // A pack holds consecutive records: a lone record closes the open one first.
+            if (!r.enc.packable || !pack.fits(r.enc.value.len())) && !pack.is_empty() {
+                let v = std::mem::take(&mut pack).finish(compression);
+                put(&mut batch, pack_last, v, &mut stored);
+            }
+            if r.enc.packable {
+                pack.push(&r.enc.value);
+                pack_last = seq;
+                continue;
+            }
             if let Some(over) = &r.enc.overflow {
                 for (i, c) in over.chunks(CHUNK).enumerate() {
                     chunk_batch.insert(&chunk_key(seq, i as u32)[..], c);
                 }
             }
-            batch.insert(&seq.to_be_bytes()[..], r.enc.value);
-            ids.push(Appended { seq, id: r.id });
+            put(&mut batch, seq, r.enc.value, &mut stored);
         }
         add_events += count;
         add_bytes += size;
         replies.push((reply, ids));
+    }
+    if !pack.is_empty() {
+        let v = pack.finish(compression);
+        put(&mut batch, pack_last, v, &mut stored);
     }
     if replies.iter().all(|(_, ids)| ids.is_empty()) {
         // Nothing to write (empty barrier appends, or all refused).
@@ -691,7 +749,7 @@ fn commit_group(shared: &Shared, ops: Vec<WriteOp>, next_seq: &mut u64) -> bool 
         Ok(()) => {
             shared.syncs.fetch_add(1, Ordering::Relaxed);
             shared.events.fetch_add(add_events, Ordering::Relaxed);
-            shared.bytes.fetch_add(add_bytes, Ordering::Relaxed);
+            shared.bytes.fetch_add(stored, Ordering::Relaxed);
             shared.head.send_replace(*next_seq);
             for (reply, ids) in replies {
                 let _ = reply.send(Ok(ids));
@@ -766,7 +824,7 @@ fn count_log(t: &Trees) -> Result<(u64, u64), QueueError> {
     let (mut events, mut bytes) = (0u64, 0u64);
     for kv in t.log.iter() {
         let (_, v) = kv?;
-        events += 1;
+        events += record::count_of(&v);
         bytes += stored_len_of(&v) as u64;
     }
     Ok((events, bytes))
@@ -788,18 +846,50 @@ fn evict_for(shared: &Shared, t: &Trees, caps: &QueueConfig, events: u64, bytes:
     let mut need_events = caps.max_events.map_or(0, |m| events.saturating_sub(m));
     let mut dropped = 0u64;
     while need_bytes > 0 || need_events > 0 {
-        let Ok(Some((k, v))) = t.log.pop_min() else {
+        let Ok(Some((k, v))) = t.log.first() else {
             break;
         };
         let len = stored_len_of(&v) as u64;
+        let n = record::count_of(&v);
+        // Drop only as many of a pack's oldest records as needed: the rest stay a pack ending
+        // at the same key. Compare-and-swap, as the collector may remove it meanwhile.
+        let want = need_events.max(need_bytes.saturating_mul(n).div_ceil(len.max(1)));
+        if want < n {
+            if let Ok((_, body, spans)) = open_value(key_u64(&k), &v) {
+                let mut pack = record::PackBuilder::default();
+                for span in &spans[want as usize..] {
+                    pack.push(&body[span.clone()]);
+                }
+                let tail = pack.finish(shared.cfg.compression);
+                let tail_len = stored_len_of(&tail) as u64;
+                match t.log.compare_and_swap(&k, Some(&v), Some(tail)) {
+                    Ok(Ok(())) => {
+                        let freed = len.saturating_sub(tail_len);
+                        shared.events.fetch_sub(want, Ordering::Relaxed);
+                        shared.bytes.fetch_sub(freed, Ordering::Relaxed);
+                        need_bytes = need_bytes.saturating_sub(freed);
+                        need_events = need_events.saturating_sub(want);
+                        dropped += want;
+                        continue;
+                    }
+                    Ok(Err(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        match t.log.compare_and_swap(&k, Some(&v), None as Option<&[u8]>) {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => continue,
+            Err(_) => break,
+        }
         if record::chunked_len(&v).is_some() {
             let _ = remove_chunks(&t.chunks, key_u64(&k));
         }
-        shared.events.fetch_sub(1, Ordering::Relaxed);
+        shared.events.fetch_sub(n, Ordering::Relaxed);
         shared.bytes.fetch_sub(len, Ordering::Relaxed);
         need_bytes = need_bytes.saturating_sub(len);
-        need_events = need_events.saturating_sub(1);
-        dropped += 1;
+        need_events = need_events.saturating_sub(n);
+        dropped += n;
     }
     if dropped > 0 {
         shared.evicted.fetch_add(dropped, Ordering::Relaxed);
@@ -809,6 +899,43 @@ fn evict_for(shared: &Shared, t: &Trees, caps: &QueueConfig, events: u64, bytes:
         );
     }
     need_bytes == 0 && need_events == 0
+}
+
+/// The records of the log value under `key`: the sequence number of the first, the bytes
+/// they lie in, and where each lies (a lone record is a pack of one). `Err` when a pack does
+/// not open (bad header or frame): then all of it is one corrupt item at `key`.
+fn open_value(key: u64, v: &[u8]) -> Result<(u64, record::Body<'_>, record::Spans), RecordError> {
+    if !record::is_pack(v) {
+        return Ok((key, v.into(), std::iter::once(0..v.len()).collect()));
+    }
+    let (body, spans) = record::unpack(v)?;
+    let n = spans.len() as u64;
+    if n > key + 1 {
+        return Err(RecordError("pack holds more records than its key allows"));
+    }
+    Ok((key + 1 - n, body, spans))
+}
+
+/// The stored bytes of record `seq`: `Ok(record)`, or `Err((value, why))` when `seq` is the key
+/// of a pack that does not open. `None` when no value holds it.
+#[allow(clippy::type_complexity)]
+fn record_at(
+    t: &Trees,
+    seq: u64,
+) -> Result<Option<Result<Vec<u8>, (Vec<u8>, RecordError)>>, QueueError> {
+    let Some(kv) = t.log.range(seq.to_be_bytes()..).next() else {
+        return Ok(None);
+    };
+    let (k, v) = kv?;
+    let key = key_u64(&k);
+    Ok(match open_value(key, &v) {
+        Ok((first, body, spans)) if seq >= first => spans
+            .get((seq - first) as usize)
+            .map(|s| Ok(body[s.clone()].to_vec())),
+        Ok(_) => None,
+        Err(e) if key == seq => Some(Err((v.to_vec(), e))),
+        Err(_) => None,
+    })
 }
 
 fn stored_len_of(v: &[u8]) -> usize {
@@ -832,6 +959,55 @@ fn read_chunks(tree: &sled::Tree, seq: u64, len: usize) -> Result<Vec<u8>, Recor
         }
     }
     Ok(out)
+}
+
+/// Removes record `seq` (`fsck` repair, after dead-lettering it). Inside a pack it becomes a
+/// record routed to no sink, as sequence numbers in a pack are implicit; a pack that does not
+/// open goes whole.
+fn remove_record(
+    t: &Trees,
+    seq: u64,
+    compression: crate::config::Compression,
+) -> Result<(), QueueError> {
+    let Some(kv) = t.log.range(seq.to_be_bytes()..).next() else {
+        return Ok(());
+    };
+    let (k, v) = kv?;
+    let key = key_u64(&k);
+    match open_value(key, &v) {
+        Ok((first, body, spans)) if record::is_pack(&v) && spans.len() > 1 && seq >= first => {
+            let none = ClientCredentials::default();
+            let placeholder = record::encode(
+                &RecordRef {
+                    kind: crate::event::EventKind::Native,
+                    received_ms: 0,
+                    id: uuid::Uuid::nil(),
+                    routes: &[],
+                    creds: &none,
+                    payload: b"",
+                },
+                compression,
+            );
+            let mut pack = record::PackBuilder::default();
+            for (i, span) in spans.into_iter().enumerate() {
+                if first + i as u64 == seq {
+                    pack.push(&placeholder.value);
+                } else {
+                    pack.push(&body[span]);
+                }
+            }
+            t.log.insert(k, pack.finish(compression))?;
+        }
+        Ok((first, _, _)) if seq >= first => {
+            t.log.remove(k)?;
+            remove_chunks(&t.chunks, key)?;
+        }
+        Err(_) if key == seq => {
+            t.log.remove(k)?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn remove_chunks(tree: &sled::Tree, seq: u64) -> Result<(), QueueError> {

@@ -14,6 +14,24 @@
 //! ..            payload (rest of the value), or with bit 2: u32 stored length, the bytes being
 //!               in the queue's chunk tree in [`CHUNK`]-byte pieces
 //! ```
+//! # Packs
+//! Small records (at most [`PACK_RECORD_MAX`] bytes encoded, nearly every event) are not
+//! stored one per key: the writer packs the consecutive small records of a group commit into
+//! values of at most [`PACK_MAX`] raw bytes and compresses each pack as one zstd frame. The key
+//! of a pack is the sequence number of its *last* record, so a range scan from any `seq` finds
+//! the pack holding it first.
+//!
+//! ```text
+//! offset  size  field
+//! 0       1     pack version (2), which no record starts with
+//! 1       1     flags: bit 0 = body is one zstd frame
+//! 2       2     n = number of records (≥ 1), big-endian; they are seq key-n+1 ..= key
+//! 4       ..    body: n × (u32 BE length + a record as above, its payload never compressed)
+//! ```
+//! One frame per ~8 events instead of one per event: zstd level 1 compresses 2 KB LLM JSON
+//! events ~3.5x instead of ~2x, at ~5 instead of ~8 µs per event (measured on the benchmark's
+//! events), and sled handles one value instead of eight.
+//!
 //! Why chunks: sled 0.34 writes a page larger than a quarter segment as a separate blob file
 //! that it never fsyncs, and a leaf page holds up to 17 values. Keeping every value at most
 //! [`CHUNK`] bytes keeps every page inside the synced log (see `queue::open`).
@@ -26,6 +44,12 @@ use crate::config::{Compression, Secret};
 use crate::event::{ClientCredentials, EventKind, StoredEvent};
 
 const VERSION: u8 = 1;
+const PACK_VERSION: u8 = 2;
+/// Records encoded in at most this many bytes are packed (see "Packs").
+pub(crate) const PACK_RECORD_MAX: usize = 8 * 1024;
+/// Raw bytes of one pack's body: stored uncompressed (incompressible events) it still fits
+/// the [`CHUNK`] bound on sled values.
+pub(crate) const PACK_MAX: usize = CHUNK;
 const FLAG_ZSTD: u8 = 1;
 const FLAG_CREDS: u8 = 2;
 const FLAG_CHUNKED: u8 = 4;
@@ -74,10 +98,9 @@ fn compress(payload: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// Decompresses into a buffer of the frame's own recorded size (bounded by the largest
-/// payload ingest admits), not a worst-case one: a 64 MiB buffer per record made the drain
+/// payload ingest admits, or a pack's body), not a worst-case one: a 64 MiB buffer per record made the drain
 /// 2.6x slower and pinned that much memory per event in flight.
-fn decompress(frame: &[u8]) -> Result<Vec<u8>, RecordError> {
-    let limit = crate::config::MAX_RECORD_PAYLOAD;
+fn decompress(frame: &[u8], limit: u64) -> Result<Vec<u8>, RecordError> {
     let size = match zstd::zstd_safe::get_frame_content_size(frame) {
         Ok(Some(n)) if n <= limit => n as usize,
         Ok(Some(_)) => return Err(RecordError("payload larger than any accepted body")),
@@ -100,6 +123,8 @@ fn decompress(frame: &[u8]) -> Result<Vec<u8>, RecordError> {
 pub(crate) struct Encoded {
     pub value: Vec<u8>,
     pub overflow: Option<Vec<u8>>,
+    /// Small and uncompressed: the writer packs it (see "Packs").
+    pub packable: bool,
 }
 
 impl Encoded {
@@ -109,9 +134,19 @@ impl Encoded {
     }
 }
 
+/// Encodes a record. Small ones are left uncompressed for the writer to pack; larger ones are
+/// compressed here, on the caller's thread, and stored alone (chunked when large).
 pub(crate) fn encode(r: &RecordRef<'_>, compression: Compression) -> Encoded {
+    let creds_len = if r.creds.is_empty() {
+        0
+    } else {
+        4 + r.creds.api_key.as_ref().map_or(0, |k| k.expose().len())
+            + r.creds.project_id.as_ref().map_or(0, |p| p.len())
+    };
+    let raw_len = 28 + 2 * r.routes.len().min(255) + creds_len + r.payload.len();
+    let packable = raw_len <= PACK_RECORD_MAX;
     let compressed = match compression {
-        Compression::Zstd if r.payload.len() >= COMPRESS_MIN => {
+        Compression::Zstd if !packable && r.payload.len() >= COMPRESS_MIN => {
             // zstd only fails on allocation failure or invalid parameters; fall back to raw.
             compress(r.payload)
                 .ok()
@@ -152,24 +187,120 @@ pub(crate) fn encode(r: &RecordRef<'_>, compression: Compression) -> Encoded {
         Encoded {
             value: out,
             overflow: Some(payload.to_vec()),
+            packable: false,
         }
     } else {
         out.extend_from_slice(payload);
         Encoded {
             value: out,
             overflow: None,
+            packable,
         }
     }
 }
 
-/// Header of a record: `Some(stored payload length)` when its payload is chunked.
+/// Header of a record: `Some(stored payload length)` when its payload is chunked (never for
+/// a pack).
 pub(crate) fn chunked_len(value: &[u8]) -> Option<usize> {
+    if value.first() != Some(&VERSION) {
+        return None;
+    }
     let flags = *value.get(2)?;
     if flags & FLAG_CHUNKED == 0 {
         return None;
     }
     let tail = value.get(value.len().checked_sub(4)?..)?;
     Some(u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]) as usize)
+}
+
+/// The bytes a pack's records lie in (borrowed when the body is not compressed).
+pub(crate) type Body<'a> = std::borrow::Cow<'a, [u8]>;
+/// Where each record of a pack lies in its [`Body`], in sequence order.
+pub(crate) type Spans = Vec<std::ops::Range<usize>>;
+
+/// Collects packable records into one pack value.
+#[derive(Default)]
+pub(crate) struct PackBuilder {
+    body: Vec<u8>,
+    count: u16,
+}
+
+impl PackBuilder {
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether a record of `len` bytes still fits (the first one always does).
+    pub fn fits(&self, len: usize) -> bool {
+        self.count == 0 || (self.count < u16::MAX && self.body.len() + 4 + len <= PACK_MAX)
+    }
+
+    pub fn push(&mut self, record: &[u8]) {
+        // Packable records are at most PACK_RECORD_MAX bytes.
+        self.body
+            .extend_from_slice(&(record.len() as u32).to_be_bytes());
+        self.body.extend_from_slice(record);
+        self.count += 1;
+    }
+
+    /// The pack's value, its body compressed as one frame when that makes it smaller.
+    pub fn finish(self, compression: Compression) -> Vec<u8> {
+        let compressed = match compression {
+            Compression::Zstd if self.body.len() >= COMPRESS_MIN => compress(&self.body)
+                .ok()
+                .filter(|c| c.len() < self.body.len()),
+            _ => None,
+        };
+        let flags = if compressed.is_some() { FLAG_ZSTD } else { 0 };
+        let body = compressed.as_deref().unwrap_or(&self.body);
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.push(PACK_VERSION);
+        out.push(flags);
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+}
+
+pub(crate) fn is_pack(value: &[u8]) -> bool {
+    value.first() == Some(&PACK_VERSION)
+}
+
+/// How many records a log value holds (a pack's header count; 1 for anything else).
+pub(crate) fn count_of(value: &[u8]) -> u64 {
+    match value {
+        [PACK_VERSION, _, hi, lo, ..] => u64::from(u16::from_be_bytes([*hi, *lo])).max(1),
+        _ => 1,
+    }
+}
+
+/// A pack's records: the body, and where each record lies in it, in sequence order.
+pub(crate) fn unpack(value: &[u8]) -> Result<(Body<'_>, Spans), RecordError> {
+    let [PACK_VERSION, flags, hi, lo, rest @ ..] = value else {
+        return Err(RecordError("not a pack"));
+    };
+    let n = u16::from_be_bytes([*hi, *lo]) as usize;
+    if n == 0 {
+        return Err(RecordError("empty pack"));
+    }
+    let body: Body<'_> = if flags & FLAG_ZSTD != 0 {
+        decompress(rest, PACK_MAX as u64)?.into()
+    } else {
+        rest.into()
+    };
+    let mut spans = Vec::with_capacity(n);
+    let mut r = Reader { buf: &body, pos: 0 };
+    for _ in 0..n {
+        let b = r.take(4)?;
+        let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let start = r.pos;
+        r.take(len)?;
+        spans.push(start..r.pos);
+    }
+    if r.pos != body.len() {
+        return Err(RecordError("trailing bytes after the pack's records"));
+    }
+    Ok((body, spans))
 }
 
 fn put_opt(out: &mut Vec<u8>, v: Option<&str>) {
@@ -257,7 +388,7 @@ pub(crate) fn decode(
         &value[r.pos..]
     };
     let payload = if flags & FLAG_ZSTD != 0 {
-        decompress(rest)?
+        decompress(rest, crate::config::MAX_RECORD_PAYLOAD)?
     } else {
         rest.to_vec()
     };
@@ -346,7 +477,8 @@ mod tests {
 
     #[test]
     fn round_trips_with_and_without_compression() {
-        let payload = br#"{"a":"hello hello hello hello hello hello hello hello"}"#.repeat(20);
+        // Larger than a packable record: compressed on its own.
+        let payload = br#"{"a":"hello hello hello hello hello hello hello hello"}"#.repeat(200);
         let creds = ClientCredentials {
             api_key: Some(Secret::new("k")),
             project_id: Some("p".into()),
@@ -365,6 +497,44 @@ mod tests {
             assert_eq!(e.id, uuid::Uuid::from_u128(42));
             assert_eq!(routes_of(&v).unwrap().collect::<Vec<_>>(), vec![1, 7]);
         }
+    }
+
+    #[test]
+    fn packs_round_trip_and_refuse_garbage() {
+        let creds = ClientCredentials::default();
+        let recs: Vec<Vec<u8>> = (0..5)
+            .map(|i| {
+                sample(
+                    format!("{{\"i\":{i}}}").as_bytes(),
+                    &creds,
+                    Compression::Zstd,
+                )
+            })
+            .collect();
+        for c in [Compression::Zstd, Compression::None] {
+            let mut p = PackBuilder::default();
+            for r in &recs {
+                assert!(p.fits(r.len()));
+                p.push(r);
+            }
+            let v = p.finish(c);
+            assert!(is_pack(&v) && chunked_len(&v).is_none());
+            assert_eq!(count_of(&v), 5);
+            let (body, spans) = unpack(&v).unwrap();
+            let back: Vec<&[u8]> = spans.into_iter().map(|s| &body[s]).collect();
+            assert_eq!(back, recs.iter().map(|r| &r[..]).collect::<Vec<_>>());
+            for cut in 0..v.len() {
+                let _ = unpack(&v[..cut]);
+            }
+        }
+        let mut full = PackBuilder::default();
+        let big = vec![b'x'; PACK_MAX / 2 - 4];
+        assert!(full.fits(big.len()));
+        full.push(&big);
+        assert!(full.fits(big.len()));
+        full.push(&big);
+        assert!(!full.fits(1), "a pack stays within PACK_MAX");
+        assert!(full.finish(Compression::Zstd).len() <= PACK_MAX + 4);
     }
 
     #[test]

@@ -83,10 +83,11 @@ fn gc_keeps_what_the_slowest_sink_needs() {
     let rt = rt();
     let q = Queue::open(&cfg(dir.path())).unwrap();
     let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
-    let recs = (0..10)
-        .map(|i| q.prepare(&ev(&format!("{{\"i\":{i}}}")), &[a, b]))
-        .collect();
-    rt.block_on(q.append(recs)).unwrap();
+    // One commit each: ten values (records packed together go only as a whole).
+    for i in 0..10 {
+        let rec = q.prepare(&ev(&format!("{{\"i\":{i}}}")), &[a, b]);
+        rt.block_on(q.append(vec![rec])).unwrap();
+    }
     q.set_cursor(a, 10).unwrap();
     q.set_cursor(b, 4).unwrap();
     assert_eq!(q.gc(&[a, b]).unwrap(), 4);
@@ -169,8 +170,11 @@ fn corrupt_records_are_reported_not_fatal() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let q = Queue::open(&cfg(dir.path())).unwrap();
-    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[0]), q.prepare(&ev("{}"), &[0])]))
-        .unwrap();
+    // Two commits: two values.
+    for _ in 0..2 {
+        rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[0])]))
+            .unwrap();
+    }
     q.shared
         .trees()
         .unwrap()
@@ -241,7 +245,8 @@ fn compaction_gives_space_back_and_keeps_everything_live() {
     let after = q.disk_bytes();
     assert!(after < before / 4, "before {before}, after {after}");
     // Everything live is still there, and appends go on with growing sequence numbers.
-    let r = q.read(a, 0, 100, 1 << 30, 100_000).unwrap();
+    // (Records below the cursor may stay while their pack holds later ones.)
+    let r = q.read(a, seq - 9, 100, 1 << 30, 100_000).unwrap();
     assert_eq!(r.items.len(), 10);
     assert_eq!(q.cursor(a).unwrap(), seq - 9);
     assert_eq!(q.remote_id(a, 3).unwrap(), Some(77));
@@ -254,7 +259,8 @@ fn compaction_gives_space_back_and_keeps_everything_live() {
     q.close().unwrap();
     drop(q);
     let q = Queue::open(&c).unwrap();
-    assert_eq!(q.read(a, 0, 100, 1 << 30, 100_000).unwrap().items.len(), 11);
+    let r = q.read(a, seq - 9, 100, 1 << 30, 100_000).unwrap();
+    assert_eq!(r.items.len(), 11);
 }
 
 #[test]
@@ -289,15 +295,13 @@ fn fsck_finds_and_repairs_corruption_without_losing_it() {
     let rt = rt();
     let q = Queue::open(&cfg(dir.path())).unwrap();
     let a = q.sink_id("a").unwrap();
-    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[a]), q.prepare(&ev("{}"), &[a])]))
-        .unwrap();
+    let recs = (0..3).map(|i| q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[a]));
+    rt.block_on(q.append(recs.collect())).unwrap();
     assert!(q.fsck(false).unwrap().is_clean());
     {
         let t = q.shared.trees().unwrap();
-        // Record 1: valid header naming sink a, garbage payload flag.
-        let mut bad = t.log.get(1u64.to_be_bytes()).unwrap().unwrap().to_vec();
-        bad[2] |= 1; // claims zstd
-        t.log.insert(1u64.to_be_bytes(), bad).unwrap();
+        // Record 1 of the pack 0..=2: valid header naming sink a, garbage payload flag.
+        set_in_pack(&t, 2, 1, |rec| rec[2] |= 1); // claims zstd
         t.chunks.insert(chunk_key(99, 0), &b"orphan"[..]).unwrap();
     }
     let r = q.fsck(false).unwrap();
@@ -308,11 +312,158 @@ fn fsck_finds_and_repairs_corruption_without_losing_it() {
     assert!(r.repaired);
     let r = q.fsck(false).unwrap();
     assert!(r.is_clean(), "{r:?}");
-    assert_eq!(r.records, 1);
+    // The pack keeps its numbering: record 1 is now routed nowhere.
+    assert_eq!(r.records, 3);
+    assert_eq!(
+        payloads(&q.read(a, 0, 10, 1 << 20, 10).unwrap()),
+        vec![r#"{"n":0}"#.to_string(), r#"{"n":2}"#.to_string()]
+    );
     let dl = q.dead_letters(Some(a), 10).unwrap();
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].seq, 1);
     assert!(dl[0].event.is_err(), "kept as unreadable, not lost");
+}
+
+/// Rewrites record `seq` inside the pack under `key` (uncompressed, so the damage shows).
+fn set_in_pack(t: &Trees, key: u64, seq: u64, f: impl FnOnce(&mut Vec<u8>)) {
+    let v = t.log.get(key.to_be_bytes()).unwrap().unwrap();
+    let (first, body, spans) = open_value(key, &v).unwrap();
+    let mut recs: Vec<Vec<u8>> = spans.into_iter().map(|s| body[s].to_vec()).collect();
+    f(&mut recs[(seq - first) as usize]);
+    let mut p = record::PackBuilder::default();
+    for r in &recs {
+        p.push(r);
+    }
+    t.log
+        .insert(key.to_be_bytes(), p.finish(Compression::None))
+        .unwrap();
+}
+
+#[test]
+fn small_records_are_packed_and_read_from_any_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let a = q.sink_id("a").unwrap();
+    let b = q.sink_id("b").unwrap();
+    // 40 events of ~1.5 KB in one commit, alternately routed; one large event in the middle
+    // is stored alone (and chunked), splitting the packs around it.
+    let text = "lorem ipsum dolor sit amet ".repeat(55);
+    let big = format!("{{\"big\":\"{}\"}}", "z".repeat(60_000));
+    let mut want = Vec::new();
+    let recs = (0..40)
+        .map(|i| {
+            let p = if i == 17 {
+                big.clone()
+            } else {
+                format!("{{\"i\":{i},\"t\":\"{text}\"}}")
+            };
+            want.push(p.clone());
+            q.prepare(&ev(&p), &[if i % 2 == 0 { a } else { b }])
+        })
+        .collect();
+    rt.block_on(q.append(recs)).unwrap();
+    let values = q.shared.trees().unwrap().log.len();
+    assert!((3..=12).contains(&values), "40 records in {values} values");
+    assert_eq!(q.stats().events, 40);
+    // Every starting point, every batch size: each sink sees exactly its records, in order.
+    for (sink, parity) in [(a, 0), (b, 1)] {
+        for from in 0..41u64 {
+            for max in [1, 3, 50] {
+                let (mut got, mut at) = (Vec::new(), from);
+                loop {
+                    let r = q.read(sink, at, max, 1 << 30, max).unwrap();
+                    got.extend(r.items.iter().map(|i| match i {
+                        ReadItem::Event(e) => e.seq,
+                        other => panic!("{other:?}"),
+                    }));
+                    assert!(r.next > at || r.next == 40);
+                    if r.next >= 40 {
+                        break;
+                    }
+                    at = r.next;
+                }
+                let expect: Vec<u64> = (from..40).filter(|s| s % 2 == parity).collect();
+                assert_eq!(got, expect, "sink {sink} from {from} by {max}");
+            }
+        }
+    }
+    for (seq, p) in want.iter().enumerate() {
+        match q.get(seq as u64).unwrap() {
+            Some(ReadItem::Event(e)) => assert_eq!(&e.payload[..], p.as_bytes()),
+            other => panic!("{seq}: {other:?}"),
+        }
+    }
+    // A packed record dead-letters on its own.
+    q.dead_letter(a, 4, DeadLetterInfo::new("a", "test"))
+        .unwrap();
+    let dl = q.dead_letter_get(a, 4).unwrap().unwrap();
+    assert_eq!(&dl.event.unwrap().payload[..], want[4].as_bytes());
+    // Collecting below a cursor inside a pack keeps that pack whole; counts stay exact.
+    q.set_cursor(a, 25).unwrap();
+    q.set_cursor(b, 25).unwrap();
+    let removed = q.gc(&[a, b]).unwrap();
+    assert!(removed > 0 && removed <= 25, "{removed}");
+    assert_eq!(q.stats().events, 40 - removed);
+    let r = q.read(b, 25, 100, 1 << 30, 100).unwrap();
+    assert_eq!(r.items.len(), 8);
+    q.close().unwrap();
+    drop(q);
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    assert_eq!(q.stats().events, 40 - removed, "recount at open agrees");
+}
+
+#[test]
+fn a_pack_that_does_not_open_is_one_corrupt_item_kept_by_fsck() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let a = q.sink_id("a").unwrap();
+    let recs = (0..3).map(|_| q.prepare(&ev("{}"), &[a])).collect();
+    rt.block_on(q.append(recs)).unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev("{\"after\":1}"), &[a])]))
+        .unwrap();
+    {
+        let t = q.shared.trees().unwrap();
+        let mut v = t.log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        v.truncate(v.len() - 3);
+        t.log.insert(2u64.to_be_bytes(), v).unwrap();
+    }
+    let r = q.read(a, 0, 10, 1 << 20, 10).unwrap();
+    assert_eq!(
+        payloads(&r),
+        vec!["corrupt 2".to_string(), r#"{"after":1}"#.into()]
+    );
+    assert_eq!(r.next, 4);
+    let r = q.fsck(true).unwrap();
+    assert_eq!(r.corrupt_records, vec![2]);
+    assert!(q.fsck(false).unwrap().is_clean());
+    let dl = q.dead_letters(Some(UNKNOWN_SINK), 10).unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].seq, 2);
+}
+
+#[test]
+fn drop_oldest_drops_records_not_whole_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.max_events = Some(5);
+    c.when_full = WhenFull::DropOldest;
+    let q = Queue::open(&c).unwrap();
+    let recs = (0..5)
+        .map(|i| q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[0]))
+        .collect();
+    rt.block_on(q.append(recs)).unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":5}"#), &[0])]))
+        .unwrap();
+    let s = q.stats();
+    assert_eq!((s.events, s.evicted), (5, 1));
+    let r = q.read(0, 0, 10, 1 << 20, 10).unwrap();
+    assert_eq!(
+        payloads(&r),
+        (1..6).map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>()
+    );
 }
 
 /// Readers see only what is below the head (fully written): a scan never moves past a record
