@@ -488,3 +488,24 @@ fn reads_stop_at_the_head() {
     assert_eq!(r.next, 1, "the cursor may not pass the head");
     assert!(q.read(0, 1, 10, 1 << 20, 10).unwrap().items.is_empty());
 }
+
+#[test]
+fn a_clean_stop_leaves_the_counts_and_the_next_open_takes_them_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let recs = (0..3).map(|_| q.prepare(&ev("{}"), &[0])).collect();
+        rt.block_on(q.append(recs)).unwrap();
+        q.close().unwrap();
+        let t = q.shared.trees().unwrap();
+        assert!(t.meta.get(COUNTS_AT_CLOSE).unwrap().is_some());
+    }
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.stats();
+    assert_eq!(s.events, 3);
+    // Gone once taken: after a crash from here on the log is counted again.
+    let t = q.shared.trees().unwrap();
+    assert!(t.meta.get(COUNTS_AT_CLOSE).unwrap().is_none());
+    assert_eq!(count_log(&t).unwrap(), (s.events, s.bytes));
+}
