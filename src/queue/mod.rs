@@ -133,7 +133,7 @@ pub struct QueueStats {
 enum WriteOp {
     Append {
         records: Vec<Prepared>,
-        reply: oneshot::Sender<Result<Vec<Appended>, QueueError>>,
+        reply: Reply,
     },
     /// Copy the live records into a fresh store (see `store.rs`).
     Compact,
@@ -613,51 +613,69 @@ impl Queue {
 }
 
 /// The group-commit writer: take everything waiting, insert, flush, fdatasync, then answer.
-/// It also runs compaction and reopens the store after a storage error (disk full), between
-/// groups, so no append ever sees a half-swapped store.
+/// Each append is packed (and its full packs compressed) as it arrives, so while the writer
+/// waits for a group to fill it already does most of the group's work; the commit itself is
+/// the last pack, sled's insert, flush and sync. Compaction and reopening the store after a
+/// storage error (disk full) run between groups, so no append ever sees a half-swapped store.
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
     let (mut last_group, mut last_sync) = (0usize, std::time::Duration::ZERO);
-    while let Ok(first) = rx.recv() {
-        let started = std::time::Instant::now();
-        let mut n = records_in(&first);
-        let mut ops = vec![first];
-        while n < MAX_GROUP_RECORDS {
-            match rx.try_recv() {
-                Ok(op) => {
-                    n += records_in(&op);
-                    ops.push(op);
-                }
+    let mut pending = None;
+    loop {
+        let first = match pending.take() {
+            Some(op) => op,
+            None => match rx.recv() {
+                Ok(op) => op,
                 Err(_) => break,
-            }
-        }
-        // Under concurrent load, wait a little for the group to fill (see `MAX_COMMIT_DELAY`).
-        if (DELAY_FROM_GROUP..DELAY_UNTIL_GROUP).contains(&last_group) {
-            let want = (last_group * 2).min(MAX_GROUP_RECORDS);
-            let deadline = started + (last_sync / 2).min(MAX_COMMIT_DELAY);
-            while n < want {
-                match rx.recv_deadline(deadline) {
-                    Ok(op) => {
-                        n += records_in(&op);
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
-        }
-        last_group = n;
+            },
+        };
+        let started = std::time::Instant::now();
         if shared.trees.read().is_none() {
             reopen(&shared);
         }
-        let stop = ops.iter().any(|o| matches!(o, WriteOp::Stop));
-        if ops.iter().any(|o| matches!(o, WriteOp::Compact)) {
+        let (stop, compact) = match first {
+            WriteOp::Stop => (true, false),
+            WriteOp::Compact => (false, true),
+            append => {
+                let mut group = Group::new(&shared, next_seq);
+                group.add(append);
+                // Everything already waiting, then (see `MAX_COMMIT_DELAY`) a little more.
+                let want = if (DELAY_FROM_GROUP..DELAY_UNTIL_GROUP).contains(&last_group) {
+                    (last_group * 2).min(MAX_GROUP_RECORDS)
+                } else {
+                    0
+                };
+                let deadline = started + (last_sync / 2).min(MAX_COMMIT_DELAY);
+                while group.records < MAX_GROUP_RECORDS {
+                    let op = match rx.try_recv() {
+                        Ok(op) => op,
+                        Err(_) if group.records < want => match rx.recv_deadline(deadline) {
+                            Ok(op) => op,
+                            Err(_) => break,
+                        },
+                        Err(_) => break,
+                    };
+                    if matches!(op, WriteOp::Append { .. }) {
+                        group.add(op);
+                    } else {
+                        // Control ops run after this group is committed.
+                        pending = Some(op);
+                        break;
+                    }
+                }
+                last_group = group.records;
+                let sync_started = std::time::Instant::now();
+                let (failed, seq) = group.commit();
+                next_seq = seq;
+                last_sync = sync_started.elapsed();
+                if failed {
+                    // sled may refuse every write after an I/O error: start from what is on disk.
+                    reopen(&shared);
+                }
+                (false, false)
+            }
+        };
+        if compact {
             run_compaction(&shared);
-        }
-        let sync_started = std::time::Instant::now();
-        let failed = commit_group(&shared, ops, &mut next_seq);
-        last_sync = sync_started.elapsed();
-        if failed {
-            // sled may refuse every write after an I/O error: start from what is on disk.
-            reopen(&shared);
         }
         if stop {
             break;
@@ -665,125 +683,166 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
     }
 }
 
-fn records_in(op: &WriteOp) -> usize {
-    match op {
-        WriteOp::Append { records, .. } => records.len(),
-        _ => 0,
-    }
+/// One group commit being built: appends are checked against the caps, numbered, packed and
+/// put in a sled batch as they arrive; [`Group::commit`] writes, syncs and answers them.
+struct Group<'a> {
+    shared: &'a Shared,
+    /// `None` while the store is unavailable (after a storage error): appends are refused.
+    trees: Option<MappedRwLockReadGuard<'a, Trees>>,
+    caps: Arc<QueueConfig>,
+    next_seq: u64,
+    records: usize,
+    batch: sled::Batch,
+    chunks: sled::Batch,
+    pack: record::PackBuilder,
+    pack_last: u64,
+    /// Records accepted, and the bytes they were encoded in (before packing and compression:
+    /// an upper bound, for the cap checks).
+    add_events: u64,
+    add_bytes: u64,
+    /// What the values put in the batch take.
+    stored: u64,
+    replies: Vec<(Reply, Vec<Appended>)>,
 }
 
-/// One group commit; answers every append in `ops`. Returns whether storage failed.
-fn commit_group(shared: &Shared, ops: Vec<WriteOp>, next_seq: &mut u64) -> bool {
-    let mut replies = Vec::new();
-    let t = match shared.trees() {
-        Ok(t) => t,
-        Err(_) => {
-            for op in ops {
-                if let WriteOp::Append { reply, .. } = op {
-                    let _ = reply.send(Err(QueueError::NoSpace));
-                }
-            }
-            return false;
+/// Where an append's outcome goes.
+type Reply = oneshot::Sender<Result<Vec<Appended>, QueueError>>;
+
+impl<'a> Group<'a> {
+    fn new(shared: &'a Shared, next_seq: u64) -> Group<'a> {
+        Group {
+            shared,
+            trees: shared.trees().ok(),
+            caps: shared.caps.load_full(),
+            next_seq,
+            records: 0,
+            batch: sled::Batch::default(),
+            chunks: sled::Batch::default(),
+            pack: record::PackBuilder::default(),
+            pack_last: 0,
+            add_events: 0,
+            add_bytes: 0,
+            stored: 0,
+            replies: Vec::new(),
         }
-    };
-    let caps = shared.caps.load_full();
-    let compression = shared.cfg.compression;
-    let mut batch = sled::Batch::default();
-    let mut chunk_batch = sled::Batch::default();
-    // `add_bytes` counts records as ingest encoded them (before packing and compression), an
-    // upper bound for the cap checks; `stored` what the values really take.
-    let (mut add_events, mut add_bytes, mut stored) = (0u64, 0u64, 0u64);
-    let mut pack = record::PackBuilder::default();
-    let mut pack_last = 0u64;
-    let put = |batch: &mut sled::Batch, key: u64, value: Vec<u8>, stored: &mut u64| {
-        *stored += stored_len_of(&value) as u64;
-        batch.insert(&key.to_be_bytes()[..], value);
-    };
-    let first_seq = *next_seq;
-    for op in ops {
+    }
+
+    fn add(&mut self, op: WriteOp) {
         let WriteOp::Append { records, reply } = op else {
-            continue;
+            return;
         };
+        self.records += records.len();
+        let Some(t) = self.trees.as_deref() else {
+            let _ = reply.send(Err(QueueError::NoSpace));
+            return;
+        };
+        let shared = self.shared;
         let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
         let count = records.len() as u64;
         // Read fresh each time: eviction (and the collector) lower them as we go.
-        let events_now = shared.events.load(Ordering::Relaxed) + add_events + count;
-        let bytes_now = shared.bytes.load(Ordering::Relaxed) + add_bytes + size;
-        if let Some(reason) = over_cap(&caps, events_now, bytes_now) {
-            let made_room = caps.when_full == WhenFull::DropOldest
-                && evict_for(shared, &t, &caps, events_now, bytes_now);
+        let events_now = shared.events.load(Ordering::Relaxed) + self.add_events + count;
+        let bytes_now = shared.bytes.load(Ordering::Relaxed) + self.add_bytes + size;
+        if let Some(reason) = over_cap(&self.caps, events_now, bytes_now) {
+            let made_room = self.caps.when_full == WhenFull::DropOldest
+                && evict_for(shared, t, &self.caps, events_now, bytes_now);
             if !made_room {
                 let _ = reply.send(Err(QueueError::Full { reason }));
-                continue;
+                return;
             }
         }
         let mut ids = Vec::with_capacity(records.len());
         for r in records {
-            let seq = *next_seq;
-            *next_seq += 1;
+            let seq = self.next_seq;
+            self.next_seq += 1;
             ids.push(Appended { seq, id: r.id });
             // A pack holds consecutive records: a lone record closes the open one first.
-            if (!r.enc.packable || !pack.fits(r.enc.value.len())) && !pack.is_empty() {
-                let v = std::mem::take(&mut pack).finish(compression);
-                put(&mut batch, pack_last, v, &mut stored);
+            if !r.enc.packable || !self.pack.fits(r.enc.value.len()) {
+                self.close_pack();
             }
             if r.enc.packable {
-                pack.push(&r.enc.value);
-                pack_last = seq;
+                self.pack.push(&r.enc.value);
+                self.pack_last = seq;
                 continue;
             }
             if let Some(over) = &r.enc.overflow {
                 for (i, c) in over.chunks(CHUNK).enumerate() {
-                    chunk_batch.insert(&chunk_key(seq, i as u32)[..], c);
+                    self.chunks.insert(&chunk_key(seq, i as u32)[..], c);
                 }
             }
-            put(&mut batch, seq, r.enc.value, &mut stored);
+            self.put(seq, r.enc.value);
         }
-        add_events += count;
-        add_bytes += size;
-        replies.push((reply, ids));
+        self.add_events += count;
+        self.add_bytes += size;
+        self.replies.push((reply, ids));
     }
-    if !pack.is_empty() {
-        let v = pack.finish(compression);
-        put(&mut batch, pack_last, v, &mut stored);
-    }
-    if replies.iter().all(|(_, ids)| ids.is_empty()) {
-        // Nothing to write (empty barrier appends, or all refused).
-        for (reply, ids) in replies {
-            let _ = reply.send(Ok(ids));
+
+    fn close_pack(&mut self) {
+        if !self.pack.is_empty() {
+            let v = std::mem::take(&mut self.pack).finish(self.shared.cfg.compression);
+            self.put(self.pack_last, v);
         }
-        return false;
     }
-    let result = (|| -> Result<(), QueueError> {
-        // Chunks first: a log record never points at chunks that are not stored.
-        t.chunks.apply_batch(chunk_batch)?;
-        t.log.apply_batch(batch)?;
-        t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
-        t.sync()
-    })();
-    match result {
-        Ok(()) => {
-            shared.syncs.fetch_add(1, Ordering::Relaxed);
-            shared.events.fetch_add(add_events, Ordering::Relaxed);
-            shared.bytes.fetch_add(stored, Ordering::Relaxed);
-            shared.head.send_replace(*next_seq);
+
+    fn put(&mut self, key: u64, value: Vec<u8>) {
+        self.stored += stored_len_of(&value) as u64;
+        self.batch.insert(&key.to_be_bytes()[..], value);
+    }
+
+    /// Writes and syncs the group, answers every append. Returns whether storage failed, and
+    /// the next sequence number (numbers of a failed group are not reused: some of it may
+    /// have reached the disk).
+    fn commit(mut self) -> (bool, u64) {
+        self.close_pack();
+        let Group {
+            shared,
+            trees,
+            next_seq,
+            batch,
+            chunks,
+            add_events,
+            stored,
+            replies,
+            ..
+        } = self;
+        let Some(t) = trees else {
+            return (false, next_seq);
+        };
+        if replies.iter().all(|(_, ids)| ids.is_empty()) {
+            // Nothing to write (empty barrier appends, or all refused).
             for (reply, ids) in replies {
                 let _ = reply.send(Ok(ids));
             }
-            false
+            return (false, next_seq);
         }
-        Err(e) => {
-            tracing::error!(error = %e, "queue write failed; the writes were not acknowledged");
-            let msg = e.to_string();
-            for (reply, _) in replies {
-                let _ = reply.send(Err(match &e {
-                    QueueError::NoSpace => QueueError::NoSpace,
-                    _ => QueueError::Storage(msg.clone()),
-                }));
+        let result = (|| -> Result<(), QueueError> {
+            // Chunks first: a log record never points at chunks that are not stored.
+            t.chunks.apply_batch(chunks)?;
+            t.log.apply_batch(batch)?;
+            t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
+            t.sync()
+        })();
+        match result {
+            Ok(()) => {
+                shared.syncs.fetch_add(1, Ordering::Relaxed);
+                shared.events.fetch_add(add_events, Ordering::Relaxed);
+                shared.bytes.fetch_add(stored, Ordering::Relaxed);
+                shared.head.send_replace(next_seq);
+                for (reply, ids) in replies {
+                    let _ = reply.send(Ok(ids));
+                }
+                (false, next_seq)
             }
-            // Keep sequence numbers unique even if some of this group reached the disk.
-            let _ = first_seq;
-            true
+            Err(e) => {
+                tracing::error!(error = %e, "queue write failed; the writes were not acknowledged");
+                let msg = e.to_string();
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(match &e {
+                        QueueError::NoSpace => QueueError::NoSpace,
+                        _ => QueueError::Storage(msg.clone()),
+                    }));
+                }
+                (true, next_seq)
+            }
         }
     }
 }
