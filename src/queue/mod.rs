@@ -684,7 +684,12 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
 }
 
 /// One group commit being built: appends are checked against the caps, numbered, packed and
-/// put in a sled batch as they arrive; [`Group::commit`] writes, syncs and answers them.
+/// inserted into sled as they arrive (above the head, so no reader sees them yet);
+/// [`Group::commit`] inserts the last pack, syncs and answers them.
+///
+/// After a crash before the sync, sled may bring back some of a group that was never
+/// acknowledged; it is delivered like the rest (an app that retries its unacknowledged write
+/// causes a duplicate: delivery is at-least-once).
 struct Group<'a> {
     shared: &'a Shared,
     /// `None` while the store is unavailable (after a storage error): appends are refused.
@@ -692,15 +697,17 @@ struct Group<'a> {
     caps: Arc<QueueConfig>,
     next_seq: u64,
     records: usize,
-    batch: sled::Batch,
-    chunks: sled::Batch,
+    /// The group's first sequence number: eviction never reaches it.
+    first_seq: u64,
+    /// The first storage error: every append of the group is refused with it.
+    failed: Option<QueueError>,
     pack: record::PackBuilder,
     pack_last: u64,
     /// Records accepted, and the bytes they were encoded in (before packing and compression:
     /// an upper bound, for the cap checks).
     add_events: u64,
     add_bytes: u64,
-    /// What the values put in the batch take.
+    /// What the values inserted take.
     stored: u64,
     replies: Vec<(Reply, Vec<Appended>)>,
 }
@@ -716,8 +723,8 @@ impl<'a> Group<'a> {
             caps: shared.caps.load_full(),
             next_seq,
             records: 0,
-            batch: sled::Batch::default(),
-            chunks: sled::Batch::default(),
+            first_seq: next_seq,
+            failed: None,
             pack: record::PackBuilder::default(),
             pack_last: 0,
             add_events: 0,
@@ -736,7 +743,7 @@ impl<'a> Group<'a> {
             let _ = reply.send(Err(QueueError::NoSpace));
             return;
         };
-        let shared = self.shared;
+        let shared: &Shared = self.shared;
         let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
         let count = records.len() as u64;
         // Read fresh each time: eviction (and the collector) lower them as we go.
@@ -744,12 +751,16 @@ impl<'a> Group<'a> {
         let bytes_now = shared.bytes.load(Ordering::Relaxed) + self.add_bytes + size;
         if let Some(reason) = over_cap(&self.caps, events_now, bytes_now) {
             let made_room = self.caps.when_full == WhenFull::DropOldest
-                && evict_for(shared, t, &self.caps, events_now, bytes_now);
+                && evict_for(shared, t, &self.caps, events_now, bytes_now, self.first_seq);
             if !made_room {
                 let _ = reply.send(Err(QueueError::Full { reason }));
                 return;
             }
         }
+        self.add_records(records, reply, count, size);
+    }
+
+    fn add_records(&mut self, records: Vec<Prepared>, reply: Reply, count: u64, size: u64) {
         let mut ids = Vec::with_capacity(records.len());
         for r in records {
             let seq = self.next_seq;
@@ -764,10 +775,9 @@ impl<'a> Group<'a> {
                 self.pack_last = seq;
                 continue;
             }
+            // Chunks first: a log record never points at chunks that are not stored.
             if let Some(over) = &r.enc.overflow {
-                for (i, c) in over.chunks(CHUNK).enumerate() {
-                    self.chunks.insert(&chunk_key(seq, i as u32)[..], c);
-                }
+                self.put_chunks(seq, over);
             }
             self.put(seq, r.enc.value);
         }
@@ -783,9 +793,25 @@ impl<'a> Group<'a> {
         }
     }
 
+    fn put_chunks(&mut self, seq: u64, payload: &[u8]) {
+        let (Some(t), None) = (self.trees.as_deref(), &self.failed) else {
+            return;
+        };
+        for (i, c) in payload.chunks(CHUNK).enumerate() {
+            if let Err(e) = t.chunks.insert(&chunk_key(seq, i as u32)[..], c) {
+                self.failed = Some(e.into());
+                return;
+            }
+        }
+    }
+
     fn put(&mut self, key: u64, value: Vec<u8>) {
         self.stored += stored_len_of(&value) as u64;
-        self.batch.insert(&key.to_be_bytes()[..], value);
+        if let (Some(t), None) = (self.trees.as_deref(), &self.failed) {
+            if let Err(e) = t.log.insert(key.to_be_bytes(), value) {
+                self.failed = Some(e.into());
+            }
+        }
     }
 
     /// Writes and syncs the group, answers every append. Returns whether storage failed, and
@@ -797,8 +823,7 @@ impl<'a> Group<'a> {
             shared,
             trees,
             next_seq,
-            batch,
-            chunks,
+            failed,
             add_events,
             stored,
             replies,
@@ -815,9 +840,9 @@ impl<'a> Group<'a> {
             return (false, next_seq);
         }
         let result = (|| -> Result<(), QueueError> {
-            // Chunks first: a log record never points at chunks that are not stored.
-            t.chunks.apply_batch(chunks)?;
-            t.log.apply_batch(batch)?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
             t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
             t.sync()
         })();
@@ -916,7 +941,15 @@ fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> 
 }
 
 /// `when_full = "drop_oldest"`: removes the oldest records until `events`/`bytes` fit.
-fn evict_for(shared: &Shared, t: &Trees, caps: &QueueConfig, events: u64, bytes: u64) -> bool {
+/// Only records below `below` (the group being written) are candidates.
+fn evict_for(
+    shared: &Shared,
+    t: &Trees,
+    caps: &QueueConfig,
+    events: u64,
+    bytes: u64,
+    below: u64,
+) -> bool {
     let mut need_bytes = bytes.saturating_sub(caps.max_bytes);
     let mut need_events = caps.max_events.map_or(0, |m| events.saturating_sub(m));
     let mut dropped = 0u64;
@@ -924,6 +957,9 @@ fn evict_for(shared: &Shared, t: &Trees, caps: &QueueConfig, events: u64, bytes:
         let Ok(Some((k, v))) = t.log.first() else {
             break;
         };
+        if key_u64(&k) >= below {
+            break;
+        }
         let len = stored_len_of(&v) as u64;
         let n = record::count_of(&v);
         // Drop only as many of a pack's oldest records as needed: the rest stay a pack ending
