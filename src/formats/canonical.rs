@@ -327,20 +327,20 @@ pub struct Usage {
 
 /// The call as sent to the provider.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Request {
+pub struct Request<B = Value> {
     pub start_time: Timestamp,
     /// Raw provider request body (an object), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
+    pub body: Option<B>,
 }
 
 /// The provider's answer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Response {
+pub struct Response<B = Value> {
     pub end_time: Timestamp,
     /// Raw provider response body (an object; an error body for failed calls), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
+    pub body: Option<B>,
     /// HTTP status of the provider call, when known (Pezzo clients send it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
@@ -399,8 +399,13 @@ impl Extra {
 }
 
 /// One LLM call, as llmlogd understands it.
+///
+/// `B` is how the provider's request and response bodies are held: as [`Value`]s, or, where
+/// only validity matters (ingest's fast path), as [`serde::de::IgnoredAny`], which checks them
+/// without building them. One definition, so both judge an event alike.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LlmEvent {
+#[serde(bound(deserialize = "B: Deserialize<'de> + Default"))]
+pub struct LlmEvent<B = Value> {
     /// Always [`SCHEMA`] on the wire.
     pub schema: Schema,
     /// Lowercase provider id (`openai`, `azure`, `anthropic`, ...); see [`provider_id`].
@@ -411,8 +416,8 @@ pub struct LlmEvent {
     /// API flavour in PromptLayer's vocabulary (`chat-completions`, `completions`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_type: Option<String>,
-    pub request: Request,
-    pub response: Response,
+    pub request: Request<B>,
+    pub response: Response<B>,
     /// `None`: not stated (PromptLayer's default, SUCCESS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
@@ -464,7 +469,7 @@ pub struct LlmEvent {
     pub extra: Extra,
 }
 
-impl LlmEvent {
+impl<B> LlmEvent<B> {
     /// Whether the call failed (`status` error).
     pub fn is_error(&self) -> bool {
         self.status == Some(Status::Error)
@@ -531,7 +536,7 @@ mod tests {
 
     #[test]
     fn schema_marker_is_enforced() {
-        let ev = LlmEvent {
+        let ev: LlmEvent = LlmEvent {
             provider: "openai".into(),
             ..LlmEvent::default()
         };

@@ -35,7 +35,7 @@ pub fn check(body: &Value) -> Result<Attributes, Vec<FieldError>> {
     if !is_canonical(body) {
         return Ok(opaque_attributes(body));
     }
-    match LlmEvent::deserialize(body) {
+    match LlmEvent::<Value>::deserialize(body) {
         Ok(ev) => Ok(canonical_attributes(ev)),
         Err(e) => {
             c.error(ROOT, format!("not a valid {SCHEMA} event: {e}"));
@@ -61,21 +61,26 @@ pub fn check_canonical_bytes(raw: &[u8]) -> Option<Attributes> {
     {
         return None;
     }
-    let ev: LlmEvent = serde_json::from_slice(raw).ok()?;
+    // The provider bodies (most of the bytes) are checked, not built.
+    let ev: LlmEvent<serde::de::IgnoredAny> = serde_json::from_slice(raw).ok()?;
     Some(canonical_attributes(ev))
 }
 
 /// Nesting allowed on the fast path; serde_json's own limit (which the `Value` path applies
 /// everywhere) is 128.
 pub const FAST_MAX_DEPTH: usize = 100;
+/// Longest number (digits and point) allowed on the fast path; an f64 overflows from 309.
+const FAST_MAX_DIGITS: usize = 300;
 
-/// UTF-8, nesting at most [`FAST_MAX_DEPTH`] deep, and no `\uD…` escape (a UTF-16 surrogate,
-/// which only the `Value` path checks for pairing). Tokens are not checked: serde_json does that.
+/// UTF-8, nesting at most [`FAST_MAX_DEPTH`] deep, no `\uD…` escape (a UTF-16 surrogate,
+/// which only the `Value` path checks for pairing), and no number with an exponent or more
+/// than [`FAST_MAX_DIGITS`] digits (only the `Value` path checks a number's range: `1e400`
+/// is refused there, skipped unchecked by serde). Tokens are not checked: serde_json does that.
 fn plain_json(raw: &[u8]) -> bool {
     if std::str::from_utf8(raw).is_err() {
         return false;
     }
-    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    let (mut depth, mut in_str, mut esc, mut digits) = (0usize, false, false, 0usize);
     for (i, &b) in raw.iter().enumerate() {
         if in_str {
             if esc {
@@ -90,6 +95,17 @@ fn plain_json(raw: &[u8]) -> bool {
             }
             continue;
         }
+        if b.is_ascii_digit() || b == b'.' {
+            digits += 1;
+            if digits > FAST_MAX_DIGITS {
+                return false;
+            }
+            continue;
+        }
+        if digits > 0 && matches!(b, b'e' | b'E') {
+            return false;
+        }
+        digits = 0;
         match b {
             b'"' => in_str = true,
             b'{' | b'[' => {
@@ -113,7 +129,7 @@ pub fn to_canonical(body: &Value) -> Option<LlmEvent> {
     LlmEvent::deserialize(body).ok()
 }
 
-fn canonical_attributes(ev: LlmEvent) -> Attributes {
+fn canonical_attributes<B>(ev: LlmEvent<B>) -> Attributes {
     Attributes {
         provider: Some(ev.provider),
         model: ev.model,
@@ -207,6 +223,8 @@ mod tests {
             v
         };
         let deep = format!("\"x\":{}1{}", "[".repeat(130), "]".repeat(130));
+        let in_body = base.replace("\"max_tokens\":64", "\"max_tokens\":1e999");
+        assert_ne!(in_body, base);
         let cases: Vec<(Vec<u8>, bool)> = vec![
             (base.clone().into_bytes(), true),
             (with("\"unknown\":{\"a\":[1,2,{\"b\":\"é ü 漢\"}]}"), true),
@@ -222,6 +240,12 @@ mod tests {
             (invalid_utf8.clone(), false),
             (base.replace("\"anthropic\"", "3").into_bytes(), false),
             (format!("[{base}]").into_bytes(), false),
+            (with("\"x\":1e400"), false),
+            (with("\"x\":[2.5E-3]"), false),
+            (with(&format!("\"x\":{}", "9".repeat(400))), false),
+            (with("\"x\":[-12.75,0,true,false,null]"), true),
+            // Inside the provider's request body, which the fast path does not build.
+            (in_body.clone().into_bytes(), false),
         ];
         for (raw, fast_expected) in cases {
             let what = String::from_utf8_lossy(&raw).into_owned();
@@ -235,6 +259,9 @@ mod tests {
         assert!(slow(&with(&deep)).is_err());
         assert!(slow(&with("\"x\":\"\\ud800\"")).is_err());
         assert!(slow(&invalid_utf8).is_err());
+        assert!(slow(&with("\"x\":1e400")).is_err());
+        assert!(slow(in_body.as_bytes()).is_err());
+        assert!(slow(&with(&format!("\"x\":{}", "9".repeat(400)))).is_err());
     }
 
     #[test]
