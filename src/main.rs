@@ -12,15 +12,18 @@ use llmlogd::config::{Config, LogFormat};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Gives freed memory back to the OS at once (mimalloc waits 10 ms by default). With this and
-/// transparent huge pages off (the `no_thp` feature) peak RSS in the ingest benchmark was
-/// 118-128 MiB; with mimalloc's defaults 167-190 MiB; glibc 107 MiB. The option number is
-/// `mi_option_purge_delay` in mimalloc.h, the same in v2 and v3.
+/// How long mimalloc keeps freed memory before giving it back to the OS: 10 ms (its default,
+/// stated so a newer mimalloc cannot change it unseen); `MIMALLOC_PURGE_DELAY` in the
+/// environment overrides it. At 0 (immediate) the writer and ingest threads spent ~12 % of
+/// their CPU on page faults and `madvise` refilling memory just given back; 10 ms measured
+/// 59 -> 64-65 k events/s pipelined and +5 % at 64 clients for +10-15 MiB of peak RSS
+/// during ingest (BENCHMARKS.md F16-F17). Transparent huge pages stay off (`no_thp`). The
+/// option number is `mi_option_purge_delay` in mimalloc.h, the same in v2 and v3.
 fn tune_allocator() {
-    const PURGE_DELAY_MS: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: plain setters of mimalloc's global options, valid at any time.
-    unsafe {
-        libmimalloc_sys::mi_option_set(PURGE_DELAY_MS, 0);
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: a plain setter of a mimalloc global option, valid at any time.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 10) };
     }
 }
 
