@@ -80,18 +80,27 @@ fn plain_json(raw: &[u8]) -> bool {
     if std::str::from_utf8(raw).is_err() {
         return false;
     }
-    let (mut depth, mut in_str, mut esc, mut digits) = (0usize, false, false, 0usize);
-    for (i, &b) in raw.iter().enumerate() {
-        if in_str {
-            if esc {
-                if b == b'u' && matches!(raw.get(i + 1), Some(b'd' | b'D')) {
+    let (mut depth, mut digits, mut i) = (0usize, 0usize, 0usize);
+    while let Some(&b) = raw.get(i) {
+        i += 1;
+        if b == b'"' {
+            // Inside a string only escapes matter: jump from one `"` or `\` to the next
+            // (most of an LLM event is string bytes).
+            digits = 0;
+            loop {
+                let rest = raw.get(i..).unwrap_or_default();
+                let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
+                    return true; // unterminated: serde refuses it
+                };
+                let j = i + at;
+                if raw[j] == b'"' {
+                    i = j + 1;
+                    break;
+                }
+                if raw.get(j + 1) == Some(&b'u') && matches!(raw.get(j + 2), Some(b'd' | b'D')) {
                     return false;
                 }
-                esc = false;
-            } else if b == b'\\' {
-                esc = true;
-            } else if b == b'"' {
-                in_str = false;
+                i = j + 2;
             }
             continue;
         }
@@ -107,7 +116,6 @@ fn plain_json(raw: &[u8]) -> bool {
         }
         digits = 0;
         match b {
-            b'"' => in_str = true,
             b'{' | b'[' => {
                 depth += 1;
                 if depth > FAST_MAX_DEPTH {
@@ -262,6 +270,107 @@ mod tests {
         assert!(slow(&with("\"x\":1e400")).is_err());
         assert!(slow(in_body.as_bytes()).is_err());
         assert!(slow(&with(&format!("\"x\":{}", "9".repeat(400)))).is_err());
+    }
+
+    /// The byte-at-a-time scan `plain_json` replaced, kept to check the jumping one against.
+    fn plain_json_reference(raw: &[u8]) -> bool {
+        if std::str::from_utf8(raw).is_err() {
+            return false;
+        }
+        let (mut depth, mut in_str, mut esc, mut digits) = (0usize, false, false, 0usize);
+        for (i, &b) in raw.iter().enumerate() {
+            if in_str {
+                if esc {
+                    if b == b'u' && matches!(raw.get(i + 1), Some(b'd' | b'D')) {
+                        return false;
+                    }
+                    esc = false;
+                } else if b == b'\\' {
+                    esc = true;
+                } else if b == b'"' {
+                    in_str = false;
+                }
+                continue;
+            }
+            if b.is_ascii_digit() || b == b'.' {
+                digits += 1;
+                if digits > FAST_MAX_DIGITS {
+                    return false;
+                }
+                continue;
+            }
+            if digits > 0 && matches!(b, b'e' | b'E') {
+                return false;
+            }
+            digits = 0;
+            match b {
+                b'"' => in_str = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > FAST_MAX_DEPTH {
+                        return false;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn plain_json_agrees_with_the_byte_scan() {
+        let pieces: &[&str] = &[
+            "{",
+            "}",
+            "[",
+            "]",
+            "\"",
+            "\\",
+            "\\\"",
+            "\\u",
+            "\\ud800",
+            "\\uD83D",
+            "\\\\ud800",
+            "u",
+            "d",
+            "D",
+            "1",
+            "2.5",
+            "e",
+            "E",
+            "1e5",
+            "true",
+            "false",
+            "null",
+            ",",
+            ":",
+            "abc",
+            "é",
+            " ",
+        ];
+        // Every sequence of up to 4 pieces, then some long ones.
+        let mut inputs: Vec<String> = vec![String::new()];
+        for _ in 0..4 {
+            let more: Vec<String> = inputs
+                .iter()
+                .flat_map(|s| pieces.iter().map(move |p| format!("{s}{p}")))
+                .collect();
+            inputs.extend(more.into_iter().filter(|s| s.len() < 40));
+            inputs.dedup();
+        }
+        inputs.push(format!("{}1{}", "[".repeat(101), "]".repeat(101)));
+        inputs.push(format!("[{}]", "9".repeat(301)));
+        inputs.push(format!("[\"{}\"]", "9".repeat(400)));
+        inputs.push(hand_written().to_string());
+        for s in &inputs {
+            assert_eq!(
+                plain_json(s.as_bytes()),
+                plain_json_reference(s.as_bytes()),
+                "{s}"
+            );
+        }
+        assert!(inputs.len() > 100_000, "{}", inputs.len());
     }
 
     #[test]
