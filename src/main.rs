@@ -17,7 +17,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// environment overrides it. At 0 (immediate) the writer and ingest threads spent ~12 % of
 /// their CPU on page faults and `madvise` refilling memory just given back; 10 ms measured
 /// 59 -> 64-65 k events/s pipelined and +5 % at 64 clients for +10-15 MiB of peak RSS
-/// during ingest (BENCHMARKS.md F16-F17). Transparent huge pages stay off (`no_thp`). The
+/// during ingest (BENCHMARKS.md F21). Transparent huge pages stay off (`no_thp`). The
 /// option number is `mi_option_purge_delay` in mimalloc.h, the same in v2 and v3.
 fn tune_allocator() {
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

@@ -3,7 +3,9 @@
 //! same sled settings (2 MiB segments, `Mode::HighThroughput`, 64 MiB cache), a batch of
 //! records under big-endian u64 keys, the `next_seq` mark in a second tree, `flush()`, then
 //! `fdatasync` of sled's `db` file. Values are real records: the 28-byte header plus the
-//! zstd level 1 payload of the bench's events.
+//! zstd level 1 payload of the bench's events, one per key or several to a value. (llmlogd's
+//! packs are smaller still: it compresses a pack's ~8 events as one frame; the ceiling keeps
+//! compression out of the measured loop.)
 //!
 //! Also the queue ceiling: llmlogd's own `Queue` in process (no network, no parsing), with
 //! N tasks each appending one event at a time, so the table separates what the storage costs
