@@ -27,6 +27,7 @@
 use std::hash::BuildHasher;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::canonical::{provider_id, LlmEvent, PezzoExtra, PromptId, Status, Timestamp};
@@ -546,18 +547,34 @@ pub fn attributes(body: &Value) -> Attributes {
 /// What the real server answers (201) for a saved report: `reportId`, `calculated` and the
 /// report's own members, as `ReportingService.saveReport` returns them. Clients only check for a
 /// 2xx. Costs are not computed; durations and token counts are.
-pub fn success_reply(body: &Value) -> Value {
-    let mut out = Map::new();
-    out.insert("reportId".into(), json!(report_id()));
-    out.insert("calculated".into(), calculated(body));
-    if let Some(root) = body.as_object() {
-        for k in ["properties", "metadata", "request", "response"] {
-            if let Some(v) = root.get(k) {
-                out.insert(k.into(), v.clone());
-            }
-        }
+pub fn success_reply(body: &Value) -> String {
+    /// The reply, borrowing the report's members: serialised straight from the request's
+    /// `Value`, not cloned into a new one first (the report is echoed whole).
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        #[serde(rename = "reportId")]
+        report_id: String,
+        calculated: Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        properties: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        metadata: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        response: Option<&'a Value>,
     }
-    Value::Object(out)
+    let member = |k: &str| body.as_object().and_then(|root| root.get(k));
+    let reply = Reply {
+        report_id: report_id(),
+        calculated: calculated(body),
+        properties: member("properties"),
+        metadata: member("metadata"),
+        request: member("request"),
+        response: member("response"),
+    };
+    // Plain data with string keys: serialising cannot fail.
+    serde_json::to_string(&reply).unwrap_or_default()
 }
 
 fn calculated(body: &Value) -> Value {
@@ -945,14 +962,32 @@ mod tests {
 
     #[test]
     fn success_reply_shape() {
-        let reply = success_reply(&pezzo_ts_success());
+        let parse = |s: String| serde_json::from_str::<Value>(&s).expect("JSON");
+        let reply = parse(success_reply(&pezzo_ts_success()));
         let id = reply["reportId"].as_str().expect("id");
         assert_eq!(id.len(), 36);
         assert_eq!(id.as_bytes()[14], b'4');
         assert_ne!(
-            success_reply(&pezzo_ts_success())["reportId"],
+            parse(success_reply(&pezzo_ts_success()))["reportId"],
             reply["reportId"]
         );
+        // Members in the order Pezzo's server gives them, each as the report had it.
+        let body = pezzo_ts_success();
+        let mut want = vec!["reportId", "calculated"];
+        want.extend(
+            ["properties", "metadata", "request", "response"]
+                .into_iter()
+                .filter(|k| body.get(k).is_some()),
+        );
+        let keys: Vec<&str> = reply
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys, want);
+        assert_eq!(reply["request"], pezzo_ts_success()["request"]);
+        assert_eq!(reply["response"], pezzo_ts_success()["response"]);
         assert_eq!(
             reply["calculated"],
             json!({"duration": 1234, "promptTokens": 15, "completionTokens": 2, "totalTokens": 17})

@@ -27,6 +27,7 @@
 //! `environment` <-> `metadata.environment`; a Pezzo prompt id (a string) goes to
 //! `metadata.llmlogd_prompt_id` because `prompt_id` must be a PromptLayer integer id.
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::canonical::{
@@ -597,28 +598,57 @@ pub fn attributes(body: &Value) -> Attributes {
 
 /// The 201 body for `/log-request`: our local id and a `prompt_version` shaped per the spec from
 /// the input (template, model, parameters).
-pub fn log_reply(local_id: u64, body: &Value) -> Value {
-    let get = |k: &str| body.get(k).filter(|v| !v.is_null()).cloned();
-    let template = get("input")
-        .filter(Value::is_object)
-        .unwrap_or_else(|| convert::chat_template(Vec::new(), Map::new()));
-    json!({
-        "id": local_id,
-        "prompt_version": {
-            "prompt_template": template,
-            "commit_message": null,
-            "metadata": {
-                "model": {
-                    "provider": get("provider").unwrap_or(Value::Null),
-                    "name": get("model").unwrap_or(Value::Null),
-                    "parameters": get("parameters").filter(Value::is_object).unwrap_or_else(|| json!({})),
-                }
-            }
+pub fn log_reply(local_id: u64, body: &Value) -> String {
+    use std::borrow::Cow;
+    // Serialised straight from the request's `Value` (the template is most of the body), not
+    // cloned into a new one first; members in the order the service gives them.
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        id: u64,
+        prompt_version: PromptVersion<'a>,
+        status: Cow<'a, Value>,
+        error_type: &'a Value,
+        error_message: &'a Value,
+    }
+    #[derive(Serialize)]
+    struct PromptVersion<'a> {
+        prompt_template: Cow<'a, Value>,
+        commit_message: Option<()>,
+        metadata: VersionMeta<'a>,
+    }
+    #[derive(Serialize)]
+    struct VersionMeta<'a> {
+        model: Model<'a>,
+    }
+    #[derive(Serialize)]
+    struct Model<'a> {
+        provider: &'a Value,
+        name: &'a Value,
+        parameters: Cow<'a, Value>,
+    }
+    static NULL: Value = Value::Null;
+    let get = |k: &str| body.get(k).filter(|v| !v.is_null());
+    let object = |k: &str| get(k).filter(|v| v.is_object()).map(Cow::Borrowed);
+    let reply = Reply {
+        id: local_id,
+        prompt_version: PromptVersion {
+            prompt_template: object("input")
+                .unwrap_or_else(|| Cow::Owned(convert::chat_template(Vec::new(), Map::new()))),
+            commit_message: None,
+            metadata: VersionMeta {
+                model: Model {
+                    provider: get("provider").unwrap_or(&NULL),
+                    name: get("model").unwrap_or(&NULL),
+                    parameters: object("parameters").unwrap_or_else(|| Cow::Owned(json!({}))),
+                },
+            },
         },
-        "status": get("status").unwrap_or_else(|| json!("SUCCESS")),
-        "error_type": get("error_type").unwrap_or(Value::Null),
-        "error_message": get("error_message").unwrap_or(Value::Null),
-    })
+        status: get("status").map_or_else(|| Cow::Owned(json!("SUCCESS")), Cow::Borrowed),
+        error_type: get("error_type").unwrap_or(&NULL),
+        error_message: get("error_message").unwrap_or(&NULL),
+    };
+    // Plain data with string keys: serialising cannot fail.
+    serde_json::to_string(&reply).unwrap_or_default()
 }
 
 /// Checks a follow-up body: `api_key` (string) and `request_id` (integer >= 0) always, then the
@@ -1172,20 +1202,23 @@ mod tests {
 
     #[test]
     fn log_reply_shape() {
-        assert_eq!(
-            log_reply(17, &pl_js_anthropic()),
-            json!({
-                "id": 17,
-                "prompt_version": {
-                    "prompt_template": pl_js_anthropic()["input"],
-                    "commit_message": null,
-                    "metadata": {"model": {"provider": "anthropic", "name": "claude-3-5-sonnet-20241022",
-                                           "parameters": {"max_tokens": 1024, "temperature": 0.3}}}
-                },
-                "status": "SUCCESS", "error_type": null, "error_message": null
-            })
-        );
-        let r = log_reply(1, &pl_docs_error());
+        let reply = |id, body: &Value| -> Value {
+            serde_json::from_str(&log_reply(id, body)).expect("JSON")
+        };
+        let want = json!({
+            "id": 17,
+            "prompt_version": {
+                "prompt_template": pl_js_anthropic()["input"],
+                "commit_message": null,
+                "metadata": {"model": {"provider": "anthropic", "name": "claude-3-5-sonnet-20241022",
+                                       "parameters": {"max_tokens": 1024, "temperature": 0.3}}}
+            },
+            "status": "SUCCESS", "error_type": null, "error_message": null
+        });
+        // Byte for byte what the json! it replaced printed (members in the service's order).
+        assert_eq!(log_reply(17, &pl_js_anthropic()), want.to_string());
+        assert_eq!(reply(17, &pl_js_anthropic()), want);
+        let r = reply(1, &pl_docs_error());
         assert_eq!(r["status"], json!("ERROR"));
         assert_eq!(r["error_type"], json!("PROVIDER_TIMEOUT"));
         assert_eq!(

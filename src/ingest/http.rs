@@ -84,11 +84,19 @@ pub fn router(state: Arc<HttpState>) -> Router {
 
 /// A JSON reply with a given status.
 struct JsonReply(StatusCode, Value);
+/// A reply already serialised.
+struct JsonText(StatusCode, String);
 struct Json200(Value);
 
 impl IntoResponse for JsonReply {
     fn into_response(self) -> Response {
-        let mut r = (self.0, self.1.to_string()).into_response();
+        JsonText(self.0, self.1.to_string()).into_response()
+    }
+}
+
+impl IntoResponse for JsonText {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, self.1).into_response();
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -487,7 +495,7 @@ const PEZZO: ServiceRoute = ServiceRoute {
         api_key: header_str(h, "x-pezzo-api-key").map(Secret::new),
         project_id: header_str(h, "x-pezzo-project-id"),
     },
-    reply: |_, v| JsonReply(StatusCode::CREATED, formats::pezzo::success_reply(v)).into_response(),
+    reply: |_, v| JsonText(StatusCode::CREATED, formats::pezzo::success_reply(v)).into_response(),
 };
 
 const PL_LOG: ServiceRoute = ServiceRoute {
@@ -500,7 +508,7 @@ const PL_LOG: ServiceRoute = ServiceRoute {
         project_id: None,
     },
     reply: |seq, v| {
-        JsonReply(StatusCode::CREATED, formats::promptlayer::log_reply(seq, v)).into_response()
+        JsonText(StatusCode::CREATED, formats::promptlayer::log_reply(seq, v)).into_response()
     },
 };
 
