@@ -10,8 +10,9 @@
 //! - [`formats`]: the wire formats (native, Pezzo, PromptLayer) and the canonical model they
 //!   convert through. Shared by ingest (parse, validate) and sinks (render).
 //! - [`event`]: the one event type every stage shares.
-//! - [`queue`]: the sled write-ahead log: group-commit writer thread (fdatasync before ack),
-//!   a cursor per sink, dead letters, byte cap. Its invariants are written at its top.
+//! - [`queue`]: the sled write-ahead log: group-commit writer thread (fdatasync before ack)
+//!   that packs small events ~8 to a value, compressed together; a cursor per sink, dead
+//!   letters, byte cap. Its invariants are written at its top.
 //! - [`delivery`]: one engine for all sinks: per-sink worker reading from its cursor,
 //!   batching, rate limit, retry with backoff, Retry-After, circuit, dead-lettering.
 //! - [`sinks`]: thin: build a request from a batch, classify the reply.
