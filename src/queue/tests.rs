@@ -509,3 +509,60 @@ fn a_clean_stop_leaves_the_counts_and_the_next_open_takes_them_out() {
     assert!(t.meta.get(COUNTS_AT_CLOSE).unwrap().is_none());
     assert_eq!(count_log(&t).unwrap(), (s.events, s.bytes));
 }
+
+/// A store written before packs (one record per key, each payload compressed alone) reads,
+/// counts and collects as before, and new packs follow it.
+#[test]
+fn a_store_from_before_packs_reads_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let old_payload =
+        |i: usize| format!("{{\"old\":{i},\"t\":\"{}\"}}", "words and more ".repeat(20));
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let a = q.sink_id("a").unwrap();
+        let t = q.shared.trees().unwrap();
+        for i in 0..3u64 {
+            // As the old writer stored it: zstd payload, its own key.
+            let mut v = record::encode(
+                &RecordRef {
+                    kind: crate::event::EventKind::Native,
+                    received_ms: 1,
+                    id: uuid::Uuid::from_u128(i as u128),
+                    routes: &[a],
+                    creds: &ClientCredentials::default(),
+                    payload: old_payload(i as usize).as_bytes(),
+                },
+                Compression::None,
+            )
+            .value;
+            let body = v.split_off(28 + 2);
+            let z = zstd::bulk::compress(&body, 1).unwrap();
+            v[2] |= 1; // flags: zstd
+            v.extend_from_slice(&z);
+            t.log.insert(i.to_be_bytes(), v).unwrap();
+        }
+        t.meta.insert("next_seq", &3u64.to_be_bytes()).unwrap();
+        let (events, bytes) = count_log(&t).unwrap();
+        assert_eq!(events, 3);
+        q.shared.events.store(events, Ordering::Relaxed);
+        q.shared.bytes.store(bytes, Ordering::Relaxed);
+        drop(t);
+        q.close().unwrap();
+    }
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let a = q.sink_id("a").unwrap();
+    assert_eq!(q.stats().events, 3);
+    let recs = (0..3).map(|i| q.prepare(&ev(&format!("{{\"new\":{i}}}")), &[a]));
+    let ids = rt.block_on(q.append(recs.collect())).unwrap();
+    assert_eq!(ids[0].seq, 3);
+    let r = q.read(a, 0, 100, 1 << 20, 100).unwrap();
+    let mut want: Vec<String> = (0..3).map(old_payload).collect();
+    want.extend((0..3).map(|i| format!("{{\"new\":{i}}}")));
+    assert_eq!(payloads(&r), want);
+    q.set_cursor(a, 2).unwrap();
+    assert_eq!(q.gc(&[a]).unwrap(), 2);
+    assert_eq!(q.stats().events, 4);
+    let r = q.read(a, 2, 100, 1 << 20, 100).unwrap();
+    assert_eq!(payloads(&r), want[2..].to_vec());
+}
