@@ -2,11 +2,12 @@
 //!
 //! # Layout (sled trees under `<data_dir>/queue`)
 //! - `log`: key = sequence number, u64 big-endian (so key order is arrival order) → a pack of
-//!   the records up to and including that one, or one large record (`record.rs`: small
-//!   records are packed ~8 to a value and compressed together; a scan from any `seq` meets the
-//!   value holding it first). Sequence numbers only grow, across restarts and compactions: the writer
-//!   persists the high-water mark in `meta` with every group commit, and on open takes the
-//!   largest of it, the last log key + 1 and every cursor.
+//!   consecutive records ending with that one, or one large record (`record.rs`: small
+//!   records are packed ~8 to a value and compressed together; a scan from any `seq` meets
+//!   the value holding it first; a pack is removed when every sink is past its last record).
+//!   Sequence numbers only grow, across restarts and compactions: the writer persists the
+//!   high-water mark in `meta` with every group commit, and on open takes the largest of it,
+//!   the last log key + 1 and every cursor.
 //! - `chunks`: key = seq (8) + chunk index (u32 BE) → up to `record::CHUNK` bytes of a large
 //!   payload. No sled value exceeds ~20 KiB, so no sled page is ever written as an (unsynced)
 //!   blob file.
@@ -25,13 +26,18 @@
 //! `db` file was `fdatasync`ed. sled 0.34's own flush uses `sync_file_range`, which neither
 //! persists file metadata nor flushes the drive cache, so the explicit `fdatasync` is what makes
 //! an ack survive power loss. One writer thread does this for everything that arrived while the
-//! previous sync ran (group commit).
+//! previous sync ran (group commit), packing and inserting each append as it arrives, above
+//! the head (the next sequence number to assign), where readers never look until the sync
+//! moves the head past it.
 //!
 //! # After a crash
 //! sled recovers a prefix of its log, which includes every acknowledged append (it was synced).
 //! Cursor updates are not synced on their own (they ride on the next group commit or sled's
 //! 500 ms flusher), so after a crash a sink may resume a little behind where it was and
-//! deliver some events twice: delivery is at-least-once. Records are removed only below the
+//! deliver some events twice: delivery is at-least-once. The prefix may also hold part of a
+//! group whose sync never finished: those records were never acknowledged, but they are
+//! delivered like the rest (an app that retries such a write makes a duplicate, which the
+//! event ids let receivers drop). Records are removed only below the
 //! lowest cursor of the configured sinks (`gc`), so nothing acknowledged is removed before
 //! every sink is done with it. A record that does not decode is handed to the reader as
 //! [`ReadItem::Corrupt`]; delivery dead-letters it and counts it, so it can never wedge a sink.
