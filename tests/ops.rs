@@ -153,6 +153,37 @@ async fn reload_under_load_loses_nothing_and_applies_sinks_and_routes() {
     d.stop().await;
 }
 
+/// A sink taken out of the config by a reload leaves `/metrics`; the others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_sink_leaves_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = MockSink::start().await;
+    let b = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &(http_sink("a", &a) + &http_sink("b", &b))).await;
+    let (s, _) = post_json(&d.url("/v1/events"), "{\"n\":1}").await;
+    assert_eq!(s, 202);
+    let metrics = d.url("/metrics");
+    let delivered =
+        |sink: &str| format!("llmlogd_sink_delivered_events_total{{sink=\"{sink}\"}} 1");
+    wait_until(DEADLINE, "the event delivered to both sinks", || async {
+        let m = get_text(&metrics).await;
+        (m.contains(&delivered("a")) && m.contains(&delivered("b"))).then_some(())
+    })
+    .await;
+    d.reload(&http_sink("a", &a)).await;
+    let m = wait_until(DEADLINE, "sink b's series to go", || async {
+        let m = get_text(&metrics).await;
+        (!m.contains("sink=\"b\"")).then_some(m)
+    })
+    .await;
+    assert!(m.contains(&delivered("a")), "{m}");
+    assert!(
+        m.contains("llmlogd_sink_state{sink=\"a\",state=\"ok\"} 1"),
+        "{m}"
+    );
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_after_a_known_scenario() {
     let dir = tempfile::tempdir().unwrap();

@@ -272,8 +272,9 @@ impl Worker {
         self.advance_cursor();
         if config.has_changed().is_err() {
             // The manager dropped our config: the sink was removed (or the daemon stops).
-            // Take its status down, after the last update this loop may have made.
+            // Take its status and metrics down, after the last update this loop may have made.
             self.board.remove(&self.name);
+            self.metrics.forget_sink(&self.name);
         } else {
             self.publish();
         }

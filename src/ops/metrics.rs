@@ -54,6 +54,31 @@ pub enum FailureClass {
     other,
 }
 
+impl FailureClass {
+    /// Every class (a new variant that is not listed here fails to compile in `listed`).
+    pub const ALL: [FailureClass; 10] = [
+        FailureClass::connect,
+        FailureClass::timeout,
+        FailureClass::status_5xx,
+        FailureClass::status_429,
+        FailureClass::status_408,
+        FailureClass::auth,
+        FailureClass::too_large,
+        FailureClass::rejected_4xx,
+        FailureClass::convert,
+        FailureClass::other,
+    ];
+
+    #[allow(dead_code)]
+    fn listed(self) {
+        use FailureClass::*;
+        match self {
+            connect | timeout | status_5xx | status_429 | status_408 | auth | too_large
+            | rejected_4xx | convert | other => {}
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     ingest_events: Family<RouteResult, Counter>,
@@ -235,6 +260,32 @@ impl Metrics {
 
     pub fn in_flight(&self, sink: &str, delta: i64) {
         self.in_flight.get_or_create(&label(sink)).inc_by(delta);
+    }
+
+    /// Drops every series of a sink that left the config, so `/metrics` stops reporting it
+    /// (a sink added back later starts its series from zero, like a restart would).
+    pub fn forget_sink(&self, sink: &str) {
+        let l = label(sink);
+        self.delivered.remove(&l);
+        self.retried.remove(&l);
+        self.dead_lettered.remove(&l);
+        self.in_flight.remove(&l);
+        self.rate.remove(&l);
+        self.concurrency.remove(&l);
+        self.latency.remove(&l);
+        self.backlog.remove(&l);
+        for class in FailureClass::ALL {
+            self.failed.remove(&SinkClass {
+                sink: sink.to_string(),
+                class,
+            });
+        }
+        for state in SINK_STATES {
+            self.state.remove(&SinkState {
+                sink: sink.to_string(),
+                state,
+            });
+        }
     }
 
     pub fn sink_state(&self, sink: &str, state: &str) {
