@@ -973,11 +973,8 @@ fn evict_for(
         let want = need_events.max(need_bytes.saturating_mul(n).div_ceil(len.max(1)));
         if want < n {
             if let Ok((_, body, spans)) = open_value(key_u64(&k), &v) {
-                let mut pack = record::PackBuilder::default();
-                for span in &spans[want as usize..] {
-                    pack.push(&body[span.clone()]);
-                }
-                let tail = pack.finish(shared.cfg.compression);
+                let rest = spans[want as usize..].iter().map(|s| &body[s.clone()]);
+                let tail = record::pack(rest, shared.cfg.compression);
                 let tail_len = stored_len_of(&tail) as u64;
                 match t.log.compare_and_swap(&k, Some(&v), Some(tail)) {
                     Ok(Ok(())) => {
@@ -1105,15 +1102,14 @@ fn remove_record(
                 },
                 compression,
             );
-            let mut pack = record::PackBuilder::default();
-            for (i, span) in spans.into_iter().enumerate() {
+            let records = spans.into_iter().enumerate().map(|(i, span)| {
                 if first + i as u64 == seq {
-                    pack.push(&placeholder.value);
+                    &placeholder.value[..]
                 } else {
-                    pack.push(&body[span]);
+                    &body[span]
                 }
-            }
-            t.log.insert(k, pack.finish(compression))?;
+            });
+            t.log.insert(k, record::pack(records, compression))?;
         }
         Ok((first, _, _)) if seq >= first => {
             t.log.remove(k)?;

@@ -262,6 +262,18 @@ impl PackBuilder {
     }
 }
 
+/// A pack of `records`, in sequence order (rewriting an existing pack: eviction, repair).
+pub(crate) fn pack<'a>(
+    records: impl IntoIterator<Item = &'a [u8]>,
+    compression: Compression,
+) -> Vec<u8> {
+    let mut p = PackBuilder::default();
+    for r in records {
+        p.push(r);
+    }
+    p.finish(compression)
+}
+
 pub(crate) fn is_pack(value: &[u8]) -> bool {
     value.first() == Some(&PACK_VERSION)
 }

@@ -330,13 +330,8 @@ fn set_in_pack(t: &Trees, key: u64, seq: u64, f: impl FnOnce(&mut Vec<u8>)) {
     let (first, body, spans) = open_value(key, &v).unwrap();
     let mut recs: Vec<Vec<u8>> = spans.into_iter().map(|s| body[s].to_vec()).collect();
     f(&mut recs[(seq - first) as usize]);
-    let mut p = record::PackBuilder::default();
-    for r in &recs {
-        p.push(r);
-    }
-    t.log
-        .insert(key.to_be_bytes(), p.finish(Compression::None))
-        .unwrap();
+    let v = record::pack(recs.iter().map(Vec::as_slice), Compression::None);
+    t.log.insert(key.to_be_bytes(), v).unwrap();
 }
 
 #[test]
