@@ -158,6 +158,8 @@ struct Shared {
     syncs: AtomicU64,
     evicted: AtomicU64,
     head: watch::Sender<u64>,
+    /// Woken when a sink's cursor moves: there may be records to remove.
+    cursor_moved: tokio::sync::Notify,
     closed: AtomicBool,
     last_compact_check: AtomicU64,
     _lock: DirLock,
@@ -213,6 +215,7 @@ impl Queue {
             syncs: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             head,
+            cursor_moved: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             last_compact_check: AtomicU64::new(now_ms()),
             _lock: lock,
@@ -331,7 +334,13 @@ impl Queue {
             .trees()?
             .cursors
             .insert(sink.to_be_bytes(), &seq.to_be_bytes())?;
+        self.shared.cursor_moved.notify_one();
         Ok(())
+    }
+
+    /// Resolves after a cursor moved (at once if one moved since the last call returned).
+    pub async fn cursor_moved(&self) {
+        self.shared.cursor_moved.notified().await
     }
 
     /// Reads up to `max_events` / `max_bytes` records routed to `sink`, starting at `from`.

@@ -561,3 +561,22 @@ fn a_store_from_before_packs_reads_on() {
     let r = q.read(a, 2, 100, 1 << 20, 100).unwrap();
     assert_eq!(payloads(&r), want[2..].to_vec());
 }
+
+/// Moving a cursor wakes the collector (which removes what is delivered soon after, instead of
+/// on its half-second tick): `cursor_moved` resolves after `set_cursor`, and not before.
+#[test]
+fn moving_a_cursor_wakes_the_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let a = q.sink_id("a").unwrap();
+    rt.block_on(async {
+        let quiet =
+            tokio::time::timeout(std::time::Duration::from_millis(50), q.cursor_moved()).await;
+        assert!(quiet.is_err(), "woken with no cursor moved");
+        q.set_cursor(a, 1).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), q.cursor_moved())
+            .await
+            .expect("set_cursor did not wake the collector");
+    });
+}
