@@ -43,9 +43,10 @@ use crate::ops::status::StatusBoard;
 use crate::queue::{DeadLetterInfo, Queue, ReadItem};
 use crate::sinks::{self, Accepted, BuildContext, BuildError, RemoteId, Sink, SinkRequest};
 
-/// Most events a worker holds in memory at once.
+/// The window's bounds (see `window_caps`): events, and payload bytes.
+const MIN_WINDOW_EVENTS: usize = 1024;
 const MAX_WINDOW_EVENTS: usize = 4096;
-/// Most payload bytes a worker holds in memory at once.
+const MIN_WINDOW_BYTES: usize = 8 << 20;
 const MAX_WINDOW_BYTES: usize = 32 << 20;
 /// Most response bytes read (kept with dead letters, parsed for ids).
 const MAX_RESPONSE: usize = 64 * 1024;
@@ -170,6 +171,23 @@ pub(crate) struct Worker {
 
 /// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
 /// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
+/// How much a worker reads ahead and holds (events read, in flight, or waiting for a retry):
+/// every request it may have in flight plus one more batch ready to go,
+/// `(concurrency + 1) × batch_max_events` (and the same in bytes), within
+/// `MIN_WINDOW_*..=MAX_WINDOW_*`. The floor leaves room beside events waiting out a backoff;
+/// the ceiling bounds memory. What a worker holds is what a drain keeps resident beyond sled's
+/// own pages (BENCHMARKS.md F33).
+fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
+    let slots = cfg.concurrency.saturating_add(1);
+    let events = slots
+        .saturating_mul(cfg.batch.max_events)
+        .clamp(MIN_WINDOW_EVENTS, MAX_WINDOW_EVENTS);
+    let bytes = slots
+        .saturating_mul(cfg.batch.max_bytes)
+        .clamp(MIN_WINDOW_BYTES, MAX_WINDOW_BYTES);
+    (events, bytes)
+}
+
 pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(cfg.timeout)
@@ -245,8 +263,8 @@ impl Worker {
             self.publish();
             let sleep =
                 tokio::time::sleep_until(wake.unwrap_or(now + Duration::from_secs(3600)).into());
-            let room =
-                self.window.len() < MAX_WINDOW_EVENTS && self.window_bytes < MAX_WINDOW_BYTES;
+            let (max_events, max_bytes) = window_caps(&self.cfg);
+            let room = self.window.len() < max_events && self.window_bytes < max_bytes;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -328,15 +346,16 @@ impl Worker {
     fn refill(&mut self) -> Result<(), crate::queue::QueueError> {
         let head = *self.queue.head().borrow();
         let now = Instant::now();
+        let (max_events, max_bytes) = window_caps(&self.cfg);
         while self.read_pos < head
-            && self.window.len() < MAX_WINDOW_EVENTS
-            && self.window_bytes < MAX_WINDOW_BYTES
+            && self.window.len() < max_events
+            && self.window_bytes < max_bytes
         {
             let batch = self.queue.read(
                 self.id,
                 self.read_pos,
-                MAX_WINDOW_EVENTS - self.window.len(),
-                MAX_WINDOW_BYTES - self.window_bytes,
+                max_events - self.window.len(),
+                max_bytes - self.window_bytes,
                 8192,
             )?;
             if batch.next <= self.read_pos {
@@ -1430,5 +1449,28 @@ mod tests {
         let s = &r.w.window[&0];
         assert!(!s.in_flight && s.attempts == 1, "retried like any failure");
         assert_eq!(r.w.in_flight, 0);
+    }
+
+    /// A worker reads ahead what its in-flight requests and one more batch can use, between
+    /// the floor and the ceiling, in events and in bytes.
+    #[test]
+    fn the_window_holds_what_the_requests_in_flight_can_use() {
+        let caps = |extra: &str| window_caps(&rig(extra).w.cfg);
+        // The http sink's defaults: 500 events / 4 MiB per batch, 2 in flight.
+        assert_eq!(caps(""), (1500, 12 << 20));
+        assert_eq!(
+            caps("batch_max_events = 100\nbatch_max_bytes = \"1MiB\"\nconcurrency = 15"),
+            (1600, 16 << 20)
+        );
+        // Single-event requests, one at a time: the floor.
+        assert_eq!(
+            caps("batch_max_events = 1\nbatch_max_bytes = \"1KiB\"\nconcurrency = 1"),
+            (MIN_WINDOW_EVENTS, MIN_WINDOW_BYTES)
+        );
+        // Large batches, many in flight: the ceiling.
+        assert_eq!(
+            caps("batch_max_events = 10000\nbatch_max_bytes = \"64MiB\"\nconcurrency = 64"),
+            (MAX_WINDOW_EVENTS, MAX_WINDOW_BYTES)
+        );
     }
 }
