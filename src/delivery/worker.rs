@@ -169,14 +169,13 @@ pub(crate) struct Worker {
     last_expiry_sweep: Instant,
 }
 
-/// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
-/// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
 /// How much a worker reads ahead and holds (events read, in flight, or waiting for a retry):
 /// every request it may have in flight plus one more batch ready to go,
 /// `(concurrency + 1) × batch_max_events` (and the same in bytes), within
 /// `MIN_WINDOW_*..=MAX_WINDOW_*`. The floor leaves room beside events waiting out a backoff;
-/// the ceiling bounds memory. What a worker holds is what a drain keeps resident beyond sled's
-/// own pages (BENCHMARKS.md F33).
+/// the ceiling bounds memory. While a backlog drains, what a worker holds is in memory twice:
+/// its decoded payloads, and sled's pages of the records behind its cursor (BENCHMARKS.md F30,
+/// F33).
 fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
     let slots = cfg.concurrency.saturating_add(1);
     let events = slots
@@ -188,6 +187,8 @@ fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
     (events, bytes)
 }
 
+/// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
+/// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
 pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(cfg.timeout)
