@@ -126,6 +126,14 @@ impl Trees {
 /// the store exclusively (no other reader or writer) and passes it by value; on success the
 /// compacted store is returned, on failure the original (reopened) one, or the error when even
 /// that cannot be opened.
+/// Compaction copies the live records in sled batches of about this many bytes. A batch is
+/// resident several times over while sled applies it (the batch, the new nodes, the I/O
+/// buffers they are written through), so its size, not the live size, decides most of what
+/// compaction adds to RSS: copying 60 MiB of live records took RSS up by ~150 MiB in batches of
+/// 4,096 values (up to 64 MiB), by ~50 MiB in 1 MiB batches and ~30 MiB in 256 KiB ones
+/// (BENCHMARKS.md F35), and was faster too.
+const COPY_BATCH_BYTES: usize = 256 << 10;
+
 pub(crate) fn compact(
     current: Trees,
     dir: &Path,
@@ -139,13 +147,14 @@ pub(crate) fn compact(
         let fresh = Trees::open_at(&fresh_path, cfg)?;
         for ((_, src), (_, dst)) in current.named().iter().zip(fresh.named().iter()) {
             let mut batch = sled::Batch::default();
-            let mut n = 0;
+            let mut bytes = 0;
             for kv in src.iter() {
                 let (k, v) = kv?;
+                bytes += k.len() + v.len();
                 batch.insert(k, v);
-                n += 1;
-                if n % 4096 == 0 {
+                if bytes >= COPY_BATCH_BYTES {
                     dst.apply_batch(std::mem::take(&mut batch))?;
+                    bytes = 0;
                 }
             }
             dst.apply_batch(batch)?;
