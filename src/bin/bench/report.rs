@@ -404,6 +404,16 @@ impl Report {
                 mib(d.peak_rss),
                 d.peak_rss <= 64 << 20,
             ));
+            // The same backlog while it builds up (sink down, events arriving): the state of a
+            // host that is offline.
+            t.push((
+                format!(
+                    "RSS ≤ 64 MiB with a {}-event backlog (filling it, sink down)",
+                    rate(d.backlog as f64)
+                ),
+                mib(d.fill_rss),
+                d.fill_rss <= 64 << 20,
+            ));
             let ratio = d.disk_after_fill as f64 / d.payload_bytes.max(1) as f64;
             t.push((
                 "disk ≤ 1.5 × payload".into(),
