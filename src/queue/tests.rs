@@ -584,45 +584,29 @@ fn moving_a_cursor_wakes_the_collector() {
 #[test]
 fn compaction_waits_for_a_draining_backlog_to_settle() {
     const MIB: u64 = 1 << 20;
-    let disk = |b: u64| move || b;
-    // Settled and small, with the files much larger: compact.
-    assert!(compaction_due(
-        10 * MIB,
-        10 * MIB,
-        disk(500 * MIB),
-        64 * MIB
-    ));
-    assert!(compaction_due(0, 0, disk(500 * MIB), 64 * MIB));
-    assert!(compaction_due(6 * MIB, 10 * MIB, disk(500 * MIB), 64 * MIB));
-    // Still draining: less than half of what it held at the previous check.
-    assert!(!compaction_due(
-        40 * MIB,
-        600 * MIB,
-        disk(2000 * MIB),
-        64 * MIB
-    ));
-    assert!(!compaction_due(
-        20 * MIB,
-        50 * MIB,
-        disk(500 * MIB),
-        64 * MIB
-    ));
-    // ... unless what is left is small: a drained backlog is compacted at the first check.
-    assert!(compaction_due(0, 1000 * MIB, disk(1100 * MIB), 64 * MIB));
-    assert!(compaction_due(4 * MIB, 10 * MIB, disk(500 * MIB), 64 * MIB));
-    // Too much to copy, whatever the files take.
-    assert!(!compaction_due(
-        65 * MIB,
-        65 * MIB,
-        disk(5000 * MIB),
-        64 * MIB
-    ));
-    // Files not large enough: under `compact_above`, or under four times the live bytes.
-    assert!(!compaction_due(MIB, MIB, disk(60 * MIB), 64 * MIB));
-    assert!(!compaction_due(
-        30 * MIB,
-        30 * MIB,
-        disk(100 * MIB),
-        64 * MIB
-    ));
+    // (live, live at the previous check, files on disk, compact_above) → compact?
+    let cases = [
+        // Settled and small, with the files much larger: compact.
+        ((10, 10, 500, 64), true),
+        ((0, 0, 500, 64), true),
+        ((6, 10, 500, 64), true),
+        // Still draining: less than half of what it held at the previous check.
+        ((40, 600, 2000, 64), false),
+        ((20, 50, 500, 64), false),
+        // ... unless what is left is small: a drained backlog is compacted at the first check.
+        ((0, 1000, 1100, 64), true),
+        ((4, 10, 500, 64), true),
+        // Too much to copy, whatever the files take.
+        ((65, 65, 5000, 64), false),
+        // Files not large enough: under `compact_above`, or under four times the live bytes.
+        ((1, 1, 60, 64), false),
+        ((30, 30, 100, 64), false),
+    ];
+    for ((live, before, disk, above), want) in cases {
+        let got = compaction_due(live * MIB, before * MIB, || disk * MIB, above * MIB);
+        assert_eq!(
+            got, want,
+            "live {live} MiB, before {before}, disk {disk}, above {above}"
+        );
+    }
 }

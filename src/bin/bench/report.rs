@@ -396,24 +396,18 @@ impl Report {
             ));
         }
         if let Some(d) = self.drains.iter().max_by_key(|d| d.backlog) {
-            t.push((
-                format!(
-                    "RSS ≤ 64 MiB with a {}-event backlog (drain)",
-                    rate(d.backlog as f64)
-                ),
-                mib(d.peak_rss),
-                d.peak_rss <= 64 << 20,
-            ));
-            // The same backlog while it builds up (sink down, events arriving): the state of a
-            // host that is offline.
-            t.push((
-                format!(
-                    "RSS ≤ 64 MiB with a {}-event backlog (filling it, sink down)",
-                    rate(d.backlog as f64)
-                ),
-                mib(d.fill_rss),
-                d.fill_rss <= 64 << 20,
-            ));
+            // Draining it, and while it builds up (sink down, events arriving: the state of a
+            // host that is offline).
+            for (when, rss) in [("drain", d.peak_rss), ("filling it, sink down", d.fill_rss)] {
+                t.push((
+                    format!(
+                        "RSS ≤ 64 MiB with a {}-event backlog ({when})",
+                        rate(d.backlog as f64)
+                    ),
+                    mib(rss),
+                    rss <= 64 << 20,
+                ));
+            }
             let ratio = d.disk_after_fill as f64 / d.payload_bytes.max(1) as f64;
             t.push((
                 "disk ≤ 1.5 × payload".into(),
