@@ -68,21 +68,39 @@ impl Trees {
     }
 
     fn open_at(path: &Path, cfg: &QueueConfig) -> Result<Trees, QueueError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(cfg.cache_bytes)
             .segment_size(SEGMENT_SIZE)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
-                    QueueError::DataDir {
-                        path: path.to_path_buf(),
-                        problem: format!("permission denied ({io})"),
-                    }
+            .mode(sled::Mode::HighThroughput);
+        // sled releases its file lock only when the last handle on the store's internals is
+        // dropped, and some of those are dropped late (epoch-deferred, or held by its I/O
+        // threads): a store closed a moment ago in this process (compaction's swap, a reopen
+        // after a storage error, a restart in tests) may still hold it. Another process cannot
+        // (the data directory's own lock keeps it out), so wait for it, within a bound.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut pause = std::time::Duration::from_millis(1);
+        let opened = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().starts_with("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
                 }
-                other => QueueError::from(other),
-            })?;
+                other => break other,
+            }
+        };
+        let db = opened.map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+                QueueError::DataDir {
+                    path: path.to_path_buf(),
+                    problem: format!("permission denied ({io})"),
+                }
+            }
+            other => QueueError::from(other),
+        })?;
         let db_file = File::open(path.join("db")).map_err(|e| QueueError::DataDir {
             path: path.join("db"),
             problem: e.to_string(),
@@ -133,6 +151,8 @@ impl Trees {
 /// 4,096 values (up to 64 MiB), by ~50 MiB in 1 MiB batches and ~30 MiB in 256 KiB ones
 /// (BENCHMARKS.md F35), and was faster too.
 const COPY_BATCH_BYTES: usize = 256 << 10;
+/// How long opening waits for sled's lock to be released by a store closed in this process.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) fn compact(
     current: Trees,
