@@ -140,20 +140,20 @@ impl Trees {
     }
 }
 
-/// Copies the live contents of `current` into a fresh store and swaps it in. The caller holds
-/// the store exclusively (no other reader or writer) and passes it by value; on success the
-/// compacted store is returned, on failure the original (reopened) one, or the error when even
-/// that cannot be opened.
 /// Compaction copies the live records in sled batches of about this many bytes. A batch is
 /// resident several times over while sled applies it (the batch, the new nodes, the I/O
 /// buffers they are written through), so its size, not the live size, decides most of what
 /// compaction adds to RSS: copying 60 MiB of live records took RSS up by ~150 MiB in batches of
-/// 4,096 values (up to 64 MiB), by ~50 MiB in 1 MiB batches and ~30 MiB in 256 KiB ones
+/// 4,096 values (up to 64 MiB), by ~50 MiB in 1 MiB batches and 26-47 MiB in 256 KiB ones
 /// (BENCHMARKS.md F35), and was faster too.
 const COPY_BATCH_BYTES: usize = 256 << 10;
 /// How long opening waits for sled's lock to be released by a store closed in this process.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Copies the live contents of `current` into a fresh store and swaps it in. The caller holds
+/// the store exclusively (no other reader or writer) and passes it by value; on success the
+/// compacted store is returned, on failure the original (reopened) one, or the error when even
+/// that cannot be opened.
 pub(crate) fn compact(
     current: Trees,
     dir: &Path,

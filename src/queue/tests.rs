@@ -610,3 +610,24 @@ fn compaction_waits_for_a_draining_backlog_to_settle() {
         );
     }
 }
+
+/// A store closed in this process whose last sled handle goes a moment later (as sled's
+/// deferred drops do) is reopened once the handle is gone, not refused for the lock.
+#[test]
+fn reopening_waits_for_a_lingering_sled_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path());
+    let t = store::Trees::open(dir.path(), &c).unwrap();
+    t.meta.insert("k", "v").unwrap();
+    let lingering = t.db.clone();
+    drop(t);
+    // The handle lingers for 100 ms after the store was closed: the reopen below meets the
+    // lock (without the wait it failed at once).
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(lingering);
+    });
+    let t = store::Trees::open(dir.path(), &c).expect("reopen after the handle went");
+    assert_eq!(t.meta.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+    holder.join().unwrap();
+}
