@@ -522,10 +522,12 @@ impl Config {
 
 /// The largest request body or line the config may allow (and so the largest event payload).
 pub const MAX_RECORD_PAYLOAD: u64 = 64 << 20;
-/// sled's page cache. 16 MiB, not more: a larger cache bought no throughput anywhere in the
-/// bench (ingest, drain, startup), and with the sinks down it is what a growing backlog keeps
-/// resident: peak RSS filling a 1 M backlog 107 MiB at 64 MiB, 78 MiB at 16 (BENCHMARKS.md F37).
-pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
+/// sled's page cache. 8 MiB: a larger cache bought no throughput anywhere in the bench
+/// (ingest, drain, startup: 64, 16 and 8 MiB measured alike), and with the sinks down it is
+/// what a growing backlog keeps resident. Peak RSS filling a 1 M backlog: 107 MiB at 64 MiB
+/// (F37), and since sled's cache obeys its capacity (vendored sled, F41) 62 MiB at 16 and
+/// 55-58 MiB at 8 (BENCHMARKS.md).
+pub const DEFAULT_CACHE_BYTES: u64 = 8 << 20;
 
 fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError> {
     let k = |field: &str| format!("sinks.{name}.{field}");
@@ -888,7 +890,7 @@ mod tests {
             DEFAULT_HTTP_LISTEN
         );
         assert!(c.sinks.is_empty());
-        assert_eq!(c.queue.cache_bytes, 16 << 20);
+        assert_eq!(c.queue.cache_bytes, 8 << 20);
         assert_eq!(c.server.socket_mode, 0o660);
     }
 
