@@ -22,10 +22,11 @@
 //! - `meta`: `next_seq` high-water mark; after a clean stop, the event and byte counts.
 //!
 //! # What an ack means
-//! [`Queue::append`] returns only after the records were inserted, sled was flushed *and* the
-//! `db` file was `fdatasync`ed. sled 0.34's own flush uses `sync_file_range`, which neither
-//! persists file metadata nor flushes the drive cache, so the explicit `fdatasync` is what makes
-//! an ack survive power loss. One writer thread does this for everything that arrived while the
+//! [`Queue::append`] returns only after the records were inserted and sled's flush had written
+//! them *and* `fdatasync`ed its `db` file. The published sled 0.34 ends a flush with
+//! `sync_file_range`, which neither persists file metadata nor flushes the drive cache; the
+//! vendored copy llmlogd builds with calls `fdatasync` there instead (`vendor/sled/PATCHED.md`),
+//! which is what makes an ack survive power loss, in one device round trip per commit. One writer thread does this for everything that arrived while the
 //! previous sync ran (group commit), packing and inserting each append as it arrives, above
 //! the head (the next sequence number to assign), where readers never look until the sync
 //! moves the head past it.

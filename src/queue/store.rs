@@ -32,9 +32,13 @@ pub(crate) struct Trees {
     pub dlq_chunks: sled::Tree,
     pub remote: sled::Tree,
     pub meta: sled::Tree,
-    /// sled's log file, opened a second time so the writer can `fdatasync` it.
-    pub db_file: File,
 }
+
+/// The vendored sled's flush ends each buffer write with `fdatasync` (`vendor/sled/PATCHED.md`,
+/// fix 3), and [`Trees::sync`] relies on it. The published sled 0.34.7 only calls
+/// `sync_file_range`, which leaves the drive's cache and the file's size unsynced: built
+/// against it, this line does not compile, so the guarantee cannot be lost unseen.
+const _: () = sled::LLMLOGD_FLUSH_IS_FDATASYNC;
 
 fn paths(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (
@@ -101,10 +105,6 @@ impl Trees {
             }
             other => QueueError::from(other),
         })?;
-        let db_file = File::open(path.join("db")).map_err(|e| QueueError::DataDir {
-            path: path.join("db"),
-            problem: e.to_string(),
-        })?;
         Ok(Trees {
             log: db.open_tree("log")?,
             chunks: db.open_tree("chunks")?,
@@ -115,7 +115,6 @@ impl Trees {
             remote: db.open_tree("remote")?,
             meta: db.open_tree("meta")?,
             db,
-            db_file,
         })
     }
 
@@ -132,10 +131,10 @@ impl Trees {
         ]
     }
 
-    /// flush + fdatasync: everything written so far survives power loss.
+    /// Everything written so far survives power loss once this returns: sled's flush writes
+    /// what its buffers hold and `fdatasync`s the log file (the vendored sled, see above).
     pub fn sync(&self) -> Result<(), QueueError> {
         self.db.flush()?;
-        self.db_file.sync_data()?;
         Ok(())
     }
 }

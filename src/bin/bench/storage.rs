@@ -1,8 +1,9 @@
 //! The storage ceiling: what sled on this disk can take when every commit is made durable the
 //! way llmlogd's writer makes it (see `Queue::open` and `writer_loop` in `src/queue/mod.rs`):
 //! same sled settings (2 MiB segments, `Mode::HighThroughput`, the same 8 MiB cache), a batch of
-//! records under big-endian u64 keys, the `next_seq` mark in a second tree, `flush()`, then
-//! `fdatasync` of sled's `db` file. Values are real records: the 28-byte header plus the
+//! records under big-endian u64 keys, the `next_seq` mark in a second tree, then `flush()`,
+//! which in llmlogd's vendored sled ends with `fdatasync` of sled's `db` file (published sled:
+//! `sync_file_range`, not durable; `vendor/sled/PATCHED.md`). Values are real records: the 28-byte header plus the
 //! zstd level 1 payload of the bench's events, one per key or several to a value. (llmlogd's
 //! packs are smaller still: it compresses a pack's ~8 events as one frame; the ceiling keeps
 //! compression out of the measured loop.)
@@ -11,7 +12,6 @@
 //! N tasks each appending one event at a time, so the table separates what the storage costs
 //! from what the queue's writer adds and what ingest adds on top.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,7 +85,6 @@ pub fn sled_ceiling(
         .with_context(|| format!("opening sled at {}", dir.display()))?;
     let log = db.open_tree("log")?;
     let meta = db.open_tree("meta")?;
-    let file = File::open(dir.join("db")).context("opening sled's db file")?;
     let w = Window::after(warmup, measure);
     let (mut seq, mut commits, mut events) = (0u64, 0u64, 0u64);
     let mut lat = Vec::new();
@@ -125,7 +124,6 @@ pub fn sled_ceiling(
         log.apply_batch(batch)?;
         meta.insert("next_seq", &seq.to_be_bytes())?;
         db.flush()?;
-        file.sync_data()?;
         let done = Instant::now();
         if done >= w.start && done < w.end {
             commits += 1;
