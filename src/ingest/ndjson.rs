@@ -52,6 +52,35 @@ const MIN_PIPELINE_BYTES: usize = 1 << 20;
 /// How much the read buffer grows by per read.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// A `sched_yield` that took longer than this means the CPU was contended (a busy host, or an
+/// app that computes on after its `write`): stop yielding for `YIELD_PAUSE`.
+const YIELD_SLOW: std::time::Duration = std::time::Duration::from_micros(200);
+const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Right after a read, give the CPU back to whoever was running on it. An app's `write` to the
+/// socket wakes this worker, and the kernel often runs it on the app's own CPU at once,
+/// preempting the app in the middle of its `write` for the time it takes to parse the line and
+/// hand it to the queue (~70 µs; measured with `perf sched` while the other CPU sat idle:
+/// BENCHMARKS.md F44). Yielding lets the app's call return first; when nothing else wants the
+/// CPU, the yield returns at once. On a contended CPU a yield can cost a whole time slice, so
+/// one that takes longer than `YIELD_SLOW` turns yielding off on this thread for
+/// `YIELD_PAUSE`: a busy host pays at most one slow yield per worker per second.
+fn yield_to_the_app() {
+    thread_local! {
+        static PAUSED_UNTIL: std::cell::Cell<Option<std::time::Instant>> =
+            const { std::cell::Cell::new(None) };
+    }
+    let now = std::time::Instant::now();
+    if PAUSED_UNTIL.get().is_some_and(|until| now < until) {
+        return;
+    }
+    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+    unsafe { libc::sched_yield() };
+    if now.elapsed() > YIELD_SLOW {
+        PAUSED_UNTIL.set(Some(now + YIELD_PAUSE));
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NdjsonLimits {
     pub max_line: usize,
@@ -273,7 +302,7 @@ async fn read_lines<R: AsyncRead + Unpin>(
             r = tokio::time::timeout_at(until, rd.read_buf(&mut buf)) => r,
         };
         match read {
-            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(n)) if n > 0 => yield_to_the_app(),
             Ok(Ok(_)) => {
                 // End of input.
                 if partial && !skipping {
