@@ -53,10 +53,11 @@ const MIN_PIPELINE_BYTES: usize = 1 << 20;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A `sched_yield` that took longer than this means the CPU was contended (a busy host, or an
-/// app that computes on after its `write`): stop yielding for `YIELD_PAUSE`. At 200 µs and 1 s
-/// a stray slow yield on a quiet host (a kernel worker, say) left a second of an app's calls
-/// unprotected (fire-and-forget p99 75-78 µs in some runs instead of 32-38).
-const YIELD_SLOW: std::time::Duration = std::time::Duration::from_micros(1000);
+/// app that computes on after its `write`): stop yielding for `YIELD_PAUSE`. A pause of 1 s
+/// left a whole second of an app's calls unprotected after one stray slow yield on a quiet
+/// host (fire-and-forget p99 75-78 µs in some runs instead of 32-38); a threshold of 1 ms
+/// kept yielding under heavy load, where it costs throughput (BENCHMARKS.md F44).
+const YIELD_SLOW: std::time::Duration = std::time::Duration::from_micros(200);
 const YIELD_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Right after a read, give the CPU back to whoever was running on it. An app's `write` to the
@@ -412,10 +413,17 @@ mod tests {
         assert!(gate.open(t0 + ms(1)), "a fast yield keeps yielding on");
         gate.yielded(t0 + ms(1), ms(3));
         assert!(!gate.open(t0 + ms(4)));
-        assert!(!gate.open(t0 + ms(103)), "paused for YIELD_PAUSE after the slow yield ended");
+        assert!(
+            !gate.open(t0 + ms(103)),
+            "paused for YIELD_PAUSE after the slow yield ended"
+        );
         assert!(gate.open(t0 + ms(104)));
         gate.yielded(t0 + ms(104), std::time::Duration::from_micros(5));
-        assert_eq!(gate, YieldGate::OPEN, "a fast yield after the pause clears it");
+        assert_eq!(
+            gate,
+            YieldGate::OPEN,
+            "a fast yield after the pause clears it"
+        );
     }
 
     use super::*;
