@@ -403,6 +403,8 @@ fn error_line(e: &IngestError) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_slow_yield_pauses_yielding_and_a_fast_one_does_not() {
         let t0 = std::time::Instant::now();
@@ -425,8 +427,6 @@ mod tests {
             "a fast yield after the pause clears it"
         );
     }
-
-    use super::*;
 
     #[test]
     fn line_endings() {

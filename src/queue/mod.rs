@@ -26,10 +26,10 @@
 //! them *and* `fdatasync`ed its `db` file. The published sled 0.34 ends a flush with
 //! `sync_file_range`, which neither persists file metadata nor flushes the drive cache; the
 //! vendored copy llmlogd builds with calls `fdatasync` there instead (`vendor/sled/PATCHED.md`),
-//! which is what makes an ack survive power loss, in one device round trip per commit. One writer thread does this for everything that arrived while the
-//! previous sync ran (group commit), packing and inserting each append as it arrives, above
-//! the head (the next sequence number to assign), where readers never look until the sync
-//! moves the head past it.
+//! which is what makes an ack survive power loss, in one device round trip per commit. One
+//! writer thread does this for everything that arrived while the previous sync ran (group
+//! commit), packing and inserting each append as it arrives, above the head (the next
+//! sequence number to assign), where readers never look until the sync moves the head past it.
 //!
 //! # After a crash
 //! sled recovers a prefix of its log, which includes every acknowledged append (it was synced).

@@ -1,10 +1,10 @@
 //! The storage ceiling: what sled on this disk can take when every commit is made durable the
 //! way llmlogd's writer makes it (see `Queue::open` and `writer_loop` in `src/queue/mod.rs`):
-//! same sled settings (2 MiB segments, `Mode::HighThroughput`, the same 8 MiB cache), a batch of
-//! records under big-endian u64 keys, the `next_seq` mark in a second tree, then `flush()`,
+//! same sled settings (2 MiB segments, `Mode::HighThroughput`, the same 8 MiB cache), a batch
+//! of records under big-endian u64 keys, the `next_seq` mark in a second tree, then `flush()`,
 //! which in llmlogd's vendored sled ends with `fdatasync` of sled's `db` file (published sled:
-//! `sync_file_range`, not durable; `vendor/sled/PATCHED.md`). Values are real records: the 28-byte header plus the
-//! zstd level 1 payload of the bench's events, one per key or several to a value. (llmlogd's
+//! `sync_file_range`, not durable; `vendor/sled/PATCHED.md`). Values are real records: the
+//! 28-byte header plus the zstd level 1 payload of the bench's events, one per key or several to a value. (llmlogd's
 //! packs are smaller still: it compresses a pack's ~8 events as one frame; the ceiling keeps
 //! compression out of the measured loop.)
 //!

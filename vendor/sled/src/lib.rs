@@ -286,13 +286,13 @@ static ALLOCATOR: measure_allocs::TrackingAllocator =
 
 const DEFAULT_TREE_ID: &[u8] = b"__sled__default";
 
-/// hidden re-export of items for testing purposes
-#[doc(hidden)]
 /// llmlogd's marker that this copy's `flush` makes what it wrote durable (`fdatasync`, see
 /// PATCHED.md, fix 3); llmlogd refers to it so that it cannot be built against a sled
 /// without that change.
 pub const LLMLOGD_FLUSH_IS_FDATASYNC: () = ();
 
+/// hidden re-export of items for testing purposes
+#[doc(hidden)]
 pub use {
     self::{
         config::RunningConfig,
