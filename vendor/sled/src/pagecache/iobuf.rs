@@ -1172,18 +1172,7 @@ fn seal_and_write_iobuf(
     if header::n_writers(sealed) == 0 {
         iobufs.config.global_error()?;
         if inline {
-            if let Err(e) = iobufs.write_to_log(iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-                iobufs.config.set_global_error(e.clone());
-                let intervals = iobufs.intervals.lock();
-                drop(intervals);
-                let _notified = iobufs.interval_updated.notify_all();
-                return Err(e);
-            }
-            return Ok(());
+            return write_or_fail(iobufs, iobuf);
         }
         trace!(
             "asynchronously writing iobuf with lsn {} to log from maybe_seal",
@@ -1192,24 +1181,7 @@ fn seal_and_write_iobuf(
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
         let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            let _ = write_or_fail(&iobufs, &iobuf);
         })?;
 
         #[cfg(feature = "event_log")]
@@ -1219,6 +1191,30 @@ fn seal_and_write_iobuf(
     } else {
         Ok(())
     }
+}
+
+/// Writes `iobuf` to the log; on an error, records it as the global error and
+/// wakes everyone waiting for stability, so they see it (llmlogd: shared by the
+/// I/O pool and fix 4's inline write).
+fn write_or_fail(iobufs: &Arc<IoBufs>, iobuf: &Arc<IoBuf>) -> Result<()> {
+    let lsn = iobuf.lsn;
+    if let Err(e) = iobufs.write_to_log(iobuf) {
+        error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+
+        // store error before notifying so that waiting threads will see
+        // it
+        iobufs.config.set_global_error(e.clone());
+
+        let intervals = iobufs.intervals.lock();
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+
+        let _notified = iobufs.interval_updated.notify_all();
+        return Err(e);
+    }
+    Ok(())
 }
 
 impl Debug for IoBufs {
