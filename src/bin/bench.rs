@@ -12,7 +12,9 @@
 //! 1. `ceiling`: raw sled insert + flush + fdatasync at the client counts' group sizes, and
 //!    llmlogd's `Queue` in process (`storage.rs`).
 //! 2. `ingest`: durable ingest at each client count: HTTP (native, Pezzo, PromptLayer bodies)
-//!    and NDJSON on the Unix socket, one event in flight per client, plus NDJSON pipelined.
+//!    and NDJSON on the Unix socket, one event in flight per client, plus NDJSON pipelined;
+//!    then the transport floor: the same clients against a server that answers at once
+//!    (`floor.rs`).
 //! 3. `steady`: ack latency at a steady 1,000 events/s (open loop), HTTP and NDJSON.
 //! 4. `app`: what one log call costs a synchronous app: NDJSON waiting for the ack, NDJSON
 //!    fire-and-forget, HTTP, and posting straight to a service that answers in 50 ms.
@@ -30,6 +32,8 @@ mod client;
 mod daemon;
 #[path = "bench/events.rs"]
 mod events;
+#[path = "bench/floor.rs"]
+mod floor;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/mock.rs"]
@@ -143,6 +147,16 @@ struct Bench {
 }
 
 fn main() -> std::process::ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(floor::FLAG) {
+        return match floor::serve(&argv[2..]) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("llmlogd-bench {}: {e:#}", floor::FLAG);
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let mut args = Args::parse();
     if args.smoke {
         args.events = args.events.min(2_000);
@@ -426,6 +440,7 @@ impl Bench {
         let log = self.work.join(format!("{name}.log"));
         Daemon::start(&Launch {
             bin: &self.bin,
+            prefix: &[],
             config: &config,
             data_dir: data,
             socket: &socket,

@@ -26,6 +26,8 @@ pub struct Daemon {
 /// How to start it.
 pub struct Launch<'a> {
     pub bin: &'a Path,
+    /// Arguments before `run` (the bench's transport floor stands in for llmlogd this way).
+    pub prefix: &'a [&'a str],
     pub config: &'a Path,
     pub data_dir: &'a Path,
     pub socket: &'a Path,
@@ -127,6 +129,7 @@ impl Daemon {
             }
         }
         let mut child = cmd
+            .args(l.prefix)
             .arg("run")
             .arg("--config")
             .arg(l.config)

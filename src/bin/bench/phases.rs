@@ -14,7 +14,7 @@ use llmlogd::formats::Format;
 use crate::client::{self, Addr, BlockingHttp, BlockingNdjson};
 use crate::daemon::{self, Daemon};
 use crate::load::{self, Outcome, Proto, Window};
-use crate::report::{AppRow, DrainRow, IngestRow, QueueCeiling, SteadyRow};
+use crate::report::{AppRow, DrainRow, IngestRow, QueueCeiling, SteadyRow, FLOOR};
 use crate::{metric, mock, status, storage, sys, Bench, CpuMeter, SYNCS};
 
 /// How a cell drives the daemon.
@@ -217,7 +217,46 @@ impl Bench {
         self.report.ingest_rss = Some((d.peak_rss(), idle_rss));
         d.stop(STOP_GRACE)?;
         let _ = std::fs::remove_dir_all(&data);
-        Ok(())
+        self.floor(top)
+    }
+
+    /// The transport floor (`floor.rs`): the one-in-flight native cells at the most clients,
+    /// against a server that answers every event at once.
+    fn floor(&mut self, clients: usize) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let name = "transport-floor";
+        let (config, data) = (
+            self.work.join(format!("{name}.toml")),
+            self.work.join(format!("{name}-data")),
+        );
+        std::fs::write(&config, "")?;
+        let d = Daemon::start(&daemon::Launch {
+            bin: &exe,
+            prefix: &[crate::floor::FLAG],
+            config: &config,
+            data_dir: &data,
+            socket: &self.work.join(format!("{name}.sock")),
+            log: &self.work.join(format!("{name}.log")),
+            ready_within: Duration::from_secs(30),
+            unit: &daemon::UnitSettings::default(),
+        })?;
+        let cells = [
+            (
+                "HTTP",
+                Addr::Tcp(d.http),
+                Proto::Http(self.http_requests(Format::Native)),
+            ),
+            (
+                "Unix NDJSON",
+                Addr::Unix(d.unix.clone()),
+                Proto::Ndjson(self.ndjson_lines()),
+            ),
+        ];
+        for (transport, addr, proto) in cells {
+            let drive = Drive::Closed(proto);
+            self.cell(&d, transport, FLOOR, &addr, &drive, clients)?;
+        }
+        d.stop(STOP_GRACE)
     }
 
     fn cell(

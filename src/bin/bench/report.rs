@@ -16,6 +16,9 @@ pub struct QueueCeiling {
     pub cpu: f64,
 }
 
+/// The `format` of the transport floor's rows (`floor.rs`): kept out of the ingest table.
+pub const FLOOR: &str = "transport floor";
+
 /// One ingest measurement.
 pub struct IngestRow {
     pub transport: &'static str,
@@ -213,7 +216,7 @@ impl Report {
                 o,
                 "| transport | format | clients | in flight each | events/s | ack p50 | p99 | p99.9 | events/sync | % of ceiling | llmlogd CPU | CPU µs/event | bench CPU |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
             );
-            for r in &self.ingest {
+            for r in self.ingest.iter().filter(|r| r.format != FLOOR) {
                 let ceiling = self
                     .ceiling_at(r.clients)
                     .map_or("–".into(), |c| pct(r.rate / c));
@@ -237,6 +240,37 @@ impl Report {
                     pct(r.daemon_cpu),
                     r.daemon_cpu * 1e6 / r.rate.max(1e-9),
                     pct(r.bench_cpu)
+                );
+            }
+        }
+
+        let floor: Vec<&IngestRow> = self.ingest.iter().filter(|r| r.format == FLOOR).collect();
+        if !floor.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n### Transport floor (the same clients against a server that answers each event at once: nothing parsed, nothing stored)\n"
+            );
+            let _ = writeln!(
+                o,
+                "| transport | clients | in flight each | events/s | ack p50 | p99 | p99.9 | server CPU | CPU µs/event | bench CPU | llmlogd, same cell | llmlogd ÷ floor |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+            );
+            for r in floor {
+                let daemon = self.ingest_at(r.transport, "native", r.clients);
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                    r.transport,
+                    r.clients,
+                    r.in_flight,
+                    rate(r.rate),
+                    dur(r.latency.p50),
+                    dur(r.latency.p99),
+                    dur(r.latency.p999),
+                    pct(r.daemon_cpu),
+                    r.daemon_cpu * 1e6 / r.rate.max(1e-9),
+                    pct(r.bench_cpu),
+                    daemon.map_or("–".into(), |d| rate(d.rate)),
+                    daemon.map_or("–".into(), |d| pct(d.rate / r.rate.max(1e-9))),
                 );
             }
         }
