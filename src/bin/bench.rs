@@ -83,9 +83,12 @@ struct Args {
     /// Backlog for the single-event (PromptLayer sink, 50 ms service) drain.
     #[arg(long, default_value_t = 50_000)]
     single_events: u64,
-    /// Seconds measured per ingest cell (after a 1 s warm-up).
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds measured per ingest cell run (after a 1 s warm-up).
+    #[arg(long, default_value_t = 3.0)]
     duration: f64,
+    /// Runs of each ingest cell, in rounds; the report gives the median run and the range.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Concurrent clients (and storage group sizes).
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     clients: Vec<usize>,
@@ -162,6 +165,7 @@ fn main() -> std::process::ExitCode {
         args.events = args.events.min(2_000);
         args.single_events = args.single_events.min(200);
         args.duration = args.duration.min(0.3);
+        args.repeat = 1;
         args.clients = vec![1, 4];
         args.window = args.window.min(4);
     }

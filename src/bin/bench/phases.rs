@@ -31,6 +31,16 @@ enum Fill {
     Http(Arc<Vec<Bytes>>),
 }
 
+/// One ingest cell: who serves it, and how it is driven.
+struct Cell<'a> {
+    server: &'a Daemon,
+    transport: &'static str,
+    format: &'static str,
+    addr: Addr,
+    drive: Drive,
+    clients: usize,
+}
+
 struct DrainSpec<'a> {
     name: &'a str,
     label: String,
@@ -150,10 +160,15 @@ impl Bench {
         Ok(())
     }
 
+    /// Every cell `--repeat` times, in rounds (each round runs every cell once, so a machine
+    /// that slows down for a while weighs on all cells alike); a row is the cell's median
+    /// run. The transport floor (`floor.rs`) runs beside llmlogd, idle while llmlogd is
+    /// measured and the other way round, and takes its turn in every round.
     pub(crate) fn ingest(&mut self) -> anyhow::Result<()> {
         let data = self.work.join("ingest-data");
         let _ = std::fs::remove_dir_all(&data);
         let d = self.start_daemon("ingest", &data, "")?;
+        let floor = self.start_floor()?;
         let (http, unix) = (Addr::Tcp(d.http), Addr::Unix(d.unix.clone()));
         let idle_rss = d.rss();
         d.reset_peak_rss();
@@ -161,33 +176,40 @@ impl Bench {
         let lines = self.ndjson_lines();
         let clients = self.args.clients.clone();
         let top = clients.iter().copied().max().unwrap_or(1);
-        let mut cells: Vec<(&'static str, &'static str, Addr, Drive, usize)> = Vec::new();
+        let mut cells: Vec<Cell<'_>> = Vec::new();
+        let mut add = |target: &'static str, transport, format, addr: &Addr, drive, clients| {
+            cells.push(Cell {
+                server: if target == FLOOR { &floor } else { &d },
+                transport,
+                format,
+                addr: addr.clone(),
+                drive,
+                clients,
+            })
+        };
         for &c in &clients {
-            cells.push((
+            add(
+                "",
                 "HTTP",
                 "native",
-                http.clone(),
+                &http,
                 Drive::Closed(Proto::Http(native.clone())),
                 c,
-            ));
+            );
         }
         for &c in &clients {
-            cells.push((
+            add(
+                "",
                 "Unix NDJSON",
                 "native",
-                unix.clone(),
+                &unix,
                 Drive::Closed(Proto::Ndjson(lines.clone())),
                 c,
-            ));
+            );
         }
         for &c in &clients {
-            cells.push((
-                "Unix NDJSON",
-                "native",
-                unix.clone(),
-                Drive::Pipelined(lines.clone(), self.args.window),
-                c,
-            ));
+            let drive = Drive::Pipelined(lines.clone(), self.args.window);
+            add("", "Unix NDJSON", "native", &unix, drive, c);
         }
         for (name, f) in [
             ("pezzo", Format::Pezzo),
@@ -195,87 +217,104 @@ impl Bench {
         ] {
             let reqs = self.http_requests(f);
             for &c in &clients {
-                cells.push((
+                add(
+                    "",
                     "HTTP",
                     name,
-                    http.clone(),
+                    &http,
                     Drive::Closed(Proto::Http(reqs.clone())),
                     c,
-                ));
+                );
             }
         }
-        cells.push((
+        add(
+            "",
             "Unix HTTP",
             "native",
-            unix.clone(),
+            &unix,
+            Drive::Closed(Proto::Http(native.clone())),
+            top,
+        );
+        // The floor: llmlogd's one-in-flight native cells at the most clients.
+        let (floor_http, floor_unix) = (Addr::Tcp(floor.http), Addr::Unix(floor.unix.clone()));
+        add(
+            FLOOR,
+            "HTTP",
+            FLOOR,
+            &floor_http,
             Drive::Closed(Proto::Http(native)),
             top,
-        ));
-        for (transport, format, addr, drive, c) in cells {
-            self.cell(&d, transport, format, &addr, &drive, c)?;
+        );
+        add(
+            FLOOR,
+            "Unix NDJSON",
+            FLOOR,
+            &floor_unix,
+            Drive::Closed(Proto::Ndjson(lines)),
+            top,
+        );
+
+        let rounds = self.args.repeat.max(1);
+        let mut runs: Vec<Vec<IngestRow>> = cells.iter().map(|_| Vec::new()).collect();
+        for round in 1..=rounds {
+            if rounds > 1 {
+                eprintln!("  round {round} of {rounds}");
+            }
+            for (cell, runs) in cells.iter().zip(&mut runs) {
+                runs.push(self.cell(cell)?);
+            }
+        }
+        for mut runs in runs {
+            runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+            let rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+            let mut median = runs.swap_remove(runs.len() / 2);
+            median.runs = rates;
+            self.report.ingest.push(median);
         }
         self.report.ingest_rss = Some((d.peak_rss(), idle_rss));
+        drop(cells);
         d.stop(STOP_GRACE)?;
+        floor.stop(STOP_GRACE)?;
         let _ = std::fs::remove_dir_all(&data);
-        self.floor(top)
+        Ok(())
     }
 
-    /// The transport floor (`floor.rs`): the one-in-flight native cells at the most clients,
-    /// against a server that answers every event at once.
-    fn floor(&mut self, clients: usize) -> anyhow::Result<()> {
+    /// The transport floor (`floor.rs`), started like llmlogd.
+    fn start_floor(&self) -> anyhow::Result<Daemon> {
         let exe = std::env::current_exe()?;
         let name = "transport-floor";
-        let (config, data) = (
-            self.work.join(format!("{name}.toml")),
-            self.work.join(format!("{name}-data")),
-        );
+        let config = self.work.join(format!("{name}.toml"));
         std::fs::write(&config, "")?;
-        let d = Daemon::start(&daemon::Launch {
+        Daemon::start(&daemon::Launch {
             bin: &exe,
             prefix: &[crate::floor::FLAG],
             config: &config,
-            data_dir: &data,
+            data_dir: &self.work.join(format!("{name}-data")),
             socket: &self.work.join(format!("{name}.sock")),
             log: &self.work.join(format!("{name}.log")),
             ready_within: Duration::from_secs(30),
             unit: &daemon::UnitSettings::default(),
-        })?;
-        let cells = [
-            (
-                "HTTP",
-                Addr::Tcp(d.http),
-                Proto::Http(self.http_requests(Format::Native)),
-            ),
-            (
-                "Unix NDJSON",
-                Addr::Unix(d.unix.clone()),
-                Proto::Ndjson(self.ndjson_lines()),
-            ),
-        ];
-        for (transport, addr, proto) in cells {
-            let drive = Drive::Closed(proto);
-            self.cell(&d, transport, FLOOR, &addr, &drive, clients)?;
-        }
-        d.stop(STOP_GRACE)
+        })
     }
 
-    fn cell(
-        &mut self,
-        d: &Daemon,
-        transport: &'static str,
-        format: &'static str,
-        addr: &Addr,
-        drive: &Drive,
-        clients: usize,
-    ) -> anyhow::Result<()> {
+    /// One timed run of a cell.
+    fn cell(&mut self, c: &Cell<'_>) -> anyhow::Result<IngestRow> {
+        let Cell {
+            server,
+            transport,
+            format,
+            addr,
+            drive,
+            clients,
+        } = c;
         let in_flight = match drive {
             Drive::Closed(_) => 1,
             Drive::Pipelined(_, w) => *w,
         };
         eprintln!("  {transport} {format}: {clients} clients × {in_flight} in flight");
         let w = Window::after(self.warmup, self.measure);
-        let (http, pid) = (d.http, d.pid);
-        let quotas = vec![CELL_CAP; clients];
+        let (http, pid) = (server.http, server.pid);
+        let quotas = vec![CELL_CAP; *clients];
         let (outcome, syncs, (daemon_cpu, bench_cpu)) = self.rt.block_on(async {
             // Reads the daemon's sync counter and both processes' CPU at the window's edges.
             let meter = tokio::spawn(async move {
@@ -299,18 +338,18 @@ impl Bench {
         let what = format!("{transport} {format} × {clients}");
         self.check(&what, &outcome);
         let mut latencies = outcome.latencies;
-        self.report.ingest.push(IngestRow {
+        Ok(IngestRow {
             transport,
             format,
-            clients,
+            clients: *clients,
             in_flight,
             rate: outcome.acked as f64 / w.len().as_secs_f64(),
             latency: load::summarize(&mut latencies),
             per_sync: syncs.filter(|s| *s > 0.0).map(|s| outcome.acked as f64 / s),
             daemon_cpu,
             bench_cpu,
-        });
-        Ok(())
+            runs: Vec::new(),
+        })
     }
 
     pub(crate) fn steady(&mut self) -> anyhow::Result<()> {

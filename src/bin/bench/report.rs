@@ -33,6 +33,8 @@ pub struct IngestRow {
     /// CPU used, in cores (1.0 = one core busy all the time).
     pub daemon_cpu: f64,
     pub bench_cpu: f64,
+    /// events/s of every run of the cell, lowest first (the row is the median run).
+    pub runs: Vec<f64>,
 }
 
 pub struct SteadyRow {
@@ -113,6 +115,16 @@ pub fn dur(d: Duration) -> String {
 
 pub fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// The lowest and highest events/s of a cell's runs ("–" for one run).
+fn range(runs: &[f64]) -> String {
+    match (runs.first(), runs.last()) {
+        (Some(lo), Some(hi)) if runs.len() > 1 => {
+            format!("{:.1}-{:.1} k", lo / 1000.0, hi / 1000.0)
+        }
+        _ => "–".into(),
+    }
 }
 
 fn pct(x: f64) -> String {
@@ -212,9 +224,15 @@ impl Report {
 
         if !self.ingest.is_empty() {
             let _ = writeln!(o, "\n### Durable ingest (ack after fdatasync)\n");
+            if let Some(n) = self.ingest.first().map(|r| r.runs.len()).filter(|n| *n > 1) {
+                let _ = writeln!(
+                    o,
+                    "Each cell ran {n} times, in rounds (every cell once per round); a row is its median run by events/s, *all runs* the lowest and highest.\n"
+                );
+            }
             let _ = writeln!(
                 o,
-                "| transport | format | clients | in flight each | events/s | ack p50 | p99 | p99.9 | events/sync | % of ceiling | llmlogd CPU | CPU µs/event | bench CPU |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+                "| transport | format | clients | in flight each | events/s | all runs | ack p50 | p99 | p99.9 | events/sync | % of ceiling | llmlogd CPU | CPU µs/event | bench CPU |\n|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
             );
             for r in self.ingest.iter().filter(|r| r.format != FLOOR) {
                 let ceiling = self
@@ -222,12 +240,13 @@ impl Report {
                     .map_or("–".into(), |c| pct(r.rate / c));
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
                     r.transport,
                     r.format,
                     r.clients,
                     r.in_flight,
                     rate(r.rate),
+                    range(&r.runs),
                     dur(r.latency.p50),
                     dur(r.latency.p99),
                     dur(r.latency.p999),
@@ -252,17 +271,18 @@ impl Report {
             );
             let _ = writeln!(
                 o,
-                "| transport | clients | in flight each | events/s | ack p50 | p99 | p99.9 | server CPU | CPU µs/event | bench CPU | llmlogd, same cell | llmlogd ÷ floor |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+                "| transport | clients | in flight each | events/s | all runs | ack p50 | p99 | p99.9 | server CPU | CPU µs/event | bench CPU | llmlogd, same cell | llmlogd ÷ floor |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
             );
             for r in floor {
                 let daemon = self.ingest_at(r.transport, "native", r.clients);
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
                     r.transport,
                     r.clients,
                     r.in_flight,
                     rate(r.rate),
+                    range(&r.runs),
                     dur(r.latency.p50),
                     dur(r.latency.p99),
                     dur(r.latency.p999),
@@ -383,9 +403,13 @@ impl Report {
         let top = self.ingest.iter().map(|r| r.clients).max().unwrap_or(0);
         for (transport, want) in [("HTTP", 35_000.0), ("Unix NDJSON", 50_000.0)] {
             if let Some(r) = self.ingest_at(transport, "native", top) {
+                let runs = match r.runs.len() {
+                    0 | 1 => String::new(),
+                    n => format!(" (median of {n} runs: {})", range(&r.runs)),
+                };
                 t.push((
                     format!("{transport} ≥ {} events/s at {top} clients", rate(want)),
-                    format!("{} events/s", rate(r.rate)),
+                    format!("{} events/s{runs}", rate(r.rate)),
                     r.rate >= want,
                 ));
                 if let Some(c) = self.ceiling_at(top) {
