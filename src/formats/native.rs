@@ -76,7 +76,7 @@ const FAST_MAX_DIGITS: usize = 300;
 /// which only the `Value` path checks for pairing), and no number with an exponent or more
 /// than [`FAST_MAX_DIGITS`] digits (only the `Value` path checks a number's range: `1e400`
 /// is refused there, skipped unchecked by serde). Tokens are not checked: serde_json does that.
-fn plain_json(raw: &[u8]) -> bool {
+pub(crate) fn plain_json(raw: &[u8]) -> bool {
     if std::str::from_utf8(raw).is_err() {
         return false;
     }

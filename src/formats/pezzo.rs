@@ -27,7 +27,10 @@
 use std::hash::BuildHasher;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::canonical::{provider_id, LlmEvent, PezzoExtra, PromptId, Status, Timestamp};
@@ -577,6 +580,194 @@ pub fn success_reply(body: &Value) -> String {
     serde_json::to_string(&reply).unwrap_or_default()
 }
 
+/// What ingest needs of a report that [`accept_bytes`] accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    pub attrs: Attributes,
+    /// The 201 body, as [`success_reply`] would give it for the same report (the members
+    /// echoed as the report had them, byte for byte).
+    pub reply: String,
+}
+
+/// Ingest's fast path for a report, like [`super::native::check_canonical_bytes`]: checks the
+/// body and derives the attributes and the reply from the bytes, with no `Value` of the whole
+/// body (the `Value` path parses, checks, echoes and frees ~2 KB of maps and strings per
+/// report: ~16 µs, measured, against ~5 µs here).
+///
+/// `None` means "let [`validate`] decide": anything this path does not accept for certain
+/// (a bad or missing field, a duplicated member, a body [`super::native::plain_json`] leaves
+/// to the `Value` path) goes there, which accepts it or names the problem as it always did. So
+/// a report is accepted here only if `validate` would accept it, with the same attributes.
+pub fn accept_bytes(raw: &[u8]) -> Option<Accepted> {
+    if raw.first() != Some(&b'{') || !super::native::plain_json(raw) {
+        return None;
+    }
+    let top: FastReport<'_> = serde_json::from_slice(raw).ok()?;
+    let meta: FastMeta<'_> = object_of(top.metadata)?;
+    if !PROVIDERS.contains(&meta.provider.as_ref()) {
+        return None;
+    }
+    if top.properties.present().is_some_and(|p| !is_object(p)) {
+        return None;
+    }
+    for flag in [top.cache_enabled, top.cache_hit] {
+        if flag
+            .present()
+            .is_some_and(|b| !matches!(b.get(), "true" | "false"))
+        {
+            return None;
+        }
+    }
+    let request: FastExchange<'_> = object_of(top.request)?;
+    let response: FastExchange<'_> = object_of(top.response)?;
+    for part in [&request, &response] {
+        Timestamp::parse_rfc3339(&part.timestamp)?;
+        if !is_object(part.body) {
+            return None;
+        }
+    }
+    if let Some(status) = response.status.present() {
+        let v: Value = serde_json::from_str(status.get()).ok()?;
+        if !super::check::as_integer(&v).is_some_and(|i| (100..=599).contains(&i)) {
+            return None;
+        }
+    }
+    let model = match serde_json::from_str::<FastModel<'_>>(request.body.get())
+        .ok()?
+        .model
+        .0
+    {
+        Some(m) => serde_json::from_str::<String>(m.get()).ok(),
+        None => None,
+    };
+    let attrs = Attributes {
+        provider: Some(provider_id(&meta.provider)),
+        model,
+        environment: meta.environment.map(Cow::into_owned),
+        tags: Vec::new(),
+        canonical: true,
+    };
+    // `calculated` reads the two timestamps and the response's `usage`: give it just those.
+    let usage = match serde_json::from_str::<FastUsage<'_>>(response.body.get())
+        .ok()?
+        .usage
+        .0
+    {
+        Some(u) => serde_json::from_str::<Value>(u.get()).ok()?,
+        None => Value::Null,
+    };
+    let mut response_body = Map::new();
+    if !usage.is_null() {
+        response_body.insert("usage".into(), usage);
+    }
+    let calc = calculated(&json!({
+        "request": {"timestamp": request.timestamp},
+        "response": {"timestamp": response.timestamp, "body": response_body},
+    }));
+    let mut reply = String::with_capacity(raw.len() + 160);
+    reply.push_str("{\"reportId\":\"");
+    reply.push_str(&report_id());
+    reply.push_str("\",\"calculated\":");
+    reply.push_str(&calc.to_string());
+    for (key, member) in [
+        ("properties", top.properties),
+        ("metadata", top.metadata),
+        ("request", top.request),
+        ("response", top.response),
+    ] {
+        if let Some(m) = member.0 {
+            reply.push_str(",\"");
+            reply.push_str(key);
+            reply.push_str("\":");
+            reply.push_str(m.get());
+        }
+    }
+    reply.push('}');
+    Some(Accepted { attrs, reply })
+}
+
+/// A member's JSON text as the body has it, `null` included; `None` when absent.
+#[derive(Debug, Default, Clone, Copy)]
+struct Raw<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|r| Raw(Some(r)))
+    }
+}
+
+impl<'a> Raw<'a> {
+    /// Present and not `null` (what [`present`] means on the `Value` path).
+    fn present(self) -> Option<&'a RawValue> {
+        self.0.filter(|r| r.get() != "null")
+    }
+}
+
+fn is_object(r: &RawValue) -> bool {
+    r.get().starts_with('{')
+}
+
+/// A member that must be a JSON object, deserialised. serde would also fill a struct from an
+/// array, which the `Value` path refuses: only objects get here.
+fn object_of<'a, T: Deserialize<'a>>(member: Raw<'a>) -> Option<T> {
+    let r = member.present().filter(|r| is_object(r))?;
+    serde_json::from_str(r.get()).ok()
+}
+
+#[derive(Deserialize)]
+struct FastReport<'a> {
+    #[serde(default, borrow)]
+    metadata: Raw<'a>,
+    #[serde(default, borrow)]
+    properties: Raw<'a>,
+    #[serde(default, borrow)]
+    request: Raw<'a>,
+    #[serde(default, borrow)]
+    response: Raw<'a>,
+    #[serde(default, borrow, rename = "cacheEnabled")]
+    cache_enabled: Raw<'a>,
+    #[serde(default, borrow, rename = "cacheHit")]
+    cache_hit: Raw<'a>,
+}
+
+/// `metadata`: the required strings are required here too (a `null` fails to deserialise and
+/// goes to the `Value` path); the optional ones may be `null`.
+#[derive(Deserialize)]
+struct FastMeta<'a> {
+    #[serde(borrow)]
+    provider: Cow<'a, str>,
+    #[serde(borrow, rename = "client")]
+    _client: Cow<'a, str>,
+    #[serde(borrow, rename = "clientVersion")]
+    _client_version: Cow<'a, str>,
+    #[serde(default, borrow)]
+    environment: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "promptId")]
+    _prompt_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct FastExchange<'a> {
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    body: &'a RawValue,
+    #[serde(default, borrow)]
+    status: Raw<'a>,
+}
+
+#[derive(Deserialize)]
+struct FastModel<'a> {
+    #[serde(default, borrow)]
+    model: Raw<'a>,
+}
+
+#[derive(Deserialize)]
+struct FastUsage<'a> {
+    #[serde(default, borrow)]
+    usage: Raw<'a>,
+}
+
 fn calculated(body: &Value) -> Value {
     let time = |k: &str| {
         body.get(k)
@@ -995,5 +1186,165 @@ mod tests {
         assert_eq!(reply["metadata"], pezzo_ts_success()["metadata"]);
         assert_eq!(reply["response"], pezzo_ts_success()["response"]);
         assert_eq!(reply["properties"], pezzo_ts_success()["properties"]);
+    }
+
+    /// What the `Value` path makes of a body: `Some((attributes, reply))` when it accepts it.
+    fn value_path(raw: &[u8]) -> Option<(Attributes, Value)> {
+        let v: Value = serde_json::from_slice(raw).ok()?;
+        validate(&v).ok()?;
+        let reply = serde_json::from_str(&success_reply(&v)).expect("reply JSON");
+        Some((attributes(&v), reply))
+    }
+
+    /// The fast path accepts only what the `Value` path accepts, with the same attributes and
+    /// (but for the random `reportId`) the same reply.
+    fn agrees(raw: &[u8]) -> bool {
+        let Some(fast) = accept_bytes(raw) else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(raw);
+        let (attrs, mut want) =
+            value_path(raw).unwrap_or_else(|| panic!("fast path accepted {text}"));
+        assert_eq!(fast.attrs, attrs, "{text}");
+        let mut got: Value = serde_json::from_str(&fast.reply).expect("reply JSON");
+        assert_eq!(got["reportId"].as_str().map(str::len), Some(36));
+        got["reportId"] = Value::Null;
+        want["reportId"] = Value::Null;
+        assert_eq!(got, want, "{text}");
+        // Same members in the same order.
+        let keys = |v: &Value| v.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(keys(&got), keys(&want));
+        true
+    }
+
+    #[test]
+    fn fast_path_takes_the_official_bodies_as_the_value_path_does() {
+        for (name, body) in pezzo_all() {
+            assert!(agrees(&serde_json::to_vec(&body).unwrap()), "{name}");
+            assert!(
+                agrees(&serde_json::to_vec_pretty(&body).unwrap()),
+                "{name} pretty"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_path_echoes_members_byte_for_byte() {
+        let raw = br#"{"metadata":{"provider":"OpenAI","client":"pezzo-ts","clientVersion":"0.4.18"},
+            "request":{"timestamp":"2024-05-01T10:00:00.000Z","body":{"model":"gpt-4o","t":0.70, "s":"caf\u00e9"}},
+            "response":{"timestamp":"2024-05-01T10:00:01.500Z","body":{"usage":{"prompt_tokens":3,"completion_tokens":4}},"status":200}}"#;
+        assert!(agrees(raw));
+        let reply = accept_bytes(raw).expect("accepted").reply;
+        assert!(reply.contains(r#","request":{"timestamp":"2024-05-01T10:00:00.000Z","body":{"model":"gpt-4o","t":0.70, "s":"caf\u00e9"}},"#), "{reply}");
+        assert!(reply.contains(r#""calculated":{"duration":1500,"promptTokens":3,"completionTokens":4,"totalTokens":7}"#), "{reply}");
+    }
+
+    /// Every variation of an official body: wherever the `Value` path refuses, the fast path
+    /// declines too (and the `Value` path names the problem); where it accepts, they agree.
+    #[test]
+    fn fast_path_never_accepts_what_validate_refuses() {
+        let edits: Vec<(&str, Value)> = vec![
+            ("/metadata/provider", json!("Gemini")),
+            ("/metadata/provider", json!(null)),
+            ("/metadata/provider", json!(5)),
+            ("/metadata/provider", json!("Anthropic")),
+            ("/metadata/client", json!(null)),
+            ("/metadata/client", json!(1)),
+            ("/metadata/clientVersion", json!(["1"])),
+            ("/metadata/environment", json!(null)),
+            ("/metadata/environment", json!(3)),
+            ("/metadata/environment", json!("Staging")),
+            ("/metadata/promptId", json!(null)),
+            ("/metadata/promptId", json!(7)),
+            ("/metadata/promptId", json!("p1")),
+            ("/metadata", json!(["OpenAI", "c", "v"])),
+            ("/metadata", json!(null)),
+            ("/properties", json!(null)),
+            ("/properties", json!(["a"])),
+            ("/properties", json!("x")),
+            ("/cacheEnabled", json!(null)),
+            ("/cacheEnabled", json!("no")),
+            ("/cacheHit", json!(0)),
+            ("/cacheHit", json!(true)),
+            ("/request", json!(null)),
+            ("/request", json!(["2024-05-01T10:00:00.000Z", {}])),
+            ("/request/timestamp", json!("yesterday")),
+            ("/request/timestamp", json!(1_714_557_601)),
+            ("/request/timestamp", json!(null)),
+            ("/request/timestamp", json!("2024-05-01T10:00:00+02:00")),
+            ("/request/body", json!(null)),
+            ("/request/body", json!([])),
+            ("/request/body", json!("hi")),
+            ("/request/body/model", json!(5)),
+            ("/request/body/model", json!(null)),
+            ("/request/status", json!("anything")),
+            ("/response/status", json!(99)),
+            ("/response/status", json!(600)),
+            ("/response/status", json!(200.0)),
+            ("/response/status", json!(200.5)),
+            ("/response/status", json!("200")),
+            ("/response/status", json!(null)),
+            ("/response/body", json!(null)),
+            ("/response/body/usage", json!(null)),
+            ("/response/body/usage", json!(5)),
+            ("/response/body/usage", json!({"prompt_tokens": 1.5})),
+            ("/response/body/usage", json!({"prompt_tokens": 10})),
+            ("/response/timestamp", json!(7)),
+        ];
+        let (mut fast, mut refused) = (0, 0);
+        for (name, base) in pezzo_all() {
+            for (ptr, value) in &edits {
+                let mut body = base.clone();
+                let Some(slot) = body.pointer_mut(ptr) else {
+                    continue;
+                };
+                *slot = value.clone();
+                let raw = serde_json::to_vec(&body).unwrap();
+                if agrees(&raw) {
+                    fast += 1;
+                } else if value_path(&raw).is_none() {
+                    refused += 1;
+                }
+            }
+            // Members the report must have, removed one at a time.
+            for (parent, key) in [
+                ("", "metadata"),
+                ("", "request"),
+                ("", "response"),
+                ("/metadata", "provider"),
+                ("/metadata", "client"),
+                ("/metadata", "clientVersion"),
+                ("/metadata", "environment"),
+                ("/request", "timestamp"),
+                ("/response", "body"),
+            ] {
+                let mut body = base.clone();
+                if let Some(Value::Object(m)) = body.pointer_mut(parent) {
+                    m.shift_remove(key);
+                }
+                let raw = serde_json::to_vec(&body).unwrap();
+                if !agrees(&raw) {
+                    assert!(
+                        key == "environment" || value_path(&raw).is_none(),
+                        "{name} without {key}"
+                    );
+                }
+            }
+        }
+        // Both outcomes were exercised: the checks above could fail.
+        assert!(fast > 40, "{fast} accepted on the fast path");
+        assert!(refused > 60, "{refused} refused");
+        // Text-level cases the Value path settles: a repeated member, an array at the top,
+        // trailing bytes, a lone surrogate escape, an exponent.
+        let ok = String::from_utf8(serde_json::to_vec(&pezzo_ts_success()).unwrap()).unwrap();
+        for raw in [
+            ok.replacen("{\"metadata\":", "{\"metadata\":{},\"metadata\":", 1),
+            format!("[{ok}]"),
+            format!("{ok} x"),
+            ok.replace("You are helpful.", "\\ud800"),
+            ok.replace("\"temperature\":0.7", "\"temperature\":7e-1"),
+        ] {
+            assert!(accept_bytes(raw.as_bytes()).is_none(), "{raw}");
+        }
     }
 }

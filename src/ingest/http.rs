@@ -365,6 +365,16 @@ async fn object_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Bytes, Value, tokio::sync::OwnedSemaphorePermit), IngestError> {
+    let (raw, permit) = json_body(st, headers, body).await?;
+    Ok((raw.clone(), object_value(&raw)?, permit))
+}
+
+/// A JSON body's bytes (trimmed), not parsed yet.
+async fn json_body(
+    st: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), IngestError> {
     if framing(headers)? != Framing::Json {
         return Err(IngestError::new(
             415,
@@ -373,12 +383,15 @@ async fn object_body(
         ));
     }
     let (body, permit) = read_body(st, headers, body).await?;
-    let trimmed = body.slice_ref(trim_ascii(&body));
-    let v: Value = serde_json::from_slice(&trimmed).map_err(|e| json_error(&e, "the body"))?;
+    Ok((body.slice_ref(trim_ascii(&body)), permit))
+}
+
+fn object_value(raw: &[u8]) -> Result<Value, IngestError> {
+    let v: Value = serde_json::from_slice(raw).map_err(|e| json_error(&e, "the body"))?;
     if !v.is_object() {
         return Err(not_object("the body"));
     }
-    Ok((trimmed, v, permit))
+    Ok(v)
 }
 
 fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
@@ -398,19 +411,46 @@ struct ServiceRoute {
     attrs: fn(&Value) -> formats::Attributes,
     creds: fn(&HeaderMap, &Value) -> ClientCredentials,
     reply: fn(u64, &Value) -> Response,
+    /// A fast path straight from the bytes, tried first: `Some` when it accepts the body for
+    /// certain (with its attributes and 201 reply), `None` to leave it to the `Value` path.
+    fast: Option<FastRoute>,
+}
+
+/// See [`ServiceRoute::fast`]; for routes whose credentials come from headers only.
+struct FastRoute {
+    accept: fn(&[u8]) -> Option<formats::pezzo::Accepted>,
+    creds: fn(&HeaderMap) -> ClientCredentials,
 }
 
 /// Parses and checks the body, stores the event durably, and answers as the service would.
 async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body) -> Response {
-    let parsed = async {
-        let (raw, v, permit) = object_body(st, &headers, body).await?;
-        (r.check)(st, r.kind, &v).map_err(IngestError::invalid)?;
-        Ok::<_, IngestError>((raw, v, permit))
-    }
-    .await;
     // The permit holds the body's share of the memory budget until the answer.
-    let (raw, v, _permit) = match parsed {
-        Ok(p) => p,
+    let (raw, _permit) = match json_body(st, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            st.ingest.refused(r.name, &e);
+            return e.into_response();
+        }
+    };
+    if let Some((fast, ok)) = r.fast.as_ref().and_then(|f| Some((f, (f.accept)(&raw)?))) {
+        let ev = NewEvent {
+            kind: r.kind,
+            attrs: ok.attrs,
+            payload: raw,
+            creds: (fast.creds)(&headers),
+        };
+        return match st.ingest.admit(r.name, vec![ev]).await {
+            Ok(_) => JsonText(StatusCode::CREATED, ok.reply).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
+    let checked = object_value(&raw).and_then(|v| {
+        (r.check)(st, r.kind, &v)
+            .map_err(IngestError::invalid)
+            .map(|()| v)
+    });
+    let v = match checked {
+        Ok(v) => v,
         Err(e) => {
             st.ingest.refused(r.name, &e);
             return e.into_response();
@@ -491,12 +531,20 @@ const PEZZO: ServiceRoute = ServiceRoute {
     kind: EventKind::Pezzo,
     check: |_, _, v| formats::pezzo::validate(v),
     attrs: formats::pezzo::attributes,
-    creds: |h, _| ClientCredentials {
+    creds: |h, _| pezzo_creds(h),
+    reply: |_, v| JsonText(StatusCode::CREATED, formats::pezzo::success_reply(v)).into_response(),
+    fast: Some(FastRoute {
+        accept: formats::pezzo::accept_bytes,
+        creds: pezzo_creds,
+    }),
+};
+
+fn pezzo_creds(h: &HeaderMap) -> ClientCredentials {
+    ClientCredentials {
         api_key: header_str(h, "x-pezzo-api-key").map(Secret::new),
         project_id: header_str(h, "x-pezzo-project-id"),
-    },
-    reply: |_, v| JsonText(StatusCode::CREATED, formats::pezzo::success_reply(v)).into_response(),
-};
+    }
+}
 
 const PL_LOG: ServiceRoute = ServiceRoute {
     name: "promptlayer",
@@ -510,6 +558,7 @@ const PL_LOG: ServiceRoute = ServiceRoute {
     reply: |seq, v| {
         JsonText(StatusCode::CREATED, formats::promptlayer::log_reply(seq, v)).into_response()
     },
+    fast: None,
 };
 
 const fn pl_track_route(track: TrackKind) -> ServiceRoute {
@@ -520,6 +569,7 @@ const fn pl_track_route(track: TrackKind) -> ServiceRoute {
         attrs: formats::promptlayer::attributes,
         creds: body_or_header_key,
         reply: |_, _| Json200(formats::promptlayer::track_reply()).into_response(),
+        fast: None,
     }
 }
 
@@ -535,6 +585,7 @@ const PL_CREATE_GROUP: ServiceRoute = ServiceRoute {
     attrs: no_attrs,
     creds: body_or_header_key,
     reply: |seq, _| Json200(json!({"success": true, "id": seq})).into_response(),
+    fast: None,
 };
 
 /// `POST /track-request`, sent by the PromptLayer SDKs' OpenAI/Anthropic wrappers: stored and
@@ -573,6 +624,7 @@ const PL_TRACK_REQUEST: ServiceRoute = ServiceRoute {
     attrs: no_attrs,
     creds: body_or_header_key,
     reply: |seq, _| Json200(json!({"success": true, "request_id": seq})).into_response(),
+    fast: None,
 };
 
 async fn pezzo_report(State(st): St, h: HeaderMap, b: Body) -> Response {
