@@ -128,6 +128,13 @@ pub struct FieldError {
     pub problem: String,
 }
 
+/// What ingest needs of a body that a format's fast path (`accept_bytes`) accepted: the
+/// routing attributes and the reply, which may carry the local id the event is stored under.
+pub struct FastAccepted {
+    pub attrs: Attributes,
+    pub reply: Box<dyn FnOnce(u64) -> String + Send>,
+}
+
 /// Routing attributes, extracted from a body of any format.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Attributes {

@@ -38,7 +38,7 @@ use super::convert::{
     self, anthropic, openai, request_dialect, response_dialect, stringify, truncate_chars, Dialect,
     ResponseCtx,
 };
-use super::{Attributes, FieldError, TrackKind};
+use super::{Attributes, FastAccepted, FieldError, TrackKind};
 
 /// The ingest (and delivery) path of request logs.
 pub const PATH: &str = "/log-request";
@@ -599,22 +599,35 @@ pub fn attributes(body: &Value) -> Attributes {
 /// The 201 body for `/log-request`: our local id and a `prompt_version` shaped per the spec from
 /// the input (template, model, parameters).
 pub fn log_reply(local_id: u64, body: &Value) -> String {
+    let input = body.get("input").filter(|v| v.is_object());
+    reply_with_template(local_id, body, input)
+}
+
+/// [`log_reply`] with the template given apart (the fast path has it as raw JSON, and `body`
+/// without it).
+fn reply_with_template<T: Serialize>(local_id: u64, body: &Value, template: Option<T>) -> String {
     use std::borrow::Cow;
     // Serialised straight from the request's `Value` (the template is most of the body), not
     // cloned into a new one first; members in the order the service gives them.
     #[derive(Serialize)]
-    struct Reply<'a> {
+    struct Reply<'a, T> {
         id: u64,
-        prompt_version: PromptVersion<'a>,
+        prompt_version: PromptVersion<'a, T>,
         status: Cow<'a, Value>,
         error_type: &'a Value,
         error_message: &'a Value,
     }
     #[derive(Serialize)]
-    struct PromptVersion<'a> {
-        prompt_template: Cow<'a, Value>,
+    struct PromptVersion<'a, T> {
+        prompt_template: Template<T>,
         commit_message: Option<()>,
         metadata: VersionMeta<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Template<T> {
+        Given(T),
+        Empty(Value),
     }
     #[derive(Serialize)]
     struct VersionMeta<'a> {
@@ -632,8 +645,10 @@ pub fn log_reply(local_id: u64, body: &Value) -> String {
     let reply = Reply {
         id: local_id,
         prompt_version: PromptVersion {
-            prompt_template: object("input")
-                .unwrap_or_else(|| Cow::Owned(convert::chat_template(Vec::new(), Map::new()))),
+            prompt_template: template.map_or_else(
+                || Template::Empty(convert::chat_template(Vec::new(), Map::new())),
+                Template::Given,
+            ),
             commit_message: None,
             metadata: VersionMeta {
                 model: Model {
@@ -649,6 +664,87 @@ pub fn log_reply(local_id: u64, body: &Value) -> String {
     };
     // Plain data with string keys: serialising cannot fail.
     serde_json::to_string(&reply).unwrap_or_default()
+}
+
+/// Ingest's fast path for `/log-request`, like [`super::pezzo::accept_bytes`]: the templates
+/// (`input`, `output`: most of the bytes) are checked straight from the bytes and echoed as the
+/// body has them; every other member is parsed into a small `Value` that the real [`validate`]
+/// and [`attributes`] run on, with a template that passes standing in for each of the two.
+///
+/// `None` means "let the `Value` path decide": a template this path does not accept for
+/// certain, a member name with an escape, or a body [`super::native::plain_json`] leaves to the
+/// `Value` path. So a log is accepted here only if `validate` would accept it, with the same
+/// attributes and the same reply.
+pub fn accept_bytes(raw: &[u8]) -> Option<FastAccepted> {
+    use serde_json::value::RawValue;
+    use std::collections::HashMap;
+    if raw.first() != Some(&b'{') || !super::native::plain_json(raw) {
+        return None;
+    }
+    // Member names with escapes fail to borrow as `&str`: those bodies take the `Value` path.
+    let members: HashMap<&str, &RawValue> = serde_json::from_slice(raw).ok()?;
+    let (input, output) = (members.get("input")?, members.get("output")?);
+    if !fast_template_ok(input) || !fast_template_ok(output) {
+        return None;
+    }
+    let mut rest = Map::with_capacity(members.len());
+    for (k, v) in &members {
+        let v = match *k {
+            "input" | "output" => json!({"type": "completion"}),
+            _ => serde_json::from_str(v.get()).ok()?,
+        };
+        rest.insert((*k).to_string(), v);
+    }
+    let rest = Value::Object(rest);
+    validate(&rest).ok()?;
+    let attrs = attributes(&rest);
+    let template: Box<RawValue> = (*input).to_owned();
+    Some(FastAccepted {
+        attrs,
+        reply: Box::new(move |seq| reply_with_template(seq, &rest, Some(&template))),
+    })
+}
+
+/// Whether `check_template` accepts a template, decided from its JSON text; `false` also for
+/// what it might accept but this does not check (a member name with an escape).
+fn fast_template_ok(raw: &serde_json::value::RawValue) -> bool {
+    use serde_json::value::RawValue;
+    use std::collections::HashMap;
+    type Object<'a> = HashMap<&'a str, &'a RawValue>;
+    fn present<'a>(o: &Object<'a>, k: &str) -> Option<&'a RawValue> {
+        o.get(k).copied().filter(|v| v.get() != "null")
+    }
+    // An array of objects each with a string `type` (`check_parts`).
+    let parts_ok = |v: &RawValue| {
+        serde_json::from_str::<Vec<Object<'_>>>(v.get()).is_ok_and(|parts| {
+            parts.iter().all(|p| {
+                present(p, "type").is_some_and(|t| serde_json::from_str::<&str>(t.get()).is_ok())
+            })
+        })
+    };
+    // Maps deserialise from JSON objects only, so "must be an object" holds wherever one is.
+    let Ok(t) = serde_json::from_str::<Object<'_>>(raw.get()) else {
+        return false;
+    };
+    let kind = present(&t, "type").and_then(|k| serde_json::from_str::<&str>(k.get()).ok());
+    match kind {
+        Some("chat") => {
+            let Some(messages) = present(&t, "messages") else {
+                return false;
+            };
+            let Ok(messages) = serde_json::from_str::<Vec<Object<'_>>>(messages.get()) else {
+                return false;
+            };
+            messages.iter().all(|m| {
+                let role =
+                    present(m, "role").and_then(|r| serde_json::from_str::<&str>(r.get()).ok());
+                role.is_some_and(|r| ROLES.contains(&r))
+                    && present(m, "content").is_none_or(|c| c.get().starts_with('"') || parts_ok(c))
+            })
+        }
+        Some("completion") => present(&t, "content").is_none_or(parts_ok),
+        _ => false,
+    }
 }
 
 /// Checks a follow-up body: `api_key` (string) and `request_id` (integer >= 0) always, then the
@@ -1331,5 +1427,208 @@ mod tests {
         assert_eq!(not_obj, json!([1]));
         assert_eq!(track_request_id(&json!({"request_id": -3})), None);
         assert_eq!(track_reply(), json!({"success": true}));
+    }
+
+    /// What the `Value` path makes of a body: `Some((attributes, reply))` when it accepts it.
+    fn value_path(raw: &[u8]) -> Option<(Attributes, Value)> {
+        let v: Value = serde_json::from_slice(raw).ok()?;
+        validate(&v).ok()?;
+        let reply = serde_json::from_str(&log_reply(41, &v)).expect("reply JSON");
+        Some((attributes(&v), reply))
+    }
+
+    /// The fast path accepts only what the `Value` path accepts, with the same attributes and
+    /// the same reply.
+    fn agrees(raw: &[u8]) -> bool {
+        let Some(fast) = accept_bytes(raw) else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(raw);
+        let (attrs, want) = value_path(raw).unwrap_or_else(|| panic!("fast path accepted {text}"));
+        assert_eq!(fast.attrs, attrs, "{text}");
+        let reply = (fast.reply)(41);
+        let got: Value = serde_json::from_str(&reply).expect("reply JSON");
+        assert_eq!(got, want, "{text}");
+        assert!(
+            reply.starts_with(r#"{"id":41,"prompt_version":{"prompt_template":"#),
+            "{reply}"
+        );
+        true
+    }
+
+    #[test]
+    fn fast_path_takes_the_official_bodies_as_the_value_path_does() {
+        for (name, body) in pl_all() {
+            assert!(agrees(&serde_json::to_vec(&body).unwrap()), "{name}");
+            assert!(
+                agrees(&serde_json::to_vec_pretty(&body).unwrap()),
+                "{name} pretty"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_path_echoes_the_template_byte_for_byte() {
+        let raw = br#"{"provider":"openai","model":"gpt-4o","request_start_time":1.5,"request_end_time":"2024-05-01T10:00:01Z",
+            "input":{"type":"chat","messages":[{"role":"user","content":"caf\u00e9", "n": 1.50}]},
+            "output":{"type":"completion","content":[{"type":"text","text":"4"}]}}"#;
+        assert!(agrees(raw));
+        let reply = (accept_bytes(raw).expect("accepted").reply)(7);
+        assert!(reply.starts_with(r#"{"id":7,"prompt_version":{"prompt_template":{"type":"chat","messages":[{"role":"user","content":"caf\u00e9", "n": 1.50}]},"#), "{reply}");
+    }
+
+    /// Every variation of the official bodies: wherever the `Value` path refuses, the fast path
+    /// declines too (and the `Value` path names the problem); where it accepts, they agree.
+    #[test]
+    fn fast_path_never_accepts_what_validate_refuses() {
+        let long = "x".repeat(MAX_TAG_CHARS + 1);
+        let edits: Vec<(&str, Value)> = vec![
+            ("/provider", json!(null)),
+            ("/provider", json!(3)),
+            ("/model", json!(["m"])),
+            ("/input", json!(null)),
+            ("/input", json!("hi")),
+            ("/input", json!([{"type": "chat", "messages": []}])),
+            ("/input", json!({"type": "chat", "messages": []})),
+            ("/input", json!({"type": "chat"})),
+            ("/input", json!({"type": "chat", "messages": null})),
+            ("/input", json!({"type": "chat", "messages": {}})),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [["user", "hi"]]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "robot", "content": "hi"}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": null, "content": "hi"}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"content": "hi"}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "user", "content": null}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "user", "content": 5}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "user", "content": [{"text": "a"}]}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "user", "content": [{"type": 1}]}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "user", "content": [{"type": null}]}]}),
+            ),
+            (
+                "/input",
+                json!({"type": "chat", "messages": [{"role": "user", "content": ["a"]}]}),
+            ),
+            ("/input", json!({"type": "completion"})),
+            ("/input", json!({"type": "completion", "content": "text"})),
+            (
+                "/input",
+                json!({"type": "completion", "content": [{"type": "text", "text": "a"}]}),
+            ),
+            ("/input", json!({"type": "completion", "content": null})),
+            ("/input", json!({"type": "image"})),
+            ("/input", json!({"type": null})),
+            ("/input", json!({"messages": []})),
+            (
+                "/output",
+                json!({"type": "chat", "messages": [{"role": "assistant", "content": [{"type": "text"}]}]}),
+            ),
+            (
+                "/output",
+                json!({"type": "chat", "messages": [{"role": "assistant", "content": [{"type": "text"}]}], "extra": [1]}),
+            ),
+            ("/output", json!(7)),
+            ("/request_start_time", json!("yesterday")),
+            ("/request_start_time", json!(-5)),
+            ("/request_start_time", json!(null)),
+            ("/request_end_time", json!("2024-05-01T10:00:01.000Z")),
+            ("/parameters", json!(null)),
+            ("/parameters", json!([1])),
+            ("/tags", json!(null)),
+            ("/tags", json!(["a", 1])),
+            ("/tags", json!([long.clone()])),
+            ("/tags", json!("a")),
+            ("/metadata", json!(null)),
+            ("/metadata", json!({"environment": "prod"})),
+            ("/metadata", json!({"environment": 5})),
+            ("/metadata", json!(["a"])),
+            ("/prompt_id", json!("7")),
+            ("/prompt_id", json!(7)),
+            ("/prompt_version_number", json!(0)),
+            ("/prompt_version_number", json!(2)),
+            ("/input_tokens", json!(-1)),
+            ("/input_tokens", json!(1.5)),
+            ("/price", json!(-0.5)),
+            ("/price", json!("1")),
+            ("/score", json!(101)),
+            ("/score", json!(100)),
+            ("/status", json!("OK")),
+            ("/status", json!("ERROR")),
+            ("/status", json!(null)),
+            ("/error_type", json!("PROVIDER_RATE_LIMIT")),
+            ("/error_type", json!("NOPE")),
+            ("/error_message", json!(long)),
+            ("/error_message", json!(4)),
+            ("/function_name", json!(false)),
+            ("/api_type", json!("chat")),
+        ];
+        let (mut fast, mut refused) = (0, 0);
+        for (name, base) in pl_all() {
+            for (ptr, value) in &edits {
+                let mut body = base.clone();
+                match body.pointer_mut(ptr) {
+                    Some(slot) => *slot = value.clone(),
+                    None => {
+                        let key = ptr.trim_start_matches('/');
+                        body.as_object_mut()
+                            .unwrap()
+                            .insert(key.into(), value.clone());
+                    }
+                }
+                let raw = serde_json::to_vec(&body).unwrap();
+                if agrees(&raw) {
+                    fast += 1;
+                } else if value_path(&raw).is_none() {
+                    refused += 1;
+                }
+            }
+            for key in TOP_REQUIRED {
+                let mut body = base.clone();
+                body.as_object_mut().unwrap().shift_remove(*key);
+                let raw = serde_json::to_vec(&body).unwrap();
+                assert!(
+                    !agrees(&raw) && value_path(&raw).is_none(),
+                    "{name} without {key}"
+                );
+            }
+        }
+        // Both outcomes were exercised: the checks above could fail.
+        assert!(fast > 100, "{fast} accepted on the fast path");
+        assert!(refused > 150, "{refused} refused");
+        // Text-level cases the Value path settles.
+        let ok = String::from_utf8(serde_json::to_vec(&pl_py_openai()).unwrap()).unwrap();
+        for raw in [
+            format!("[{ok}]"),
+            format!("{ok} x"),
+            ok.replace("\"What is 2+2?\"", "\"\\ud800\""),
+            ok.replace("\"temperature\":0.7", "\"temperature\":7e-1"),
+            ok.replacen("\"model\"", "\"mod\\u0065l\"", 1),
+        ] {
+            assert!(accept_bytes(raw.as_bytes()).is_none(), "{raw}");
+        }
     }
 }

@@ -418,7 +418,7 @@ struct ServiceRoute {
 
 /// See [`ServiceRoute::fast`]; for routes whose credentials come from headers only.
 struct FastRoute {
-    accept: fn(&[u8]) -> Option<formats::pezzo::Accepted>,
+    accept: fn(&[u8]) -> Option<formats::FastAccepted>,
     creds: fn(&HeaderMap) -> ClientCredentials,
 }
 
@@ -440,7 +440,7 @@ async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body
             creds: (fast.creds)(&headers),
         };
         return match st.ingest.admit(r.name, vec![ev]).await {
-            Ok(_) => JsonText(StatusCode::CREATED, ok.reply).into_response(),
+            Ok(ids) => JsonText(StatusCode::CREATED, (ok.reply)(ids[0].seq)).into_response(),
             Err(e) => e.into_response(),
         };
     }
@@ -551,15 +551,22 @@ const PL_LOG: ServiceRoute = ServiceRoute {
     kind: EventKind::PromptLayerLog,
     check: |_, _, v| formats::promptlayer::validate(v),
     attrs: formats::promptlayer::attributes,
-    creds: |h, _| ClientCredentials {
-        api_key: header_str(h, "x-api-key").map(Secret::new),
-        project_id: None,
-    },
+    creds: |h, _| promptlayer_creds(h),
     reply: |seq, v| {
         JsonText(StatusCode::CREATED, formats::promptlayer::log_reply(seq, v)).into_response()
     },
-    fast: None,
+    fast: Some(FastRoute {
+        accept: formats::promptlayer::accept_bytes,
+        creds: promptlayer_creds,
+    }),
 };
+
+fn promptlayer_creds(h: &HeaderMap) -> ClientCredentials {
+    ClientCredentials {
+        api_key: header_str(h, "x-api-key").map(Secret::new),
+        project_id: None,
+    }
+}
 
 const fn pl_track_route(track: TrackKind) -> ServiceRoute {
     ServiceRoute {
