@@ -127,6 +127,18 @@ fn range(runs: &[f64]) -> String {
     }
 }
 
+/// An ingest row's `events/s | all runs | ack p50 | p99 | p99.9` cells.
+fn rate_and_latency(r: &IngestRow) -> String {
+    format!(
+        "{} | {} | {} | {} | {}",
+        rate(r.rate),
+        range(&r.runs),
+        dur(r.latency.p50),
+        dur(r.latency.p99),
+        dur(r.latency.p999)
+    )
+}
+
 fn pct(x: f64) -> String {
     format!("{:.0} %", x * 100.0)
 }
@@ -240,16 +252,12 @@ impl Report {
                     .map_or("–".into(), |c| pct(r.rate / c));
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
                     r.transport,
                     r.format,
                     r.clients,
                     r.in_flight,
-                    rate(r.rate),
-                    range(&r.runs),
-                    dur(r.latency.p50),
-                    dur(r.latency.p99),
-                    dur(r.latency.p999),
+                    rate_and_latency(r),
                     r.per_sync.map_or("–".into(), |g| format!("{g:.1}")),
                     if r.in_flight == 1 {
                         ceiling
@@ -277,15 +285,11 @@ impl Report {
                 let daemon = self.ingest_at(r.transport, "native", r.clients);
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
                     r.transport,
                     r.clients,
                     r.in_flight,
-                    rate(r.rate),
-                    range(&r.runs),
-                    dur(r.latency.p50),
-                    dur(r.latency.p99),
-                    dur(r.latency.p999),
+                    rate_and_latency(r),
                     pct(r.daemon_cpu),
                     r.daemon_cpu * 1e6 / r.rate.max(1e-9),
                     pct(r.bench_cpu),
