@@ -331,6 +331,12 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
     let result = async {
         let framing = framing(&headers)?;
         let (body, permit) = read_body(&st, &headers, body).await?;
+        // One canonical event (nearly every app's request): the fast check parses the whole
+        // body, so it is the one valid object `split_native` would have found; any other body
+        // is split and checked as before (and gets the same errors).
+        if let Some(ev) = one_canonical_event(&body, framing) {
+            return Ok((vec![ev], permit));
+        }
         let events = split_native(&body, framing)?
             .into_iter()
             .map(native_event)
@@ -346,17 +352,42 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
         }
     };
     match st.ingest.admit(ROUTE, events).await {
-        Ok(ids) => JsonReply(
-            StatusCode::ACCEPTED,
-            json!({
-                "accepted": ids.len(),
-                "ids": ids.iter().map(|a| a.id.to_string()).collect::<Vec<_>>(),
-                "seqs": ids.iter().map(|a| a.seq).collect::<Vec<_>>(),
-            }),
-        )
-        .into_response(),
+        Ok(ids) => JsonText(StatusCode::ACCEPTED, accepted_reply(&ids)).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// A single-object JSON body that is a canonical event, accepted by the fast check.
+fn one_canonical_event(body: &Bytes, framing: Framing) -> Option<NewEvent> {
+    let trimmed = trim_ascii(body);
+    if framing != Framing::Json || trimmed.first() != Some(&b'{') {
+        return None;
+    }
+    let attrs = formats::native::check_canonical_bytes(trimmed)?;
+    Some(NewEvent {
+        kind: EventKind::Native,
+        attrs,
+        payload: body.slice_ref(trimmed),
+        creds: ClientCredentials::default(),
+    })
+}
+
+/// `{"accepted":N,"ids":[…],"seqs":[…]}`, written directly (ids and numbers need no escaping).
+fn accepted_reply(ids: &[crate::queue::Appended]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(32 + ids.len() * 60);
+    let _ = write!(out, "{{\"accepted\":{},\"ids\":[", ids.len());
+    for (i, a) in ids.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(out, "{sep}\"{}\"", a.id.hyphenated());
+    }
+    out.push_str("],\"seqs\":[");
+    for (i, a) in ids.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let _ = write!(out, "{sep}{}", a.seq);
+    }
+    out.push_str("]}");
+    out
 }
 
 /// Parses a single JSON object body (Pezzo, PromptLayer).
@@ -744,6 +775,57 @@ async fn status(State(st): St) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accepted_reply_is_what_serde_json_writes() {
+        let id = |n: u128| uuid::Uuid::from_u128(0x0190_a0b0_0000_7000_8000_0000_0000_0000 + n);
+        for n in [1usize, 3] {
+            let ids: Vec<crate::queue::Appended> = (0..n)
+                .map(|i| crate::queue::Appended {
+                    seq: 41 + i as u64,
+                    id: id(i as u128),
+                })
+                .collect();
+            let want = json!({
+                "accepted": ids.len(),
+                "ids": ids.iter().map(|a| a.id.to_string()).collect::<Vec<_>>(),
+                "seqs": ids.iter().map(|a| a.seq).collect::<Vec<_>>(),
+            })
+            .to_string();
+            assert_eq!(accepted_reply(&ids), want);
+        }
+    }
+
+    /// The shortcut for one canonical object gives what splitting and checking give, and
+    /// leaves every other body to them.
+    #[test]
+    fn one_canonical_event_is_what_the_split_gives() {
+        let event = r#"{"schema":"llmlogd.llm/v1","provider":"openai","model":"gpt-4o",
+            "request":{"start_time":1714557600.25,"body":{"model":"gpt-4o","messages":[]}},
+            "response":{"end_time":"2024-05-01T10:00:01Z","body":{"choices":[]},"http_status":200},
+            "status":"success","tags":["a"],"environment":"prod"}"#;
+        let body = Bytes::from(format!(" \n{event}\r\n"));
+        let fast = one_canonical_event(&body, Framing::Json).expect("canonical");
+        let split = split_native(&body, Framing::Json).unwrap();
+        let slow = native_event(split[0].clone()).unwrap();
+        assert_eq!(fast.payload, slow.payload);
+        assert_eq!(&fast.payload[..], event.as_bytes());
+        assert_eq!(fast.attrs, slow.attrs);
+        assert_eq!(fast.attrs.environment.as_deref(), Some("prod"));
+        for (other, framing) in [
+            (format!("[{event}]"), Framing::Json),
+            (event.to_string(), Framing::Ndjson),
+            (format!("{event} {event}"), Framing::Json),
+            (r#"{"provider":"openai"}"#.to_string(), Framing::Json),
+            (
+                event.replace("\"tags\":[\"a\"]", "\"tags\":[1]"),
+                Framing::Json,
+            ),
+        ] {
+            let b = Bytes::from(other.clone());
+            assert!(one_canonical_event(&b, framing).is_none(), "{other}");
+        }
+    }
 
     fn raws(body: &str, f: Framing) -> Result<Vec<String>, IngestError> {
         let b = Bytes::copy_from_slice(body.as_bytes());

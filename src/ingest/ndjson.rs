@@ -112,14 +112,14 @@ pub struct NdjsonLimits {
 /// An event read and waiting for the admitter; the permit holds its share of the byte budget.
 struct Admit {
     event: NewEvent,
-    done: oneshot::Sender<serde_json::Value>,
+    done: oneshot::Sender<String>,
     /// Released once the event's append is over.
     permit: OwnedSemaphorePermit,
 }
 
 enum Reply {
-    Now(serde_json::Value),
-    Later(oneshot::Receiver<serde_json::Value>),
+    Now(String),
+    Later(oneshot::Receiver<String>),
 }
 
 /// Serves one NDJSON connection until the client is done, misbehaves past a bound, or `stop`.
@@ -160,7 +160,7 @@ async fn admit_in_order(mut rx: mpsc::Receiver<Admit>, ingest: &Ingest) {
         let result = ingest.admit("ndjson", events).await;
         for (i, (done, _permit)) in waiting.into_iter().enumerate() {
             let v = match result.as_ref().map(|ids| ids.get(i)) {
-                Ok(Some(a)) => json!({"ok": true, "id": a.id.to_string(), "seq": a.seq}),
+                Ok(Some(a)) => ack_line(a),
                 Ok(None) => error_line(&IngestError::new(
                     500,
                     "internal",
@@ -178,8 +178,8 @@ async fn admit_in_order(mut rx: mpsc::Receiver<Admit>, ingest: &Ingest) {
 async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Reply>) {
     let mut out = Vec::with_capacity(256);
     while let Some(reply) = rx.recv().await {
-        let v = match reply {
-            Reply::Now(v) => v,
+        let line = match reply {
+            Reply::Now(line) => line,
             // The admitter always answers unless the connection is being torn down.
             Reply::Later(r) => r.await.unwrap_or_else(|_| {
                 error_line(&IngestError::new(
@@ -190,8 +190,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<
             }),
         };
         out.clear();
-        // Serialising a Value into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut out, &v);
+        out.extend_from_slice(line.as_bytes());
         out.push(b'\n');
         if wr.write_all(&out).await.is_err() {
             return;
@@ -390,7 +389,17 @@ fn parse_line(body: Bytes, line_no: u64) -> Result<NewEvent, IngestError> {
     native_event(body).map_err(at_line)
 }
 
-fn error_line(e: &IngestError) -> serde_json::Value {
+/// The reply line of a stored event, `{"ok":true,"id":"…","seq":N}`, written directly (an id
+/// and a number need no escaping).
+fn ack_line(a: &crate::queue::Appended) -> String {
+    format!(
+        r#"{{"ok":true,"id":"{}","seq":{}}}"#,
+        a.id.hyphenated(),
+        a.seq
+    )
+}
+
+fn error_line(e: &IngestError) -> String {
     let mut v = json!({"ok": false, "error": e.message, "code": e.code, "status": e.status});
     if !e.fields.is_empty() {
         v["fields"] = json!(e.fields);
@@ -398,12 +407,22 @@ fn error_line(e: &IngestError) -> serde_json::Value {
     if let Some(s) = e.retry_after {
         v["retry_after"] = json!(s);
     }
-    v
+    v.to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ack_line_is_what_serde_json_writes() {
+        let a = crate::queue::Appended {
+            seq: 18_446_744_073_709_551_615,
+            id: uuid::Uuid::from_u128(0x0190_a0b0_c0d0_7e0f_8a1b_2c3d_4e5f_6071),
+        };
+        let want = json!({"ok": true, "id": a.id.to_string(), "seq": a.seq}).to_string();
+        assert_eq!(ack_line(&a), want);
+    }
 
     #[test]
     fn a_slow_yield_pauses_yielding_and_a_fast_one_does_not() {
