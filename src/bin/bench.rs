@@ -1,7 +1,7 @@
 //! `llmlogd-bench`: the numbers of issue #8, measured against the real daemon.
 //!
 //! ```sh
-//! cargo build --release && target/release/llmlogd-bench            # full run (~6-7 min)
+//! cargo build --release && target/release/llmlogd-bench            # full run (~7 min)
 //! cargo build --release && target/release/llmlogd-bench --smoke    # < 30 s, checks the tool
 //! ```
 //!
