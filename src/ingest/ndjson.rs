@@ -159,7 +159,7 @@ async fn admit_in_order(mut rx: mpsc::Receiver<Admit>, ingest: &Ingest) {
             lot.drain(..).map(|a| (a.event, (a.done, a.permit))).unzip();
         let result = ingest.admit("ndjson", events).await;
         for (i, (done, _permit)) in waiting.into_iter().enumerate() {
-            let v = match result.as_ref().map(|ids| ids.get(i)) {
+            let line = match result.as_ref().map(|ids| ids.get(i)) {
                 Ok(Some(a)) => ack_line(a),
                 Ok(None) => error_line(&IngestError::new(
                     500,
@@ -168,7 +168,7 @@ async fn admit_in_order(mut rx: mpsc::Receiver<Admit>, ingest: &Ingest) {
                 )),
                 Err(e) => error_line(e),
             };
-            let _ = done.send(v);
+            let _ = done.send(line);
         }
     }
 }

@@ -177,9 +177,10 @@ impl Bench {
         let clients = self.args.clients.clone();
         let top = clients.iter().copied().max().unwrap_or(1);
         let mut cells: Vec<Cell<'_>> = Vec::new();
-        let mut add = |target: &'static str, transport, format, addr: &Addr, drive, clients| {
+        // The floor's cells are the ones whose format is `FLOOR`.
+        let mut add = |transport, format: &'static str, addr: &Addr, drive, clients| {
             cells.push(Cell {
-                server: if target == FLOOR { &floor } else { &d },
+                server: if format == FLOOR { &floor } else { &d },
                 transport,
                 format,
                 addr: addr.clone(),
@@ -189,7 +190,6 @@ impl Bench {
         };
         for &c in &clients {
             add(
-                "",
                 "HTTP",
                 "native",
                 &http,
@@ -199,7 +199,6 @@ impl Bench {
         }
         for &c in &clients {
             add(
-                "",
                 "Unix NDJSON",
                 "native",
                 &unix,
@@ -209,7 +208,7 @@ impl Bench {
         }
         for &c in &clients {
             let drive = Drive::Pipelined(lines.clone(), self.args.window);
-            add("", "Unix NDJSON", "native", &unix, drive, c);
+            add("Unix NDJSON", "native", &unix, drive, c);
         }
         for (name, f) in [
             ("pezzo", Format::Pezzo),
@@ -218,7 +217,6 @@ impl Bench {
             let reqs = self.http_requests(f);
             for &c in &clients {
                 add(
-                    "",
                     "HTTP",
                     name,
                     &http,
@@ -228,7 +226,6 @@ impl Bench {
             }
         }
         add(
-            "",
             "Unix HTTP",
             "native",
             &unix,
@@ -238,7 +235,6 @@ impl Bench {
         // The floor: llmlogd's one-in-flight native cells at the most clients.
         let (floor_http, floor_unix) = (Addr::Tcp(floor.http), Addr::Unix(floor.unix.clone()));
         add(
-            FLOOR,
             "HTTP",
             FLOOR,
             &floor_http,
@@ -246,7 +242,6 @@ impl Bench {
             top,
         );
         add(
-            FLOOR,
             "Unix NDJSON",
             FLOOR,
             &floor_unix,
