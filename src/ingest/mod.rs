@@ -5,6 +5,7 @@
 //! - `server.rs`: listeners: accept loops, connection cap, header/body timeouts, graceful stop,
 //!   protocol detection on the Unix socket.
 //! - `ndjson.rs`: the line protocol on the Unix socket.
+//! - `unix_stream.rs`: Unix socket connections watched for input only (`LeanUnix`).
 //!
 //! Validation happens before anything is stored: a refused request stores nothing, an accepted
 //! one is stored whole (one group commit for all its events) or not at all.
@@ -12,6 +13,9 @@
 pub mod http;
 pub mod ndjson;
 pub mod server;
+mod unix_stream;
+
+pub use unix_stream::LeanUnix;
 
 use std::sync::Arc;
 

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ndjson::{self, NdjsonLimits};
+use super::unix_stream::LeanUnix;
 use super::Ingest;
 use crate::config::ServerConfig;
 
@@ -330,7 +331,10 @@ where
     }
 }
 
-async fn serve_unix(mut s: UnixStream, ctx: &ServeContext) {
+async fn serve_unix(s: UnixStream, ctx: &ServeContext) {
+    let Ok(mut s) = LeanUnix::new(s) else {
+        return;
+    };
     // Sniff the first byte (within the header timeout), then hand the stream on with it.
     let mut first = [0u8; 1];
     let n = tokio::select! {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
+use llmlogd::ingest::LeanUnix;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Where a client connects.
@@ -33,7 +34,8 @@ impl Addr {
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            Addr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            // Watched for replies only, as a blocking or libuv client would be (see `LeanUnix`).
+            Addr::Unix(p) => Box::new(LeanUnix::new(tokio::net::UnixStream::connect(p).await?)?),
         })
     }
 

@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context as _;
+use llmlogd::ingest::LeanUnix;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The first argument that starts the floor server instead of the bench.
@@ -55,7 +56,9 @@ pub fn serve(args: &[String]) -> anyhow::Result<()> {
                     tokio::spawn(http(s, Vec::new()));
                 }
                 Ok((s, _)) = uds.accept() => {
-                    tokio::spawn(unix(s));
+                    if let Ok(s) = LeanUnix::new(s) {
+                        tokio::spawn(unix(s));
+                    }
                 }
                 _ = term.recv() => break,
             }
@@ -66,7 +69,7 @@ pub fn serve(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The Unix socket carries NDJSON or HTTP, told apart by the first bytes, as llmlogd does.
-async fn unix(mut s: tokio::net::UnixStream) {
+async fn unix(mut s: LeanUnix) {
     let mut first = vec![0u8; READ_CHUNK];
     let n = match s.read(&mut first).await {
         Ok(0) | Err(_) => return,
@@ -81,7 +84,7 @@ async fn unix(mut s: tokio::net::UnixStream) {
 }
 
 /// One reply line per complete line read, all of a read's replies in one write.
-async fn ndjson(mut s: tokio::net::UnixStream, mut buf: Vec<u8>) {
+async fn ndjson(mut s: LeanUnix, mut buf: Vec<u8>) {
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut out = Vec::with_capacity(4096);
     loop {
