@@ -197,7 +197,18 @@ pub async fn serve<S>(
         Some(error_line(&e))
     };
 
+    // Set by a read: the lines it brought are parsed in the task's next poll (see below).
+    let mut just_read = false;
     loop {
+        // After `yield_to_the_app`, the lines are parsed and queued in a later poll of this
+        // task, which tokio offers to the other worker: when the app's `write` woke this worker
+        // on the app's CPU, that work then runs on the other CPU while the app gets its own
+        // back. Parsing straight after the read kept the reader on the app's CPU, read after
+        // read (the kernel wakes a thread where it last ran): fire-and-forget p99 went from
+        // 38-42 to 57-170 µs (BENCHMARKS.md F50).
+        if std::mem::take(&mut just_read) {
+            tokio::task::yield_now().await;
+        }
         // Every complete line already buffered, within the budget.
         while unanswered < MAX_PIPELINE
             && unanswered_bytes < budget_bytes
@@ -317,7 +328,10 @@ pub async fn serve<S>(
             }
             _ = &mut stopped, if !input_over => input_over = true,
             read = stream.read_buf(&mut buf), if can_read => match read {
-                Ok(n) if n > 0 => yield_to_the_app(),
+                Ok(n) if n > 0 => {
+                    yield_to_the_app();
+                    just_read = true;
+                }
                 Ok(_) => {
                     // End of input.
                     input_over = true;
