@@ -205,7 +205,7 @@ pub async fn serve<S>(
         // on the app's CPU, that work then runs on the other CPU while the app gets its own
         // back. Parsing straight after the read kept the reader on the app's CPU, read after
         // read (the kernel wakes a thread where it last ran): fire-and-forget p99 went from
-        // 38-42 to 57-170 µs (BENCHMARKS.md F50).
+        // 38-42 to 67-170 µs (BENCHMARKS.md F50).
         if std::mem::take(&mut just_read) {
             tokio::task::yield_now().await;
         }
