@@ -827,6 +827,44 @@ async fn over_long_lines_are_refused_once_and_the_connection_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let idle = Duration::from_secs(1);
+    let d = InProcess::start(
+        dir.path(),
+        &format!("[server]\nidle_timeout = \"1s\"\n{}", sink(&mock)),
+    )
+    .await;
+    let sock = d.socket();
+
+    // Busy: a line every 300 ms for three idle timeouts; every one is answered.
+    let mut busy = Nd::connect(&sock).await;
+    let mut quiet = Nd::connect(&sock).await;
+    assert_ok(&quiet.send("{\"quiet\":1}").await);
+    let quiet_since = Instant::now();
+    let mut want = vec!["{\"quiet\":1}".to_string()];
+    for i in 0..10 {
+        let line = format!("{{\"busy\":{i}}}");
+        assert_ok(&busy.send(&line).await);
+        want.push(line);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Quiet since its ack: closed, and not before `idle_timeout`.
+    quiet.closed().await.expect("the idle connection is closed");
+    assert!(quiet_since.elapsed() >= idle, "closed before idle_timeout");
+    // The busy one is still served.
+    assert_ok(&busy.send("{\"busy\":\"last\"}").await);
+    want.push("{\"busy\":\"last\"}".into());
+    let mut got = wait_arrived(&mock, &want).await;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_bounds_the_socket_and_waiting_clients_get_in_when_one_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), &format!("{PATIENT}max_connections = 4\n")).await;
