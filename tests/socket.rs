@@ -865,6 +865,45 @@ async fn an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_burst_past_the_reply_budget_is_answered_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    // Lines far below the limit, but more of them than a connection answers at once (1,024)
+    // and more bytes waiting behind those than one line may have.
+    let d = InProcess::start(
+        dir.path(),
+        &format!("[server]\nmax_line_bytes = \"1KiB\"\n{}", sink(&mock)),
+    )
+    .await;
+    let mut c = Nd::connect(&d.socket()).await;
+    let lines: Vec<String> = (0..1500).map(|i| format!("{{\"burst\":{i}}}")).collect();
+    let mut all = lines.join("\n");
+    all.push('\n');
+    c.write(all).await;
+    // End of input right behind them: the daemon still answers every line before it closes.
+    c.wr.shutdown().await.unwrap();
+    let mut last = None;
+    for (i, _) in lines.iter().enumerate() {
+        let v = c.reply().await;
+        let seq = assert_ok(&v);
+        assert!(
+            last.is_none_or(|l| seq == l + 1),
+            "reply {i}: seq {seq} after {last:?}"
+        );
+        last = Some(seq);
+    }
+    c.closed().await.expect("closed after the last reply");
+    // Stored in line order (the seqs above); delivered in concurrent batches, so compared as
+    // a set.
+    let mut got = wait_arrived(&mock, &lines).await;
+    got.sort();
+    let mut want = lines.clone();
+    want.sort();
+    assert_eq!(got, want);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_bounds_the_socket_and_waiting_clients_get_in_when_one_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), &format!("{PATIENT}max_connections = 4\n")).await;

@@ -182,8 +182,10 @@ pub async fn serve<S>(
         base: 0,
     };
     let mut waiting = Lot::default();
-    // Events read and not yet answered, and their bytes (the per-connection budget).
-    let (mut unanswered, mut unanswered_bytes) = (0usize, 0usize);
+    // Bytes of the events read and not yet answered (the per-connection budget). Every such
+    // event holds a reply slot, so the slots bound their number.
+    let mut unanswered_bytes = 0usize;
+    let has_room = |bytes: usize, slots: usize| bytes < budget_bytes && slots < MAX_PIPELINE;
     let mut in_flight_bytes = 0usize;
     let mut in_flight_slots: Vec<u64> = Vec::new();
     let admit = |events: Vec<NewEvent>| ingest.admit("ndjson", events);
@@ -211,10 +213,7 @@ pub async fn serve<S>(
             tokio::task::yield_now().await;
         }
         // Every complete line already buffered, within the budget.
-        while unanswered < MAX_PIPELINE
-            && unanswered_bytes < budget_bytes
-            && replies.slots.len() < MAX_PIPELINE
-        {
+        while has_room(unanswered_bytes, replies.slots.len()) {
             let Some(i) = memchr::memchr(b'\n', &buf[scanned..]) else {
                 scanned = buf.len();
                 break;
@@ -246,7 +245,6 @@ pub async fn serve<S>(
                 Ok(event) => {
                     waiting.slots.push(replies.push(None));
                     waiting.events.push(event);
-                    unanswered += 1;
                     unanswered_bytes += size;
                 }
                 Err(e) => {
@@ -254,12 +252,12 @@ pub async fn serve<S>(
                 }
             }
         }
-        if !input_over && !skipping && buf.len() > limits.max_line + 1 {
+        // `scanned == buf.len()`: what is buffered is one line without its end (the loop above
+        // may also stop at the budget with complete lines still waiting).
+        if !input_over && !skipping && scanned == buf.len() && buf.len() > limits.max_line + 1 {
             // Over-long before its end arrived (one byte of slack for a `\r`): refuse it now,
             // once, and skip the rest of it.
             replies.push(refuse(too_long(line_no + 1, limits.max_line)));
-            buf.clear();
-            scanned = 0;
             skipping = true;
         }
         if skipping {
@@ -283,15 +281,17 @@ pub async fn serve<S>(
             // The client is gone or stopped reading: what is left cannot be answered.
             return;
         }
+        // Complete lines left in the buffer when the budget ran out: take them now that the
+        // replies above made room, before waiting on the client or closing.
+        if scanned < buf.len() && has_room(unanswered_bytes, replies.slots.len()) {
+            continue;
+        }
         if input_over && append.is_none() && waiting.events.is_empty() {
             let _ = stream.shutdown().await;
             return;
         }
 
-        let can_read = !input_over
-            && unanswered < MAX_PIPELINE
-            && unanswered_bytes < budget_bytes
-            && replies.slots.len() < MAX_PIPELINE;
+        let can_read = !input_over && has_room(unanswered_bytes, replies.slots.len());
         let partial = !buf.is_empty() || skipping;
         let until = if partial {
             *line_deadline.get_or_insert_with(|| Instant::now() + limits.line_timeout)
@@ -322,7 +322,6 @@ pub async fn serve<S>(
                         Err(e) => error_line(e),
                     };
                     replies.fill(slot, line);
-                    unanswered -= 1;
                 }
                 unanswered_bytes -= in_flight_bytes;
                 in_flight_bytes = 0;
