@@ -98,6 +98,11 @@ struct Args {
     /// Phases to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Phase>,
+    /// Ingest cells to run (default: all): `http` (native), `ndjson`, `pipelined`, `pezzo`,
+    /// `promptlayer`, `unix-http`, `floor`. For A/B experiments on one cell; the report's
+    /// targets table then leaves out what was not run.
+    #[arg(long, value_delimiter = ',')]
+    cells: Vec<String>,
     /// The llmlogd binary (default: `llmlogd` next to this binary).
     #[arg(long)]
     llmlogd: Option<PathBuf>,

@@ -249,6 +249,20 @@ impl Bench {
             top,
         );
 
+        if !self.args.cells.is_empty() {
+            let wanted = |c: &Cell<'_>| {
+                let name = match (c.transport, c.format, &c.drive) {
+                    (_, FLOOR, _) => "floor",
+                    (_, _, Drive::Pipelined(..)) => "pipelined",
+                    ("Unix HTTP", _, _) => "unix-http",
+                    ("Unix NDJSON", _, _) => "ndjson",
+                    (_, "native", _) => "http",
+                    (_, f, _) => f,
+                };
+                self.args.cells.iter().any(|w| w == name)
+            };
+            cells.retain(wanted);
+        }
         let rounds = self.args.repeat.max(1);
         let mut runs: Vec<Vec<IngestRow>> = cells.iter().map(|_| Vec::new()).collect();
         for round in 1..=rounds {
