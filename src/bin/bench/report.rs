@@ -184,6 +184,47 @@ impl Report {
         })
     }
 
+    /// What the one-in-flight cells could reach if llmlogd cost nothing, from this run's own
+    /// numbers. A client's next event waits for its ack, so a group of C clients' events
+    /// first crosses the transport (C ÷ floor's rate, at best) and is then committed (C ÷ the
+    /// ceiling's rate at groups of C); the two cannot overlap for the same group, so per event
+    /// the times add: rate ≤ 1 ÷ (1/ceiling + 1/floor). Splitting the clients into two groups
+    /// that overlap instead is held by the ceiling at groups of C/2, which is lower still.
+    fn closed_loop_bound(&self) -> Option<String> {
+        let top = self.ingest.iter().map(|r| r.clients).max()?;
+        let ceiling = self.ceiling_at(top)?;
+        let mut parts = Vec::new();
+        for r in self
+            .ingest
+            .iter()
+            .filter(|r| r.format == FLOOR && r.clients == top)
+        {
+            let bound = 1.0 / (1.0 / ceiling + 1.0 / r.rate.max(1e-9));
+            let daemon = self.ingest_at(r.transport, "native", top);
+            parts.push(format!(
+                "{}: {} events/s, {} of the ceiling{}",
+                r.transport,
+                rate(bound),
+                pct(bound / ceiling),
+                daemon.map_or(String::new(), |d| format!(
+                    " (llmlogd reached {} of that bound)",
+                    pct(d.rate / bound)
+                )),
+            ));
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "**Closed-loop bound** at {top} clients with one event in flight each, for a daemon that \
+             cost no CPU at all: a group's events first cross the transport (at the floor's rate at \
+             best), then are committed (at the storage ceiling's rate, {}); for one group the two \
+             cannot overlap, so per event the times add, rate ≤ 1 ÷ (1/ceiling + 1/floor). {}.",
+            rate(ceiling),
+            parts.join("; ")
+        ))
+    }
+
     pub fn markdown(&self) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "| | |\n|---|---|");
@@ -296,6 +337,9 @@ impl Report {
                     daemon.map_or("–".into(), |d| rate(d.rate)),
                     daemon.map_or("–".into(), |d| pct(d.rate / r.rate.max(1e-9))),
                 );
+            }
+            if let Some(bound) = self.closed_loop_bound() {
+                let _ = writeln!(o, "\n{bound}");
             }
         }
 
