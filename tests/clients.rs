@@ -11,6 +11,19 @@ use llmlogd::formats::{self, Format, TrackKind};
 
 use crate::util::*;
 
+/// A Pezzo body as llmlogd delivers it: without the `null`s its spec does not allow.
+fn pezzo_less_spec_nulls(body: &Value) -> Value {
+    let mut v = body.clone();
+    let o = v.as_object_mut().unwrap();
+    o.retain(|k, x| {
+        !(x.is_null() && ["cacheHit", "cacheEnabled", "properties"].contains(&k.as_str()))
+    });
+    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.retain(|k, x| !(x.is_null() && k == "promptId"));
+    }
+    v
+}
+
 fn fixtures() -> Vec<(String, Value)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clients");
     let mut out: Vec<(String, Value)> = std::fs::read_dir(&dir)
@@ -66,21 +79,37 @@ fn golden_fixtures_validate_and_round_trip() {
             if formats::pezzo::is_priced_model(model)
                 || body["response"]["body"].get("usage").is_none()
             {
-                assert_eq!(back, body, "{name}: Pezzo round trip");
+                assert_eq!(
+                    back,
+                    pezzo_less_spec_nulls(&body),
+                    "{name}: Pezzo round trip"
+                );
             }
             formats::pezzo::validate(&back).unwrap_or_else(|e| panic!("{name} rendered: {e:?}"));
+            assert_eq!(spec::pezzo_report(&back), Vec::<String>::new(), "{name}");
             // And across: to PromptLayer, valid per its spec.
             let pl = formats::render(Format::Pezzo, &body, Format::PromptLayer).unwrap();
             formats::promptlayer::validate(&pl)
                 .unwrap_or_else(|e| panic!("{name} → PL: {e:?}\n{pl:#}"));
+            assert_eq!(
+                spec::promptlayer_log(&pl),
+                Vec::<String>::new(),
+                "{name} → PL"
+            );
         } else if path == "/log-request" {
             formats::promptlayer::validate(&body).unwrap_or_else(|e| panic!("{name}: {e:?}"));
             let back = formats::render(Format::PromptLayer, &body, Format::PromptLayer).unwrap();
             formats::promptlayer::validate(&back)
                 .unwrap_or_else(|e| panic!("{name} rendered: {e:?}"));
+            assert_eq!(spec::promptlayer_log(&back), Vec::<String>::new(), "{name}");
             let pz = formats::render(Format::PromptLayer, &body, Format::Pezzo).unwrap();
             formats::pezzo::validate(&pz)
                 .unwrap_or_else(|e| panic!("{name} → Pezzo: {e:?}\n{pz:#}"));
+            assert_eq!(
+                spec::pezzo_report(&pz),
+                Vec::<String>::new(),
+                "{name} → Pezzo"
+            );
             assert_eq!(
                 pz["metadata"]["provider"], "OpenAI",
                 "{name}: no Pezzo 500 for other providers"
@@ -292,16 +321,55 @@ batch_max_wait = "10ms"
             }
         }
     }
-    // PromptLayer logs reach PromptLayer byte-identical to what the SDK sent (the raw sink
-    // holds what the apps sent).
-    let raws: Vec<String> = raw.received().iter().flat_map(|r| r.raw_events()).collect();
+    // PromptLayer logs reach PromptLayer valid against a strict reading of its spec (the SDKs
+    // send float Unix seconds and nulls the spec does not allow), and are what the SDK sent
+    // otherwise: the same instants, the same members (the raw sink holds what the apps sent).
+    let raws: Vec<Value> = raw
+        .received()
+        .iter()
+        .flat_map(|r| r.raw_events())
+        .map(|s| serde_json::from_str(&s).unwrap())
+        .collect();
+    let mut float_times = 0;
     for r in got.iter().filter(|r| r.path == "/log-request") {
-        let sent = String::from_utf8(r.body.to_vec()).unwrap();
-        assert!(
-            raws.contains(&sent),
-            "log not byte-identical to what the SDK sent: {sent}"
+        let body = r.json();
+        assert_eq!(
+            spec::promptlayer_log(&body),
+            Vec::<String>::new(),
+            "{body:#}"
         );
+        let sent = raws
+            .iter()
+            .find(|s| s["input"] == body["input"] && s["output"] == body["output"])
+            .unwrap_or_else(|| panic!("no SDK log with these templates: {body}"));
+        for (k, v) in sent.as_object().unwrap() {
+            let got = &body[k];
+            if k.ends_with("_time") {
+                let at = chrono::DateTime::parse_from_rfc3339(got.as_str().unwrap()).unwrap();
+                let micros = match v.as_f64() {
+                    Some(secs) => {
+                        float_times += 1;
+                        (secs * 1e6).round() as i64
+                    }
+                    None => chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+                        .unwrap()
+                        .timestamp_micros(),
+                };
+                assert!(
+                    (at.timestamp_micros() - micros).abs() <= 1,
+                    "{k}: {v} → {got}"
+                );
+            } else if v.is_null() && body.get(k).is_none() {
+                // A null the spec does not allow there, left out.
+            } else {
+                assert_eq!(got, v, "{k}");
+            }
+        }
     }
+    assert!(
+        float_times > 0,
+        "the SDKs send float times: this checks their conversion"
+    );
 
     // Pezzo: reports arrive with the app's key and project, valid, provider OpenAI.
     let reports = wait_for(DEADLINE, "Pezzo reports", || {
@@ -321,6 +389,7 @@ batch_max_wait = "10ms"
         );
         let body = r.json();
         formats::pezzo::validate(&body).unwrap_or_else(|e| panic!("{e:?}\n{body:#}"));
+        assert_eq!(spec::pezzo_report(&body), Vec::<String>::new(), "{body:#}");
         assert_eq!(body["metadata"]["provider"], "OpenAI");
         assert!(body["metadata"]["environment"].is_string(), "{body}");
     }
@@ -473,6 +542,7 @@ async fn official_pezzo_clients_with_the_cache_on_keep_working() {
     for body in &cached {
         assert_eq!(body["cacheHit"], false, "{body}");
         formats::pezzo::validate(body).unwrap_or_else(|e| panic!("{e:?}\n{body:#}"));
+        assert_eq!(spec::pezzo_report(body), Vec::<String>::new(), "{body:#}");
     }
     d.stop().await;
 }

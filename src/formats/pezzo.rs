@@ -22,7 +22,10 @@
 //! - carries `usage` in the response body only when the request's `model` is one of
 //!   [`PRICED_MODELS`]; otherwise the usage object moves to `properties.llmlogd_usage`.
 //!
-//! Bodies from the official clients (provider OpenAI, a priced model) round-trip unchanged.
+//! Bodies from the official clients (provider OpenAI, a priced model) round-trip unchanged,
+//! except that a `null` in an optional member (`cacheHit: null`, which both clients send) is
+//! left out: the spec types `cacheHit`, `cacheEnabled`, `properties` and `metadata.promptId`
+//! without `null`, and absent is what such a `null` means.
 
 use std::borrow::Cow;
 use std::hash::BuildHasher;
@@ -357,6 +360,7 @@ pub fn from_canonical(ev: &LlmEvent) -> Value {
         px.map(|p| &p.metadata),
         META_REQUIRED,
         META_OPTIONAL,
+        &[],
     );
     // We always render chat-completions bodies, which is what the clients call ChatCompletion.
     meta.entry("type")
@@ -385,7 +389,13 @@ pub fn from_canonical(ev: &LlmEvent) -> Value {
         json!(ev.request.start_time.to_iso_millis_utc()),
     );
     request.insert("body".into(), Value::Object(request_body));
-    convert::fill_extras(&mut request, px.map(|p| &p.request), EXCHANGE_REQUIRED, &[]);
+    convert::fill_extras(
+        &mut request,
+        px.map(|p| &p.request),
+        EXCHANGE_REQUIRED,
+        &[],
+        &[],
+    );
     out.insert("request".into(), Value::Object(request));
 
     let mut response = Map::new();
@@ -402,6 +412,8 @@ pub fn from_canonical(ev: &LlmEvent) -> Value {
         px.map(|p| &p.response),
         EXCHANGE_REQUIRED,
         RESPONSE_OPTIONAL,
+        // Outside the spec (the server reads it to mark errors): kept as the client sent it.
+        RESPONSE_OPTIONAL,
     );
     // Events from other formats get the status a client would have sent; a Pezzo event keeps
     // what its client sent (possibly nothing).
@@ -414,7 +426,14 @@ pub fn from_canonical(ev: &LlmEvent) -> Value {
         response.insert("status".into(), json!(status));
     }
     out.insert("response".into(), Value::Object(response));
-    convert::fill_extras(&mut out, px.map(|p| &p.fields), TOP_REQUIRED, TOP_OPTIONAL);
+    // The spec lets none of the top-level optional members be `null`.
+    convert::fill_extras(
+        &mut out,
+        px.map(|p| &p.fields),
+        TOP_REQUIRED,
+        TOP_OPTIONAL,
+        &[],
+    );
     Value::Object(out)
 }
 
@@ -885,7 +904,7 @@ mod tests {
     }
 
     #[test]
-    fn official_bodies_round_trip_exactly() {
+    fn official_bodies_round_trip_less_their_spec_nulls() {
         for body in [
             pezzo_ts_success(),
             pezzo_py_managed(),
@@ -894,16 +913,18 @@ mod tests {
         ] {
             let ev = to_canonical(&body);
             let back = from_canonical(&ev);
-            assert_eq!(back, body);
+            let expected = pezzo_without_spec_nulls(&body);
+            assert_ne!(expected, body, "the clients send cacheHit: null");
+            assert_eq!(back, expected);
             // Through the native (serde) form too: what the queue may store.
             let native = serde_json::to_value(&ev).expect("serialises");
             let ev2: LlmEvent = serde_json::from_value(native).expect("parses");
-            assert_eq!(from_canonical(&ev2), body);
+            assert_eq!(from_canonical(&ev2), expected);
         }
     }
 
     #[test]
-    fn round_trip_keeps_unknown_fields_and_nulls() {
+    fn round_trip_keeps_unknown_fields_and_drops_spec_nulls() {
         let mut body = pezzo_ts_success();
         body["metadata"]["isTestPrompt"] = json!(false);
         body["metadata"]["promptId"] = Value::Null;
@@ -913,7 +934,15 @@ mod tests {
         body["properties"] = Value::Null;
         body["somethingNew"] = json!([1, {"a": null}]);
         assert_eq!(validate(&body), Ok(()));
-        assert_eq!(from_canonical(&to_canonical(&body)), body);
+        let back = from_canonical(&to_canonical(&body));
+        // Unknown members and the out-of-spec `response.status` keep their nulls; the spec's
+        // own optional members lose theirs.
+        assert_eq!(back["response"]["status"], Value::Null);
+        assert!(back["response"].get("status").is_some());
+        assert!(back["metadata"].get("promptId").is_none());
+        assert!(back.get("properties").is_none());
+        assert!(back.get("cacheHit").is_none());
+        assert_eq!(back, pezzo_without_spec_nulls(&body));
     }
 
     #[test]
@@ -1005,8 +1034,8 @@ mod tests {
                 "llmlogd_usage": {"prompt_tokens": 15, "completion_tokens": 2, "total_tokens": 17}
             })
         );
-        // Everything else is untouched.
-        let mut expected = body.clone();
+        // Everything else is untouched (but for the spec's nulls).
+        let mut expected = pezzo_without_spec_nulls(&body);
         expected["properties"] = out["properties"].clone();
         expected["response"]["body"]
             .as_object_mut()

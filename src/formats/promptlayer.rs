@@ -17,8 +17,12 @@
 //!   after rounding to the microsecond). The spec types them `string<date-time>`, an RFC 3339
 //!   date-time with an explicit offset; floats are only what the SDKs happen to send, and an
 //!   offset keeps the instant unambiguous whatever the server's zone. String times are re-sent
-//!   exactly as received;
+//!   exactly as received unless they use RFC 3339's rarer spellings (a space or `t` between
+//!   date and time, a lower-case `z`), which are re-written in the usual form;
 //! - integral floats in integer fields (`"score": 3.0`) become integers;
+//! - a `null` in an optional member the spec does not type `… | null` (`tags`, `metadata`,
+//!   `status`, `input_tokens`, ...) is left out, which the spec reads as absent; the Python
+//!   SDK's `null`s in nullable members (`prompt_name`, `error_type`, ...) are kept;
 //! - a `provider` spelled differently from llmlogd's id (`OpenAI`) is re-sent as received.
 //!
 //! # Cross-format mapping (see `from_canonical`)
@@ -80,6 +84,18 @@ const TOP_OPTIONAL: &[&str] = &[
     "score_name",
     "api_type",
     "status",
+    "error_type",
+    "error_message",
+];
+
+/// The optional members the spec types `… | null` (and `score_name`, outside the spec): a
+/// `null` the Python SDK sent there is delivered as sent; elsewhere it is left out.
+const TOP_NULLABLE: &[&str] = &[
+    "prompt_name",
+    "prompt_id",
+    "prompt_version_number",
+    "score_name",
+    "api_type",
     "error_type",
     "error_message",
 ];
@@ -527,7 +543,13 @@ pub fn from_canonical(ev: &LlmEvent) -> Value {
             json!(truncate_chars(m, MAX_ERROR_MESSAGE_CHARS)),
         );
     }
-    convert::fill_extras(&mut out, px.map(|p| &p.fields), TOP_REQUIRED, TOP_OPTIONAL);
+    convert::fill_extras(
+        &mut out,
+        px.map(|p| &p.fields),
+        TOP_REQUIRED,
+        TOP_OPTIONAL,
+        TOP_NULLABLE,
+    );
     Value::Object(out)
 }
 
@@ -860,7 +882,12 @@ mod tests {
         assert_eq!(ev.tags, None);
         assert_eq!(ev.metadata, None);
         assert_eq!(ev.score, None);
-        assert_eq!(from_canonical(&ev), body);
+        let back = from_canonical(&ev);
+        assert_eq!(back, promptlayer_without_spec_nulls(&body));
+        // The nullable ones are sent back as the SDK sent them; the others are left out.
+        assert_eq!(back["error_type"], Value::Null);
+        assert!(back.get("prompt_name").is_some());
+        assert!(back.get("tags").is_none() && back.get("status").is_none());
     }
 
     #[test]

@@ -292,3 +292,40 @@ pub(crate) fn pl_track_prompt() -> Value {
 pub(crate) fn pl_track_group() -> Value {
     json!({"api_key": "pl_key", "request_id": 4242, "group_id": 7})
 }
+
+/// `body` as the Pezzo renderer sends it back: without the `null`s the spec does not allow
+/// (`cacheHit`, `cacheEnabled`, `properties`, `metadata.promptId`).
+pub(crate) fn pezzo_without_spec_nulls(body: &Value) -> Value {
+    let mut v = body.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|k, x| {
+            !(x.is_null() && ["cacheHit", "cacheEnabled", "properties"].contains(&k.as_str()))
+        });
+        if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.retain(|k, x| !(x.is_null() && k == "promptId"));
+        }
+    }
+    v
+}
+
+/// `body` as the PromptLayer renderer sends it back: without `null`s in the optional members
+/// the spec does not type `… | null`.
+pub(crate) fn promptlayer_without_spec_nulls(body: &Value) -> Value {
+    const NOT_NULLABLE: &[&str] = &[
+        "parameters",
+        "tags",
+        "metadata",
+        "prompt_input_variables",
+        "input_tokens",
+        "output_tokens",
+        "price",
+        "function_name",
+        "score",
+        "status",
+    ];
+    let mut v = body.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|k, x| !(x.is_null() && NOT_NULLABLE.contains(&k.as_str())));
+    }
+    v
+}

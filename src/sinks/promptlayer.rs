@@ -84,17 +84,17 @@ impl Sink for PromptLayerSink {
                 body: Bytes::from(serde_json::json!({"api_key": key.expose()}).to_string()),
             }),
             kind => {
-                let body = match kind {
-                    EventKind::PromptLayerLog => ev.payload.clone(),
-                    _ => Bytes::from(
-                        formats::render_payload(
-                            kind.format(),
-                            &ev.payload,
-                            formats::Format::PromptLayer,
-                        )
-                        .map_err(|e| BuildError::Unrenderable(e.to_string()))?,
-                    ),
-                };
+                // PromptLayer's own logs too go through the renderer: the SDKs send times as
+                // Unix seconds and `null` where the spec wants a value, and the service gets
+                // what its spec says (`formats::promptlayer`, "Normalisations").
+                let body = Bytes::from(
+                    formats::render_payload(
+                        kind.format(),
+                        &ev.payload,
+                        formats::Format::PromptLayer,
+                    )
+                    .map_err(|e| BuildError::Unrenderable(e.to_string()))?,
+                );
                 Ok(SinkRequest {
                     url: format!("{}/log-request", self.base),
                     headers: vec![

@@ -17,6 +17,8 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{mpsc, oneshot};
 
+pub mod spec;
+
 use llmlogd::app::{ConfigSource, Started};
 use llmlogd::config::{Config, Overrides};
 use llmlogd::ops::signals::Signal;

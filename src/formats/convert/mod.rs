@@ -197,19 +197,22 @@ pub(crate) fn keep(
 }
 
 /// Adds a format's leftovers (see `canonical::Extra`) to a rendered object: only keys the
-/// renderer did not produce, never a `required` key, and an `optional` key only as `null` (so a
-/// crafted or stale extra can't make the rendered body invalid).
+/// renderer did not produce, never a `required` key, and an `optional` key only as `null` and
+/// only when the spec lets it be `null` (`nullable`). So a crafted or stale extra can't make
+/// the rendered body invalid, and a `null` an official client sends where the spec wants a
+/// value (`cacheHit: null` from the Pezzo clients) is left out, which the spec reads as absent.
 pub(crate) fn fill_extras(
     out: &mut Map<String, Value>,
     extras: Option<&Map<String, Value>>,
     required: &[&str],
     optional: &[&str],
+    nullable: &[&str],
 ) {
     for (k, v) in extras.into_iter().flatten() {
         let key = k.as_str();
         if out.contains_key(key)
             || required.contains(&key)
-            || (optional.contains(&key) && !v.is_null())
+            || (optional.contains(&key) && !(v.is_null() && nullable.contains(&key)))
         {
             continue;
         }
