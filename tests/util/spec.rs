@@ -119,10 +119,8 @@ pub fn promptlayer_log(body: &Value) -> Vec<String> {
             "prompt_version_number" => integer(v, k, Some(1), None, e),
             "input_tokens" | "output_tokens" => integer(v, k, Some(0), None, e),
             "score" => integer(v, k, Some(0), Some(100), e),
-            "price" => {
-                if !v.as_f64().is_some_and(|p| p >= 0.0) {
-                    e.push(format!("price: must be a number >= 0, is {v}"));
-                }
+            "price" if !v.as_f64().is_some_and(|p| p >= 0.0) => {
+                e.push(format!("price: must be a number >= 0, is {v}"));
             }
             "status" => one_of(v, k, &["SUCCESS", "WARNING", "ERROR"], e),
             "error_type" => one_of(
