@@ -18,6 +18,8 @@ use crate::config::{Config, Overrides};
 pub const EXIT_USAGE: i32 = 64;
 pub const EXIT_UNAVAILABLE: i32 = 69;
 pub const EXIT_SOFTWARE: i32 = 70;
+/// No input where some was expected (`sysexits.h` `EX_NOINPUT`): no queue in the data dir.
+pub const EXIT_NOINPUT: i32 = 66;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -556,6 +558,30 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
                 return Err(CliError::new(EXIT_USAGE, "--seq needs --sink"));
             }
             let sink_id = sink.as_deref().map(id_of).transpose()?;
+            // A sink the config no longer has would never take them: the next start would
+            // drop them as records no sink needs.
+            let mut of_sinks: Vec<String> = match &sink {
+                Some(n) => vec![n.clone()],
+                None => queue
+                    .dead_letters(None, usize::MAX)
+                    .map_err(fail)?
+                    .iter()
+                    .map(|d| name_of(d.sink_id))
+                    .collect(),
+            };
+            of_sinks.sort();
+            of_sinks.dedup();
+            if let Some(gone) = of_sinks
+                .iter()
+                .find(|n| !c.sinks.iter().any(|s| &s.name == *n))
+            {
+                return Err(CliError::new(
+                    EXIT_USAGE,
+                    format!(
+                        "sink {gone:?} is not in the config, so replayed events would be dropped at the next start; add the sink back (or name the config with --config), or `dlq purge --sink {gone}`"
+                    ),
+                ));
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -629,8 +655,24 @@ pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> 
     }
 }
 
-/// Opens the queue without a daemon, or says which daemon holds it.
+/// Opens the queue without a daemon, or says which daemon holds it. A directory that holds
+/// no queue is an error (a wrong `--data-dir`, or a config not given): opening would create an
+/// empty store there and report nothing.
 fn open_offline(c: &Config) -> Result<crate::queue::Queue, CliError> {
+    let dir = &c.queue.data_dir;
+    // The store's directories (`queue::store`): live, or mid-compaction.
+    if !["queue", "queue.compact", "queue.old"]
+        .iter()
+        .any(|d| dir.join(d).exists())
+    {
+        return Err(CliError::new(
+            EXIT_NOINPUT,
+            format!(
+                "no llmlogd queue in {} (give the daemon's config with --config, or its --data-dir)",
+                dir.display()
+            ),
+        ));
+    }
     crate::queue::Queue::open(&c.queue).map_err(|e| match e {
         crate::queue::QueueError::Locked { .. } => CliError::new(
             EXIT_UNAVAILABLE,

@@ -30,6 +30,19 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::CheckConfig { .. }
+            | Command::Status { .. }
+            | Command::Dlq { .. }
+            | Command::Fsck { .. }
+    ) {
+        // These only print: `llmlogd status | head -1` should end quietly as Unix tools do,
+        // not panic on a closed stdout (Rust ignores SIGPIPE). Not for `run` (a vanished
+        // peer must not kill the daemon) nor `send` (which reports a closed socket).
+        // SAFETY: sets a signal disposition before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::CheckConfig { file, cfg } => cli::check_config(file, &cfg),

@@ -11,6 +11,37 @@ use llmlogd::formats::{self, Format, TrackKind};
 
 use crate::util::*;
 
+/// Whether `got` is the PromptLayer log `sent` as llmlogd delivers it: the same members, times
+/// as RFC 3339 strings of the same instant (to the microsecond), and nulls the spec does not
+/// allow left out. `Ok(float times converted)` or what differs.
+fn same_log(sent: &Value, got: &Value) -> Result<usize, String> {
+    let mut floats = 0;
+    for (k, v) in sent.as_object().unwrap() {
+        let g = &got[k];
+        if k.ends_with("_time") {
+            let at = g
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .ok_or(format!("{k}: {g}"))?;
+            let micros = match v.as_f64() {
+                Some(secs) => {
+                    floats += 1;
+                    (secs * 1e6).round() as i64
+                }
+                None => chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+                    .map_err(|e| e.to_string())?
+                    .timestamp_micros(),
+            };
+            if (at.timestamp_micros() - micros).abs() > 1 {
+                return Err(format!("{k}: {v} → {g}"));
+            }
+        } else if !(v.is_null() && got.get(k).is_none()) && g != v {
+            return Err(format!("{k}: {v} → {g}"));
+        }
+    }
+    Ok(floats)
+}
+
 /// A Pezzo body as llmlogd delivers it: without the `null`s its spec does not allow.
 fn pezzo_less_spec_nulls(body: &Value) -> Value {
     let mut v = body.clone();
@@ -121,6 +152,94 @@ fn golden_fixtures_validate_and_round_trip() {
         checked += 1;
     }
     assert!(checked >= 20, "{checked}");
+}
+
+/// A request without the credentials the service needs gets the service's 401, naming the
+/// header, when a sink of that service has none of its own: stored, the event could never
+/// reach it (it used to be answered 201 and dropped, or to stall the sink).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401() {
+    let pezzo = MockSink::start().await;
+    pezzo.ok_answer(201, "{}");
+    let pl = MockSink::start().await;
+    pl.ok_answer(201, "{\"id\":1,\"prompt_version\":{}}");
+    let cfg = format!(
+        "[sinks.pz]\ntype = \"pezzo\"\nurl = \"{}\"\n[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\n",
+        pezzo.url(""),
+        pl.url("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let http = client();
+    let report = logging_fixtures()
+        .into_iter()
+        .find(|(_, p, _)| p.ends_with("/reporting/v2/request"))
+        .unwrap()
+        .2;
+    let log = logging_fixtures()
+        .into_iter()
+        .find(|(_, p, _)| p == "/log-request")
+        .unwrap()
+        .2;
+    let cases: [(&str, &Value, &[(&str, &str)], &str); 3] = [
+        ("/api/reporting/v2/request", &report, &[], "x-pezzo-api-key"),
+        (
+            "/api/reporting/v2/request",
+            &report,
+            &[("x-pezzo-api-key", "pez_app")],
+            "x-pezzo-project-id",
+        ),
+        ("/log-request", &log, &[], "X-API-KEY"),
+    ];
+    for (path, body, headers, field) in cases {
+        let mut req = http.post(d.url(path)).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} {headers:?}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "missing_credentials", "{e}");
+        assert_eq!(e["error"]["fields"][0]["field"], field, "{e}");
+    }
+    // With them, the same bodies are taken and delivered; nothing of the refused ones was stored.
+    let r = http
+        .post(d.url("/api/reporting/v2/request"))
+        .header("x-pezzo-api-key", "pez_app")
+        .header("x-pezzo-project-id", "proj")
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .post(d.url("/log-request"))
+        .header("x-api-key", "pl_app")
+        .json(&log)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let got = wait_for(DEADLINE, "one delivery each", || {
+        let (a, b) = (pezzo.received(), pl.received());
+        (a.len() == 1 && b.len() == 1).then_some((a, b))
+    })
+    .await;
+    assert_eq!(
+        got.0[0].header("x-pezzo-project-id").as_deref(),
+        Some("proj")
+    );
+    assert_eq!(got.1[0].header("x-api-key").as_deref(), Some("pl_app"));
+    let status: Value = http
+        .get(d.url("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["queue"]["next_seq"], 2, "{status:#}");
+    d.stop().await;
 }
 
 /// Every fixture posted to llmlogd gets the status its client needs (201 for logs and Pezzo
@@ -338,33 +457,16 @@ batch_max_wait = "10ms"
             Vec::<String>::new(),
             "{body:#}"
         );
-        let sent = raws
+        let matches: Vec<usize> = raws
             .iter()
-            .find(|s| s["input"] == body["input"] && s["output"] == body["output"])
-            .unwrap_or_else(|| panic!("no SDK log with these templates: {body}"));
-        for (k, v) in sent.as_object().unwrap() {
-            let got = &body[k];
-            if k.ends_with("_time") {
-                let at = chrono::DateTime::parse_from_rfc3339(got.as_str().unwrap()).unwrap();
-                let micros = match v.as_f64() {
-                    Some(secs) => {
-                        float_times += 1;
-                        (secs * 1e6).round() as i64
-                    }
-                    None => chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
-                        .unwrap()
-                        .timestamp_micros(),
-                };
-                assert!(
-                    (at.timestamp_micros() - micros).abs() <= 1,
-                    "{k}: {v} → {got}"
-                );
-            } else if v.is_null() && body.get(k).is_none() {
-                // A null the spec does not allow there, left out.
-            } else {
-                assert_eq!(got, v, "{k}");
-            }
-        }
+            .filter_map(|sent| same_log(sent, &body).ok())
+            .collect();
+        assert!(
+            !matches.is_empty(),
+            "no SDK log delivered as {body:#}: {:?}",
+            raws.iter().map(|s| same_log(s, &body)).collect::<Vec<_>>()
+        );
+        float_times += matches[0];
     }
     assert!(
         float_times > 0,

@@ -465,3 +465,104 @@ async fn a_reload_that_drops_every_sink_is_refused() {
     .await;
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// The offline commands refuse what would silently do the wrong thing: a data dir that holds
+/// no queue (a wrong `--data-dir`, or the daemon's config not given) is not opened, which would
+/// create an empty store and list nothing; dead letters of a sink the config no longer has are
+/// not replayed, since the next start would drop them; and a closed stdout ends `dlq list`
+/// quietly instead of a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .env_remove("LLMLOGD_CONFIG")
+            .env_remove("LLMLOGD_DATA_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let nowhere = dir.path().join("not-a-queue");
+    let (code, _, err) = run(&["dlq", "--data-dir", nowhere.to_str().unwrap(), "list"]);
+    assert_eq!(code, Some(66), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no llmlogd queue in"), "{err}");
+    assert!(!nowhere.exists(), "nothing created");
+    let (code, _, _) = run(&["fsck", "--data-dir", nowhere.to_str().unwrap()]);
+    assert_eq!(code, Some(66));
+
+    // One dead letter for sink `gone` (the service refuses the event).
+    let refusing = MockSink::start().await;
+    refusing.ok_answer(422, "{\"error\":\"no\"}");
+    let d = InProcess::start(dir.path(), &http_sink("gone", &refusing)).await;
+    let data = dir.path().join("data");
+    let r = client()
+        .post(d.url("/v1/events"))
+        .body("{\"n\":1}")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_for(DEADLINE, "the dead letter", || {
+        (refusing.received().len() == 1).then_some(())
+    })
+    .await;
+    let dead = |d: &InProcess| {
+        let url = d.url("/v1/status");
+        async move {
+            let v: serde_json::Value = client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["queue"]["dead_letters"].as_u64().unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while dead(&d).await == 0 {
+        assert!(Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.stop().await;
+
+    // The config without `gone` (another sink instead): replay is refused, the letter stays.
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, http_sink("other", &refusing)).unwrap();
+    let data_arg = data.to_str().unwrap();
+    let cfg_arg = other.to_str().unwrap();
+    for replay in [vec!["replay", "--sink", "gone"], vec!["replay"]] {
+        let mut args = vec!["dlq", "--config", cfg_arg, "--data-dir", data_arg];
+        args.extend(replay);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, Some(64), "{out}{err}");
+        assert!(err.contains("\"gone\" is not in the config"), "{err}");
+    }
+    let (code, out, err) = run(&["dlq", "--data-dir", data_arg, "list", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "the dead letter is still there: {out}"
+    );
+
+    // A closed stdout: no panic (exit by SIGPIPE, or 0 if the output fit the pipe first).
+    let mut child = Command::new(bin())
+        .args(["dlq", "--data-dir", data_arg, "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

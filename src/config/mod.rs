@@ -295,9 +295,15 @@ impl Config {
                 1,
                 1 << 20,
             )? as usize,
-            header_timeout: duration("server.header_timeout", s.header_timeout, "10s")?,
-            body_timeout: duration("server.body_timeout", s.body_timeout, "30s")?,
-            idle_timeout: duration("server.idle_timeout", s.idle_timeout, "120s")?,
+            header_timeout: duration(
+                "server.header_timeout",
+                s.header_timeout,
+                "10s",
+                "100ms",
+                "1h",
+            )?,
+            body_timeout: duration("server.body_timeout", s.body_timeout, "30s", "100ms", "1h")?,
+            idle_timeout: duration("server.idle_timeout", s.idle_timeout, "120s", "100ms", "7d")?,
         };
 
         let q = raw.queue;
@@ -362,14 +368,32 @@ impl Config {
                 }
             },
         };
-        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+        // A bare word is a level; anything else must be a `target=level` directive. (The
+        // filter syntax takes a bare word as a target name, so `level = "warning"` would
+        // silently match nothing and the daemon would log nothing at all.)
+        let levels = ["trace", "debug", "info", "warn", "error", "off"];
+        let bare_non_level = log
+            .level
+            .split(',')
+            .map(str::trim)
+            .any(|d| !d.contains('=') && !levels.contains(&d.to_ascii_lowercase().as_str()));
+        if bare_non_level || tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
             return Err(invalid(
                 "log.level",
-                format!("`{}` is not a level or filter like \"info\"", log.level),
+                format!(
+                    "`{}` is not a level (trace, debug, info, warn, error, off) or a filter like \"info,llmlogd::delivery=debug\"",
+                    log.level
+                ),
             ));
         }
         let delivery = DeliveryConfig {
-            drain_timeout: duration("delivery.drain_timeout", raw.delivery.drain_timeout, "10s")?,
+            drain_timeout: duration(
+                "delivery.drain_timeout",
+                raw.delivery.drain_timeout,
+                "10s",
+                "0s",
+                "1h",
+            )?,
         };
 
         let mut sinks = Vec::new();
@@ -460,7 +484,7 @@ impl Config {
                     gzip,
                     headers,
                 } => {
-                    let _ = writeln!(o, "url = {url:?}");
+                    let _ = writeln!(o, "url = {:?}", redact_url(url));
                     let _ = writeln!(
                         o,
                         "encoding = {:?}",
@@ -476,13 +500,13 @@ impl Config {
                     }
                 }
                 SinkKind::Pezzo { url, project_id } => {
-                    let _ = writeln!(o, "url = {url:?}");
+                    let _ = writeln!(o, "url = {:?}", redact_url(url));
                     if let Some(p) = project_id {
                         let _ = writeln!(o, "project_id = {p:?}");
                     }
                 }
                 SinkKind::PromptLayer { url } => {
-                    let _ = writeln!(o, "url = {url:?}");
+                    let _ = writeln!(o, "url = {:?}", redact_url(url));
                 }
             }
             let _ = writeln!(
@@ -645,10 +669,10 @@ fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError
         return Err(invalid(k("rate_burst"), "needs rate_limit"));
     }
     let retry = RetryConfig {
-        initial: duration(&k("retry_initial"), rs.retry_initial, "500ms")?,
-        max: duration(&k("retry_max"), rs.retry_max, "60s")?,
-        max_age: duration(&k("max_age"), rs.max_age, "30d")?,
-        max_retry_after: duration(&k("max_retry_after"), rs.max_retry_after, "10m")?,
+        initial: duration(&k("retry_initial"), rs.retry_initial, "500ms", "10ms", "1h")?,
+        max: duration(&k("retry_max"), rs.retry_max, "60s", "10ms", "1d")?,
+        max_age: duration(&k("max_age"), rs.max_age, "30d", "1s", "3650d")?,
+        max_retry_after: duration(&k("max_retry_after"), rs.max_retry_after, "10m", "1s", "1d")?,
         poison_after: int_in(&k("poison_after"), rs.poison_after, 5, 1, 1_000_000)? as u32,
         circuit_after: int_in(&k("circuit_after"), rs.circuit_after, 5, 1, 1_000_000)? as u32,
     };
@@ -684,10 +708,10 @@ fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError
                 1024,
                 256 << 20,
             )? as usize,
-            max_wait: duration(&k("batch_max_wait"), rs.batch_max_wait, "100ms")?,
+            max_wait: duration(&k("batch_max_wait"), rs.batch_max_wait, "100ms", "0s", "1h")?,
         },
         concurrency: int_in(&k("concurrency"), rs.concurrency, default_conc, 1, 4096)? as usize,
-        timeout: duration(&k("timeout"), rs.timeout, "10s")?,
+        timeout: duration(&k("timeout"), rs.timeout, "10s", "100ms", "1h")?,
         rate,
         retry,
         route: Route {
@@ -756,14 +780,70 @@ fn read_key(name: &str, rs: &raw::RawSink) -> Result<(Option<Secret>, KeySource)
     Ok((None, KeySource::None))
 }
 
-fn duration(key: &str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+/// A duration setting within `min..=max`: zero where it would turn a wait into a busy loop (a
+/// retry delay, a timeout) and centuries where a setting would never fire are refused too.
+fn duration(
+    key: &str,
+    v: Option<String>,
+    default: &str,
+    min: &str,
+    max: &str,
+) -> Result<Duration, ConfigError> {
     let text = v.unwrap_or_else(|| default.to_string());
-    humantime::parse_duration(&text).map_err(|_| {
+    let d = humantime::parse_duration(&text).map_err(|_| {
         invalid(
             key,
             format!("`{text}` is not a duration like \"500ms\", \"10s\", \"7d\""),
         )
-    })
+    })?;
+    let bound = |b: &str| humantime::parse_duration(b).expect("bounds are valid durations");
+    if d < bound(min) || d > bound(max) {
+        return Err(invalid(key, format!("`{text}` is outside {min}..={max}")));
+    }
+    Ok(d)
+}
+
+/// `url` with what may be a credential masked: the password of `user:password@`, and every
+/// query value (`?token=…`). For logs, errors, status and `check-config`.
+pub fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => format!("{userinfo}@{host}"),
+                },
+                None => authority.to_string(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => head.to_string(),
+    };
+    if let Some(q) = query {
+        let (q, fragment) = match q.split_once('#') {
+            Some((q, f)) => (q, Some(f)),
+            None => (q, None),
+        };
+        let masked: Vec<String> = q
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&masked.join("&"));
+        if let Some(f) = fragment {
+            out.push('#');
+            out.push_str(f);
+        }
+    }
+    out
 }
 
 fn fmt_dur(d: Duration) -> String {
@@ -880,6 +960,61 @@ mod tests {
 
     fn err(t: &str) -> String {
         parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn durations_that_would_spin_or_never_fire_are_refused() {
+        let sink =
+            |kv: &str| format!("[sinks.a]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/\"\n{kv}\n");
+        let e = err(&sink("retry_initial = \"0s\""));
+        assert!(
+            e.contains("sinks.a.retry_initial") && e.contains("outside 10ms..=1h"),
+            "{e}"
+        );
+        assert!(err(&sink("timeout = \"0s\"")).contains("sinks.a.timeout"));
+        assert!(err(&sink("timeout = \"99999999999d\"")).contains("sinks.a.timeout"));
+        assert!(err(&sink("max_age = \"0s\"")).contains("sinks.a.max_age"));
+        assert!(err("[server]\nheader_timeout = \"0s\"").contains("server.header_timeout"));
+        assert!(err("[server]\nidle_timeout = \"0s\"").contains("server.idle_timeout"));
+        // Zero is fine where it means "at once".
+        parse(&sink("batch_max_wait = \"0s\"")).unwrap();
+        parse("[delivery]\ndrain_timeout = \"0s\"").unwrap();
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_one_is_refused() {
+        for bad in ["warning", "verbose!!", "info,chatty"] {
+            let e = err(&format!("[log]\nlevel = \"{bad}\""));
+            assert!(e.contains("log.level"), "{bad}: {e}");
+        }
+        for good in [
+            "warn",
+            "INFO",
+            "off",
+            "info,llmlogd::delivery=debug",
+            "llmlogd=trace",
+        ] {
+            parse(&format!("[log]\nlevel = \"{good}\"")).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        assert_eq!(
+            redact_url("http://user:SECRET@127.0.0.1:9/ingest?api_key=Q&x=1#f"),
+            "http://user:***@127.0.0.1:9/ingest?api_key=***&x=***#f"
+        );
+        assert_eq!(redact_url("https://api.pezzo.ai"), "https://api.pezzo.ai");
+        assert_eq!(redact_url("http://tok@h/p"), "http://tok@h/p");
+        let c = parse(
+            "[sinks.a]\ntype = \"http\"\nurl = \"http://u:PASSWORD@127.0.0.1:9/i?token=TOKEN\"\n",
+        )
+        .unwrap();
+        let shown = c.render();
+        assert!(
+            !shown.contains("PASSWORD") && !shown.contains("TOKEN"),
+            "{shown}"
+        );
     }
 
     #[test]

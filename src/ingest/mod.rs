@@ -39,9 +39,13 @@ struct RouteEntry {
     id: u16,
     kind: SinkType,
     route: Route,
+    name: String,
     /// The sink has its own API key; without one it can only send events that came in its
     /// own format with the app's key.
     own_key: bool,
+    /// The sink has its own project id (Pezzo; always true for the others): without one it
+    /// can only send Pezzo reports that came with the app's project id.
+    own_project: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +69,12 @@ impl RouteTable {
                         SinkKind::PromptLayer { .. } => SinkType::PromptLayer,
                     },
                     route: s.route.clone(),
+                    name: s.name.clone(),
                     own_key: s.key.is_some(),
+                    own_project: match &s.kind {
+                        SinkKind::Pezzo { project_id, .. } => project_id.is_some(),
+                        _ => true,
+                    },
                 })
                 .collect(),
         }
@@ -94,13 +103,48 @@ impl RouteTable {
                 // An app's key is only ever sent to the service it was meant for.
                 let has_key = match native_format {
                     None => true,
-                    Some(_) if e.own_key => true,
-                    Some(f) => ev.kind.format() == f && ev.creds.api_key.is_some(),
+                    Some(f) => {
+                        let from_app = ev.kind.format() == f;
+                        (e.own_key || (from_app && ev.creds.api_key.is_some()))
+                            && (e.own_project || (from_app && ev.creds.project_id.is_some()))
+                    }
                 };
                 renders && has_key && route_matches(&e.route, ev)
             })
             .map(|e| e.id)
             .collect()
+    }
+
+    /// The credential that a sink of the event's own service (a Pezzo sink for a Pezzo
+    /// report, ...) would need and that neither the sink's config nor the request gives. The
+    /// real service answers such a request 401, and so does llmlogd: stored, the event could
+    /// never reach that sink.
+    pub fn missing_credentials(&self, ev: &NewEvent) -> Option<FieldError> {
+        let (own, key_field) = match ev.kind {
+            EventKind::Pezzo => (SinkType::Pezzo, "x-pezzo-api-key"),
+            EventKind::PromptLayerLog => (SinkType::PromptLayer, "X-API-KEY"),
+            k if k.promptlayer_only() => (SinkType::PromptLayer, "api_key"),
+            _ => return None,
+        };
+        self.entries
+            .iter()
+            .filter(|e| e.kind == own && route_matches(&e.route, ev))
+            .find_map(|e| {
+                let field = if !e.own_key && ev.creds.api_key.is_none() {
+                    key_field
+                } else if !e.own_project && ev.creds.project_id.is_none() {
+                    "x-pezzo-project-id"
+                } else {
+                    return None;
+                };
+                Some(FieldError {
+                    field: field.into(),
+                    problem: format!(
+                        "required: sink {:?} has none of its own configured, so the request must carry it",
+                        e.name
+                    ),
+                })
+            })
     }
 }
 
@@ -206,6 +250,14 @@ impl Ingest {
     ) -> Result<Vec<Appended>, IngestError> {
         let n = events.len() as u64;
         let table = self.routes.load();
+        if let Some(f) = events.iter().find_map(|ev| table.missing_credentials(ev)) {
+            let err = IngestError {
+                fields: vec![f.clone()],
+                ..IngestError::new(401, "missing_credentials", f.to_string())
+            };
+            self.metrics.ingest(route, err.metric_result(), n);
+            return Err(err);
+        }
         let prepared = events
             .iter()
             .map(|ev| self.queue.prepare(ev, &table.routes_for(ev)))
@@ -249,7 +301,7 @@ mod tests {
             },
             creds: ClientCredentials {
                 api_key: Some(Secret::new("app-key")),
-                project_id: None,
+                project_id: Some("app-project".into()),
             },
         }
     }
@@ -345,8 +397,60 @@ route.formats = ["pezzo", "promptlayer"]
             t.routes_for(&ev(EventKind::Native, None, &[], true)),
             Vec::<u16>::new()
         );
+        assert_eq!(
+            t.missing_credentials(&ev(EventKind::Pezzo, None, &[], false)),
+            None
+        );
         let mut no_key = ev(EventKind::Pezzo, None, &[], false);
         no_key.creds.api_key = None;
         assert_eq!(t.routes_for(&no_key), Vec::<u16>::new());
+        let missing = t.missing_credentials(&no_key).expect("refused");
+        assert_eq!(missing.field, "x-pezzo-api-key");
+        assert!(missing.problem.contains("\"pz\""), "{missing}");
+        // A key but no project: the Pezzo sink could not send it either.
+        let mut no_project = ev(EventKind::Pezzo, None, &[], false);
+        no_project.creds.project_id = None;
+        assert_eq!(t.routes_for(&no_project), Vec::<u16>::new());
+        assert_eq!(
+            t.missing_credentials(&no_project).map(|f| f.field),
+            Some("x-pezzo-project-id".into())
+        );
+        let mut pl_no_key = ev(EventKind::PromptLayerLog, None, &[], false);
+        pl_no_key.creds.api_key = None;
+        assert_eq!(
+            t.missing_credentials(&pl_no_key).map(|f| f.field),
+            Some("X-API-KEY".into())
+        );
+        // Native events carry no service credentials to miss.
+        let mut native = ev(EventKind::Native, None, &[], true);
+        native.creds = ClientCredentials::default();
+        assert_eq!(t.missing_credentials(&native), None);
+    }
+
+    #[test]
+    fn a_pezzo_sink_with_a_key_but_no_project_takes_only_reports_with_the_apps_project() {
+        let c = Config::parse(
+            "[sinks.pz]\ntype = \"pezzo\"\napi_key = \"sink-key\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let ids: Vec<(u16, &SinkConfig)> = vec![(0, &c.sinks[0])];
+        let t = RouteTable::new(&ids);
+        // A converted event has no Pezzo project: it cannot go (it used to stall the sink).
+        assert_eq!(
+            t.routes_for(&ev(EventKind::PromptLayerLog, None, &[], true)),
+            Vec::<u16>::new()
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::Pezzo, None, &[], false)),
+            vec![0]
+        );
+        let mut no_project = ev(EventKind::Pezzo, None, &[], false);
+        no_project.creds.project_id = None;
+        assert_eq!(t.routes_for(&no_project), Vec::<u16>::new());
+        assert_eq!(
+            t.missing_credentials(&no_project).map(|f| f.field),
+            Some("x-pezzo-project-id".into())
+        );
     }
 }
