@@ -181,7 +181,8 @@ async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401()
         .find(|(_, p, _)| p == "/log-request")
         .unwrap()
         .2;
-    let cases: [(&str, &Value, &[(&str, &str)], &str); 3] = [
+    type Case<'a> = (&'a str, &'a Value, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 3] = [
         ("/api/reporting/v2/request", &report, &[], "x-pezzo-api-key"),
         (
             "/api/reporting/v2/request",
