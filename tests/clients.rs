@@ -243,6 +243,118 @@ async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401()
     d.stop().await;
 }
 
+/// Follow-ups must name the right kind of local id (logs and groups are separate id spaces
+/// at PromptLayer), and an integral float id (`3.0`, which the checks take as 3) is translated
+/// like an integer, not sent on as llmlogd's local id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_name_the_right_kind_of_id_and_float_ids_are_translated() {
+    let pl = MockSink::start().await;
+    let next_id = Arc::new(AtomicU64::new(70_000));
+    let ids = next_id.clone();
+    pl.rule(move |r| {
+        let id = ids.fetch_add(1, Ordering::SeqCst);
+        Some(match r.path.as_str() {
+            "/log-request" => {
+                Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+            }
+            "/create-group" => Answer::StatusBody(200, format!("{{\"success\":true,\"id\":{id}}}")),
+            _ => Answer::StatusBody(200, "{\"success\":true}".into()),
+        })
+    });
+    let cfg = format!(
+        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n",
+        pl.url("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let http = client();
+    let post = |path: &'static str, body: Value| {
+        let req = http.post(d.url(path)).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (st, g) = post("/create-group", json!({"api_key": "k"})).await;
+    assert_eq!(st, 200);
+    let group = g["id"].as_u64().unwrap();
+    let log = logging_fixtures()
+        .into_iter()
+        .find(|(_, p, _)| p == "/log-request")
+        .unwrap()
+        .2;
+    let (st, l) = post("/log-request", log).await;
+    assert_eq!(st, 201);
+    let log_id = l["id"].as_u64().unwrap();
+
+    // A group's id where a log's is wanted, and the reverse: 400, naming the field.
+    let (st, e) = post(
+        "/library-track-score",
+        json!({"api_key": "k", "request_id": group, "score": 5}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e.to_string().contains("request_id"), "{e}");
+    let (st, e) = post(
+        "/track-group",
+        json!({"api_key": "k", "request_id": log_id, "group_id": log_id}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e.to_string().contains("group_id"), "{e}");
+    assert!(
+        !e.to_string().contains("request_id"),
+        "the log id is right there: {e}"
+    );
+
+    // Float ids: taken and translated.
+    let (st, e) = post(
+        "/track-group",
+        json!({"api_key": "k", "request_id": log_id as f64, "group_id": group as f64}),
+    )
+    .await;
+    assert_eq!(st, 200, "{e}");
+    let tracked = wait_for(DEADLINE, "the /track-group delivery", || {
+        pl.received().into_iter().find(|r| r.path == "/track-group")
+    })
+    .await;
+    let body = tracked.json();
+    assert!(body["request_id"].as_u64().unwrap() >= 70_000, "{body}");
+    assert!(body["group_id"].as_u64().unwrap() >= 70_000, "{body}");
+    d.stop().await;
+}
+
+/// Refusals of the request line are JSON too: an unknown path 404, a wrong method 405 (with
+/// `Allow`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_wrong_methods_get_json_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "").await;
+    let http = client();
+    let r = http.get(d.url("/log-request")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers().get("allow").is_some());
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "method_not_allowed", "{e}");
+    let r = http
+        .put(d.url("/api/reporting/v2/request"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = http.post(d.url("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("/nope"),
+        "{e}"
+    );
+    d.stop().await;
+}
+
 /// Every fixture posted to llmlogd gets the status its client needs (201 for logs and Pezzo
 /// reports, 200 with a JSON body for follow-ups and groups), with ids the SDKs accept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -824,6 +824,11 @@ pub fn track_request_id(body: &Value) -> Option<u64> {
     body.get("request_id").and_then(check::as_u64)
 }
 
+/// A `/track-group` follow-up's `group_id` (integral floats too, as `validate_track` takes them).
+pub fn track_group_id(body: &Value) -> Option<u64> {
+    body.get("group_id").and_then(check::as_u64)
+}
+
 /// Replaces a follow-up's `request_id` (local id -> the id PromptLayer assigned on delivery).
 /// No-op on a non-object.
 pub fn set_track_request_id(body: &mut Value, remote_id: u64) {

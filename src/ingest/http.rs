@@ -32,6 +32,7 @@ use crate::config::Secret;
 use crate::event::{ClientCredentials, EventKind, NewEvent};
 use crate::formats::{self, TrackKind};
 use crate::ops::status::StatusBoard;
+use crate::queue::ReadItem;
 
 /// What the handlers share.
 pub struct HttpState {
@@ -79,6 +80,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -126,6 +128,16 @@ impl IntoResponse for IngestError {
         }
         r
     }
+}
+
+/// A known path with the wrong method: 405 with a JSON body like every other refusal (axum
+/// keeps its `Allow` header).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> IngestError {
+    IngestError::new(
+        405,
+        "method_not_allowed",
+        format!("{method} is not served at {}", uri.path()),
+    )
 }
 
 async fn not_found(uri: axum::http::Uri) -> IngestError {
@@ -494,7 +506,20 @@ async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body
         creds: (r.creds)(&headers, &v),
     };
     match st.ingest.admit(r.name, vec![ev]).await {
-        Ok(ids) => (r.reply)(ids[0].seq, &v),
+        Ok(ids) => {
+            if r.kind == EventKind::PromptLayerCreateGroup {
+                // Before the id is handed out, so a follow-up can never beat it.
+                let (q, seq) = (st.ingest.queue.clone(), ids[0].seq);
+                let marked = tokio::task::spawn_blocking(move || q.mark_group(seq)).await;
+                if let Err(e) = marked
+                    .map_err(|e| IngestError::new(500, "internal", e.to_string()))
+                    .and_then(|r| r.map_err(IngestError::from))
+                {
+                    return e.into_response();
+                }
+            }
+            (r.reply)(ids[0].seq, &v)
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -523,31 +548,47 @@ fn body_or_header_key(h: &HeaderMap, v: &Value) -> ClientCredentials {
     }
 }
 
-/// Ids in follow-ups must be ones this llmlogd handed out: the sink swaps them for the
-/// service's ids when it delivers the follow-up.
+/// Ids in follow-ups must be ones this llmlogd handed out, for the right kind of thing: the
+/// sink swaps them for the service's ids when it delivers the follow-up, and logs and groups
+/// have separate id spaces at the service (groups are marked in the queue when created).
 fn check_track(st: &HttpState, kind: EventKind, v: &Value) -> Result<(), Vec<formats::FieldError>> {
     let EventKind::PromptLayerTrack(track) = kind else {
         return Ok(());
     };
     formats::promptlayer::validate_track(track, v)?;
     let head = *st.ingest.queue.head().borrow();
+    let q = &st.ingest.queue;
+    let is_group = |id: u64| q.is_group(id).unwrap_or(false);
+    let kind_at = |id: u64| match q.get(id) {
+        Ok(Some(ReadItem::Event(ev))) => Some(ev.kind),
+        _ => None,
+    };
     let mut bad = Vec::new();
-    if let Some(id) = formats::promptlayer::track_request_id(v).filter(|id| *id >= head) {
-        bad.push(field_error(
-            "request_id",
-            format!("{id} is not an id this llmlogd returned from /log-request or /track-request"),
-        ));
+    if let Some(id) = formats::promptlayer::track_request_id(v) {
+        let is_log = |k| {
+            matches!(
+                k,
+                EventKind::PromptLayerLog | EventKind::PromptLayerTrackRequest
+            )
+        };
+        if id >= head || is_group(id) || kind_at(id).is_some_and(|k| !is_log(k)) {
+            bad.push(field_error(
+                "request_id",
+                format!(
+                    "{id} is not an id this llmlogd returned from /log-request or /track-request"
+                ),
+            ));
+        }
     }
     if track == TrackKind::Group {
-        if let Some(id) = v
-            .get("group_id")
-            .and_then(Value::as_u64)
-            .filter(|id| *id >= head)
-        {
-            bad.push(field_error(
-                "group_id",
-                format!("{id} is not an id this llmlogd returned from /create-group"),
-            ));
+        if let Some(id) = formats::promptlayer::track_group_id(v) {
+            let group_kind = Some(EventKind::PromptLayerCreateGroup);
+            if id >= head || !(is_group(id) || kind_at(id) == group_kind) {
+                bad.push(field_error(
+                    "group_id",
+                    format!("{id} is not an id this llmlogd returned from /create-group"),
+                ));
+            }
         }
     }
     if bad.is_empty() {

@@ -517,6 +517,20 @@ impl Queue {
         Ok(())
     }
 
+    /// Records, durably, that `seq` is a PromptLayer group (`/create-group`): follow-ups name
+    /// groups and logs by local ids from one sequence, but the service's ids for the two are
+    /// separate spaces, so ingest checks which one an id is, even after the event is gone.
+    pub fn mark_group(&self, seq: u64) -> Result<(), QueueError> {
+        let t = self.shared.trees()?;
+        t.meta.insert(group_key(seq), &[])?;
+        t.sync()
+    }
+
+    /// Whether `seq` was marked a group by [`Queue::mark_group`].
+    pub fn is_group(&self, seq: u64) -> Result<bool, QueueError> {
+        Ok(self.shared.trees()?.meta.contains_key(group_key(seq))?)
+    }
+
     pub fn remote_id(&self, sink: u16, seq: u64) -> Result<Option<u64>, QueueError> {
         Ok(self
             .shared
@@ -1157,6 +1171,13 @@ fn remove_chunks(tree: &sled::Tree, seq: u64) -> Result<(), QueueError> {
     }
     tree.apply_batch(batch)?;
     Ok(())
+}
+
+fn group_key(seq: u64) -> [u8; 14] {
+    let mut k = [0u8; 14];
+    k[..6].copy_from_slice(b"group/");
+    k[6..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn pair_key(sink: u16, seq: u64) -> [u8; 10] {

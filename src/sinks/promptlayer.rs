@@ -57,7 +57,7 @@ impl Sink for PromptLayerSink {
                 let remote = resolve(ctx, local, "log")?;
                 formats::promptlayer::set_track_request_id(&mut body, remote);
                 if kind == TrackKind::Group {
-                    if let Some(local_group) = body.get("group_id").and_then(Value::as_u64) {
+                    if let Some(local_group) = formats::promptlayer::track_group_id(&body) {
                         body["group_id"] = resolve(ctx, local_group, "group")?.into();
                     }
                 }
