@@ -213,7 +213,9 @@ impl From<QueueError> for IngestError {
                 IngestError::new(503, "unavailable", e.to_string())
             }
             QueueError::NoSpace => IngestError::new(507, "no_space", e.to_string()),
-            QueueError::TooLarge { .. } => IngestError::new(413, "too_large", e.to_string()),
+            QueueError::TooLarge { .. } | QueueError::OverCap { .. } => {
+                IngestError::new(413, "too_large", e.to_string())
+            }
             _ => IngestError::new(500, "storage_error", e.to_string()),
         };
         if e.is_transient() {

@@ -7,6 +7,10 @@ pub enum QueueError {
     /// The byte or event cap is reached and `when_full = "reject"`.
     #[error("queue is full ({reason}); retry later")]
     Full { reason: &'static str },
+    /// The write alone (with what its group commit already holds) exceeds the cap: no
+    /// eviction or wait could make room for it.
+    #[error("this write alone exceeds the queue's cap ({reason}): it can never be stored; send fewer events at once or raise the cap")]
+    OverCap { reason: &'static str },
     /// One event's stored form exceeds what a record may hold.
     #[error("event is too large to store ({bytes} bytes after encoding; limit {limit})")]
     TooLarge { bytes: usize, limit: usize },

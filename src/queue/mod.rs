@@ -778,6 +778,14 @@ impl<'a> Group<'a> {
         let events_now = shared.events.load(Ordering::Relaxed) + self.add_events + count;
         let bytes_now = shared.bytes.load(Ordering::Relaxed) + self.add_bytes + size;
         if let Some(reason) = over_cap(&self.caps, events_now, bytes_now) {
+            // What eviction cannot remove (this group's records) plus this write: if that is
+            // over the cap already, refuse before dropping anything.
+            if let Some(reason) =
+                over_cap(&self.caps, self.add_events + count, self.add_bytes + size)
+            {
+                let _ = reply.send(Err(QueueError::OverCap { reason }));
+                return;
+            }
             let made_room = self.caps.when_full == WhenFull::DropOldest
                 && evict_for(shared, t, &self.caps, events_now, bytes_now, self.first_seq);
             if !made_room {

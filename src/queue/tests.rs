@@ -163,6 +163,14 @@ fn cap_rejects_or_drops_oldest() {
     let r = q.read(0, 0, 10, 1 << 20, 10).unwrap();
     assert_eq!(r.items.len(), 3);
     assert_eq!(payloads(&r)[2], r#"{"new":1}"#);
+    // A write that could never fit (4 events, cap 3) is refused before anything is dropped,
+    // and says that retrying cannot help.
+    let recs = (0..4).map(|_| q.prepare(&ev("{}"), &[0])).collect();
+    let e = rt.block_on(q.append(recs)).unwrap_err();
+    assert!(matches!(e, QueueError::OverCap { .. }), "{e:?}");
+    assert!(!e.to_string().contains("retry later"), "{e}");
+    let s = q.stats();
+    assert_eq!((s.events, s.evicted), (3, 1), "nothing more evicted");
 }
 
 #[test]
