@@ -35,10 +35,20 @@ pub fn check(body: &Value) -> Result<Attributes, Vec<FieldError>> {
     if !is_canonical(body) {
         return Ok(opaque_attributes(body));
     }
-    match LlmEvent::<Value>::deserialize(body) {
+    // The path of the first bad field (`usage.input_tokens`, `tags[2]`), so the refusal names it.
+    match serde_path_to_error::deserialize::<_, LlmEvent<Value>>(body) {
         Ok(ev) => Ok(canonical_attributes(ev)),
         Err(e) => {
-            c.error(ROOT, format!("not a valid {SCHEMA} event: {e}"));
+            let path = e.path().to_string();
+            let field = if path.is_empty() || path == "." {
+                ROOT.to_string()
+            } else {
+                path
+            };
+            c.error(
+                &field,
+                format!("not a valid {SCHEMA} event: {}", e.into_inner()),
+            );
             Err(c.finish().err().unwrap_or_default())
         }
     }
@@ -454,7 +464,8 @@ mod tests {
         let mut body = hand_written();
         body["request"]["start_time"] = json!("soon");
         let errs = validate(&body).expect_err("invalid");
-        assert_eq!(errs[0].field, "$");
+        // The refusal names the field.
+        assert_eq!(errs[0].field, "request.start_time");
         assert!(
             errs[0]
                 .problem
@@ -464,5 +475,14 @@ mod tests {
         );
         assert_eq!(to_canonical(&body), None);
         assert!(validate(&json!("text")).is_err());
+        let mut body = hand_written();
+        body["usage"] = json!({"input_tokens": "many"});
+        assert_eq!(
+            validate(&body).expect_err("invalid")[0].field,
+            "usage.input_tokens"
+        );
+        let mut body = hand_written();
+        body["tags"] = json!(["ok", 7]);
+        assert_eq!(validate(&body).expect_err("invalid")[0].field, "tags[1]");
     }
 }
