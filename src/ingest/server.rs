@@ -47,8 +47,10 @@ use crate::config::ServerConfig;
 /// Errors binding the listeners (reported before READY=1, so startup fails cleanly).
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
-    #[error("cannot listen on {addr}: {source}")]
-    Tcp { addr: String, source: io::Error },
+    /// (`error`, not `source`: the message already says it, and a `source` would print twice
+    /// in the one-line error.)
+    #[error("cannot listen on {addr}: {error}")]
+    Tcp { addr: String, error: io::Error },
     #[error("unix socket {path}: {problem}")]
     Unix { path: PathBuf, problem: String },
 }
@@ -88,9 +90,9 @@ impl Listeners {
                 tcp = Some(
                     TcpListener::bind(addr)
                         .await
-                        .map_err(|source| BindError::Tcp {
+                        .map_err(|error| BindError::Tcp {
                             addr: addr.to_string(),
-                            source,
+                            error,
                         })?,
                 );
             }
