@@ -174,6 +174,18 @@ impl From<crate::config::ConfigError> for CliError {
 pub fn check_config(file: Option<PathBuf>, cfg: &ConfigArgs) -> Result<(), CliError> {
     let path = file.or_else(|| cfg.config.clone());
     let c = Config::load(path.as_deref(), &cfg.overrides())?;
+    // What `run` would only find out when it binds (and the unit's ExecStartPre should catch).
+    if let Some(g) = &c.server.socket_group {
+        let name = std::ffi::CString::new(g.as_str()).unwrap_or_default();
+        // SAFETY: getgrnam with a valid C string; only the pointer's nullness is read, on this
+        // (the CLI's only) thread.
+        if unsafe { libc::getgrnam(name.as_ptr()) }.is_null() {
+            return Err(CliError::new(
+                EXIT_USAGE,
+                format!("server.socket_group: group {g:?} does not exist"),
+            ));
+        }
+    }
     print!("{}", c.render());
     eprintln!(
         "config ok: {}",

@@ -361,6 +361,37 @@ fn check_config_validates_and_masks() {
         err.contains("sinks.pl.api_key_file") && err.contains("/nonexistent/k"),
         "{err}"
     );
+    // A socket group that does not exist is caught here, not only when `run` binds.
+    std::fs::write(&bad, "[server]\nsocket_group = \"no-such-group-llmlogd\"\n").unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.socket_group"), "{err}");
+    // A sink URL's password and query values are not printed.
+    std::fs::write(
+        &good,
+        "[sinks.c]\ntype = \"http\"\nurl = \"http://u:URLPASS@127.0.0.1:9/i?token=URLTOKEN\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !all.contains("URLPASS") && !all.contains("URLTOKEN"),
+        "{all}"
+    );
 }
 
 /// Socket activation (llmlogd.socket): the daemon serves on the sockets it is handed and binds
