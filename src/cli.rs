@@ -84,7 +84,7 @@ pub enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
         /// Give up when the daemon sends no reply for this long.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = positive_duration)]
         timeout: Duration,
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -168,6 +168,15 @@ impl CliError {
 impl From<crate::config::ConfigError> for CliError {
     fn from(e: crate::config::ConfigError) -> Self {
         CliError::new(EXIT_USAGE, e.to_string())
+    }
+}
+
+/// A duration greater than zero (`--timeout 0` would mean "no reply is ever late").
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -554,11 +563,20 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
                 .map_err(fail)?
                 .ok_or_else(|| CliError::new(1, format!("no dead letter {sink}/{seq}")))?;
             let event = match &d.event {
-                Ok(e) => serde_json::json!({
-                    "id": e.id.to_string(), "format": e.kind.name(), "received_ms": e.received_ms,
-                    "payload": serde_json::from_slice::<Value>(&e.payload)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.payload).into_owned())),
-                }),
+                Ok(e) => {
+                    let mut payload =
+                        serde_json::from_slice::<Value>(&e.payload).unwrap_or_else(|_| {
+                            Value::String(String::from_utf8_lossy(&e.payload).into_owned())
+                        });
+                    // PromptLayer follow-ups carry the app's key in the body: never shown.
+                    if let Some(k) = payload.get_mut("api_key").filter(|k| k.is_string()) {
+                        *k = Value::String("***".into());
+                    }
+                    serde_json::json!({
+                        "id": e.id.to_string(), "format": e.kind.name(),
+                        "received_ms": e.received_ms, "payload": payload,
+                    })
+                }
                 Err(err) => serde_json::json!({"unreadable": err.to_string()}),
             };
             let v = serde_json::json!({"sink": sink, "seq": d.seq, "info": d.info, "event": event});

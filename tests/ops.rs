@@ -597,3 +597,82 @@ async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `dlq show` never prints an app's key: PromptLayer follow-ups carry it in their body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_show_masks_the_key_a_follow_up_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let pl = MockSink::start().await;
+    pl.ok_answer(422, "{\"success\":false,\"message\":\"no\"}");
+    let cfg = format!(
+        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n",
+        pl.url("")
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let http = client();
+    let log = serde_json::json!({
+        "provider": "openai", "model": "gpt-4o",
+        "input": {"type": "chat", "messages": []}, "output": {"type": "chat", "messages": []},
+        "request_start_time": 1_700_000_000.0, "request_end_time": 1_700_000_001.0
+    });
+    let r = http
+        .post(d.url("/log-request"))
+        .json(&log)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let r = http
+        .post(d.url("/library-track-score"))
+        .json(&serde_json::json!({"api_key": "pl_APPSECRET", "request_id": id, "score": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The log is refused (422), so the follow-up has nothing to refer to: both dead letters.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let v: serde_json::Value = http
+            .get(d.url("/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["queue"]["dead_letters"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.stop().await;
+    let data = dir.path().join("data");
+    let out = Command::new(bin())
+        .args([
+            "dlq",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "show",
+            "pl",
+            &(id + 1).to_string(),
+        ])
+        .env_remove("LLMLOGD_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("library") || text.contains("score"),
+        "the follow-up: {text}"
+    );
+    assert!(!text.contains("pl_APPSECRET"), "{text}");
+    assert!(text.contains("\"api_key\": \"***\""), "{text}");
+}

@@ -231,7 +231,7 @@ fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
             415,
             "unsupported_media_type",
             format!(
-                "Content-Type `{other}` is not accepted; use application/json or application/x-ndjson"
+                "Content-Type `{other}` is not accepted; use application/json (or, on /v1/events, application/x-ndjson)"
             ),
         )),
     }
