@@ -214,6 +214,9 @@ async fn metrics_after_a_known_scenario() {
         "llmlogd_sink_state{sink=\"m\",state=\"ok\"} 1",
         "llmlogd_sink_delivery_latency_seconds_count{sink=\"m\"} 2",
         "llmlogd_sink_in_flight_requests{sink=\"m\"} 0",
+        // Series that never moved exist at 0 from the sink's start.
+        "llmlogd_sink_dead_lettered_events_total{sink=\"m\"} 0",
+        "llmlogd_sink_failed_attempts_total{sink=\"m\",class=\"timeout\"} 0",
     ] {
         assert!(text.contains(line), "missing {line}\n{text}");
     }

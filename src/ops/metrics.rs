@@ -289,6 +289,20 @@ impl Metrics {
     }
 
     pub fn sink_state(&self, sink: &str, state: &str) {
+        // A sink's counters exist from its start, at 0 (Prometheus' `rate()` and alerts on
+        // `increase()` need the series before its first event); set here since every worker
+        // reports its state when it starts.
+        let l = label(sink);
+        let _ = self.delivered.get_or_create(&l);
+        let _ = self.retried.get_or_create(&l);
+        let _ = self.dead_lettered.get_or_create(&l);
+        let _ = self.in_flight.get_or_create(&l);
+        for class in FailureClass::ALL {
+            let _ = self.failed.get_or_create(&SinkClass {
+                sink: sink.to_string(),
+                class,
+            });
+        }
         for s in SINK_STATES {
             self.state
                 .get_or_create(&SinkState {
