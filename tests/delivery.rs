@@ -605,6 +605,62 @@ async fn transient_failures_are_retried_until_delivered_with_stable_ids() {
     d.stop().await;
 }
 
+/// A POST followed through a 301/302/303 becomes a bodiless GET: its 200 would say "delivered"
+/// for events that never arrived. Redirects are failed attempts, retried, never followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed_and_its_events_wait_for_the_fixed_url() {
+    let dir = tempfile::tempdir().unwrap();
+    // The old path redirects; the new one answers 200 to anything, a bodiless GET too.
+    let ep = Endpoint::start(|r| {
+        if r.path == "/ingest" {
+            Answer::Redirect(301, "/moved".into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = |url: &str| sink("r", url, &[("batch_max_events", "5"), ("concurrency", "1")]);
+    let d = InProcess::start(dir.path(), &cfg(&ep.url())).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_for(DEADLINE, "three requests", || {
+        (ep.count() >= 3).then_some(())
+    })
+    .await;
+    let paths: Vec<String> = ep.requests().iter().map(|(r, _)| r.path.clone()).collect();
+    assert!(
+        paths.iter().all(|p| p == "/ingest"),
+        "the redirect was followed: {paths:?}"
+    );
+    let want = format!(
+        "HTTP 301 redirect to {}: llmlogd does not follow redirects",
+        ep.mock.url("/moved")
+    );
+    let st = wait_until(DEADLINE, "the status to name the redirect", || async {
+        let st = status(&base).await;
+        let err = sink_status(&st, "r")["last_error"].as_str().unwrap_or("");
+        err.contains(&want).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["events"], 10, "{st}");
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    let failed = metric(
+        &base,
+        "llmlogd_sink_failed_attempts_total{sink=\"r\",class=\"redirect\"}",
+    )
+    .await;
+    assert!(failed.unwrap_or(0.0) >= 3.0, "failed: {failed:?}");
+
+    d.reload(&cfg(&ep.mock.url("/moved"))).await;
+    wait_for(DEADLINE, "all 10 delivered to the new URL", || {
+        (ep.delivered_set() == range_set(0..10)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Retry-After
 // ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 //! | 413 | halve the batch; a single event → dead letter |
 //! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |
+//! | 3xx (redirects are never followed) | retry like a 5xx; the error names the Location |
 //! | other 4xx | dead letter, with status and body |
 
 use std::time::{Duration, SystemTime};
@@ -49,6 +50,9 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
         ),
         429 => Verdict::Retry(FailureClass::status_429),
         408 => Verdict::Retry(FailureClass::status_408),
+        // Following would turn the POST into a bodiless GET (301/302/303) whose 200 says
+        // nothing about the events; the URL needs fixing, and nothing is lost meanwhile.
+        300..=399 => Verdict::Retry(FailureClass::redirect),
         500..=599 => Verdict::Retry(FailureClass::status_5xx),
         _ => Verdict::Reject(FailureClass::rejected_4xx),
     }
@@ -128,6 +132,9 @@ mod tests {
             classify(408, None, 1),
             Verdict::Retry(FailureClass::status_408)
         );
+        for s in [301, 302, 303, 307, 308] {
+            assert_eq!(classify(s, None, 3), Verdict::Retry(FailureClass::redirect));
+        }
         assert_eq!(
             classify(422, None, 1),
             Verdict::Reject(FailureClass::rejected_4xx)

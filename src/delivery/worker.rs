@@ -114,6 +114,8 @@ struct Done {
 struct Reply {
     status: u16,
     retry_after: Option<Duration>,
+    /// Where a 3xx pointed (resolved against the request's URL, query left out).
+    location: Option<String>,
     body: Vec<u8>,
 }
 
@@ -154,6 +156,8 @@ pub(crate) struct Worker {
     sends: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
+    /// A redirect was logged since the last reload (later ones show in the status only).
+    redirect_warned: bool,
     consecutive_failures: u32,
     /// Up to two different events that failed since the last success: the circuit opens only
     /// when more than one event fails.
@@ -189,8 +193,13 @@ fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
 
 /// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
 /// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
+///
+/// Redirects are never followed: on 301/302/303 a client re-sends a POST as a GET without
+/// its body, and the GET's 200 would count the batch as delivered. A 3xx is a failed
+/// attempt instead (`retry::classify`), reported with its Location.
 pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
         .pool_max_idle_per_host(cfg.concurrency)
@@ -229,6 +238,7 @@ impl Worker {
             generation: 0,
             sends: 0,
             pause_logged: false,
+            redirect_warned: false,
             consecutive_failures: 0,
             failing: Vec::new(),
             successes: 0,
@@ -323,6 +333,7 @@ impl Worker {
 
     fn reconfigure_at(&mut self, cfg: Arc<SinkConfig>, now: Instant) {
         self.generation += 1;
+        self.redirect_warned = false;
         self.sink = sinks::build(&cfg);
         self.client = client_for(&cfg);
         self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
@@ -622,7 +633,16 @@ impl Worker {
             Ok(reply) => {
                 self.metrics.latency(&self.name, done.elapsed.as_secs_f64());
                 let v = retry::classify(reply.status, reply.retry_after, seqs.len());
-                let body = String::from_utf8_lossy(&reply.body).into_owned();
+                let body = if (300..400).contains(&reply.status) {
+                    let msg = redirect_message(reply.status, reply.location.as_deref());
+                    if !self.redirect_warned {
+                        tracing::warn!(sink = %self.name, "{msg}; holding its events and retrying");
+                        self.redirect_warned = true;
+                    }
+                    msg
+                } else {
+                    String::from_utf8_lossy(&reply.body).into_owned()
+                };
                 if v == Verdict::Delivered {
                     let events: Vec<&StoredEvent> =
                         seqs.iter().map(|k| &self.window[k].ev).collect();
@@ -682,6 +702,8 @@ impl Worker {
                     self.flow.on_throttle();
                 }
                 let what = match status {
+                    // Already says what happened (and names the status).
+                    Some(st) if (300..400).contains(&st) => detail.clone(),
                     Some(st) => format!("HTTP {st}: {}", snippet(&detail)),
                     None => detail.clone(),
                 };
@@ -996,6 +1018,20 @@ async fn execute(
     client: &reqwest::Client,
     req: SinkRequest,
 ) -> Result<Reply, (FailureClass, String)> {
+    let location = |resp: &reqwest::Response| {
+        let loc = resp
+            .headers()
+            .get(reqwest::header::LOCATION)?
+            .to_str()
+            .ok()?;
+        let mut url = resp.url().join(loc).ok()?;
+        // A query may carry a token (a signed URL); the path is what the operator needs.
+        let query = url.query().is_some();
+        url.set_query(None);
+        url.set_fragment(None);
+        let _ = url.set_password(None);
+        Some(format!("{url}{}", if query { "?…" } else { "" }))
+    };
     let mut rb = client.post(&req.url).body(req.body);
     for (k, v) in req.headers {
         rb = rb.header(k, v);
@@ -1007,6 +1043,11 @@ async fn execute(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+    let location = if (300..400).contains(&status) {
+        location(&resp)
+    } else {
+        None
+    };
     let mut body = Vec::new();
     loop {
         match resp.chunk().await {
@@ -1027,6 +1068,7 @@ async fn execute(
     Ok(Reply {
         status,
         retry_after,
+        location,
         body,
     })
 }
@@ -1048,6 +1090,14 @@ fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
         src = s.source();
     }
     (class, msg)
+}
+
+/// What a 3xx reply means for the operator: the sink's URL is out of date.
+fn redirect_message(status: u16, location: Option<&str>) -> String {
+    format!(
+        "HTTP {status} redirect to {}: llmlogd does not follow redirects; set the sink's url to the final address",
+        location.unwrap_or("(no Location header)")
+    )
 }
 
 fn snippet(s: &str) -> String {
@@ -1158,6 +1208,7 @@ mod tests {
                 result: Ok(Reply {
                     status,
                     retry_after: None,
+                    location: None,
                     body: Vec::new(),
                 }),
             };
@@ -1407,6 +1458,7 @@ mod tests {
                 result: Ok(Reply {
                     status: 503,
                     retry_after: Some(Duration::from_secs(secs)),
+                    location: None,
                     body: Vec::new(),
                 }),
             };
