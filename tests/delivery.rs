@@ -1036,6 +1036,35 @@ async fn a_refused_key_pauses_and_a_reloaded_key_resumes_without_loss() {
     d.stop().await;
 }
 
+/// The key was fixed on the service's side (or behind a proxy): the config file did not
+/// change, and a reload must still resume the sink at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_an_unchanged_config_resumes_a_sink_paused_for_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|_| Answer::Status(403)).await;
+    let cfg = sink(
+        "auth",
+        &ep.url(),
+        &[("batch_max_events", "5"), ("concurrency", "1")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_until(DEADLINE, "the sink paused for its key", || async {
+        (sink_status(&status(&base).await, "auth")["state"] == "paused").then_some(())
+    })
+    .await;
+    ep.set(|_| ok());
+    d.reload(&cfg).await;
+    wait_for(DEADLINE, "all 10 delivered after the reload", || {
+        (ep.delivered_set() == range_set(0..10)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

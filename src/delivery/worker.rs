@@ -331,21 +331,27 @@ impl Worker {
         self.reconfigure_at(cfg, Instant::now());
     }
 
+    /// Applies a reload. Every reload, even one that changes nothing for this sink, resumes
+    /// a sink paused for its key and lets an open circuit probe at once: a reload is how an
+    /// operator says "fixed, try now" (the key may have been fixed on the service's side, or
+    /// behind a proxy). Only a changed config resets the rest (client, limits, backoffs).
     fn reconfigure_at(&mut self, cfg: Arc<SinkConfig>, now: Instant) {
+        // A 401 still in flight answers for the time before the reload: ignored.
         self.generation += 1;
         self.redirect_warned = false;
-        self.sink = sinks::build(&cfg);
-        self.client = client_for(&cfg);
-        self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
-        // A reload is how an operator fixes a key: resume a sink paused for auth.
         if matches!(self.pause, Some(Pause::UntilReload(_))) {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
             self.pause = None;
         }
-        // Or a URL: an open circuit probes the new config at once, not after the interval.
         if let Some(c) = &mut self.circuit {
             c.next_probe = c.next_probe.min(now);
         }
+        if *cfg == *self.cfg {
+            return;
+        }
+        self.sink = sinks::build(&cfg);
+        self.client = client_for(&cfg);
+        self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
         for s in self.window.values_mut() {
             if !s.in_flight {
                 s.next_try = s.next_try.min(now);
@@ -1417,6 +1423,25 @@ mod tests {
         // Paused for the key: nothing is sent, and nothing expires.
         let (sent, wake) = r.dispatch(10_000);
         assert!(sent.is_empty() && wake.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reload_with_an_unchanged_config_resumes_an_auth_pause_and_keeps_backoffs() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2");
+        r.add(0..2, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent, vec![vec![0], vec![1]]);
+        r.reply(&[0], 500, 10);
+        r.reply(&[1], 401, 10);
+        assert!(matches!(r.w.pause, Some(Pause::UntilReload(_))));
+        let backoff = r.w.window[&0].next_try;
+        assert!(backoff > r.at(10));
+        let cfg = r.w.cfg.clone();
+        r.w.reconfigure_at(cfg, r.at(20));
+        assert!(r.w.pause.is_none(), "resumed");
+        assert_eq!(r.w.window[&0].next_try, backoff, "its backoff kept");
+        let (sent, _) = r.dispatch(20);
+        assert_eq!(sent, vec![vec![1]], "the refused event goes again at once");
     }
 
     #[tokio::test]
