@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::limits::FlowControl;
 use super::retry::{self, Verdict};
-use crate::config::SinkConfig;
+use crate::config::{SinkConfig, SinkKind};
 use crate::event::{now_ms, StoredEvent};
 use crate::ops::metrics::{FailureClass, Metrics};
 use crate::ops::status::StatusBoard;
@@ -208,6 +208,16 @@ pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
+/// What a Retry-After applies to: where requests go and with what credentials (the sink's
+/// type, URL and key; for the `http` sink its headers, which carry its key).
+fn endpoint(cfg: &SinkConfig) -> impl PartialEq + '_ {
+    let (url, headers) = match &cfg.kind {
+        SinkKind::Http { url, headers, .. } => (url, Some(headers)),
+        SinkKind::Pezzo { url, .. } | SinkKind::PromptLayer { url } => (url, None),
+    };
+    (cfg.kind.type_name(), url, cfg.key.as_ref(), headers)
+}
+
 impl Worker {
     pub(crate) fn new(
         cfg: Arc<SinkConfig>,
@@ -348,6 +358,12 @@ impl Worker {
         }
         if *cfg == *self.cfg {
             return;
+        }
+        // A Retry-After was the old endpoint's (or the old key's) request: a different one
+        // owes it nothing. Kept when only other settings changed.
+        if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
+            tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
+            self.pause = None;
         }
         self.sink = sinks::build(&cfg);
         self.client = client_for(&cfg);
@@ -1511,6 +1527,40 @@ mod tests {
         r.w.pause = Some(Pause::UntilReload("key".into()));
         ra(&mut r.w, 1, 9_001, t);
         assert!(matches!(r.w.pause, Some(Pause::UntilReload(_))));
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_pause_ends_with_a_reload_to_another_url_only() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 1\nmax_retry_after = \"1h\"");
+        r.add(0..1, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent.len(), 1);
+        let done = Done {
+            seqs: vec![0],
+            elapsed: Duration::ZERO,
+            generation: r.w.generation,
+            result: Ok(Reply {
+                status: 503,
+                retry_after: Some(Duration::from_secs(600)),
+                location: None,
+                body: Vec::new(),
+            }),
+        };
+        r.w.complete(done, r.at(10));
+        assert!(matches!(r.w.pause, Some(Pause::Until(..))));
+        // Another timeout: the same endpoint still wants its pause.
+        let mut cfg = (*r.w.cfg).clone();
+        cfg.timeout = Duration::from_secs(3);
+        r.w.reconfigure_at(Arc::new(cfg.clone()), r.at(20));
+        assert!(matches!(r.w.pause, Some(Pause::Until(..))), "kept");
+        assert!(r.dispatch(30).0.is_empty());
+        // Another URL owes the old one's pause nothing.
+        if let SinkKind::Http { url, .. } = &mut cfg.kind {
+            *url = "http://127.0.0.1:9/elsewhere".into();
+        }
+        r.w.reconfigure_at(Arc::new(cfg), r.at(40));
+        assert!(r.w.pause.is_none(), "dropped");
+        assert_eq!(r.dispatch(40).0, vec![vec![0]], "sent at once");
     }
 
     #[tokio::test]
