@@ -88,6 +88,12 @@ pub fn backoff(initial: Duration, max: Duration) -> ExponentialBackoff {
     }
 }
 
+/// The next interval of `b`, never above `max`: the crate caps the interval before its
+/// ±50 % jitter, so unclamped it reaches 1.5 × `max`.
+pub fn next_probe(b: &mut ExponentialBackoff, max: Duration) -> Duration {
+    b.next_backoff().unwrap_or(max).min(max)
+}
+
 /// The delay before attempt `attempts + 1` (attempts ≥ 1), jittered, never above `max`.
 pub fn delay_after(attempts: u32, initial: Duration, max: Duration) -> Duration {
     let mut b = backoff(initial, max);
@@ -169,5 +175,16 @@ mod tests {
             assert!(d >= Duration::from_millis(50), "{attempts}: {d:?}");
         }
         assert!(delay_after(30, i, m) >= Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn probe_intervals_grow_and_are_capped_at_max() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = backoff(i, m);
+        // From the 5th interval on the crate's interval is at `max`; with ±50 % jitter half
+        // of the 40 would be above it unclamped.
+        let ds: Vec<Duration> = (0..45).map(|_| next_probe(&mut b, m)).collect();
+        assert!(ds.iter().all(|d| *d <= m), "{ds:?}");
+        assert!(ds[5..].iter().all(|d| *d >= m / 2), "{ds:?}");
     }
 }

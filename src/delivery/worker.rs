@@ -28,7 +28,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -486,7 +485,7 @@ impl Worker {
                 .min_by_key(|(k, s)| (s.last_sent, **k))
                 .map(|(k, _)| *k);
             let seq = probe?;
-            let next = c.backoff.next_backoff().unwrap_or(self.cfg.retry.max);
+            let next = retry::next_probe(&mut c.backoff, self.cfg.retry.max);
             c.next_probe = now + next;
             let next_probe = c.next_probe;
             return match self.send(vec![seq], now) {
@@ -796,7 +795,7 @@ impl Worker {
                     && self.failing.len() >= 2
                 {
                     let mut backoff = retry::backoff(self.cfg.retry.initial, self.cfg.retry.max);
-                    let first = backoff.next_backoff().unwrap_or(self.cfg.retry.max);
+                    let first = retry::next_probe(&mut backoff, self.cfg.retry.max);
                     tracing::warn!(
                         sink = %self.name,
                         error = %what,
@@ -1281,6 +1280,30 @@ mod tests {
             r.w.circuit.as_ref().unwrap().last_summary,
             r.at(300_010),
             "a summary line after five minutes"
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_intervals_never_exceed_retry_max() {
+        // retry_initial = 100ms, retry_max = 1s: the interval reaches the cap in a few probes.
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
+        r.add(0..2, 20);
+        let (sent, _) = r.dispatch(0);
+        r.reply(&sent[0], 503, 10);
+        r.reply(&sent[1], 503, 10);
+        let c = r.w.circuit.as_ref().expect("open");
+        assert!(c.next_probe <= r.at(10) + Duration::from_secs(1));
+        let mut intervals = Vec::new();
+        for k in 1..=40u64 {
+            let ms = k * 10_000;
+            let (sent, _) = r.dispatch(ms);
+            assert_eq!(sent.len(), 1, "one probe");
+            intervals.push(r.w.circuit.as_ref().unwrap().next_probe - r.at(ms));
+            r.reply(&sent[0], 503, ms + 1);
+        }
+        assert!(
+            intervals.iter().all(|d| *d <= Duration::from_secs(1)),
+            "{intervals:?}"
         );
     }
 
