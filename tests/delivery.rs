@@ -1290,6 +1290,51 @@ async fn events_older_than_max_age_go_to_the_dead_letters_even_behind_an_open_ci
         .all(|l| l["info"]["reason"].as_str().unwrap().contains("max_age")));
 }
 
+/// Behind an open circuit the worker's window can empty (its events aged out) while the queue
+/// still holds a backlog for the sink: it must read on and probe, not sleep until a new event
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_behind_an_open_circuit_is_read_on_when_the_window_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = closed_addr().await;
+    let cfg = sink(
+        "behind",
+        &format!("http://{addr}/ingest"),
+        &[
+            // A window of 1024 events (the floor), so 3000 need three.
+            ("batch_max_events", "1"),
+            ("concurrency", "1"),
+            ("circuit_after", "2"),
+            ("max_age", "\"1s\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..3000, "").await;
+    wait_until(DEADLINE, "the first window dead-lettered", || async {
+        (status(&base).await["queue"]["dead_letters"].as_u64() >= Some(1000)).then_some(())
+    })
+    .await;
+    let ep = Endpoint::start_at(addr, |_| ok()).await;
+    // No new event: every one is delivered or, aged out, dead-lettered.
+    let st = wait_until(
+        DEADLINE,
+        "every event delivered or dead-lettered",
+        || async {
+            let st = status(&base).await;
+            let dead = st["queue"]["dead_letters"].as_u64().unwrap_or(0);
+            (dead + ep.delivered_set().len() as u64 == 3000).then_some(st)
+        },
+    )
+    .await;
+    assert_eq!(ep.delivered().len(), ep.delivered_set().len(), "{st}");
+    wait_until(DEADLINE, "the queue empty", || async {
+        (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Dead letters: the `dlq` command
 // ---------------------------------------------------------------------------------------------

@@ -273,18 +273,35 @@ impl Worker {
         let mut head = self.queue.head();
         self.metrics.sink_state(&self.name, "ok");
         loop {
-            if let Err(e) = self.refill() {
-                self.note_error(format!("reading the queue: {e}"));
-            }
             let now = Instant::now();
+            // Expired events leave first, so the refill takes their room at once.
             self.sweep_expired(now);
-            let wake = self.dispatch(now);
+            let readable = match self.refill() {
+                Ok(read_on) => read_on,
+                Err(e) => {
+                    self.note_error(format!("reading the queue: {e}"));
+                    false
+                }
+            };
+            let mut wake = self.dispatch(now);
+            let (max_events, max_bytes) = window_caps(&self.cfg);
+            let room = self.window.len() < max_events && self.window_bytes < max_bytes;
+            // Events left the window without a reply to wake us (dead-lettered while
+            // dispatching, say, or behind an open circuit whose probe found the window empty)
+            // and more wait in the queue: read on now, never sleep on a backlog. After a
+            // failed read, in a second.
+            if room && self.read_pos < *self.queue.head().borrow() {
+                let t = if readable {
+                    now
+                } else {
+                    now + Duration::from_secs(1)
+                };
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
             self.advance_cursor();
             self.publish();
             let sleep =
                 tokio::time::sleep_until(wake.unwrap_or(now + Duration::from_secs(3600)).into());
-            let (max_events, max_bytes) = window_caps(&self.cfg);
-            let room = self.window.len() < max_events && self.window_bytes < max_bytes;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -375,8 +392,9 @@ impl Worker {
         self.cfg = cfg;
     }
 
-    /// Tops the window up from the queue.
-    fn refill(&mut self) -> Result<(), crate::queue::QueueError> {
+    /// Tops the window up from the queue. `Ok(false)` when a read made no progress (the
+    /// caller then does not spin on reading again).
+    fn refill(&mut self) -> Result<bool, crate::queue::QueueError> {
         let head = *self.queue.head().borrow();
         let now = Instant::now();
         let (max_events, max_bytes) = window_caps(&self.cfg);
@@ -392,7 +410,7 @@ impl Worker {
                 8192,
             )?;
             if batch.next <= self.read_pos {
-                break;
+                return Ok(false);
             }
             self.read_pos = batch.next;
             for item in batch.items {
@@ -413,7 +431,7 @@ impl Worker {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Dead-letters events older than `max_age` that were sent at least once, or that wait
