@@ -1106,6 +1106,60 @@ async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     assert_eq!(letters[0]["info"]["status"], 413, "{letters:?}");
 }
 
+/// A 4xx refuses the request, not the batch-mates of the event it is about: only the refused
+/// event reaches the dead letters, with the status and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_on_a_batch_dead_letters_only_the_refused_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("invalid") {
+            Answer::StatusBody(422, r#"{"error":"field model is invalid"}"#.into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "v",
+        &ep.url(),
+        &[("batch_max_events", "50"), ("concurrency", "1")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let mut evs: Vec<String> = (0..20).map(|i| event(i, "", 0)).collect();
+    evs[7] = event(7, "invalid", 0);
+    post(&d.url("/v1/events"), &evs).await;
+    let mut want = range_set(0..20);
+    want.remove(&7);
+    let st = wait_until(DEADLINE, "19 delivered and one dead letter", || async {
+        let st = status(&base).await;
+        (ep.delivered_set() == want && st["queue"]["dead_letters"] == 1).then_some(st)
+    })
+    .await;
+    assert!(
+        st["queue"]["dead_letters"].as_u64() <= Some(1),
+        "batch-mates dead-lettered: {st}"
+    );
+    assert!(
+        ep.requests()
+            .iter()
+            .any(|(r, a)| nums(r) == vec![7] && matches!(a, Answer::StatusBody(422, _))),
+        "the refused event was tried on its own"
+    );
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["status"], 422, "{info}");
+    assert!(
+        info["response"]
+            .as_str()
+            .unwrap()
+            .contains("field model is invalid"),
+        "{info}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_event_never_holds_up_later_events_and_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

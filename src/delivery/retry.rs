@@ -8,7 +8,7 @@
 //! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |
 //! | 3xx (redirects are never followed) | retry like a 5xx; the error names the Location |
-//! | other 4xx | dead letter, with status and body |
+//! | other 4xx | halve the batch (only the refused events go); a single event → dead letter, with status and body |
 
 use std::time::{Duration, SystemTime};
 
@@ -27,8 +27,8 @@ pub enum Verdict {
     PauseFor(Duration, FailureClass),
     /// Pause the whole sink until the config is reloaded.
     PauseAuth,
-    /// Send these events one by one.
-    Split,
+    /// Send these events in halves (a refusal of some of them, or too large a batch).
+    Split(FailureClass),
     /// Give up on the events (dead letters).
     Reject(FailureClass),
 }
@@ -38,7 +38,7 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
     match status {
         200..=299 => Verdict::Delivered,
         401 | 403 => Verdict::PauseAuth,
-        413 if batch_len > 1 => Verdict::Split,
+        413 if batch_len > 1 => Verdict::Split(FailureClass::too_large),
         413 => Verdict::Reject(FailureClass::too_large),
         429 | 503 if retry_after.is_some() => Verdict::PauseFor(
             retry_after.unwrap_or_default(),
@@ -53,6 +53,9 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
         // Following would turn the POST into a bodiless GET (301/302/303) whose 200 says
         // nothing about the events; the URL needs fixing, and nothing is lost meanwhile.
         300..=399 => Verdict::Retry(FailureClass::redirect),
+        // A refusal names no event: halve the batch until the refused ones are alone, so
+        // only they reach the dead letters.
+        400..=499 if batch_len > 1 => Verdict::Split(FailureClass::rejected_4xx),
         500..=599 => Verdict::Retry(FailureClass::status_5xx),
         _ => Verdict::Reject(FailureClass::rejected_4xx),
     }
@@ -113,7 +116,14 @@ mod tests {
         assert_eq!(classify(201, None, 3), Verdict::Delivered);
         assert_eq!(classify(401, None, 3), Verdict::PauseAuth);
         assert_eq!(classify(403, None, 1), Verdict::PauseAuth);
-        assert_eq!(classify(413, None, 3), Verdict::Split);
+        assert_eq!(
+            classify(413, None, 3),
+            Verdict::Split(FailureClass::too_large)
+        );
+        assert_eq!(
+            classify(422, None, 3),
+            Verdict::Split(FailureClass::rejected_4xx)
+        );
         assert_eq!(
             classify(413, None, 1),
             Verdict::Reject(FailureClass::too_large)

@@ -882,10 +882,18 @@ impl Worker {
                     status.unwrap_or(0)
                 )));
             }
-            Verdict::Split => {
-                // Bisect: halves go out at once; a half still too large is halved again, and
-                // a single event that is still too large is refused (dead letter).
-                self.metrics.failed(&self.name, FailureClass::too_large);
+            Verdict::Split(class) => {
+                // Bisect: halves go out at once; a half still too large (or still refused) is
+                // halved again, and a single event that still is goes to the dead letters
+                // (`Reject`). Not an attempt: the batch-mates did nothing wrong.
+                self.metrics.failed(&self.name, class);
+                if class == FailureClass::rejected_4xx {
+                    self.note_error(format!(
+                        "HTTP {}: {} (halving the batch to find the refused events)",
+                        status.unwrap_or(0),
+                        snippet(&detail)
+                    ));
+                }
                 let half = (seqs.len() / 2).max(1);
                 for k in &seqs {
                     if let Some(s) = self.window.get_mut(k) {
