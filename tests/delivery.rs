@@ -1081,6 +1081,97 @@ async fn a_reload_with_an_unchanged_config_resumes_a_sink_paused_for_its_key() {
     d.stop().await;
 }
 
+/// A PromptLayer log as the JS SDK sends it, told apart by `metadata.n`.
+fn promptlayer_log(n: u64) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/clients/promptlayer_node-log-request-openai.json"
+    );
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut body = f["body"].clone();
+    body["metadata"]["n"] = n.to_string().into();
+    body.to_string()
+}
+
+/// A keyless sink sends each app's own key: one app's revoked key refuses that app's events
+/// (dead letters), never the other apps'. A refused key of the sink's own still pauses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_app_key_dead_letters_its_event_and_other_apps_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let next_id = Arc::new(AtomicUsize::new(1000));
+    let ep = Endpoint::start(move |r| {
+        if r.header("x-api-key").as_deref() == Some("pl_good") {
+            let id = next_id.fetch_add(1, Ordering::SeqCst);
+            Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+        } else {
+            Answer::StatusBody(401, r#"{"message":"invalid api key"}"#.into())
+        }
+    })
+    .await;
+    let pl = |name: &str, over: &[(&str, &str)]| {
+        let mut o = vec![("type", "\"promptlayer\""), ("concurrency", "1")];
+        o.extend_from_slice(over);
+        sink(name, &ep.mock.url(""), &o)
+    };
+    let cfg = [
+        pl("app", &[]),
+        pl("own", &[("api_key", "\"pl_sink_revoked\"")]),
+    ]
+    .concat();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let http = client();
+    for (n, key) in [(0, "pl_revoked"), (1, "pl_good"), (2, "pl_good")] {
+        let r = http
+            .post(d.url("/log-request"))
+            .header("content-type", "application/json")
+            .header("x-api-key", key)
+            .body(promptlayer_log(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let delivered = |ep: &Endpoint| -> BTreeSet<String> {
+        ep.requests()
+            .iter()
+            .filter(|(_, a)| matches!(a, Answer::StatusBody(201, _)))
+            .map(|(r, _)| r.json()["metadata"]["n"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let st = wait_until(DEADLINE, "the good app's logs delivered", || async {
+        let st = status(&base).await;
+        let done = delivered(&ep).len() == 2
+            && st["queue"]["dead_letters"] == 1
+            && sink_status(&st, "own")["state"] == "paused";
+        done.then_some(st)
+    })
+    .await;
+    assert_eq!(
+        delivered(&ep),
+        ["1", "2"].iter().map(|s| s.to_string()).collect(),
+        "{st}"
+    );
+    assert_eq!(sink_status(&st, "app")["state"], "ok", "{st}");
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["sink"], "app", "{info}");
+    assert_eq!(info["status"], 401, "{info}");
+    assert!(
+        info["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the service refused the app's API key (HTTP 401)"),
+        "{info}"
+    );
+    assert!(
+        !letters[0].to_string().contains("pl_revoked"),
+        "no key in a dead letter"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

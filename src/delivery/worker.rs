@@ -107,6 +107,8 @@ struct Done {
     /// The config generation the request was built with (a refused key from before a reload
     /// says nothing about the new key).
     generation: u64,
+    /// It carried the app's key, not the sink's (`SinkRequest::app_key`).
+    app_key: bool,
     result: Result<Reply, (FailureClass, String)>,
 }
 
@@ -347,6 +349,7 @@ impl Worker {
                 seqs: self.flights.remove(&e.id()).unwrap_or_default(),
                 elapsed: Duration::ZERO,
                 generation: self.generation,
+                app_key: false,
                 result: Err((FailureClass::other, format!("delivery task failed: {e}"))),
             },
         };
@@ -633,6 +636,7 @@ impl Worker {
         self.metrics.in_flight(&self.name, 1);
         let client = self.client.clone();
         let generation = self.generation;
+        let app_key = req.app_key;
         let task_seqs = seqs.clone();
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
@@ -641,6 +645,7 @@ impl Worker {
                 seqs: task_seqs,
                 elapsed: started.elapsed(),
                 generation,
+                app_key,
                 result,
             }
         });
@@ -713,6 +718,18 @@ impl Worker {
             // current key. Send again (not an attempt).
             self.metrics.failed(&self.name, FailureClass::auth);
             return;
+        }
+        if verdict == Verdict::PauseAuth && done.app_key {
+            // The app's own key, refused: that app's events cannot go, but the others (other
+            // apps' keys) can; pausing the sink would stall them all, for good (a paused sink
+            // never ages its events out). Dead letters, replayable once the app's key is fixed.
+            self.metrics.failed(&self.name, FailureClass::auth);
+            self.reachable(now);
+            let reason = format!(
+                "the service refused the app's API key (HTTP {})",
+                status.unwrap_or(0)
+            );
+            return self.reject(&seqs, status, &reason, Some(detail));
         }
         if !matches!(verdict, Verdict::Retry(_)) {
             // The service answered: it is reachable, whatever it thought of these events.
@@ -1252,6 +1269,7 @@ mod tests {
                 seqs: seqs.to_vec(),
                 elapsed: Duration::ZERO,
                 generation,
+                app_key: false,
                 result: Ok(Reply {
                     status,
                     retry_after: None,
@@ -1544,6 +1562,7 @@ mod tests {
                 seqs: vec![0],
                 elapsed: Duration::ZERO,
                 generation: w.generation,
+                app_key: false,
                 // 503: a 429 would also lower the rate (AIMD), which is not under test here.
                 result: Ok(Reply {
                     status: 503,
@@ -1588,6 +1607,7 @@ mod tests {
             seqs: vec![0],
             elapsed: Duration::ZERO,
             generation: r.w.generation,
+            app_key: false,
             result: Ok(Reply {
                 status: 503,
                 retry_after: Some(Duration::from_secs(600)),
