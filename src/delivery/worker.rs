@@ -23,6 +23,14 @@
 //! alone and its batch-mates are delivered. An event failing on its own with nothing else
 //! being sent is not evidence of either poison or outage: it does not open the circuit (its
 //! own backoff already paces it like a probe would).
+//!
+//! Known limit: a run of poison events longer than the window (at least `MIN_WINDOW_EVENTS`)
+//! fills it, so the good events behind them are never read, nothing succeeds, and no strike
+//! is ever earned: the sink waits (behind its circuit) until `max_age`. Striking without a
+//! success is not the way out: a window where every event fails on its own is also exactly
+//! what a 5xx outage looks like, and dead-lettering on an outage is what this engine exists
+//! not to do. The safe direction is to find evidence: read past a window of failing events
+//! (bounded) so a later event can succeed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
