@@ -1407,6 +1407,54 @@ async fn a_poison_event_in_a_batch_is_isolated_and_only_it_is_dead_lettered() {
         .all(|l| l["info"]["reason"].as_str().unwrap().contains("poison")));
 }
 
+/// A run of poison events longer than the window (1024 here) used to fill it for good: the
+/// good events behind were never read, so nothing succeeded and no strike was ever earned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_poison_events_longer_than_the_window_does_not_stall_the_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("poison") {
+            Answer::Status(500)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "run",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "8"),
+            // One strike: a failure after a good event was delivered. The good events are
+            // read only once every poison event was sent, so each poison event's next failure
+            // after them strikes, with no more traffic needed.
+            ("poison_after", "1"),
+            ("circuit_after", "1000000"),
+            ("retry_max", "\"100ms\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let poison: Vec<String> = (0..1100).map(|i| event(i, "poison", 0)).collect();
+    post(&d.url("/v1/events"), &poison).await;
+    post_range(&d.url("/v1/events"), 2000..2020, "").await;
+    wait_for(DEADLINE, "the good events behind the run delivered", || {
+        (ep.delivered_set() == range_set(2000..2020)).then_some(())
+    })
+    .await;
+    wait_until(DEADLINE, "every poison event dead-lettered", || async {
+        (status(&base).await["queue"]["dead_letters"] == 1100).then_some(())
+    })
+    .await;
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1100);
+    assert!(letters
+        .iter()
+        .all(|l| l["info"]["reason"].as_str().unwrap().contains("poison")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_older_than_max_age_go_to_the_dead_letters_even_behind_an_open_circuit() {
     let dir = tempfile::tempdir().unwrap();

@@ -24,13 +24,14 @@
 //! being sent is not evidence of either poison or outage: it does not open the circuit (its
 //! own backoff already paces it like a probe would).
 //!
-//! Known limit: a run of poison events longer than the window (at least `MIN_WINDOW_EVENTS`)
-//! fills it, so the good events behind them are never read, nothing succeeds, and no strike
-//! is ever earned: the sink waits (behind its circuit) until `max_age`. Striking without a
-//! success is not the way out: a window where every event fails on its own is also exactly
-//! what a 5xx outage looks like, and dead-lettering on an outage is what this engine exists
-//! not to do. The safe direction is to find evidence: read past a window of failing events
-//! (bounded) so a later event can succeed.
+//! A run of poison events as long as the window would fill it, so the good events behind
+//! them would never be read, nothing would succeed and no strike would ever be earned. So a
+//! window whose events were all sent and wait for a retry reads a little further (`limits`),
+//! up to the ceiling, for an event that can succeed. Striking without a success would be
+//! simpler and wrong: a window where every event fails on its own is also exactly what a 5xx
+//! outage looks like, and dead-lettering on an outage is what this engine exists not to do.
+//! Known limit: a run longer than the ceiling (`MAX_WINDOW_EVENTS`) still waits for
+//! `max_age`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -294,7 +295,7 @@ impl Worker {
                 }
             };
             let mut wake = self.dispatch(now);
-            let (max_events, max_bytes) = window_caps(&self.cfg);
+            let (max_events, max_bytes) = self.limits();
             let room = self.window.len() < max_events && self.window_bytes < max_bytes;
             // Events left the window without a reply to wake us (dead-lettered while
             // dispatching, say, or behind an open circuit whose probe found the window empty)
@@ -403,12 +404,36 @@ impl Worker {
         self.cfg = cfg;
     }
 
+    /// How much the window may hold now: `window_caps`, or, while it is full of events that
+    /// were all sent and wait for a retry (a run of failing events as long as the window),
+    /// a little more (a request's worth, at least `concurrency` events), within the ceiling.
+    /// A later event may then succeed, which is the evidence a poison strike needs; without
+    /// it a window-long run of poison events would hold the sink until `max_age`. In an
+    /// outage the window grows this way, one step per round of probes, up to the ceiling.
+    fn limits(&self) -> (usize, usize) {
+        let (events, bytes) = window_caps(&self.cfg);
+        let full = self.window.len() >= events || self.window_bytes >= bytes;
+        if !full || self.window.values().any(|s| s.last_sent == 0) {
+            return (events, bytes);
+        }
+        let step = self
+            .sink
+            .events_per_request()
+            .max(self.cfg.concurrency)
+            .max(1);
+        (
+            (self.window.len() + step).clamp(events, MAX_WINDOW_EVENTS.max(events)),
+            (self.window_bytes + self.cfg.batch.max_bytes)
+                .clamp(bytes, MAX_WINDOW_BYTES.max(bytes)),
+        )
+    }
+
     /// Tops the window up from the queue. `Ok(false)` when a read made no progress (the
     /// caller then does not spin on reading again).
     fn refill(&mut self) -> Result<bool, crate::queue::QueueError> {
         let head = *self.queue.head().borrow();
         let now = Instant::now();
-        let (max_events, max_bytes) = window_caps(&self.cfg);
+        let (max_events, max_bytes) = self.limits();
         while self.read_pos < head
             && self.window.len() < max_events
             && self.window_bytes < max_bytes
@@ -1654,6 +1679,26 @@ mod tests {
         let s = &r.w.window[&0];
         assert!(!s.in_flight && s.attempts == 1, "retried like any failure");
         assert_eq!(r.w.in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_window_of_failing_events_reads_a_little_further_up_to_the_ceiling() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 4");
+        r.add(0..1024, 20);
+        assert_eq!(r.w.limits().0, MIN_WINDOW_EVENTS, "never sent: no more");
+        for s in r.w.window.values_mut() {
+            s.last_sent = 1;
+        }
+        assert_eq!(
+            r.w.limits().0,
+            1024 + 4,
+            "all sent and failing: a step further"
+        );
+        r.add(1024..MAX_WINDOW_EVENTS as u64, 20);
+        for s in r.w.window.values_mut() {
+            s.last_sent = 1;
+        }
+        assert_eq!(r.w.limits().0, MAX_WINDOW_EVENTS, "never past the ceiling");
     }
 
     /// A worker reads ahead what its in-flight requests and one more batch can use, between
