@@ -238,7 +238,23 @@ fn range_set(r: std::ops::Range<u64>) -> BTreeSet<u64> {
 }
 
 /// Runs `llmlogd dlq --data-dir DIR ARGS…`; returns (exit code, stdout, stderr).
+///
+/// A daemon stopped in this process may still look like the data dir's holder for a moment:
+/// its lock's file descriptor lives on in a child another test is forking (until that child
+/// execs). Then the command is run again, up to the deadline.
 fn dlq(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let held_by_us = format!("in use by another llmlogd (pid {})", std::process::id());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = dlq_once(data_dir, args);
+        if out.0 == 0 || !out.2.contains(&held_by_us) || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn dlq_once(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin())
         .arg("dlq")
         .arg("--data-dir")
@@ -602,6 +618,62 @@ async fn transient_failures_are_retried_until_delivered_with_stable_ids() {
     assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
     let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"t\"}").await;
     assert!(retried.unwrap_or(0.0) >= 12.0, "retried: {retried:?}");
+    d.stop().await;
+}
+
+/// A POST followed through a 301/302/303 becomes a bodiless GET: its 200 would say "delivered"
+/// for events that never arrived. Redirects are failed attempts, retried, never followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed_and_its_events_wait_for_the_fixed_url() {
+    let dir = tempfile::tempdir().unwrap();
+    // The old path redirects; the new one answers 200 to anything, a bodiless GET too.
+    let ep = Endpoint::start(|r| {
+        if r.path == "/ingest" {
+            Answer::Redirect(301, "/moved".into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = |url: &str| sink("r", url, &[("batch_max_events", "5"), ("concurrency", "1")]);
+    let d = InProcess::start(dir.path(), &cfg(&ep.url())).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_for(DEADLINE, "three requests", || {
+        (ep.count() >= 3).then_some(())
+    })
+    .await;
+    let paths: Vec<String> = ep.requests().iter().map(|(r, _)| r.path.clone()).collect();
+    assert!(
+        paths.iter().all(|p| p == "/ingest"),
+        "the redirect was followed: {paths:?}"
+    );
+    let want = format!(
+        "HTTP 301 redirect to {}: llmlogd does not follow redirects",
+        ep.mock.url("/moved")
+    );
+    let st = wait_until(DEADLINE, "the status to name the redirect", || async {
+        let st = status(&base).await;
+        let err = sink_status(&st, "r")["last_error"].as_str().unwrap_or("");
+        err.contains(&want).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["events"], 10, "{st}");
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    let failed = metric(
+        &base,
+        "llmlogd_sink_failed_attempts_total{sink=\"r\",class=\"redirect\"}",
+    )
+    .await;
+    assert!(failed.unwrap_or(0.0) >= 3.0, "failed: {failed:?}");
+
+    d.reload(&cfg(&ep.mock.url("/moved"))).await;
+    wait_for(DEADLINE, "all 10 delivered to the new URL", || {
+        (ep.delivered_set() == range_set(0..10)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
     d.stop().await;
 }
 
@@ -980,6 +1052,126 @@ async fn a_refused_key_pauses_and_a_reloaded_key_resumes_without_loss() {
     d.stop().await;
 }
 
+/// The key was fixed on the service's side (or behind a proxy): the config file did not
+/// change, and a reload must still resume the sink at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_an_unchanged_config_resumes_a_sink_paused_for_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|_| Answer::Status(403)).await;
+    let cfg = sink(
+        "auth",
+        &ep.url(),
+        &[("batch_max_events", "5"), ("concurrency", "1")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    wait_until(DEADLINE, "the sink paused for its key", || async {
+        (sink_status(&status(&base).await, "auth")["state"] == "paused").then_some(())
+    })
+    .await;
+    ep.set(|_| ok());
+    d.reload(&cfg).await;
+    wait_for(DEADLINE, "all 10 delivered after the reload", || {
+        (ep.delivered_set() == range_set(0..10)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
+/// A PromptLayer log as the JS SDK sends it, told apart by `metadata.n`.
+fn promptlayer_log(n: u64) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/clients/promptlayer_node-log-request-openai.json"
+    );
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut body = f["body"].clone();
+    body["metadata"]["n"] = n.to_string().into();
+    body.to_string()
+}
+
+/// A keyless sink sends each app's own key: one app's revoked key refuses that app's events
+/// (dead letters), never the other apps'. A refused key of the sink's own still pauses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_app_key_dead_letters_its_event_and_other_apps_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let next_id = Arc::new(AtomicUsize::new(1000));
+    let ep = Endpoint::start(move |r| {
+        if r.header("x-api-key").as_deref() == Some("pl_good") {
+            let id = next_id.fetch_add(1, Ordering::SeqCst);
+            Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+        } else {
+            Answer::StatusBody(401, r#"{"message":"invalid api key"}"#.into())
+        }
+    })
+    .await;
+    let pl = |name: &str, over: &[(&str, &str)]| {
+        let mut o = vec![("type", "\"promptlayer\""), ("concurrency", "1")];
+        o.extend_from_slice(over);
+        sink(name, &ep.mock.url(""), &o)
+    };
+    let cfg = [
+        pl("app", &[]),
+        pl("own", &[("api_key", "\"pl_sink_revoked\"")]),
+    ]
+    .concat();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let http = client();
+    for (n, key) in [(0, "pl_revoked"), (1, "pl_good"), (2, "pl_good")] {
+        let r = http
+            .post(d.url("/log-request"))
+            .header("content-type", "application/json")
+            .header("x-api-key", key)
+            .body(promptlayer_log(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let delivered = |ep: &Endpoint| -> BTreeSet<String> {
+        ep.requests()
+            .iter()
+            .filter(|(_, a)| matches!(a, Answer::StatusBody(201, _)))
+            .map(|(r, _)| r.json()["metadata"]["n"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let st = wait_until(DEADLINE, "the good app's logs delivered", || async {
+        let st = status(&base).await;
+        let done = delivered(&ep).len() == 2
+            && st["queue"]["dead_letters"] == 1
+            && sink_status(&st, "own")["state"] == "paused";
+        done.then_some(st)
+    })
+    .await;
+    assert_eq!(
+        delivered(&ep),
+        ["1", "2"].iter().map(|s| s.to_string()).collect(),
+        "{st}"
+    );
+    assert_eq!(sink_status(&st, "app")["state"], "ok", "{st}");
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["sink"], "app", "{info}");
+    assert_eq!(info["status"], 401, "{info}");
+    assert!(
+        info["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the service refused the app's API key (HTTP 401)"),
+        "{info}"
+    );
+    assert!(
+        !letters[0].to_string().contains("pl_revoked"),
+        "no key in a dead letter"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
@@ -1019,6 +1211,60 @@ async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let letters = dlq_list(&dir.path().join("data"));
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["info"]["status"], 413, "{letters:?}");
+}
+
+/// A 4xx refuses the request, not the batch-mates of the event it is about: only the refused
+/// event reaches the dead letters, with the status and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_on_a_batch_dead_letters_only_the_refused_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("invalid") {
+            Answer::StatusBody(422, r#"{"error":"field model is invalid"}"#.into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "v",
+        &ep.url(),
+        &[("batch_max_events", "50"), ("concurrency", "1")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let mut evs: Vec<String> = (0..20).map(|i| event(i, "", 0)).collect();
+    evs[7] = event(7, "invalid", 0);
+    post(&d.url("/v1/events"), &evs).await;
+    let mut want = range_set(0..20);
+    want.remove(&7);
+    let st = wait_until(DEADLINE, "19 delivered and one dead letter", || async {
+        let st = status(&base).await;
+        (ep.delivered_set() == want && st["queue"]["dead_letters"] == 1).then_some(st)
+    })
+    .await;
+    assert!(
+        st["queue"]["dead_letters"].as_u64() <= Some(1),
+        "batch-mates dead-lettered: {st}"
+    );
+    assert!(
+        ep.requests()
+            .iter()
+            .any(|(r, a)| nums(r) == vec![7] && matches!(a, Answer::StatusBody(422, _))),
+        "the refused event was tried on its own"
+    );
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["status"], 422, "{info}");
+    assert!(
+        info["response"]
+            .as_str()
+            .unwrap()
+            .contains("field model is invalid"),
+        "{info}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1161,6 +1407,54 @@ async fn a_poison_event_in_a_batch_is_isolated_and_only_it_is_dead_lettered() {
         .all(|l| l["info"]["reason"].as_str().unwrap().contains("poison")));
 }
 
+/// A run of poison events longer than the window (1024 here) used to fill it for good: the
+/// good events behind were never read, so nothing succeeded and no strike was ever earned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_poison_events_longer_than_the_window_does_not_stall_the_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if String::from_utf8_lossy(&r.body).contains("poison") {
+            Answer::Status(500)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "run",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "8"),
+            // One strike: a failure after a good event was delivered. The good events are
+            // read only once every poison event was sent, so each poison event's next failure
+            // after them strikes, with no more traffic needed.
+            ("poison_after", "1"),
+            ("circuit_after", "1000000"),
+            ("retry_max", "\"100ms\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let poison: Vec<String> = (0..1100).map(|i| event(i, "poison", 0)).collect();
+    post(&d.url("/v1/events"), &poison).await;
+    post_range(&d.url("/v1/events"), 2000..2020, "").await;
+    wait_for(DEADLINE, "the good events behind the run delivered", || {
+        (ep.delivered_set() == range_set(2000..2020)).then_some(())
+    })
+    .await;
+    wait_until(DEADLINE, "every poison event dead-lettered", || async {
+        (status(&base).await["queue"]["dead_letters"] == 1100).then_some(())
+    })
+    .await;
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1100);
+    assert!(letters
+        .iter()
+        .all(|l| l["info"]["reason"].as_str().unwrap().contains("poison")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_older_than_max_age_go_to_the_dead_letters_even_behind_an_open_circuit() {
     let dir = tempfile::tempdir().unwrap();
@@ -1203,6 +1497,51 @@ async fn events_older_than_max_age_go_to_the_dead_letters_even_behind_an_open_ci
     assert!(letters
         .iter()
         .all(|l| l["info"]["reason"].as_str().unwrap().contains("max_age")));
+}
+
+/// Behind an open circuit the worker's window can empty (its events aged out) while the queue
+/// still holds a backlog for the sink: it must read on and probe, not sleep until a new event
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_behind_an_open_circuit_is_read_on_when_the_window_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = closed_addr().await;
+    let cfg = sink(
+        "behind",
+        &format!("http://{addr}/ingest"),
+        &[
+            // A window of 1024 events (the floor), so 3000 need three.
+            ("batch_max_events", "1"),
+            ("concurrency", "1"),
+            ("circuit_after", "2"),
+            ("max_age", "\"1s\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..3000, "").await;
+    wait_until(DEADLINE, "the first window dead-lettered", || async {
+        (status(&base).await["queue"]["dead_letters"].as_u64() >= Some(1000)).then_some(())
+    })
+    .await;
+    let ep = Endpoint::start_at(addr, |_| ok()).await;
+    // No new event: every one is delivered or, aged out, dead-lettered.
+    let st = wait_until(
+        DEADLINE,
+        "every event delivered or dead-lettered",
+        || async {
+            let st = status(&base).await;
+            let dead = st["queue"]["dead_letters"].as_u64().unwrap_or(0);
+            (dead + ep.delivered_set().len() as u64 == 3000).then_some(st)
+        },
+    )
+    .await;
+    assert_eq!(ep.delivered().len(), ep.delivered_set().len(), "{st}");
+    wait_until(DEADLINE, "the queue empty", || async {
+        (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    d.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

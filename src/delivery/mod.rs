@@ -115,8 +115,9 @@ impl Delivery {
             .collect()
     }
 
-    /// Brings the running workers in line with `sinks`: starts new ones, reconfigures
-    /// changed ones (a new key resumes a sink paused for auth), stops removed ones.
+    /// Brings the running workers in line with `sinks`: starts new ones, tells every running
+    /// one about the reload (which resumes a sink paused for auth, even with an unchanged
+    /// config), stops removed ones.
     pub fn apply(&mut self, sinks: &[SinkConfig]) -> Result<(), QueueError> {
         // Resolve every id first, so a failure changes nothing.
         let mut ids = Vec::with_capacity(sinks.len());
@@ -145,10 +146,10 @@ impl Delivery {
         }
         for (name, (cfg, id)) in wanted {
             match self.workers.get(name) {
+                // Every reload reaches every worker, changed or not: a reload is also how an
+                // operator says "the key was fixed on the service's side, try again now".
                 Some(w) => {
-                    if **w.config.borrow() != *cfg {
-                        w.config.send_replace(Arc::new(cfg.clone()));
-                    }
+                    w.config.send_replace(Arc::new(cfg.clone()));
                 }
                 None => {
                     let cfg = Arc::new(cfg.clone());

@@ -3,11 +3,12 @@
 //! | reply | verdict |
 //! |---|---|
 //! | 2xx | delivered (unless the sink reads a refusal in the body) |
-//! | 401, 403 | pause the sink until a reload; keep every event |
+//! | 401, 403 | pause the sink until a reload; keep every event (a refused *app's* key: that event → dead letter, in `worker.rs`) |
 //! | 413 | halve the batch; a single event → dead letter |
 //! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |
-//! | other 4xx | dead letter, with status and body |
+//! | 3xx (redirects are never followed) | retry like a 5xx; the error names the Location |
+//! | other 4xx | halve the batch (only the refused events go); a single event → dead letter, with status and body |
 
 use std::time::{Duration, SystemTime};
 
@@ -26,8 +27,8 @@ pub enum Verdict {
     PauseFor(Duration, FailureClass),
     /// Pause the whole sink until the config is reloaded.
     PauseAuth,
-    /// Send these events one by one.
-    Split,
+    /// Send these events in halves (a refusal of some of them, or too large a batch).
+    Split(FailureClass),
     /// Give up on the events (dead letters).
     Reject(FailureClass),
 }
@@ -37,7 +38,7 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
     match status {
         200..=299 => Verdict::Delivered,
         401 | 403 => Verdict::PauseAuth,
-        413 if batch_len > 1 => Verdict::Split,
+        413 if batch_len > 1 => Verdict::Split(FailureClass::too_large),
         413 => Verdict::Reject(FailureClass::too_large),
         429 | 503 if retry_after.is_some() => Verdict::PauseFor(
             retry_after.unwrap_or_default(),
@@ -49,6 +50,12 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
         ),
         429 => Verdict::Retry(FailureClass::status_429),
         408 => Verdict::Retry(FailureClass::status_408),
+        // Following would turn the POST into a bodiless GET (301/302/303) whose 200 says
+        // nothing about the events; the URL needs fixing, and nothing is lost meanwhile.
+        300..=399 => Verdict::Retry(FailureClass::redirect),
+        // A refusal names no event: halve the batch until the refused ones are alone, so
+        // only they reach the dead letters.
+        400..=499 if batch_len > 1 => Verdict::Split(FailureClass::rejected_4xx),
         500..=599 => Verdict::Retry(FailureClass::status_5xx),
         _ => Verdict::Reject(FailureClass::rejected_4xx),
     }
@@ -84,6 +91,12 @@ pub fn backoff(initial: Duration, max: Duration) -> ExponentialBackoff {
     }
 }
 
+/// The next interval of `b`, never above `max`: the crate caps the interval before its
+/// ±50 % jitter, so unclamped it reaches 1.5 × `max`.
+pub fn next_probe(b: &mut ExponentialBackoff, max: Duration) -> Duration {
+    b.next_backoff().unwrap_or(max).min(max)
+}
+
 /// The delay before attempt `attempts + 1` (attempts ≥ 1), jittered, never above `max`.
 pub fn delay_after(attempts: u32, initial: Duration, max: Duration) -> Duration {
     let mut b = backoff(initial, max);
@@ -103,7 +116,14 @@ mod tests {
         assert_eq!(classify(201, None, 3), Verdict::Delivered);
         assert_eq!(classify(401, None, 3), Verdict::PauseAuth);
         assert_eq!(classify(403, None, 1), Verdict::PauseAuth);
-        assert_eq!(classify(413, None, 3), Verdict::Split);
+        assert_eq!(
+            classify(413, None, 3),
+            Verdict::Split(FailureClass::too_large)
+        );
+        assert_eq!(
+            classify(422, None, 3),
+            Verdict::Split(FailureClass::rejected_4xx)
+        );
         assert_eq!(
             classify(413, None, 1),
             Verdict::Reject(FailureClass::too_large)
@@ -128,6 +148,9 @@ mod tests {
             classify(408, None, 1),
             Verdict::Retry(FailureClass::status_408)
         );
+        for s in [301, 302, 303, 307, 308] {
+            assert_eq!(classify(s, None, 3), Verdict::Retry(FailureClass::redirect));
+        }
         assert_eq!(
             classify(422, None, 1),
             Verdict::Reject(FailureClass::rejected_4xx)
@@ -162,5 +185,16 @@ mod tests {
             assert!(d >= Duration::from_millis(50), "{attempts}: {d:?}");
         }
         assert!(delay_after(30, i, m) >= Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn probe_intervals_grow_and_are_capped_at_max() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(1));
+        let mut b = backoff(i, m);
+        // From the 5th interval on the crate's interval is at `max`; with ±50 % jitter half
+        // of the 40 would be above it unclamped.
+        let ds: Vec<Duration> = (0..45).map(|_| next_probe(&mut b, m)).collect();
+        assert!(ds.iter().all(|d| *d <= m), "{ds:?}");
+        assert!(ds[5..].iter().all(|d| *d >= m / 2), "{ds:?}");
     }
 }

@@ -23,12 +23,20 @@
 //! alone and its batch-mates are delivered. An event failing on its own with nothing else
 //! being sent is not evidence of either poison or outage: it does not open the circuit (its
 //! own backoff already paces it like a probe would).
+//!
+//! A run of poison events as long as the window would fill it, so the good events behind
+//! them would never be read, nothing would succeed and no strike would ever be earned. So a
+//! window whose events were all sent and wait for a retry reads a little further (`limits`),
+//! up to the ceiling, for an event that can succeed. Striking without a success would be
+//! simpler and wrong: a window where every event fails on its own is also exactly what a 5xx
+//! outage looks like, and dead-lettering on an outage is what this engine exists not to do.
+//! Known limit: a run longer than the ceiling (`MAX_WINDOW_EVENTS`) still waits for
+//! `max_age`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -36,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::limits::FlowControl;
 use super::retry::{self, Verdict};
-use crate::config::SinkConfig;
+use crate::config::{SinkConfig, SinkKind};
 use crate::event::{now_ms, StoredEvent};
 use crate::ops::metrics::{FailureClass, Metrics};
 use crate::ops::status::StatusBoard;
@@ -108,12 +116,16 @@ struct Done {
     /// The config generation the request was built with (a refused key from before a reload
     /// says nothing about the new key).
     generation: u64,
+    /// It carried the app's key, not the sink's (`SinkRequest::app_key`).
+    app_key: bool,
     result: Result<Reply, (FailureClass, String)>,
 }
 
 struct Reply {
     status: u16,
     retry_after: Option<Duration>,
+    /// Where a 3xx pointed (resolved against the request's URL, query left out).
+    location: Option<String>,
     body: Vec<u8>,
 }
 
@@ -154,6 +166,8 @@ pub(crate) struct Worker {
     sends: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
+    /// A redirect was logged since the last reload (later ones show in the status only).
+    redirect_warned: bool,
     consecutive_failures: u32,
     /// Up to two different events that failed since the last success: the circuit opens only
     /// when more than one event fails.
@@ -189,14 +203,29 @@ fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
 
 /// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
 /// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
+///
+/// Redirects are never followed: on 301/302/303 a client re-sends a POST as a GET without
+/// its body, and the GET's 200 would count the batch as delivered. A 3xx is a failed
+/// attempt instead (`retry::classify`), reported with its Location.
 pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
         .pool_max_idle_per_host(cfg.concurrency)
         .user_agent(concat!("llmlogd/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// What a Retry-After applies to: where requests go and with what credentials (the sink's
+/// type, URL and key; for the `http` sink its headers, which carry its key).
+fn endpoint(cfg: &SinkConfig) -> impl PartialEq + '_ {
+    let (url, headers) = match &cfg.kind {
+        SinkKind::Http { url, headers, .. } => (url, Some(headers)),
+        SinkKind::Pezzo { url, .. } | SinkKind::PromptLayer { url } => (url, None),
+    };
+    (cfg.kind.type_name(), url, cfg.key.as_ref(), headers)
 }
 
 impl Worker {
@@ -229,6 +258,7 @@ impl Worker {
             generation: 0,
             sends: 0,
             pause_logged: false,
+            redirect_warned: false,
             consecutive_failures: 0,
             failing: Vec::new(),
             successes: 0,
@@ -254,18 +284,35 @@ impl Worker {
         let mut head = self.queue.head();
         self.metrics.sink_state(&self.name, "ok");
         loop {
-            if let Err(e) = self.refill() {
-                self.note_error(format!("reading the queue: {e}"));
-            }
             let now = Instant::now();
+            // Expired events leave first, so the refill takes their room at once.
             self.sweep_expired(now);
-            let wake = self.dispatch(now);
+            let readable = match self.refill() {
+                Ok(read_on) => read_on,
+                Err(e) => {
+                    self.note_error(format!("reading the queue: {e}"));
+                    false
+                }
+            };
+            let mut wake = self.dispatch(now);
+            let (max_events, max_bytes) = self.limits();
+            let room = self.window.len() < max_events && self.window_bytes < max_bytes;
+            // Events left the window without a reply to wake us (dead-lettered while
+            // dispatching, say, or behind an open circuit whose probe found the window empty)
+            // and more wait in the queue: read on now, never sleep on a backlog. After a
+            // failed read, in a second.
+            if room && self.read_pos < *self.queue.head().borrow() {
+                let t = if readable {
+                    now
+                } else {
+                    now + Duration::from_secs(1)
+                };
+                wake = Some(wake.map_or(t, |w| w.min(t)));
+            }
             self.advance_cursor();
             self.publish();
             let sleep =
                 tokio::time::sleep_until(wake.unwrap_or(now + Duration::from_secs(3600)).into());
-            let (max_events, max_bytes) = window_caps(&self.cfg);
-            let room = self.window.len() < max_events && self.window_bytes < max_bytes;
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -311,6 +358,7 @@ impl Worker {
                 seqs: self.flights.remove(&e.id()).unwrap_or_default(),
                 elapsed: Duration::ZERO,
                 generation: self.generation,
+                app_key: false,
                 result: Err((FailureClass::other, format!("delivery task failed: {e}"))),
             },
         };
@@ -321,20 +369,33 @@ impl Worker {
         self.reconfigure_at(cfg, Instant::now());
     }
 
+    /// Applies a reload. Every reload, even one that changes nothing for this sink, resumes
+    /// a sink paused for its key and lets an open circuit probe at once: a reload is how an
+    /// operator says "fixed, try now" (the key may have been fixed on the service's side, or
+    /// behind a proxy). Only a changed config resets the rest (client, limits, backoffs).
     fn reconfigure_at(&mut self, cfg: Arc<SinkConfig>, now: Instant) {
+        // A 401 still in flight answers for the time before the reload: ignored.
         self.generation += 1;
-        self.sink = sinks::build(&cfg);
-        self.client = client_for(&cfg);
-        self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
-        // A reload is how an operator fixes a key: resume a sink paused for auth.
+        self.redirect_warned = false;
         if matches!(self.pause, Some(Pause::UntilReload(_))) {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
             self.pause = None;
         }
-        // Or a URL: an open circuit probes the new config at once, not after the interval.
         if let Some(c) = &mut self.circuit {
             c.next_probe = c.next_probe.min(now);
         }
+        if *cfg == *self.cfg {
+            return;
+        }
+        // A Retry-After was the old endpoint's (or the old key's) request: a different one
+        // owes it nothing. Kept when only other settings changed.
+        if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
+            tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
+            self.pause = None;
+        }
+        self.sink = sinks::build(&cfg);
+        self.client = client_for(&cfg);
+        self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
         for s in self.window.values_mut() {
             if !s.in_flight {
                 s.next_try = s.next_try.min(now);
@@ -343,11 +404,36 @@ impl Worker {
         self.cfg = cfg;
     }
 
-    /// Tops the window up from the queue.
-    fn refill(&mut self) -> Result<(), crate::queue::QueueError> {
+    /// How much the window may hold now: `window_caps`, or, while it is full of events that
+    /// were all sent and wait for a retry (a run of failing events as long as the window),
+    /// a little more (a request's worth, at least `concurrency` events), within the ceiling.
+    /// A later event may then succeed, which is the evidence a poison strike needs; without
+    /// it a window-long run of poison events would hold the sink until `max_age`. In an
+    /// outage the window grows this way, one step per round of probes, up to the ceiling.
+    fn limits(&self) -> (usize, usize) {
+        let (events, bytes) = window_caps(&self.cfg);
+        let full = self.window.len() >= events || self.window_bytes >= bytes;
+        if !full || self.window.values().any(|s| s.last_sent == 0) {
+            return (events, bytes);
+        }
+        let step = self
+            .sink
+            .events_per_request()
+            .max(self.cfg.concurrency)
+            .max(1);
+        (
+            (self.window.len() + step).clamp(events, MAX_WINDOW_EVENTS.max(events)),
+            (self.window_bytes + self.cfg.batch.max_bytes)
+                .clamp(bytes, MAX_WINDOW_BYTES.max(bytes)),
+        )
+    }
+
+    /// Tops the window up from the queue. `Ok(false)` when a read made no progress (the
+    /// caller then does not spin on reading again).
+    fn refill(&mut self) -> Result<bool, crate::queue::QueueError> {
         let head = *self.queue.head().borrow();
         let now = Instant::now();
-        let (max_events, max_bytes) = window_caps(&self.cfg);
+        let (max_events, max_bytes) = self.limits();
         while self.read_pos < head
             && self.window.len() < max_events
             && self.window_bytes < max_bytes
@@ -360,7 +446,7 @@ impl Worker {
                 8192,
             )?;
             if batch.next <= self.read_pos {
-                break;
+                return Ok(false);
             }
             self.read_pos = batch.next;
             for item in batch.items {
@@ -381,7 +467,7 @@ impl Worker {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Dead-letters events older than `max_age` that were sent at least once, or that wait
@@ -453,7 +539,7 @@ impl Worker {
                 .min_by_key(|(k, s)| (s.last_sent, **k))
                 .map(|(k, _)| *k);
             let seq = probe?;
-            let next = c.backoff.next_backoff().unwrap_or(self.cfg.retry.max);
+            let next = retry::next_probe(&mut c.backoff, self.cfg.retry.max);
             c.next_probe = now + next;
             let next_probe = c.next_probe;
             return match self.send(vec![seq], now) {
@@ -583,6 +669,7 @@ impl Worker {
         self.metrics.in_flight(&self.name, 1);
         let client = self.client.clone();
         let generation = self.generation;
+        let app_key = req.app_key;
         let task_seqs = seqs.clone();
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
@@ -591,6 +678,7 @@ impl Worker {
                 seqs: task_seqs,
                 elapsed: started.elapsed(),
                 generation,
+                app_key,
                 result,
             }
         });
@@ -622,7 +710,16 @@ impl Worker {
             Ok(reply) => {
                 self.metrics.latency(&self.name, done.elapsed.as_secs_f64());
                 let v = retry::classify(reply.status, reply.retry_after, seqs.len());
-                let body = String::from_utf8_lossy(&reply.body).into_owned();
+                let body = if (300..400).contains(&reply.status) {
+                    let msg = redirect_message(reply.status, reply.location.as_deref());
+                    if !self.redirect_warned {
+                        tracing::warn!(sink = %self.name, "{msg}; holding its events and retrying");
+                        self.redirect_warned = true;
+                    }
+                    msg
+                } else {
+                    String::from_utf8_lossy(&reply.body).into_owned()
+                };
                 if v == Verdict::Delivered {
                     let events: Vec<&StoredEvent> =
                         seqs.iter().map(|k| &self.window[k].ev).collect();
@@ -655,6 +752,18 @@ impl Worker {
             self.metrics.failed(&self.name, FailureClass::auth);
             return;
         }
+        if verdict == Verdict::PauseAuth && done.app_key {
+            // The app's own key, refused: that app's events cannot go, but the others (other
+            // apps' keys) can; pausing the sink would stall them all, for good (a paused sink
+            // never ages its events out). Dead letters, replayable once the app's key is fixed.
+            self.metrics.failed(&self.name, FailureClass::auth);
+            self.reachable(now);
+            let reason = format!(
+                "the service refused the app's API key (HTTP {})",
+                status.unwrap_or(0)
+            );
+            return self.reject(&seqs, status, &reason, Some(detail));
+        }
         if !matches!(verdict, Verdict::Retry(_)) {
             // The service answered: it is reachable, whatever it thought of these events.
             self.reachable(now);
@@ -682,6 +791,8 @@ impl Worker {
                     self.flow.on_throttle();
                 }
                 let what = match status {
+                    // Already says what happened (and names the status).
+                    Some(st) if (300..400).contains(&st) => detail.clone(),
                     Some(st) => format!("HTTP {st}: {}", snippet(&detail)),
                     None => detail.clone(),
                 };
@@ -752,7 +863,7 @@ impl Worker {
                     && self.failing.len() >= 2
                 {
                     let mut backoff = retry::backoff(self.cfg.retry.initial, self.cfg.retry.max);
-                    let first = backoff.next_backoff().unwrap_or(self.cfg.retry.max);
+                    let first = retry::next_probe(&mut backoff, self.cfg.retry.max);
                     tracing::warn!(
                         sink = %self.name,
                         error = %what,
@@ -821,10 +932,18 @@ impl Worker {
                     status.unwrap_or(0)
                 )));
             }
-            Verdict::Split => {
-                // Bisect: halves go out at once; a half still too large is halved again, and
-                // a single event that is still too large is refused (dead letter).
-                self.metrics.failed(&self.name, FailureClass::too_large);
+            Verdict::Split(class) => {
+                // Bisect: halves go out at once; a half still too large (or still refused) is
+                // halved again, and a single event that still is goes to the dead letters
+                // (`Reject`). Not an attempt: the batch-mates did nothing wrong.
+                self.metrics.failed(&self.name, class);
+                if class == FailureClass::rejected_4xx {
+                    self.note_error(format!(
+                        "HTTP {}: {} (halving the batch to find the refused events)",
+                        status.unwrap_or(0),
+                        snippet(&detail)
+                    ));
+                }
                 let half = (seqs.len() / 2).max(1);
                 for k in &seqs {
                     if let Some(s) = self.window.get_mut(k) {
@@ -996,6 +1115,20 @@ async fn execute(
     client: &reqwest::Client,
     req: SinkRequest,
 ) -> Result<Reply, (FailureClass, String)> {
+    let location = |resp: &reqwest::Response| {
+        let loc = resp
+            .headers()
+            .get(reqwest::header::LOCATION)?
+            .to_str()
+            .ok()?;
+        let mut url = resp.url().join(loc).ok()?;
+        // A query may carry a token (a signed URL); the path is what the operator needs.
+        let query = url.query().is_some();
+        url.set_query(None);
+        url.set_fragment(None);
+        let _ = url.set_password(None);
+        Some(format!("{url}{}", if query { "?…" } else { "" }))
+    };
     let mut rb = client.post(&req.url).body(req.body);
     for (k, v) in req.headers {
         rb = rb.header(k, v);
@@ -1007,6 +1140,11 @@ async fn execute(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, SystemTime::now()));
+    let location = if (300..400).contains(&status) {
+        location(&resp)
+    } else {
+        None
+    };
     let mut body = Vec::new();
     loop {
         match resp.chunk().await {
@@ -1027,6 +1165,7 @@ async fn execute(
     Ok(Reply {
         status,
         retry_after,
+        location,
         body,
     })
 }
@@ -1048,6 +1187,14 @@ fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
         src = s.source();
     }
     (class, msg)
+}
+
+/// What a 3xx reply means for the operator: the sink's URL is out of date.
+fn redirect_message(status: u16, location: Option<&str>) -> String {
+    format!(
+        "HTTP {status} redirect to {}: llmlogd does not follow redirects; set the sink's url to the final address",
+        location.unwrap_or("(no Location header)")
+    )
 }
 
 fn snippet(s: &str) -> String {
@@ -1155,9 +1302,11 @@ mod tests {
                 seqs: seqs.to_vec(),
                 elapsed: Duration::ZERO,
                 generation,
+                app_key: false,
                 result: Ok(Reply {
                     status,
                     retry_after: None,
+                    location: None,
                     body: Vec::new(),
                 }),
             };
@@ -1208,6 +1357,30 @@ mod tests {
             r.w.circuit.as_ref().unwrap().last_summary,
             r.at(300_010),
             "a summary line after five minutes"
+        );
+    }
+
+    #[tokio::test]
+    async fn probe_intervals_never_exceed_retry_max() {
+        // retry_initial = 100ms, retry_max = 1s: the interval reaches the cap in a few probes.
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
+        r.add(0..2, 20);
+        let (sent, _) = r.dispatch(0);
+        r.reply(&sent[0], 503, 10);
+        r.reply(&sent[1], 503, 10);
+        let c = r.w.circuit.as_ref().expect("open");
+        assert!(c.next_probe <= r.at(10) + Duration::from_secs(1));
+        let mut intervals = Vec::new();
+        for k in 1..=40u64 {
+            let ms = k * 10_000;
+            let (sent, _) = r.dispatch(ms);
+            assert_eq!(sent.len(), 1, "one probe");
+            intervals.push(r.w.circuit.as_ref().unwrap().next_probe - r.at(ms));
+            r.reply(&sent[0], 503, ms + 1);
+        }
+        assert!(
+            intervals.iter().all(|d| *d <= Duration::from_secs(1)),
+            "{intervals:?}"
         );
     }
 
@@ -1369,6 +1542,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reload_with_an_unchanged_config_resumes_an_auth_pause_and_keeps_backoffs() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2");
+        r.add(0..2, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent, vec![vec![0], vec![1]]);
+        r.reply(&[0], 500, 10);
+        r.reply(&[1], 401, 10);
+        assert!(matches!(r.w.pause, Some(Pause::UntilReload(_))));
+        let backoff = r.w.window[&0].next_try;
+        assert!(backoff > r.at(10));
+        let cfg = r.w.cfg.clone();
+        r.w.reconfigure_at(cfg, r.at(20));
+        assert!(r.w.pause.is_none(), "resumed");
+        assert_eq!(r.w.window[&0].next_try, backoff, "its backoff kept");
+        let (sent, _) = r.dispatch(20);
+        assert_eq!(sent, vec![vec![1]], "the refused event goes again at once");
+    }
+
+    #[tokio::test]
     async fn old_events_expire_behind_an_open_circuit_but_not_while_waiting_for_a_key() {
         let mut r =
             rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2\nmax_age = \"1s\"");
@@ -1403,10 +1595,12 @@ mod tests {
                 seqs: vec![0],
                 elapsed: Duration::ZERO,
                 generation: w.generation,
+                app_key: false,
                 // 503: a 429 would also lower the rate (AIMD), which is not under test here.
                 result: Ok(Reply {
                     status: 503,
                     retry_after: Some(Duration::from_secs(secs)),
+                    location: None,
                     body: Vec::new(),
                 }),
             };
@@ -1437,6 +1631,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_after_pause_ends_with_a_reload_to_another_url_only() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 1\nmax_retry_after = \"1h\"");
+        r.add(0..1, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent.len(), 1);
+        let done = Done {
+            seqs: vec![0],
+            elapsed: Duration::ZERO,
+            generation: r.w.generation,
+            app_key: false,
+            result: Ok(Reply {
+                status: 503,
+                retry_after: Some(Duration::from_secs(600)),
+                location: None,
+                body: Vec::new(),
+            }),
+        };
+        r.w.complete(done, r.at(10));
+        assert!(matches!(r.w.pause, Some(Pause::Until(..))));
+        // Another timeout: the same endpoint still wants its pause.
+        let mut cfg = (*r.w.cfg).clone();
+        cfg.timeout = Duration::from_secs(3);
+        r.w.reconfigure_at(Arc::new(cfg.clone()), r.at(20));
+        assert!(matches!(r.w.pause, Some(Pause::Until(..))), "kept");
+        assert!(r.dispatch(30).0.is_empty());
+        // Another URL owes the old one's pause nothing.
+        if let SinkKind::Http { url, .. } = &mut cfg.kind {
+            *url = "http://127.0.0.1:9/elsewhere".into();
+        }
+        r.w.reconfigure_at(Arc::new(cfg), r.at(40));
+        assert!(r.w.pause.is_none(), "dropped");
+        assert_eq!(r.dispatch(40).0, vec![vec![0]], "sent at once");
+    }
+
+    #[tokio::test]
     async fn a_failed_request_task_does_not_strand_its_events() {
         let mut r = rig("batch_max_events = 1");
         r.add(0..1, 20);
@@ -1450,6 +1679,26 @@ mod tests {
         let s = &r.w.window[&0];
         assert!(!s.in_flight && s.attempts == 1, "retried like any failure");
         assert_eq!(r.w.in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_window_of_failing_events_reads_a_little_further_up_to_the_ceiling() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 4");
+        r.add(0..1024, 20);
+        assert_eq!(r.w.limits().0, MIN_WINDOW_EVENTS, "never sent: no more");
+        for s in r.w.window.values_mut() {
+            s.last_sent = 1;
+        }
+        assert_eq!(
+            r.w.limits().0,
+            1024 + 4,
+            "all sent and failing: a step further"
+        );
+        r.add(1024..MAX_WINDOW_EVENTS as u64, 20);
+        for s in r.w.window.values_mut() {
+            s.last_sent = 1;
+        }
+        assert_eq!(r.w.limits().0, MAX_WINDOW_EVENTS, "never past the ceiling");
     }
 
     /// A worker reads ahead what its in-flight requests and one more batch can use, between

@@ -47,6 +47,8 @@ pub enum FailureClass {
     status_5xx,
     status_429,
     status_408,
+    /// A 3xx: the sink's URL is out of date (redirects are not followed).
+    redirect,
     auth,
     too_large,
     rejected_4xx,
@@ -56,12 +58,13 @@ pub enum FailureClass {
 
 impl FailureClass {
     /// Every class (a new variant that is not listed here fails to compile in `listed`).
-    pub const ALL: [FailureClass; 10] = [
+    pub const ALL: [FailureClass; 11] = [
         FailureClass::connect,
         FailureClass::timeout,
         FailureClass::status_5xx,
         FailureClass::status_429,
         FailureClass::status_408,
+        FailureClass::redirect,
         FailureClass::auth,
         FailureClass::too_large,
         FailureClass::rejected_4xx,
@@ -73,8 +76,8 @@ impl FailureClass {
     fn listed(self) {
         use FailureClass::*;
         match self {
-            connect | timeout | status_5xx | status_429 | status_408 | auth | too_large
-            | rejected_4xx | convert | other => {}
+            connect | timeout | status_5xx | status_429 | status_408 | redirect | auth
+            | too_large | rejected_4xx | convert | other => {}
         }
     }
 }

@@ -106,6 +106,8 @@ impl Sink for HttpSink {
             url: self.url.clone(),
             headers,
             body: Bytes::from(body),
+            // The http sink only sends the headers of its config.
+            app_key: false,
         })
     }
 }

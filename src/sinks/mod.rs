@@ -25,6 +25,9 @@ pub struct SinkRequest {
     pub url: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
+    /// The request carries the key the app sent with the event, not the sink's own: a
+    /// refusal is about that app's key (that event), not the sink's.
+    pub app_key: bool,
 }
 
 /// Why a sink cannot build a request for an event.

@@ -64,6 +64,7 @@ impl Sink for PezzoSink {
                 super::header("idempotency-key", &ev.id.to_string())?,
             ],
             body,
+            app_key: self.key.is_none(),
         })
     }
 }

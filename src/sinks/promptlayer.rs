@@ -47,6 +47,7 @@ impl Sink for PromptLayerSink {
     ) -> Result<SinkRequest, BuildError> {
         let ev = events.first().ok_or(BuildError::NotYet)?;
         let key = key_for(&self.key, ev, formats::Format::PromptLayer).ok_or(BuildError::NoKey)?;
+        let app_key = self.key.is_none();
         match ev.kind {
             EventKind::PromptLayerTrack(kind) => {
                 let mut body: Value = serde_json::from_slice(&ev.payload)
@@ -66,6 +67,7 @@ impl Sink for PromptLayerSink {
                     url: format!("{}{}", self.base, kind.path()),
                     headers: vec![super::json_content_type()],
                     body: Bytes::from(body.to_string()),
+                    app_key,
                 })
             }
             EventKind::PromptLayerTrackRequest => {
@@ -76,12 +78,14 @@ impl Sink for PromptLayerSink {
                     url: format!("{}/track-request", self.base),
                     headers: vec![super::json_content_type()],
                     body: Bytes::from(body.to_string()),
+                    app_key,
                 })
             }
             EventKind::PromptLayerCreateGroup => Ok(SinkRequest {
                 url: format!("{}/create-group", self.base),
                 headers: vec![super::json_content_type()],
                 body: Bytes::from(serde_json::json!({"api_key": key.expose()}).to_string()),
+                app_key,
             }),
             kind => {
                 // PromptLayer's own logs too go through the renderer: the SDKs send times as
@@ -103,6 +107,7 @@ impl Sink for PromptLayerSink {
                         super::header("idempotency-key", &ev.id.to_string())?,
                     ],
                     body,
+                    app_key,
                 })
             }
         }

@@ -93,6 +93,8 @@ pub enum Answer {
     Status(u16),
     StatusBody(u16, String),
     RetryAfter(u16, String),
+    /// A 3xx with this Location.
+    Redirect(u16, String),
     /// Wait, then answer 200 (slower than a sink timeout = a timeout).
     Delay(Duration),
     /// Close the connection without answering.
@@ -230,6 +232,13 @@ async fn handle(
             record(&st, rec);
             let mut r = (StatusCode::from_u16(s).unwrap(), "slow down").into_response();
             r.headers_mut().insert("retry-after", v.parse().unwrap());
+            r
+        }
+        Some(Answer::Redirect(s, location)) => {
+            record(&st, rec);
+            let mut r = (StatusCode::from_u16(s).unwrap(), "moved").into_response();
+            r.headers_mut()
+                .insert("location", location.parse().unwrap());
             r
         }
         Some(Answer::Delay(d)) => {
