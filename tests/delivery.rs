@@ -996,6 +996,54 @@ async fn offline_is_logged_once_and_costs_almost_no_cpu() {
     assert!(p.terminate().success());
 }
 
+/// One event alone failing opens no circuit (it may be poison), but the failure is still
+/// logged once, and its end too: an outage with one event waiting is not silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_event_failing_is_logged_once_and_its_recovery_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|_| Answer::Status(501)).await;
+    let cfg = sink(
+        "one",
+        &ep.url(),
+        &[
+            ("circuit_after", "3"),
+            ("retry_initial", "\"20ms\""),
+            ("retry_max", "\"50ms\""),
+        ],
+    );
+    let p = Process::start(dir.path(), &cfg);
+    post_range(&p.url("/v1/events"), 0..1, "").await;
+    let lines = || p.stderr_lines.lock().unwrap().clone();
+    let failing = |ls: &[String]| {
+        ls.iter()
+            .filter(|l| l.contains("deliveries are failing"))
+            .count()
+    };
+    wait_for(DEADLINE, "the failure to be logged", || {
+        (failing(&lines()) > 0).then_some(())
+    })
+    .await;
+    let n = ep.count();
+    wait_for(DEADLINE, "more failed attempts", || {
+        (ep.count() >= n + 3).then_some(())
+    })
+    .await;
+    ep.set(|_| ok());
+    wait_for(DEADLINE, "the event delivered", || {
+        (ep.delivered_set() == range_set(0..1)).then_some(())
+    })
+    .await;
+    wait_for(DEADLINE, "the recovery logged", || {
+        lines()
+            .iter()
+            .any(|l| l.contains("deliveries succeed again"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(failing(&lines()), 1, "{:#?}", lines());
+    assert!(p.terminate().success());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Classification: 401/403, 413, other 4xx, poison, max_age
 // ---------------------------------------------------------------------------------------------

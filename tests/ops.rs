@@ -679,3 +679,58 @@ async fn dlq_show_masks_the_key_a_follow_up_carries() {
     assert!(!text.contains("pl_APPSECRET"), "{text}");
     assert!(text.contains("\"api_key\": \"***\""), "{text}");
 }
+
+/// A token in a sink's URL never shows in its errors (status, metrics, logs share the text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_in_a_sink_url_is_masked_in_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: connection refused.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let cfg = format!(
+        "[sinks.c]\ntype = \"http\"\nurl = \"http://u:URLPASS@{addr}/in?token=URLTOKEN\"\nretry_initial = \"20ms\"\nretry_max = \"100ms\"\n"
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let http = client();
+    let r = http
+        .post(d.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body("{\"n\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let deadline = Instant::now() + DEADLINE;
+    let err = loop {
+        let v: serde_json::Value = http
+            .get(d.url("/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(e) = v["sinks"][0]["last_error"].as_str() {
+            break e.to_string();
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !err.contains("URLTOKEN") && !err.contains("URLPASS"),
+        "{err}"
+    );
+    assert!(err.contains("token=***"), "{err}");
+    let metrics = http
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("URLTOKEN") && !metrics.contains("URLPASS"));
+    d.stop().await;
+}

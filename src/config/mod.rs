@@ -611,7 +611,9 @@ fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError
                     gzip: rs.gzip.unwrap_or(false),
                     headers,
                 },
-                500,
+                // The batch's `X-Llmlogd-Event-Ids` header takes 33 bytes an event: 200 keep it
+                // under the 8 KiB header limit of nginx and Apache (500 went over Node's 16).
+                200,
                 2,
             )
         }

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | 2xx | delivered (unless the sink reads a refusal in the body) |
 //! | 401, 403 | pause the sink until a reload; keep every event (a refused *app's* key: that event → dead letter, in `worker.rs`) |
-//! | 413 | halve the batch; a single event → dead letter |
+//! | 413, 431 | halve the batch; a single event → dead letter |
 //! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |
 //! | 3xx (redirects are never followed) | retry like a 5xx; the error names the Location |
@@ -38,8 +38,11 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
     match status {
         200..=299 => Verdict::Delivered,
         401 | 403 => Verdict::PauseAuth,
-        413 if batch_len > 1 => Verdict::Split(FailureClass::too_large),
-        413 => Verdict::Reject(FailureClass::too_large),
+        // 431: the request's headers are too large; the http sink's `X-Llmlogd-Event-Ids`
+        // grows with the batch (Node's default limit is 16 KiB, ~490 ids), so it is a batch
+        // too large too.
+        413 | 431 if batch_len > 1 => Verdict::Split(FailureClass::too_large),
+        413 | 431 => Verdict::Reject(FailureClass::too_large),
         429 | 503 if retry_after.is_some() => Verdict::PauseFor(
             retry_after.unwrap_or_default(),
             if status == 429 {
@@ -127,6 +130,10 @@ mod tests {
         assert_eq!(
             classify(413, None, 1),
             Verdict::Reject(FailureClass::too_large)
+        );
+        assert_eq!(
+            classify(431, None, 500),
+            Verdict::Split(FailureClass::too_large)
         );
         assert_eq!(
             classify(429, Some(Duration::from_secs(3)), 1),

@@ -166,6 +166,8 @@ pub(crate) struct Worker {
     sends: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
+    /// A lone event's run of failures was logged (no circuit for it): say when it ends.
+    failing_logged: bool,
     /// A redirect was logged since the last reload (later ones show in the status only).
     redirect_warned: bool,
     consecutive_failures: u32,
@@ -258,6 +260,7 @@ impl Worker {
             generation: 0,
             sends: 0,
             pause_logged: false,
+            failing_logged: false,
             redirect_warned: false,
             consecutive_failures: 0,
             failing: Vec::new(),
@@ -857,6 +860,20 @@ impl Worker {
                 for (k, why) in poisoned {
                     self.dead_letter(k, why, status);
                 }
+                if self.circuit.is_none()
+                    && self.failing.len() < 2
+                    && self.consecutive_failures == self.cfg.retry.circuit_after
+                {
+                    // One event failing on its own may be poison or an outage with one event
+                    // waiting: no circuit, but the operator hears of it once.
+                    tracing::warn!(
+                        sink = %self.name,
+                        error = %what,
+                        failures = self.consecutive_failures,
+                        "deliveries are failing; retrying with backoff"
+                    );
+                    self.failing_logged = true;
+                }
                 if let Some(c) = &mut self.circuit {
                     c.failures += 1;
                 } else if self.consecutive_failures >= self.cfg.retry.circuit_after
@@ -955,7 +972,9 @@ impl Worker {
             Verdict::Reject(class) => {
                 self.metrics.failed(&self.name, class);
                 let reason = match class {
-                    FailureClass::too_large => "too large for the service (413)".to_string(),
+                    FailureClass::too_large => {
+                        format!("too large for the service (HTTP {})", status.unwrap_or(413))
+                    }
                     _ => format!("refused by the service (HTTP {})", status.unwrap_or(0)),
                 };
                 self.reject(&seqs, status, &reason, Some(detail));
@@ -968,6 +987,9 @@ impl Worker {
     fn reachable(&mut self, now: Instant) {
         self.consecutive_failures = 0;
         self.failing.clear();
+        if std::mem::take(&mut self.failing_logged) && self.circuit.is_none() {
+            tracing::info!(sink = %self.name, "deliveries succeed again");
+        }
         if let Some(c) = self.circuit.take() {
             tracing::info!(
                 sink = %self.name,
@@ -1178,8 +1200,14 @@ fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
     } else {
         FailureClass::other
     };
-    // reqwest's message names the URL, never headers or body, so no key can leak here.
+    // reqwest's message names the URL (never headers or body): shown with its password and
+    // query values masked, since a collector's token may sit there (`?api_key=…`).
+    let url = e.url().map(|u| crate::config::redact_url(u.as_str()));
+    let e = e.without_url();
     let mut msg = e.to_string();
+    if let Some(u) = url {
+        msg.push_str(&format!(" (url {u})"));
+    }
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
         msg.push_str(": ");
