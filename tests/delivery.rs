@@ -1044,6 +1044,26 @@ async fn a_lone_event_failing_is_logged_once_and_its_recovery_too() {
     assert!(p.terminate().success());
 }
 
+/// Many dead letters at once (a refused backlog, or one expiring after an outage) log one
+/// line and later a count, not a line each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_dead_letters_do_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|_| Answer::Status(422)).await;
+    let cfg = sink("dl", &ep.url(), &[("batch_max_events", "1")]);
+    let p = Process::start(dir.path(), &cfg);
+    post_range(&p.url("/v1/events"), 0..40, "").await;
+    let base = |path: &str| p.url(path);
+    wait_until(DEADLINE, "40 dead letters", || async {
+        (status(&base).await["queue"]["dead_letters"] == 40).then_some(())
+    })
+    .await;
+    let lines = p.stderr_lines.lock().unwrap().clone();
+    let about = lines.iter().filter(|l| l.contains("dead letters")).count();
+    assert!((1..=2).contains(&about), "{lines:#?}");
+    assert!(p.terminate().success());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Classification: 401/403, 413, other 4xx, poison, max_age
 // ---------------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 const FRAMING_PER_BATCH: usize = 1;
 const FRAMING_PER_EVENT: usize = 1;
 
+/// At most one line about dead letters per this long, per sink (plus the first).
+const DEAD_LETTER_LOG_EVERY: Duration = Duration::from_secs(10);
+
 struct Slot {
     ev: StoredEvent,
     attempts: u32,
@@ -166,6 +169,10 @@ pub(crate) struct Worker {
     sends: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
+    /// Dead letters are logged one line, then one summary per `DEAD_LETTER_LOG_EVERY`.
+    dead_letter_logged: Option<Instant>,
+    dead_letters_unlogged: u64,
+    dead_letter_last_reason: String,
     /// A lone event's run of failures was logged (no circuit for it): say when it ends.
     failing_logged: bool,
     /// A redirect was logged since the last reload (later ones show in the status only).
@@ -260,6 +267,9 @@ impl Worker {
             generation: 0,
             sends: 0,
             pause_logged: false,
+            dead_letter_logged: None,
+            dead_letters_unlogged: 0,
+            dead_letter_last_reason: String::new(),
             failing_logged: false,
             redirect_warned: false,
             consecutive_failures: 0,
@@ -290,6 +300,7 @@ impl Worker {
             let now = Instant::now();
             // Expired events leave first, so the refill takes their room at once.
             self.sweep_expired(now);
+            self.log_held_dead_letters(now);
             let readable = match self.refill() {
                 Ok(read_on) => read_on,
                 Err(e) => {
@@ -1019,6 +1030,23 @@ impl Worker {
         }
     }
 
+    /// Logs how many dead letters the last period held back, if any and if the period is over.
+    fn log_held_dead_letters(&mut self, now: Instant) {
+        let due = self
+            .dead_letter_logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= DEAD_LETTER_LOG_EVERY);
+        if self.dead_letters_unlogged > 0 && due {
+            tracing::warn!(
+                sink = %self.name,
+                events = self.dead_letters_unlogged,
+                last_reason = %self.dead_letter_last_reason,
+                "more events moved to the dead letters (llmlogd dlq list)"
+            );
+            self.dead_letters_unlogged = 0;
+            self.dead_letter_logged = Some(now);
+        }
+    }
+
     /// Moves one windowed event to the dead letters.
     fn dead_letter(&mut self, seq: u64, reason: &str, status: Option<u16>) {
         let Some(s) = self.window.remove(&seq) else {
@@ -1035,7 +1063,19 @@ impl Worker {
             Ok(()) => {
                 self.dead_lettered += 1;
                 self.metrics.dead_lettered(&self.name, 1);
-                tracing::warn!(sink = %self.name, seq, reason, "event moved to the dead letters");
+                // One line, then at most one summary per period: expiring a backlog after a
+                // long outage must not write a line per event.
+                let now = Instant::now();
+                let recent = self
+                    .dead_letter_logged
+                    .is_some_and(|t| now.saturating_duration_since(t) < DEAD_LETTER_LOG_EVERY);
+                if recent {
+                    self.dead_letters_unlogged += 1;
+                    self.dead_letter_last_reason = reason.to_string();
+                } else {
+                    tracing::warn!(sink = %self.name, seq, reason, "event moved to the dead letters");
+                    self.dead_letter_logged = Some(now);
+                }
             }
             Err(e) => {
                 // Could not store the dead letter: keep the event and try again later.
