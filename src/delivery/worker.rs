@@ -1774,8 +1774,10 @@ mod tests {
     #[test]
     fn the_window_holds_what_the_requests_in_flight_can_use() {
         let caps = |extra: &str| window_caps(&rig(extra).w.cfg);
-        // The http sink's defaults: 500 events / 4 MiB per batch, 2 in flight.
-        assert_eq!(caps(""), (1500, 12 << 20));
+        // The http sink's defaults: 200 events / 4 MiB per batch, 2 in flight (3 × 200 events
+        // is under the floor).
+        assert_eq!(caps(""), (MIN_WINDOW_EVENTS, 12 << 20));
+        assert_eq!(caps("batch_max_events = 500"), (1500, 12 << 20));
         assert_eq!(
             caps("batch_max_events = 100\nbatch_max_bytes = \"1MiB\"\nconcurrency = 15"),
             (1600, 16 << 20)
