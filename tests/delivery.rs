@@ -255,8 +255,15 @@ fn dlq(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
 }
 
 fn dlq_once(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .arg("dlq")
+    let mut cmd = Command::new(bin());
+    cmd.arg("dlq");
+    // The daemon's config (the test daemons keep it beside their data dir), as an operator
+    // would give it: `replay` checks the sinks against it.
+    let config = data_dir.parent().map(|p| p.join("llmlogd.toml"));
+    if let Some(c) = config.filter(|c| c.exists()) {
+        cmd.arg("--config").arg(c);
+    }
+    let out = cmd
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)

@@ -674,7 +674,13 @@ fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError
         initial: duration(&k("retry_initial"), rs.retry_initial, "500ms", "10ms", "1h")?,
         max: duration(&k("retry_max"), rs.retry_max, "60s", "10ms", "1d")?,
         max_age: duration(&k("max_age"), rs.max_age, "30d", "1s", "3650d")?,
-        max_retry_after: duration(&k("max_retry_after"), rs.max_retry_after, "10m", "1s", "1d")?,
+        max_retry_after: duration(
+            &k("max_retry_after"),
+            rs.max_retry_after,
+            "10m",
+            "10ms",
+            "1d",
+        )?,
         poison_after: int_in(&k("poison_after"), rs.poison_after, 5, 1, 1_000_000)? as u32,
         circuit_after: int_in(&k("circuit_after"), rs.circuit_after, 5, 1, 1_000_000)? as u32,
     };
