@@ -42,6 +42,24 @@ fn same_log(sent: &Value, got: &Value) -> Result<usize, String> {
     Ok(floats)
 }
 
+/// A mock PromptLayer that answers logs and groups with ids counting up from `first`, and
+/// follow-ups with success.
+async fn promptlayer_mock(first: u64) -> MockSink {
+    let pl = MockSink::start().await;
+    let next_id = Arc::new(AtomicU64::new(first));
+    pl.rule(move |r| {
+        let id = next_id.fetch_add(1, Ordering::SeqCst);
+        Some(match r.path.as_str() {
+            "/log-request" => {
+                Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+            }
+            "/create-group" => Answer::StatusBody(200, format!("{{\"success\":true,\"id\":{id}}}")),
+            _ => Answer::StatusBody(200, "{\"success\":true}".into()),
+        })
+    });
+    pl
+}
+
 /// A Pezzo body as llmlogd delivers it: without the `null`s its spec does not allow.
 fn pezzo_less_spec_nulls(body: &Value) -> Value {
     let mut v = body.clone();
@@ -248,19 +266,7 @@ async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401()
 /// like an integer, not sent on as llmlogd's local id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_ups_name_the_right_kind_of_id_and_float_ids_are_translated() {
-    let pl = MockSink::start().await;
-    let next_id = Arc::new(AtomicU64::new(70_000));
-    let ids = next_id.clone();
-    pl.rule(move |r| {
-        let id = ids.fetch_add(1, Ordering::SeqCst);
-        Some(match r.path.as_str() {
-            "/log-request" => {
-                Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
-            }
-            "/create-group" => Answer::StatusBody(200, format!("{{\"success\":true,\"id\":{id}}}")),
-            _ => Answer::StatusBody(200, "{\"success\":true}".into()),
-        })
-    });
+    let pl = promptlayer_mock(70_000).await;
     let cfg = format!(
         "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n",
         pl.url("")
@@ -481,19 +487,7 @@ async fn official_clients_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let pezzo = MockSink::start().await;
     pezzo.ok_answer(201, "{\"reportId\":\"x\"}");
-    let pl = MockSink::start().await;
-    let next_id = Arc::new(AtomicU64::new(90_000));
-    let ids = next_id.clone();
-    pl.rule(move |r| {
-        let id = ids.fetch_add(1, Ordering::SeqCst);
-        Some(match r.path.as_str() {
-            "/log-request" => {
-                Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
-            }
-            "/create-group" => Answer::StatusBody(200, format!("{{\"success\":true,\"id\":{id}}}")),
-            _ => Answer::StatusBody(200, "{\"success\":true}".into()),
-        })
-    });
+    let pl = promptlayer_mock(90_000).await;
     let raw = MockSink::start().await;
     let cfg = format!(
         r#"

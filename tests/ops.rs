@@ -547,25 +547,11 @@ async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink(
         (refusing.received().len() == 1).then_some(())
     })
     .await;
-    let dead = |d: &InProcess| {
-        let url = d.url("/v1/status");
-        async move {
-            let v: serde_json::Value = client()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["queue"]["dead_letters"].as_u64().unwrap_or(0)
-        }
-    };
-    let deadline = Instant::now() + DEADLINE;
-    while dead(&d).await == 0 {
-        assert!(Instant::now() < deadline, "no dead letter");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = d.url("/v1/status");
+    wait_until(DEADLINE, "the dead letter", || async {
+        (get_json(&status).await["queue"]["dead_letters"] == 1).then_some(())
+    })
+    .await;
     d.stop().await;
 
     // The config without `gone` (another sink instead): replay is refused, the letter stays.
@@ -636,22 +622,11 @@ async fn dlq_show_masks_the_key_a_follow_up_carries() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // The log is refused (422), so the follow-up has nothing to refer to: both dead letters.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let v: serde_json::Value = http
-            .get(d.url("/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["queue"]["dead_letters"] == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = d.url("/v1/status");
+    wait_until(DEADLINE, "two dead letters", || async {
+        (get_json(&status).await["queue"]["dead_letters"] == 2).then_some(())
+    })
+    .await;
     d.stop().await;
     let data = dir.path().join("data");
     let out = Command::new(bin())
@@ -702,22 +677,13 @@ async fn a_token_in_a_sink_url_is_masked_in_its_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let deadline = Instant::now() + DEADLINE;
-    let err = loop {
-        let v: serde_json::Value = http
-            .get(d.url("/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(e) = v["sinks"][0]["last_error"].as_str() {
-            break e.to_string();
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = d.url("/v1/status");
+    let err = wait_until(DEADLINE, "the sink's error", || async {
+        get_json(&status).await["sinks"][0]["last_error"]
+            .as_str()
+            .map(String::from)
+    })
+    .await;
     assert!(
         !err.contains("URLTOKEN") && !err.contains("URLPASS"),
         "{err}"

@@ -459,6 +459,11 @@ pub async fn get_text(url: &str) -> String {
         .unwrap()
 }
 
+/// GETs `url` and parses its JSON body (`/v1/status`, say).
+pub async fn get_json(url: &str) -> serde_json::Value {
+    serde_json::from_str(&get_text(url).await).expect("a JSON body")
+}
+
 /// Posts JSON text to `url`, returns (status, body).
 pub async fn post_json(url: &str, body: &str) -> (u16, serde_json::Value) {
     let r = client()
