@@ -36,10 +36,10 @@ pub struct Cli {
 #[derive(Debug, Args, Clone, Default)]
 pub struct ConfigArgs {
     /// Config file (TOML). Without it, embedded defaults are used.
-    #[arg(short, long, env = "LLMLOGD_CONFIG")]
+    #[arg(short, long, env = "LLMLOGD_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Data directory (overrides queue.data_dir).
-    #[arg(long, env = "LLMLOGD_DATA_DIR")]
+    #[arg(long, env = "LLMLOGD_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// HTTP listen address (overrides server.http_listen; "" switches HTTP off).
     #[arg(long, env = "LLMLOGD_HTTP_LISTEN")]

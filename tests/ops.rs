@@ -529,6 +529,9 @@ async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink(
     assert!(!nowhere.exists(), "nothing created");
     let (code, _, _) = run(&["fsck", "--data-dir", nowhere.to_str().unwrap()]);
     assert_eq!(code, Some(66));
+    // The config options are taken after `dlq`'s own subcommand too.
+    let (code, _, err) = run(&["dlq", "list", "--data-dir", nowhere.to_str().unwrap()]);
+    assert_eq!(code, Some(66), "{err}");
 
     // One dead letter for sink `gone` (the service refuses the event).
     let refusing = MockSink::start().await;
