@@ -291,6 +291,18 @@ mod tests {
     use crate::event::ClientCredentials;
     use crate::formats::{Attributes, TrackKind};
 
+    /// The route table of a config's sinks, numbered in config order (BTreeMap: by name).
+    fn table(toml: &str) -> RouteTable {
+        let c = Config::parse(toml, &Overrides::default()).unwrap();
+        let ids: Vec<(u16, &SinkConfig)> = c
+            .sinks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u16, s))
+            .collect();
+        RouteTable::new(&ids)
+    }
+
     fn ev(kind: EventKind, env: Option<&str>, tags: &[&str], canonical: bool) -> NewEvent {
         NewEvent {
             kind,
@@ -310,7 +322,8 @@ mod tests {
 
     #[test]
     fn routing_by_format_environment_tag_and_renderability() {
-        let c = Config::parse(
+        // BTreeMap order: all=0, pl=1, pz=2.
+        let t = table(
             r#"
 [sinks.all]
 type = "http"
@@ -325,17 +338,7 @@ api_key = "k"
 route.tags = ["keep"]
 route.formats = ["pezzo", "promptlayer"]
 "#,
-            &Overrides::default(),
-        )
-        .unwrap();
-        let ids: Vec<(u16, &SinkConfig)> = c
-            .sinks
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as u16, s))
-            .collect();
-        // BTreeMap order: all=0, pl=1, pz=2.
-        let t = RouteTable::new(&ids);
+        );
         assert_eq!(
             t.routes_for(&ev(EventKind::Native, Some("prod"), &[], false)),
             vec![0]
@@ -375,18 +378,7 @@ route.formats = ["pezzo", "promptlayer"]
 
     #[test]
     fn keyless_service_sinks_take_only_their_own_format_with_the_apps_key() {
-        let c = Config::parse(
-            "[sinks.pl]\ntype = \"promptlayer\"\n[sinks.pz]\ntype = \"pezzo\"\n",
-            &Overrides::default(),
-        )
-        .unwrap();
-        let ids: Vec<(u16, &SinkConfig)> = c
-            .sinks
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as u16, s))
-            .collect();
-        let t = RouteTable::new(&ids); // pl=0, pz=1
+        let t = table("[sinks.pl]\ntype = \"promptlayer\"\n[sinks.pz]\ntype = \"pezzo\"\n"); // pl=0, pz=1
         assert_eq!(
             t.routes_for(&ev(EventKind::PromptLayerLog, None, &[], false)),
             vec![0]
@@ -431,13 +423,7 @@ route.formats = ["pezzo", "promptlayer"]
 
     #[test]
     fn a_pezzo_sink_with_a_key_but_no_project_takes_only_reports_with_the_apps_project() {
-        let c = Config::parse(
-            "[sinks.pz]\ntype = \"pezzo\"\napi_key = \"sink-key\"\n",
-            &Overrides::default(),
-        )
-        .unwrap();
-        let ids: Vec<(u16, &SinkConfig)> = vec![(0, &c.sinks[0])];
-        let t = RouteTable::new(&ids);
+        let t = table("[sinks.pz]\ntype = \"pezzo\"\napi_key = \"sink-key\"\n");
         // A converted event has no Pezzo project: it cannot go (it used to stall the sink).
         assert_eq!(
             t.routes_for(&ev(EventKind::PromptLayerLog, None, &[], true)),
