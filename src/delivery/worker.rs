@@ -46,6 +46,7 @@ use super::limits::FlowControl;
 use super::retry::{self, Verdict};
 use crate::config::{SinkConfig, SinkKind};
 use crate::event::{now_ms, StoredEvent};
+use crate::ops::log_throttle::LogThrottle;
 use crate::ops::metrics::{FailureClass, Metrics};
 use crate::ops::status::StatusBoard;
 use crate::queue::{DeadLetterInfo, Queue, ReadItem};
@@ -68,8 +69,8 @@ const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 const FRAMING_PER_BATCH: usize = 1;
 const FRAMING_PER_EVENT: usize = 1;
 
-/// At most one line about dead letters per this long, per sink (plus the first).
-const DEAD_LETTER_LOG_EVERY: Duration = Duration::from_secs(10);
+/// At most one line about dead letters per this many milliseconds, per sink (plus a count).
+const DEAD_LETTER_LOG_MS: u64 = 10_000;
 
 struct Slot {
     ev: StoredEvent,
@@ -169,9 +170,8 @@ pub(crate) struct Worker {
     sends: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
-    /// Dead letters are logged one line, then one summary per `DEAD_LETTER_LOG_EVERY`.
-    dead_letter_logged: Option<Instant>,
-    dead_letters_unlogged: u64,
+    /// Dead letters are logged one line, then one count per `DEAD_LETTER_LOG_MS`.
+    dead_letter_log: LogThrottle,
     dead_letter_last_reason: String,
     /// A lone event's run of failures was logged (no circuit for it): say when it ends.
     failing_logged: bool,
@@ -267,8 +267,7 @@ impl Worker {
             generation: 0,
             sends: 0,
             pause_logged: false,
-            dead_letter_logged: None,
-            dead_letters_unlogged: 0,
+            dead_letter_log: LogThrottle::new(DEAD_LETTER_LOG_MS),
             dead_letter_last_reason: String::new(),
             failing_logged: false,
             redirect_warned: false,
@@ -295,12 +294,13 @@ impl Worker {
         abort: CancellationToken,
     ) {
         let mut head = self.queue.head();
+        self.metrics.register_sink(&self.name);
         self.metrics.sink_state(&self.name, "ok");
         loop {
             let now = Instant::now();
             // Expired events leave first, so the refill takes their room at once.
             self.sweep_expired(now);
-            self.log_held_dead_letters(now);
+            self.log_held_dead_letters();
             let readable = match self.refill() {
                 Ok(read_on) => read_on,
                 Err(e) => {
@@ -1031,19 +1031,14 @@ impl Worker {
     }
 
     /// Logs how many dead letters the last period held back, if any and if the period is over.
-    fn log_held_dead_letters(&mut self, now: Instant) {
-        let due = self
-            .dead_letter_logged
-            .is_none_or(|t| now.saturating_duration_since(t) >= DEAD_LETTER_LOG_EVERY);
-        if self.dead_letters_unlogged > 0 && due {
+    fn log_held_dead_letters(&self) {
+        if let Some(events) = self.dead_letter_log.held_if_due() {
             tracing::warn!(
                 sink = %self.name,
-                events = self.dead_letters_unlogged,
+                events,
                 last_reason = %self.dead_letter_last_reason,
                 "more events moved to the dead letters (llmlogd dlq list)"
             );
-            self.dead_letters_unlogged = 0;
-            self.dead_letter_logged = Some(now);
         }
     }
 
@@ -1063,18 +1058,17 @@ impl Worker {
             Ok(()) => {
                 self.dead_lettered += 1;
                 self.metrics.dead_lettered(&self.name, 1);
-                // One line, then at most one summary per period: expiring a backlog after a
+                // One line, then at most one count per period: expiring a backlog after a
                 // long outage must not write a line per event.
-                let now = Instant::now();
-                let recent = self
-                    .dead_letter_logged
-                    .is_some_and(|t| now.saturating_duration_since(t) < DEAD_LETTER_LOG_EVERY);
-                if recent {
-                    self.dead_letters_unlogged += 1;
-                    self.dead_letter_last_reason = reason.to_string();
-                } else {
-                    tracing::warn!(sink = %self.name, seq, reason, "event moved to the dead letters");
-                    self.dead_letter_logged = Some(now);
+                match self.dead_letter_log.ready() {
+                    Some(held) => tracing::warn!(
+                        sink = %self.name,
+                        seq,
+                        reason,
+                        held,
+                        "event moved to the dead letters"
+                    ),
+                    None => self.dead_letter_last_reason = reason.to_string(),
                 }
             }
             Err(e) => {
@@ -1183,13 +1177,9 @@ async fn execute(
             .get(reqwest::header::LOCATION)?
             .to_str()
             .ok()?;
-        let mut url = resp.url().join(loc).ok()?;
-        // A query may carry a token (a signed URL); the path is what the operator needs.
-        let query = url.query().is_some();
-        url.set_query(None);
-        url.set_fragment(None);
-        let _ = url.set_password(None);
-        Some(format!("{url}{}", if query { "?…" } else { "" }))
+        let url = resp.url().join(loc).ok()?;
+        // A query may carry a token (a signed URL): masked like the sink's own URL.
+        Some(crate::config::redact_url(url.as_str()))
     };
     let mut rb = client.post(&req.url).body(req.body);
     for (k, v) in req.headers {

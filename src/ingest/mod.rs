@@ -48,6 +48,36 @@ struct RouteEntry {
     own_project: bool,
 }
 
+/// A credential a service sink lacks for an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    Key,
+    Project,
+}
+
+impl RouteEntry {
+    /// The credential this sink lacks for `ev`: neither its config has it nor, for an event
+    /// in the sink's own format, the app sent it (an app's key is only ever sent to the
+    /// service it was meant for). `None` for the `http` sink, which uses its config only.
+    fn missing(&self, ev: &NewEvent) -> Option<Missing> {
+        let own_format = match self.kind {
+            SinkType::Pezzo => Format::Pezzo,
+            SinkType::PromptLayer => Format::PromptLayer,
+            SinkType::Http => return None,
+        };
+        let from_app = ev.kind.format() == own_format;
+        let has_key = self.own_key || (from_app && ev.creds.api_key.is_some());
+        let has_project = self.own_project || (from_app && ev.creds.project_id.is_some());
+        if !has_key {
+            Some(Missing::Key)
+        } else if !has_project {
+            Some(Missing::Project)
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SinkType {
     Http,
@@ -95,21 +125,7 @@ impl RouteTable {
                     (_, EventKind::Native) => ev.attrs.canonical,
                     _ => true,
                 };
-                let native_format = match e.kind {
-                    SinkType::Pezzo => Some(Format::Pezzo),
-                    SinkType::PromptLayer => Some(Format::PromptLayer),
-                    SinkType::Http => None,
-                };
-                // An app's key is only ever sent to the service it was meant for.
-                let has_key = match native_format {
-                    None => true,
-                    Some(f) => {
-                        let from_app = ev.kind.format() == f;
-                        (e.own_key || (from_app && ev.creds.api_key.is_some()))
-                            && (e.own_project || (from_app && ev.creds.project_id.is_some()))
-                    }
-                };
-                renders && has_key && route_matches(&e.route, ev)
+                renders && e.missing(ev).is_none() && route_matches(&e.route, ev)
             })
             .map(|e| e.id)
             .collect()
@@ -130,12 +146,9 @@ impl RouteTable {
             .iter()
             .filter(|e| e.kind == own && route_matches(&e.route, ev))
             .find_map(|e| {
-                let field = if !e.own_key && ev.creds.api_key.is_none() {
-                    key_field
-                } else if !e.own_project && ev.creds.project_id.is_none() {
-                    "x-pezzo-project-id"
-                } else {
-                    return None;
+                let field = match e.missing(ev)? {
+                    Missing::Key => key_field,
+                    Missing::Project => "x-pezzo-project-id",
                 };
                 Some(FieldError {
                     field: field.into(),

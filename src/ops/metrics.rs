@@ -291,10 +291,9 @@ impl Metrics {
         }
     }
 
-    pub fn sink_state(&self, sink: &str, state: &str) {
-        // A sink's counters exist from its start, at 0 (Prometheus' `rate()` and alerts on
-        // `increase()` need the series before its first event); set here since every worker
-        // reports its state when it starts.
+    /// A sink's counters exist from its start, at 0 (Prometheus' `rate()` and alerts on
+    /// `increase()` need the series before the first event).
+    pub fn register_sink(&self, sink: &str) {
         let l = label(sink);
         let _ = self.delivered.get_or_create(&l);
         let _ = self.retried.get_or_create(&l);
@@ -306,6 +305,9 @@ impl Metrics {
                 class,
             });
         }
+    }
+
+    pub fn sink_state(&self, sink: &str, state: &str) {
         for s in SINK_STATES {
             self.state
                 .get_or_create(&SinkState {

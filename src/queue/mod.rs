@@ -643,36 +643,8 @@ impl Queue {
 /// At most one storage-error line per this many milliseconds: a disk that stays full fails
 /// every write, and the log should say so, not repeat it per request.
 const STORAGE_ERROR_LOG_MS: u64 = 10_000;
-static STORAGE_ERROR_LOG: LogThrottle = LogThrottle::new(STORAGE_ERROR_LOG_MS);
-
-/// Lets a repeated log line through at most once per period, counting the ones it held back.
-struct LogThrottle {
-    period_ms: u64,
-    last_ms: AtomicU64,
-    skipped: AtomicU64,
-}
-
-impl LogThrottle {
-    const fn new(period_ms: u64) -> Self {
-        LogThrottle {
-            period_ms,
-            last_ms: AtomicU64::new(0),
-            skipped: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when this one may be logged.
-    fn ready(&self) -> Option<u64> {
-        let now = now_ms();
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) < self.period_ms {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        self.last_ms.store(now.max(1), Ordering::Relaxed);
-        Some(self.skipped.swap(0, Ordering::Relaxed))
-    }
-}
+static STORAGE_ERROR_LOG: crate::ops::log_throttle::LogThrottle =
+    crate::ops::log_throttle::LogThrottle::new(STORAGE_ERROR_LOG_MS);
 
 /// The group-commit writer: take everything waiting, insert, flush, fdatasync, then answer.
 /// Each append is packed (and its full packs compressed) as it arrives, so while the writer

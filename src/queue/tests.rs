@@ -639,14 +639,3 @@ fn reopening_waits_for_a_lingering_sled_handle() {
     assert_eq!(t.meta.get("k").unwrap().as_deref(), Some(&b"v"[..]));
     holder.join().unwrap();
 }
-
-#[test]
-fn a_repeated_storage_error_is_logged_once_per_period_with_a_count() {
-    let t = LogThrottle::new(60_000);
-    assert_eq!(t.ready(), Some(0));
-    assert_eq!(t.ready(), None);
-    assert_eq!(t.ready(), None);
-    // The next period's line says how many were held back.
-    t.last_ms.store(1, Ordering::Relaxed);
-    assert_eq!(t.ready(), Some(2));
-}
