@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
-use crate::config::{Config, Overrides};
+use crate::config::{Config, KeySource, Keys, Overrides};
 
 /// Exit codes (sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
@@ -58,8 +58,14 @@ impl ConfigArgs {
         }
     }
 
+    /// The config as the daemon takes it: every key read.
     pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
         Config::load(self.config.as_deref(), &self.overrides())
+    }
+
+    /// The config as the CLI tools take it: paths and names, no keys read ([`Keys::Skip`]).
+    pub fn load_without_keys(&self) -> Result<Config, crate::config::ConfigError> {
+        Config::load_keys(self.config.as_deref(), &self.overrides(), Keys::Skip)
     }
 }
 
@@ -182,7 +188,15 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
 
 pub fn check_config(file: Option<PathBuf>, cfg: &ConfigArgs) -> Result<(), CliError> {
     let path = file.or_else(|| cfg.config.clone());
-    let c = Config::load(path.as_deref(), &cfg.overrides())?;
+    let c = Config::load_keys(path.as_deref(), &cfg.overrides(), Keys::Check)?;
+    for s in &c.sinks {
+        if let (None, KeySource::Credential(name)) = (&s.key, &s.key_source) {
+            eprintln!(
+                "note: sinks.{}.api_key_credential: credential {name:?} not checked, CREDENTIALS_DIRECTORY is not set (systemd sets it for the service)",
+                s.name
+            );
+        }
+    }
     // What `run` would only find out when it binds (and the unit's ExecStartPre should catch).
     if let Some(g) = &c.server.socket_group {
         let name = std::ffi::CString::new(g.as_str()).unwrap_or_default();
@@ -233,7 +247,7 @@ pub fn send(
     }
     let path = match socket {
         Some(p) => p,
-        None => cfg.load()?.server.unix_socket.ok_or_else(|| {
+        None => cfg.load_without_keys()?.server.unix_socket.ok_or_else(|| {
             CliError::new(
                 EXIT_USAGE,
                 "the Unix socket is switched off in the config; pass --socket",
@@ -413,7 +427,7 @@ fn strip_line_prefix(err: &str, line: usize) -> &str {
 }
 
 fn daemon_url(cfg: &ConfigArgs, path: &str) -> Result<String, CliError> {
-    let c = cfg.load()?;
+    let c = cfg.load_without_keys()?;
     let addr = c.server.http_listen.ok_or_else(|| {
         CliError::new(
             EXIT_USAGE,
@@ -497,7 +511,7 @@ fn age(now: u64, then: Option<u64>) -> String {
 
 /// `llmlogd dlq …`, on the data directory (the daemon must not hold it).
 pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
-    let c = cfg.load()?;
+    let c = cfg.load_without_keys()?;
     let queue = open_offline(&c)?;
     let names = queue
         .sink_names()
@@ -653,7 +667,7 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
 
 /// `llmlogd fsck [--repair]`: exit 0 when the store is clean (or was repaired), 1 otherwise.
 pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
-    let c = cfg.load()?;
+    let c = cfg.load_without_keys()?;
     let queue = open_offline(&c)?;
     let report = queue
         .fsck(repair)

@@ -397,6 +397,84 @@ fn check_config_validates_and_masks() {
     );
 }
 
+/// The service's config names keys that only the service can read (a systemd credential, a
+/// file only its user may read, a variable only its unit sets). `check-config` by hand (or as
+/// the `ExecStartPre=` of a systemd older than 252, which gets no credentials) notes the
+/// credential it cannot reach instead of refusing the file, and the tools that need no key
+/// (`status`, `dlq`, `fsck`, `send`) do not read keys at all.
+#[test]
+fn tools_run_on_the_services_config_without_its_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let conf = dir.path().join("llmlogd.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nhttp_listen = \"127.0.0.1:9\"\nunix_socket = \"{sock}\"\n[queue]\ndata_dir = \"{data}\"\n\
+             [sinks.pl]\ntype = \"promptlayer\"\napi_key_credential = \"promptlayer\"\n\
+             [sinks.pz]\ntype = \"pezzo\"\napi_key_file = \"/nonexistent/pezzo.key\"\nproject_id = \"p\"\n\
+             [sinks.c]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\napi_key_env = \"LLMLOGD_TEST_UNSET_KEY\"\n",
+            sock = dir.path().join("s.sock").display(),
+            data = data.display(),
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&conf)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("LLMLOGD_TEST_UNSET_KEY")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Each tool gets as far as its own work: no daemon (69), no queue yet (66).
+    let (code, err) = run(&["status"]);
+    assert_eq!(code, Some(69), "{err}");
+    assert!(err.contains("127.0.0.1:9"), "{err}");
+    for tool in [&["dlq", "list"][..], &["fsck"]] {
+        let (code, err) = run(tool);
+        assert_eq!(code, Some(66), "{tool:?}: {err}");
+        assert!(err.contains("no llmlogd queue"), "{tool:?}: {err}");
+    }
+    // check-config still reads every key it can reach: the unset variable is refused (sinks
+    // are checked in name order), then the missing file...
+    let (code, err) = run(&["check-config"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("sinks.c.api_key_env"), "{err}");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("api_key_env = \"LLMLOGD_TEST_UNSET_KEY\"\n", ""),
+    )
+    .unwrap();
+    let (code, err) = run(&["check-config"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("sinks.pz.api_key_file"), "{err}");
+    // ...and with the keys it can reach, the unreachable credential is a note, not an error.
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("api_key_file = \"/nonexistent/pezzo.key\"\n", ""),
+    )
+    .unwrap();
+    let (code, err) = run(&["check-config"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("sinks.pl.api_key_credential") && err.contains("not checked"),
+        "{err}"
+    );
+    // The daemon itself still refuses to start without the key it needs.
+    let (code, err) = run(&["run"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("CREDENTIALS_DIRECTORY"), "{err}");
+}
+
 /// Socket activation (llmlogd.socket): the daemon serves on the sockets it is handed and binds
 /// nothing of its own. `systemd-socket-activate` plays systemd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

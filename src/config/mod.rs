@@ -49,6 +49,21 @@ pub struct Overrides {
     pub unix_socket: Option<String>,
 }
 
+/// How loading a config treats the sinks' API keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// Read every key; one that cannot be read is an error (the daemon: start and reload).
+    Read,
+    /// As `Read`, except that a systemd credential is left unread where there is none
+    /// (`CREDENTIALS_DIRECTORY` unset): `check-config` run by hand, or as `ExecStartPre=` under
+    /// a systemd older than 252, which gives credentials to `ExecStart=` only.
+    Check,
+    /// Read none: the CLI tools that need only paths and sink names (`status`, `send`, `dlq`,
+    /// `fsck`). A key file only the service's user may read, or a variable only its unit sets,
+    /// must not stop them.
+    Skip,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -207,6 +222,15 @@ pub struct SinkConfig {
 impl Config {
     /// Reads and validates a config file; `None` means the embedded defaults.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::load_keys(path, overrides, Keys::Read)
+    }
+
+    /// [`Config::load`], with the sinks' keys read as `keys` says.
+    pub fn load_keys(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        keys: Keys,
+    ) -> Result<Config, ConfigError> {
         let text = match path {
             Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                 path: p.to_path_buf(),
@@ -214,17 +238,26 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Config::parse(&text, overrides)
+        Config::parse_keys(&text, overrides, keys)
+    }
+
+    /// Parses TOML text, reading every key.
+    pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::parse_keys(text, overrides, Keys::Read)
     }
 
     /// Parses TOML text; the single entry point of all validation.
-    pub fn parse(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    pub fn parse_keys(
+        text: &str,
+        overrides: &Overrides,
+        keys: Keys,
+    ) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Syntax(one_line(&e.to_string())))?;
-        Config::from_raw(raw, overrides)
+        Config::from_raw(raw, overrides, keys)
     }
 
-    fn from_raw(raw: raw::RawConfig, ov: &Overrides) -> Result<Config, ConfigError> {
+    fn from_raw(raw: raw::RawConfig, ov: &Overrides, keys: Keys) -> Result<Config, ConfigError> {
         let s = raw.server;
         let allow_non_loopback = s.allow_non_loopback.unwrap_or(false);
         let listen_text = ov
@@ -398,7 +431,7 @@ impl Config {
 
         let mut sinks = Vec::new();
         for (name, rs) in raw.sinks {
-            sinks.push(sink_from_raw(&name, rs)?);
+            sinks.push(sink_from_raw(&name, rs, keys)?);
         }
         Ok(Config {
             server,
@@ -553,7 +586,7 @@ pub const MAX_RECORD_PAYLOAD: u64 = 64 << 20;
 /// 55-58 MiB at 8 (BENCHMARKS.md).
 pub const DEFAULT_CACHE_BYTES: u64 = 8 << 20;
 
-fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError> {
+fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig, ConfigError> {
     let k = |field: &str| format!("sinks.{name}.{field}");
     if name.is_empty()
         || !name
@@ -653,7 +686,7 @@ fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError
             "encoding, gzip and headers apply only to http sinks",
         ));
     }
-    let (key, key_source) = read_key(name, &rs)?;
+    let (key, key_source) = read_key(name, &rs, keys)?;
     let rate = match rs.rate_limit {
         None => None,
         Some(r) if r.is_finite() && r > 0.0 => Some(RateConfig {
@@ -730,7 +763,13 @@ fn sink_from_raw(name: &str, rs: raw::RawSink) -> Result<SinkConfig, ConfigError
     })
 }
 
-fn read_key(name: &str, rs: &raw::RawSink) -> Result<(Option<Secret>, KeySource), ConfigError> {
+/// The sink's key and where it comes from; with [`Keys::Skip`] (or a credential [`Keys::Check`]
+/// cannot reach) only where: the key is `None`.
+fn read_key(
+    name: &str,
+    rs: &raw::RawSink,
+    keys: Keys,
+) -> Result<(Option<Secret>, KeySource), ConfigError> {
     let given = [
         rs.api_key.is_some(),
         rs.api_key_env.is_some(),
@@ -746,46 +785,58 @@ fn read_key(name: &str, rs: &raw::RawSink) -> Result<(Option<Secret>, KeySource)
             "give only one of api_key, api_key_env, api_key_file, api_key_credential",
         ));
     }
-    let clean = |s: String| s.trim().to_string();
-    if let Some(k) = &rs.api_key {
-        return Ok((Some(Secret::new(k.clone())), KeySource::Inline));
+    let source = if let Some(v) = &rs.api_key_env {
+        KeySource::Env(v.clone())
+    } else if let Some(p) = &rs.api_key_file {
+        KeySource::File(p.clone())
+    } else if let Some(c) = &rs.api_key_credential {
+        KeySource::Credential(c.clone())
+    } else if rs.api_key.is_some() {
+        KeySource::Inline
+    } else {
+        KeySource::None
+    };
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
+    let unread = match &source {
+        KeySource::None => true,
+        KeySource::Credential(_) if keys == Keys::Check => credentials.is_none(),
+        _ => keys == Keys::Skip,
+    };
+    if unread {
+        return Ok((None, source));
     }
-    if let Some(var) = &rs.api_key_env {
-        let v = std::env::var(var).map_err(|_| {
+    let from_file = |key: &str, path: PathBuf| {
+        std::fs::read_to_string(&path).map_err(|e| {
+            invalid(
+                format!("sinks.{name}.{key}"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let key = match &source {
+        KeySource::Env(var) => std::env::var(var).map_err(|_| {
             invalid(
                 format!("sinks.{name}.api_key_env"),
                 format!("environment variable {var} is not set"),
             )
-        })?;
-        return Ok((Some(Secret::new(clean(v))), KeySource::Env(var.clone())));
-    }
-    let from_file = |key: &str, path: PathBuf, source: KeySource| {
-        std::fs::read_to_string(&path)
-            .map(|v| (Some(Secret::new(clean(v))), source))
-            .map_err(|e| {
+        })?,
+        KeySource::File(p) => from_file("api_key_file", PathBuf::from(p))?,
+        KeySource::Credential(c) => {
+            let dir = credentials.ok_or_else(|| {
                 invalid(
-                    format!("sinks.{name}.{key}"),
-                    format!("cannot read {}: {e}", path.display()),
+                    format!("sinks.{name}.api_key_credential"),
+                    "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)",
                 )
-            })
+            })?;
+            from_file("api_key_credential", PathBuf::from(dir).join(c))?
+        }
+        _ => rs.api_key.clone().unwrap_or_default(),
     };
-    if let Some(p) = &rs.api_key_file {
-        return from_file("api_key_file", PathBuf::from(p), KeySource::File(p.clone()));
-    }
-    if let Some(c) = &rs.api_key_credential {
-        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-            invalid(
-                format!("sinks.{name}.api_key_credential"),
-                "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)",
-            )
-        })?;
-        return from_file(
-            "api_key_credential",
-            PathBuf::from(dir).join(c),
-            KeySource::Credential(c.clone()),
-        );
-    }
-    Ok((None, KeySource::None))
+    let key = match source {
+        KeySource::Inline => key,
+        _ => key.trim().to_string(),
+    };
+    Ok((Some(Secret::new(key)), source))
 }
 
 /// A duration setting within `min..=max`: zero where it would turn a wait into a busy loop (a
