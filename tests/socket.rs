@@ -864,6 +864,39 @@ async fn an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not()
     d.stop().await;
 }
 
+/// An app may connect at start and log its first event later: until its first byte a
+/// connection is idle, and `idle_timeout` applies, not `header_timeout` (once, the daemon
+/// dropped such a connection after `header_timeout` and the app's first write got EPIPE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_waits_idle_timeout_for_its_first_line_not_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let idle = Duration::from_secs(3);
+    let d = InProcess::start(
+        dir.path(),
+        &format!(
+            "[server]\nheader_timeout = \"1s\"\nidle_timeout = \"3s\"\n{}",
+            sink(&mock)
+        ),
+    )
+    .await;
+    let sock = d.socket();
+    let mut late = Nd::connect(&sock).await;
+    let mut silent = Nd::connect(&sock).await;
+    let since = Instant::now();
+    // Past header_timeout (the scenario itself, not a wait for readiness).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ok(&late.send("{\"first\":\"late\"}").await);
+    // One that never sends is still closed, once idle_timeout is over.
+    silent
+        .closed()
+        .await
+        .expect("the silent connection is closed");
+    assert!(since.elapsed() >= idle, "closed before idle_timeout");
+    wait_arrived(&mock, &["{\"first\":\"late\"}".to_string()]).await;
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipelined_burst_past_the_reply_budget_is_answered_whole_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
