@@ -74,9 +74,10 @@ pub enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Submit events (a JSON object, a JSON array of objects, or NDJSON) from a file or stdin
-    /// over the socket. Silent on success; names each event refused or left unanswered and
-    /// exits 1 (refused) or 69 (daemon unreachable, or it stopped answering).
+    /// Submit events (a JSON object, a JSON array of objects, JSON objects one after another,
+    /// or NDJSON) from a file or stdin over the socket. Silent on success; names each event
+    /// refused or left unanswered and exits 1 (refused) or 69 (daemon unreachable, or it
+    /// stopped answering).
     Send {
         /// File to read (default: stdin; "-" is stdin too).
         file: Option<PathBuf>,
@@ -227,7 +228,12 @@ pub fn send(
     let Outgoing {
         stream: out,
         events,
-    } = split_input(&input);
+    } = split_input(&input).map_err(|e| {
+        CliError::new(
+            EXIT_USAGE,
+            format!("{source} is not valid JSON: {e}; nothing was sent"),
+        )
+    })?;
     if events.is_empty() {
         return Err(CliError::new(EXIT_USAGE, format!("no event in {source}")));
     }
@@ -359,32 +365,56 @@ struct OutEvent {
 }
 
 /// Splits `send` input into NDJSON. A whole JSON document (an object, or an array of them) is
-/// sent one event per line, each element's bytes as written except for its line breaks; any
-/// other input is taken as NDJSON and sent line for line, so the daemon judges each line and
-/// its "line N" is the input's own line N (blank lines get no reply, as on the socket).
-fn split_input(input: &[u8]) -> Outgoing {
+/// sent one event per line, each element's bytes as written except for its line breaks; so is
+/// a series of JSON values (NDJSON, or documents one after another as `jq` prints them), each
+/// one event. Other input whose first line is a whole JSON value (or not JSON at all) is
+/// NDJSON with bad lines: it is sent line for line, so the daemon judges each line and its
+/// "line N" is the input's own line N (blank lines get no reply, as on the socket).
+///
+/// Input whose first line opens a document it does not finish is pretty-printed JSON: if it
+/// does not parse, it is refused whole, with the parser's error. Sent line for line, its lines
+/// would be refused one by one, and any that happened to be a JSON object on its own (an
+/// element of a broken array, a `{}` inside a document) stored as an event.
+fn split_input(input: &[u8]) -> Result<Outgoing, serde_json::Error> {
+    use serde_json::value::RawValue;
     let trimmed = input.trim_ascii();
-    if let Ok(doc) = serde_json::from_slice::<&serde_json::value::RawValue>(trimmed) {
+    if let Ok(doc) = serde_json::from_slice::<&RawValue>(trimmed) {
         let text = doc.get();
         let items: Vec<&str> = if text.starts_with('[') {
-            serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+            serde_json::from_str::<Vec<&RawValue>>(text)
                 .map(|v| v.iter().map(|r| r.get()).collect())
                 .unwrap_or_default()
         } else {
             vec![text]
         };
-        let mut stream = Vec::with_capacity(trimmed.len() + items.len());
-        let mut events = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            // Line breaks in valid JSON are only ever whitespace between tokens.
-            stream.extend(item.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
-            stream.push(b'\n');
-            events.push(OutEvent {
-                label: format!("event {}", i + 1),
-                sent_line: i + 1,
-            });
+        return Ok(one_line_each(items.iter().map(|item| (*item, None))));
+    }
+    // A series of JSON values: NDJSON, or documents one after another.
+    let mut items = Vec::new();
+    let mut broken = None;
+    // The input line a value starts on, counted on from the previous value's start.
+    let (mut counted, mut line) = (0usize, 1usize);
+    for value in serde_json::Deserializer::from_slice(input).into_iter::<&RawValue>() {
+        match value {
+            Ok(v) => {
+                let text = v.get();
+                let at = text.as_ptr() as usize - input.as_ptr() as usize;
+                line += memchr::memchr_iter(b'\n', &input[counted..at]).count();
+                counted = at;
+                items.push((text, Some(line)));
+            }
+            Err(e) => {
+                broken = Some(e);
+                break;
+            }
         }
-        return Outgoing { stream, events };
+    }
+    let Some(error) = broken else {
+        return Ok(one_line_each(items));
+    };
+    let first_line = trimmed.split(|b| *b == b'\n').next().unwrap_or_default();
+    if serde_json::from_slice::<&RawValue>(first_line.trim_ascii()).is_err_and(|e| e.is_eof()) {
+        return Err(error);
     }
     let mut stream = Vec::with_capacity(input.len() + 1);
     let mut events = Vec::new();
@@ -398,6 +428,25 @@ fn split_input(input: &[u8]) -> Outgoing {
                 sent_line: i + 1,
             });
         }
+    }
+    Ok(Outgoing { stream, events })
+}
+
+/// Each JSON value (with the input line it starts on, if worth naming) as one line of its own.
+fn one_line_each<'a>(items: impl IntoIterator<Item = (&'a str, Option<usize>)>) -> Outgoing {
+    let mut stream = Vec::new();
+    let mut events = Vec::new();
+    for (i, (item, line)) in items.into_iter().enumerate() {
+        // Line breaks in valid JSON are only ever whitespace between tokens.
+        stream.extend(item.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
+        stream.push(b'\n');
+        events.push(OutEvent {
+            label: match line {
+                Some(l) => format!("event {} (line {l})", i + 1),
+                None => format!("event {}", i + 1),
+            },
+            sent_line: i + 1,
+        });
     }
     Outgoing { stream, events }
 }
@@ -725,7 +774,7 @@ mod send_tests {
 
     #[test]
     fn ndjson_goes_line_for_line_keeping_blank_lines_for_the_numbering() {
-        let o = split_input(b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}");
+        let o = split_input(b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}").unwrap();
         assert_eq!(o.stream, b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}\n");
         assert_eq!(
             labels(&o),
@@ -739,14 +788,51 @@ mod send_tests {
 
     #[test]
     fn a_document_keeps_its_bytes_but_its_line_breaks() {
-        let o = split_input(b"\n[\n {\"a\": 1.50},\n {\"b\":\n  \"\\u00e9\"}, 7\n]\n");
+        let o = split_input(b"\n[\n {\"a\": 1.50},\n {\"b\":\n  \"\\u00e9\"}, 7\n]\n").unwrap();
         assert_eq!(o.stream, b"{\"a\": 1.50}\n{\"b\":  \"\\u00e9\"}\n7\n");
         assert_eq!(labels(&o), [("event 1", 1), ("event 2", 2), ("event 3", 3)]);
-        let o = split_input(b"{\n  \"one\": true\n}\n");
+        let o = split_input(b"{\n  \"one\": true\n}\n").unwrap();
         assert_eq!(o.stream, b"{  \"one\": true}\n");
         assert_eq!(labels(&o), [("event 1", 1)]);
-        assert!(split_input(b"[]").events.is_empty());
-        assert!(split_input(b" \n\n").events.is_empty());
+        assert!(split_input(b"[]").unwrap().events.is_empty());
+        assert!(split_input(b" \n\n").unwrap().events.is_empty());
+    }
+
+    #[test]
+    fn documents_one_after_another_are_one_event_each_named_by_their_line() {
+        // What `jq . a.json b.json` prints.
+        let o =
+            split_input(b"{\n  \"a\": 1,\n  \"t\": [\n    {}\n  ]\n}\n\n{\r\n  \"b\": 2\r\n}\n")
+                .unwrap();
+        assert_eq!(
+            o.stream,
+            b"{  \"a\": 1,  \"t\": [    {}  ]}\n{  \"b\": 2}\n"
+        );
+        assert_eq!(
+            labels(&o),
+            [("event 1 (line 1)", 1), ("event 2 (line 8)", 2)]
+        );
+        // NDJSON that parses goes the same way, and names the same lines.
+        let o = split_input(b"{\"a\":1}\n\n{\"b\":2}\n").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(
+            labels(&o),
+            [("event 1 (line 1)", 1), ("event 2 (line 3)", 2)]
+        );
+    }
+
+    #[test]
+    fn a_broken_pretty_printed_document_is_refused_whole_not_sent_line_by_line() {
+        // A missing comma: line by line, its two elements would be stored.
+        let e = split_input(b"[\n  {\"a\": 1}\n  {\"b\": 2}\n]\n").unwrap_err();
+        assert_eq!((e.line(), e.column()), (3, 3), "{e}");
+        // A `{}` inside a broken document would have been stored as an event.
+        let e = split_input(b"{\n  \"t\": [\n    {}\n  ],\n}\n").unwrap_err();
+        assert_eq!(e.line(), 5, "{e}");
+        // NDJSON whose first line is whole is still judged line by line.
+        let o = split_input(b"{\"a\":1}\n{\n{}\n").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\n{\n{}\n");
+        assert_eq!(o.events.len(), 3);
     }
 
     #[test]

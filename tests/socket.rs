@@ -1128,6 +1128,50 @@ async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
     d.stop().await;
 }
 
+/// Pretty-printed JSON: a broken document is refused whole (once, it went line by line and
+/// the elements of a broken array were stored), and documents one after another, as `jq`
+/// prints them, are one event each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_refuses_a_broken_document_whole_and_takes_documents_one_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let file = dir.path().join("broken.json");
+    // A comma missing between the elements; the `{}` on its own line is part of the first.
+    std::fs::write(
+        &file,
+        "[\n  {\"broken\": 1, \"t\": [\n    {}\n  ]}\n  {\"broken\": 2}\n]\n",
+    )
+    .unwrap();
+    let mut args = sock_arg(&d.socket());
+    args.push(file.display().to_string());
+    let out = send_cli(args, Vec::new()).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "llmlogd: {} is not valid JSON: expected `,` or `]` at line 5 column 3; nothing was sent",
+            file.display()
+        )
+    );
+
+    let jq = "{\n  \"jq\": 1,\n  \"t\": [\n    {}\n  ]\n}\n{\n  \"jq\": 2\n}\n";
+    let out = send_cli(sock_arg(&d.socket()), jq.as_bytes().to_vec()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = [
+        "{  \"jq\": 1,  \"t\": [    {}  ]}".to_string(),
+        "{  \"jq\": 2}".to_string(),
+    ];
+    let got = wait_arrived(&mock, &want).await;
+    assert_eq!(
+        got,
+        want.to_vec(),
+        "the two documents, and nothing of the broken one"
+    );
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_without_a_daemon_exits_69_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
