@@ -377,6 +377,9 @@ struct OutEvent {
 /// element of a broken array, a `{}` inside a document) stored as an event.
 fn split_input(input: &[u8]) -> Result<Outgoing, serde_json::Error> {
     use serde_json::value::RawValue;
+    // A file saved "UTF-8 with BOM" (Windows editors, PowerShell 5's `Out-File`) starts with
+    // one: it marks the file's encoding and is no part of the first event.
+    let input = input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input);
     let trimmed = input.trim_ascii();
     if let Ok(doc) = serde_json::from_slice::<&RawValue>(trimmed) {
         let text = doc.get();
@@ -833,6 +836,22 @@ mod send_tests {
         let o = split_input(b"{\"a\":1}\n{\n{}\n").unwrap();
         assert_eq!(o.stream, b"{\"a\":1}\n{\n{}\n");
         assert_eq!(o.events.len(), 3);
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_not_part_of_the_first_event() {
+        let o = split_input(b"\xEF\xBB\xBF[{\"a\":1},{\"b\":2}]").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\n{\"b\":2}\n");
+        let o = split_input(b"\xEF\xBB\xBF{\"a\":1}\r\n{\"b\":2}\r\n{\"c\"\r\n").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\r\n{\"b\":2}\r\n{\"c\"\r\n");
+        assert_eq!(
+            labels(&o),
+            [
+                ("event 1 (line 1)", 1),
+                ("event 2 (line 2)", 2),
+                ("event 3 (line 3)", 3)
+            ]
+        );
     }
 
     #[test]
