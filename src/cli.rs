@@ -6,6 +6,7 @@
 //! daemon cannot be reached, 1 when some event was refused or an operation failed.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -254,6 +255,17 @@ pub fn send(
             std::io::ErrorKind::PermissionDenied => {
                 "; the socket is for its owner and group (server.socket_group)"
             }
+            // From `connect`: its listen queue stayed full for `timeout`.
+            std::io::ErrorKind::WouldBlock => {
+                return CliError::new(
+                    EXIT_UNAVAILABLE,
+                    format!(
+                        "llmlogd at {} took no connection within {}: it is hung, or serving server.max_connections with more waiting",
+                        path.display(),
+                        humantime::format_duration(timeout)
+                    ),
+                )
+            }
             _ => "",
         };
         CliError::new(
@@ -261,11 +273,7 @@ pub fn send(
             format!("cannot connect to llmlogd at {}: {e}{hint}", path.display()),
         )
     };
-    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(unavailable)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(unavailable)?;
+    let stream = connect(&path, timeout).map_err(unavailable)?;
     let write_half = stream.try_clone().map_err(unavailable)?;
     // Write in a thread while reading replies, so large inputs never deadlock on buffers.
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
@@ -346,6 +354,19 @@ pub fn send(
         eprintln!("{n} events stored");
     }
     Ok(())
+}
+
+/// Connects to the daemon's socket with `timeout` on every read and write, and on the connect
+/// itself: a connect to a Unix socket whose listen queue is full (a hung daemon, or one at
+/// `server.max_connections` with that many more waiting) blocks until there is room, with no
+/// end unless the socket has a send timeout; then it fails with `WouldBlock`. (A non-blocking
+/// connect cannot be waited on here: it fails at once, and there is nothing to poll.)
+fn connect(path: &std::path::Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(s.into())
 }
 
 /// What `send` writes, and the events in it (each line that gets a reply).

@@ -1238,6 +1238,45 @@ async fn send_does_not_hang_when_the_daemon_goes_away_or_goes_silent() {
     );
 }
 
+/// A daemon that takes no connection (hung, or at `max_connections` with its listen queue
+/// full): `--timeout` bounds the connect too. (Once, a connect to a full queue waited forever,
+/// and so did the cron job.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_gives_up_on_a_socket_that_takes_no_connection_within_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("full.sock");
+    // A listener that never accepts, with a queue of one, taken by another client.
+    let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    l.bind(&socket2::SockAddr::unix(&sock).unwrap()).unwrap();
+    l.listen(0).unwrap();
+    let mut waiting = Vec::new();
+    loop {
+        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        c.set_nonblocking(true).unwrap();
+        match c.connect(&socket2::SockAddr::unix(&sock).unwrap()) {
+            Ok(()) => waiting.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the listen queue: {e}"),
+        }
+        assert!(waiting.len() < 64, "the listen queue never filled");
+    }
+    let mut args = sock_arg(&sock);
+    args.extend(["--timeout".to_string(), "1s".to_string()]);
+    let started = Instant::now();
+    let out = send_cli(args, b"{\"a\":1}\n".to_vec()).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "llmlogd: llmlogd at {} took no connection within 1s: it is hung, or serving server.max_connections with more waiting",
+            sock.display()
+        )
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "gave up early");
+    drop(l);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The client snippets (examples/clients/, shown in README.md)
 
