@@ -1172,6 +1172,23 @@ async fn send_refuses_a_broken_document_whole_and_takes_documents_one_after_anot
     d.stop().await;
 }
 
+/// A bad option is a usage error: exit 64 (EX_USAGE), as the CLI documents, not clap's 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_with_a_bad_option_exits_64_naming_it() {
+    for bad in [
+        ["--timeout", "0"],
+        ["--timeout", "soon"],
+        ["--no-such", "x"],
+    ] {
+        let out = send_cli(bad.map(String::from).to_vec(), Vec::new()).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(64), "{bad:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(bad[0]), "{err}");
+    }
+    let out = send_cli(vec!["--help".into()], Vec::new()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_without_a_daemon_exits_69_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
