@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -82,7 +82,8 @@ pub enum Command {
     Send {
         /// File to read (default: stdin; "-" is stdin too).
         file: Option<PathBuf>,
-        /// Socket path (default: from the config).
+        /// Socket path (default: from the config; without one, this user's own daemon's, else
+        /// the system service's, /run/llmlogd/llmlogd.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
         /// Give up when the daemon sends no reply for this long.
@@ -240,12 +241,16 @@ pub fn send(
     }
     let path = match socket {
         Some(p) => p,
-        None => cfg.load()?.server.unix_socket.ok_or_else(|| {
-            CliError::new(
-                EXIT_USAGE,
-                "the Unix socket is switched off in the config; pass --socket",
-            )
-        })?,
+        None => {
+            let configured = cfg.load()?.server.unix_socket.ok_or_else(|| {
+                CliError::new(
+                    EXIT_USAGE,
+                    "the Unix socket is switched off in the config; pass --socket",
+                )
+            })?;
+            let named = cfg.config.is_some() || cfg.unix_socket.is_some();
+            default_or_system_socket(configured, named, Path::new(SYSTEM_SOCKET))
+        }
     };
     let unavailable = |e: std::io::Error| {
         let hint = match e.kind() {
@@ -356,12 +361,29 @@ pub fn send(
     Ok(())
 }
 
+/// Where the systemd unit's daemon listens (`RuntimeDirectory=llmlogd`, `llmlogd.socket`).
+pub const SYSTEM_SOCKET: &str = "/run/llmlogd/llmlogd.sock";
+
+/// The socket `send` uses when `--socket` does not name one. A config or `--unix-socket` that
+/// names it is followed. Otherwise the default is the one a daemon run by this user would
+/// bind (`$XDG_RUNTIME_DIR/llmlogd.sock`, …), and when there is none there, the system
+/// service's: a script or cron job on a host with the service installed reaches it with a
+/// bare `llmlogd send`, as the README shows (its config, `0640` to the service's group, may
+/// not even be readable by the script's user).
+fn default_or_system_socket(default: PathBuf, named: bool, system: &Path) -> PathBuf {
+    if named || default.exists() || !system.exists() {
+        default
+    } else {
+        system.to_path_buf()
+    }
+}
+
 /// Connects to the daemon's socket with `timeout` on every read and write, and on the connect
 /// itself: a connect to a Unix socket whose listen queue is full (a hung daemon, or one at
 /// `server.max_connections` with that many more waiting) blocks until there is room, with no
 /// end unless the socket has a send timeout; then it fails with `WouldBlock`. (A non-blocking
 /// connect cannot be waited on here: it fails at once, and there is nothing to poll.)
-fn connect(path: &std::path::Path, timeout: Duration) -> std::io::Result<UnixStream> {
+fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
@@ -873,6 +895,32 @@ mod send_tests {
                 ("event 3 (line 3)", 3)
             ]
         );
+    }
+
+    #[test]
+    fn without_a_named_socket_send_falls_back_to_the_system_services() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("own.sock");
+        let system = dir.path().join("system.sock");
+        let pick = |named| default_or_system_socket(own.clone(), named, &system);
+        assert_eq!(
+            pick(false),
+            own,
+            "no system socket either: name the default"
+        );
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(
+            pick(false),
+            system,
+            "the service's, when this user runs none"
+        );
+        assert_eq!(
+            pick(true),
+            own,
+            "a config or --unix-socket that names one is followed"
+        );
+        std::fs::write(&own, "").unwrap();
+        assert_eq!(pick(false), own, "this user's own daemon first");
     }
 
     #[test]
