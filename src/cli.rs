@@ -6,7 +6,8 @@
 //! daemon cannot be reached, 1 when some event was refused or an operation failed.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -80,13 +81,15 @@ pub enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Submit events (a JSON object, a JSON array of objects, or NDJSON) from a file or stdin
-    /// over the socket. Silent on success; names each event refused or left unanswered and
-    /// exits 1 (refused) or 69 (daemon unreachable, or it stopped answering).
+    /// Submit events (a JSON object, a JSON array of objects, JSON objects one after another,
+    /// or NDJSON) from a file or stdin over the socket. Silent on success; names each event
+    /// refused or left unanswered and exits 1 (refused) or 69 (daemon unreachable, or it
+    /// stopped answering).
     Send {
         /// File to read (default: stdin; "-" is stdin too).
         file: Option<PathBuf>,
-        /// Socket path (default: from the config).
+        /// Socket path (default: from the config; without one, this user's own daemon's, else
+        /// the system service's, /run/llmlogd/llmlogd.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
         /// Give up when the daemon sends no reply for this long.
@@ -241,18 +244,27 @@ pub fn send(
     let Outgoing {
         stream: out,
         events,
-    } = split_input(&input);
+    } = split_input(&input).map_err(|e| {
+        CliError::new(
+            EXIT_USAGE,
+            format!("{source} is not valid JSON: {e}; nothing was sent"),
+        )
+    })?;
     if events.is_empty() {
         return Err(CliError::new(EXIT_USAGE, format!("no event in {source}")));
     }
     let path = match socket {
         Some(p) => p,
-        None => cfg.load_without_keys()?.server.unix_socket.ok_or_else(|| {
-            CliError::new(
-                EXIT_USAGE,
-                "the Unix socket is switched off in the config; pass --socket",
-            )
-        })?,
+        None => {
+            let configured = cfg.load_without_keys()?.server.unix_socket.ok_or_else(|| {
+                CliError::new(
+                    EXIT_USAGE,
+                    "the Unix socket is switched off in the config; pass --socket",
+                )
+            })?;
+            let named = cfg.config.is_some() || cfg.unix_socket.is_some();
+            default_or_system_socket(configured, named, Path::new(SYSTEM_SOCKET))
+        }
     };
     let unavailable = |e: std::io::Error| {
         let hint = match e.kind() {
@@ -262,6 +274,17 @@ pub fn send(
             std::io::ErrorKind::PermissionDenied => {
                 "; the socket is for its owner and group (server.socket_group)"
             }
+            // From `connect`: its listen queue stayed full for `timeout`.
+            std::io::ErrorKind::WouldBlock => {
+                return CliError::new(
+                    EXIT_UNAVAILABLE,
+                    format!(
+                        "llmlogd at {} took no connection within {}: it is hung, or serving server.max_connections with more waiting",
+                        path.display(),
+                        humantime::format_duration(timeout)
+                    ),
+                )
+            }
             _ => "",
         };
         CliError::new(
@@ -269,11 +292,7 @@ pub fn send(
             format!("cannot connect to llmlogd at {}: {e}{hint}", path.display()),
         )
     };
-    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(unavailable)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(unavailable)?;
+    let stream = connect(&path, timeout).map_err(unavailable)?;
     let write_half = stream.try_clone().map_err(unavailable)?;
     // Write in a thread while reading replies, so large inputs never deadlock on buffers.
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
@@ -356,6 +375,36 @@ pub fn send(
     Ok(())
 }
 
+/// Where the systemd unit's daemon listens (`RuntimeDirectory=llmlogd`, `llmlogd.socket`).
+pub const SYSTEM_SOCKET: &str = "/run/llmlogd/llmlogd.sock";
+
+/// The socket `send` uses when `--socket` does not name one. A config or `--unix-socket` that
+/// names it is followed. Otherwise the default is the one a daemon run by this user would
+/// bind (`$XDG_RUNTIME_DIR/llmlogd.sock`, …), and when there is none there, the system
+/// service's: a script or cron job on a host with the service installed reaches it with a
+/// bare `llmlogd send`, as the README shows (its config, `0640` to the service's group, may
+/// not even be readable by the script's user).
+fn default_or_system_socket(default: PathBuf, named: bool, system: &Path) -> PathBuf {
+    if named || default.exists() || !system.exists() {
+        default
+    } else {
+        system.to_path_buf()
+    }
+}
+
+/// Connects to the daemon's socket with `timeout` on every read and write, and on the connect
+/// itself: a connect to a Unix socket whose listen queue is full (a hung daemon, or one at
+/// `server.max_connections` with that many more waiting) blocks until there is room, with no
+/// end unless the socket has a send timeout; then it fails with `WouldBlock`. (A non-blocking
+/// connect cannot be waited on here: it fails at once, and there is nothing to poll.)
+fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(s.into())
+}
+
 /// What `send` writes, and the events in it (each line that gets a reply).
 #[derive(Debug)]
 struct Outgoing {
@@ -373,32 +422,59 @@ struct OutEvent {
 }
 
 /// Splits `send` input into NDJSON. A whole JSON document (an object, or an array of them) is
-/// sent one event per line, each element's bytes as written except for its line breaks; any
-/// other input is taken as NDJSON and sent line for line, so the daemon judges each line and
-/// its "line N" is the input's own line N (blank lines get no reply, as on the socket).
-fn split_input(input: &[u8]) -> Outgoing {
+/// sent one event per line, each element's bytes as written except for its line breaks; so is
+/// a series of JSON values (NDJSON, or documents one after another as `jq` prints them), each
+/// one event. Other input whose first line is a whole JSON value (or not JSON at all) is
+/// NDJSON with bad lines: it is sent line for line, so the daemon judges each line and its
+/// "line N" is the input's own line N (blank lines get no reply, as on the socket).
+///
+/// Input whose first line opens a document it does not finish is pretty-printed JSON: if it
+/// does not parse, it is refused whole, with the parser's error. Sent line for line, its lines
+/// would be refused one by one, and any that happened to be a JSON object on its own (an
+/// element of a broken array, a `{}` inside a document) stored as an event.
+fn split_input(input: &[u8]) -> Result<Outgoing, serde_json::Error> {
+    use serde_json::value::RawValue;
+    // A file saved "UTF-8 with BOM" (Windows editors, PowerShell 5's `Out-File`) starts with
+    // one: it marks the file's encoding and is no part of the first event.
+    let input = input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input);
     let trimmed = input.trim_ascii();
-    if let Ok(doc) = serde_json::from_slice::<&serde_json::value::RawValue>(trimmed) {
+    if let Ok(doc) = serde_json::from_slice::<&RawValue>(trimmed) {
         let text = doc.get();
         let items: Vec<&str> = if text.starts_with('[') {
-            serde_json::from_str::<Vec<&serde_json::value::RawValue>>(text)
+            serde_json::from_str::<Vec<&RawValue>>(text)
                 .map(|v| v.iter().map(|r| r.get()).collect())
                 .unwrap_or_default()
         } else {
             vec![text]
         };
-        let mut stream = Vec::with_capacity(trimmed.len() + items.len());
-        let mut events = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            // Line breaks in valid JSON are only ever whitespace between tokens.
-            stream.extend(item.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
-            stream.push(b'\n');
-            events.push(OutEvent {
-                label: format!("event {}", i + 1),
-                sent_line: i + 1,
-            });
+        return Ok(one_line_each(items.iter().map(|item| (*item, None))));
+    }
+    // A series of JSON values: NDJSON, or documents one after another.
+    let mut items = Vec::new();
+    let mut broken = None;
+    // The input line a value starts on, counted on from the previous value's start.
+    let (mut counted, mut line) = (0usize, 1usize);
+    for value in serde_json::Deserializer::from_slice(input).into_iter::<&RawValue>() {
+        match value {
+            Ok(v) => {
+                let text = v.get();
+                let at = text.as_ptr() as usize - input.as_ptr() as usize;
+                line += memchr::memchr_iter(b'\n', &input[counted..at]).count();
+                counted = at;
+                items.push((text, Some(line)));
+            }
+            Err(e) => {
+                broken = Some(e);
+                break;
+            }
         }
-        return Outgoing { stream, events };
+    }
+    let Some(error) = broken else {
+        return Ok(one_line_each(items));
+    };
+    let first_line = trimmed.split(|b| *b == b'\n').next().unwrap_or_default();
+    if serde_json::from_slice::<&RawValue>(first_line.trim_ascii()).is_err_and(|e| e.is_eof()) {
+        return Err(error);
     }
     let mut stream = Vec::with_capacity(input.len() + 1);
     let mut events = Vec::new();
@@ -412,6 +488,25 @@ fn split_input(input: &[u8]) -> Outgoing {
                 sent_line: i + 1,
             });
         }
+    }
+    Ok(Outgoing { stream, events })
+}
+
+/// Each JSON value (with the input line it starts on, if worth naming) as one line of its own.
+fn one_line_each<'a>(items: impl IntoIterator<Item = (&'a str, Option<usize>)>) -> Outgoing {
+    let mut stream = Vec::new();
+    let mut events = Vec::new();
+    for (i, (item, line)) in items.into_iter().enumerate() {
+        // Line breaks in valid JSON are only ever whitespace between tokens.
+        stream.extend(item.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
+        stream.push(b'\n');
+        events.push(OutEvent {
+            label: match line {
+                Some(l) => format!("event {} (line {l})", i + 1),
+                None => format!("event {}", i + 1),
+            },
+            sent_line: i + 1,
+        });
     }
     Outgoing { stream, events }
 }
@@ -739,7 +834,7 @@ mod send_tests {
 
     #[test]
     fn ndjson_goes_line_for_line_keeping_blank_lines_for_the_numbering() {
-        let o = split_input(b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}");
+        let o = split_input(b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}").unwrap();
         assert_eq!(o.stream, b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}\n");
         assert_eq!(
             labels(&o),
@@ -753,14 +848,93 @@ mod send_tests {
 
     #[test]
     fn a_document_keeps_its_bytes_but_its_line_breaks() {
-        let o = split_input(b"\n[\n {\"a\": 1.50},\n {\"b\":\n  \"\\u00e9\"}, 7\n]\n");
+        let o = split_input(b"\n[\n {\"a\": 1.50},\n {\"b\":\n  \"\\u00e9\"}, 7\n]\n").unwrap();
         assert_eq!(o.stream, b"{\"a\": 1.50}\n{\"b\":  \"\\u00e9\"}\n7\n");
         assert_eq!(labels(&o), [("event 1", 1), ("event 2", 2), ("event 3", 3)]);
-        let o = split_input(b"{\n  \"one\": true\n}\n");
+        let o = split_input(b"{\n  \"one\": true\n}\n").unwrap();
         assert_eq!(o.stream, b"{  \"one\": true}\n");
         assert_eq!(labels(&o), [("event 1", 1)]);
-        assert!(split_input(b"[]").events.is_empty());
-        assert!(split_input(b" \n\n").events.is_empty());
+        assert!(split_input(b"[]").unwrap().events.is_empty());
+        assert!(split_input(b" \n\n").unwrap().events.is_empty());
+    }
+
+    #[test]
+    fn documents_one_after_another_are_one_event_each_named_by_their_line() {
+        // What `jq . a.json b.json` prints.
+        let o =
+            split_input(b"{\n  \"a\": 1,\n  \"t\": [\n    {}\n  ]\n}\n\n{\r\n  \"b\": 2\r\n}\n")
+                .unwrap();
+        assert_eq!(
+            o.stream,
+            b"{  \"a\": 1,  \"t\": [    {}  ]}\n{  \"b\": 2}\n"
+        );
+        assert_eq!(
+            labels(&o),
+            [("event 1 (line 1)", 1), ("event 2 (line 8)", 2)]
+        );
+        // NDJSON that parses goes the same way, and names the same lines.
+        let o = split_input(b"{\"a\":1}\n\n{\"b\":2}\n").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(
+            labels(&o),
+            [("event 1 (line 1)", 1), ("event 2 (line 3)", 2)]
+        );
+    }
+
+    #[test]
+    fn a_broken_pretty_printed_document_is_refused_whole_not_sent_line_by_line() {
+        // A missing comma: line by line, its two elements would be stored.
+        let e = split_input(b"[\n  {\"a\": 1}\n  {\"b\": 2}\n]\n").unwrap_err();
+        assert_eq!((e.line(), e.column()), (3, 3), "{e}");
+        // A `{}` inside a broken document would have been stored as an event.
+        let e = split_input(b"{\n  \"t\": [\n    {}\n  ],\n}\n").unwrap_err();
+        assert_eq!(e.line(), 5, "{e}");
+        // NDJSON whose first line is whole is still judged line by line.
+        let o = split_input(b"{\"a\":1}\n{\n{}\n").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\n{\n{}\n");
+        assert_eq!(o.events.len(), 3);
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_not_part_of_the_first_event() {
+        let o = split_input(b"\xEF\xBB\xBF[{\"a\":1},{\"b\":2}]").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\n{\"b\":2}\n");
+        let o = split_input(b"\xEF\xBB\xBF{\"a\":1}\r\n{\"b\":2}\r\n{\"c\"\r\n").unwrap();
+        assert_eq!(o.stream, b"{\"a\":1}\r\n{\"b\":2}\r\n{\"c\"\r\n");
+        assert_eq!(
+            labels(&o),
+            [
+                ("event 1 (line 1)", 1),
+                ("event 2 (line 2)", 2),
+                ("event 3 (line 3)", 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_named_socket_send_falls_back_to_the_system_services() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("own.sock");
+        let system = dir.path().join("system.sock");
+        let pick = |named| default_or_system_socket(own.clone(), named, &system);
+        assert_eq!(
+            pick(false),
+            own,
+            "no system socket either: name the default"
+        );
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(
+            pick(false),
+            system,
+            "the service's, when this user runs none"
+        );
+        assert_eq!(
+            pick(true),
+            own,
+            "a config or --unix-socket that names one is followed"
+        );
+        std::fs::write(&own, "").unwrap();
+        assert_eq!(pick(false), own, "this user's own daemon first");
     }
 
     #[test]

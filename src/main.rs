@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Parser as _;
 use llmlogd::cli::{self, Cli, CliError, Command};
 use llmlogd::config::{Config, LogFormat};
 
@@ -29,7 +29,16 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--help` and `--version` print and succeed; a usage error exits 64 (EX_USAGE)
+            // like every other usage error of this CLI, not clap's own 2.
+            let code = if e.use_stderr() { cli::EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
     if matches!(
         cli.command,
         Command::CheckConfig { .. }

@@ -864,6 +864,39 @@ async fn an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not()
     d.stop().await;
 }
 
+/// An app may connect at start and log its first event later: until its first byte a
+/// connection is idle, and `idle_timeout` applies, not `header_timeout` (once, the daemon
+/// dropped such a connection after `header_timeout` and the app's first write got EPIPE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_waits_idle_timeout_for_its_first_line_not_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let idle = Duration::from_secs(3);
+    let d = InProcess::start(
+        dir.path(),
+        &format!(
+            "[server]\nheader_timeout = \"1s\"\nidle_timeout = \"3s\"\n{}",
+            sink(&mock)
+        ),
+    )
+    .await;
+    let sock = d.socket();
+    let mut late = Nd::connect(&sock).await;
+    let mut silent = Nd::connect(&sock).await;
+    let since = Instant::now();
+    // Past header_timeout (the scenario itself, not a wait for readiness).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ok(&late.send("{\"first\":\"late\"}").await);
+    // One that never sends is still closed, once idle_timeout is over.
+    silent
+        .closed()
+        .await
+        .expect("the silent connection is closed");
+    assert!(since.elapsed() >= idle, "closed before idle_timeout");
+    wait_arrived(&mock, &["{\"first\":\"late\"}".to_string()]).await;
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipelined_burst_past_the_reply_budget_is_answered_whole_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -1095,6 +1128,67 @@ async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
     d.stop().await;
 }
 
+/// Pretty-printed JSON: a broken document is refused whole (once, it went line by line and
+/// the elements of a broken array were stored), and documents one after another, as `jq`
+/// prints them, are one event each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_refuses_a_broken_document_whole_and_takes_documents_one_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let file = dir.path().join("broken.json");
+    // A comma missing between the elements; the `{}` on its own line is part of the first.
+    std::fs::write(
+        &file,
+        "[\n  {\"broken\": 1, \"t\": [\n    {}\n  ]}\n  {\"broken\": 2}\n]\n",
+    )
+    .unwrap();
+    let mut args = sock_arg(&d.socket());
+    args.push(file.display().to_string());
+    let out = send_cli(args, Vec::new()).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "llmlogd: {} is not valid JSON: expected `,` or `]` at line 5 column 3; nothing was sent",
+            file.display()
+        )
+    );
+
+    let jq = "{\n  \"jq\": 1,\n  \"t\": [\n    {}\n  ]\n}\n{\n  \"jq\": 2\n}\n";
+    let out = send_cli(sock_arg(&d.socket()), jq.as_bytes().to_vec()).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = [
+        "{  \"jq\": 1,  \"t\": [    {}  ]}".to_string(),
+        "{  \"jq\": 2}".to_string(),
+    ];
+    let got = wait_arrived(&mock, &want).await;
+    assert_eq!(
+        got,
+        want.to_vec(),
+        "the two documents, and nothing of the broken one"
+    );
+    d.stop().await;
+}
+
+/// A bad option is a usage error: exit 64 (EX_USAGE), as the CLI documents, not clap's 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_with_a_bad_option_exits_64_naming_it() {
+    for bad in [
+        ["--timeout", "0"],
+        ["--timeout", "soon"],
+        ["--no-such", "x"],
+    ] {
+        let out = send_cli(bad.map(String::from).to_vec(), Vec::new()).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(64), "{bad:?}: {err}");
+        assert!(err.starts_with("error: ") && err.contains(bad[0]), "{err}");
+    }
+    let out = send_cli(vec!["--help".into()], Vec::new()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_without_a_daemon_exits_69_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
@@ -1159,6 +1253,45 @@ async fn send_does_not_hang_when_the_daemon_goes_away_or_goes_silent() {
         err.contains("2 of 3 events got no answer, from event 2 (line 2) on: no answer within 1s"),
         "{err}"
     );
+}
+
+/// A daemon that takes no connection (hung, or at `max_connections` with its listen queue
+/// full): `--timeout` bounds the connect too. (Once, a connect to a full queue waited forever,
+/// and so did the cron job.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_gives_up_on_a_socket_that_takes_no_connection_within_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("full.sock");
+    // A listener that never accepts, with a queue of one, taken by another client.
+    let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    l.bind(&socket2::SockAddr::unix(&sock).unwrap()).unwrap();
+    l.listen(0).unwrap();
+    let mut waiting = Vec::new();
+    loop {
+        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        c.set_nonblocking(true).unwrap();
+        match c.connect(&socket2::SockAddr::unix(&sock).unwrap()) {
+            Ok(()) => waiting.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the listen queue: {e}"),
+        }
+        assert!(waiting.len() < 64, "the listen queue never filled");
+    }
+    let mut args = sock_arg(&sock);
+    args.extend(["--timeout".to_string(), "1s".to_string()]);
+    let started = Instant::now();
+    let out = send_cli(args, b"{\"a\":1}\n".to_vec()).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "llmlogd: llmlogd at {} took no connection within 1s: it is hung, or serving server.max_connections with more waiting",
+            sock.display()
+        )
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "gave up early");
+    drop(l);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
 //!
 //! On the Unix socket the protocol is chosen per connection from its first byte: an ASCII
 //! capital letter starts an HTTP request line (`POST /v1/events HTTP/1.1`); anything else is
-//! NDJSON (`ndjson.rs`).
+//! NDJSON (`ndjson.rs`). A connection that has sent nothing yet is idle, and waits up to
+//! `idle_timeout` for its first byte.
 //!
 //! The socket file: a stale one (no process answers on it) is removed before binding; a live
 //! one means another daemon uses it, and we refuse to start naming its pid; a path that is not
@@ -337,11 +338,14 @@ async fn serve_unix(s: UnixStream, ctx: &ServeContext) {
     let Ok(mut s) = LeanUnix::new(s) else {
         return;
     };
-    // Sniff the first byte (within the header timeout), then hand the stream on with it.
+    // Sniff the first byte, then hand the stream on with it. Until then the connection is
+    // idle, whichever protocol it will speak: an app may connect at start and log its first
+    // event later, so it gets `idle_timeout` like any idle NDJSON connection (an HTTP
+    // client sends its request line at once, and `header_timeout` runs from there).
     let mut first = [0u8; 1];
     let n = tokio::select! {
         _ = ctx.shutdown.cancelled() => return,
-        r = tokio::time::timeout(ctx.header_timeout, s.read(&mut first)) => match r {
+        r = tokio::time::timeout(ctx.ndjson.idle_timeout, s.read(&mut first)) => match r {
             Ok(Ok(n)) => n,
             _ => return,
         },
