@@ -301,6 +301,79 @@ async fn status_cli_shows_sinks_table_and_json() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
 
+/// The config the README installs for the unit names the unit's directories and the socket
+/// unit's addresses, so the commands an operator runs outside the unit (`sudo llmlogd dlq
+/// --config /etc/llmlogd/llmlogd.toml list`, `llmlogd send --config ...`) find the daemon's
+/// queue and socket: they do not get the unit's `STATE_DIRECTORY` / `RUNTIME_DIRECTORY`.
+#[test]
+fn the_installed_service_config_names_the_units_paths() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let readme = read("README.md");
+    let source = readme
+        .lines()
+        .find(|l| l.starts_with("sudo install") && l.contains("/etc/llmlogd/llmlogd.toml"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .take_while(|w| *w != "/etc/llmlogd/llmlogd.toml")
+                .last()
+        })
+        .expect("README installs /etc/llmlogd/llmlogd.toml")
+        .to_string();
+    let unit = |file: &str, key: &str| -> Vec<String> {
+        read(file)
+            .lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+            .collect()
+    };
+    let state = unit("systemd/llmlogd.service", "StateDirectory");
+    let runtime = unit("systemd/llmlogd.service", "RuntimeDirectory");
+    let listen = unit("systemd/llmlogd.socket", "ListenStream");
+    // As an operator's shell runs it: none of the unit's environment.
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(root.join(&source))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("LLMLOGD_CONFIG")
+        .env_remove("LLMLOGD_DATA_DIR")
+        .env_remove("LLMLOGD_UNIX_SOCKET")
+        .env_remove("LLMLOGD_HTTP_LISTEN")
+        .env("HOME", "/home/operator")
+        .env("XDG_RUNTIME_DIR", "/run/user/1000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |key: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(" = "))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .trim_matches('"')
+            .to_string()
+    };
+    assert_eq!(
+        value("data_dir"),
+        format!("/var/lib/{}", state[0]),
+        "{source}"
+    );
+    let socket = value("unix_socket");
+    assert!(
+        socket.starts_with(&format!("/run/{}/", runtime[0])),
+        "{source}: {socket}"
+    );
+    assert!(listen.contains(&socket), "llmlogd.socket: {listen:?}");
+    assert!(
+        listen.contains(&value("http_listen")),
+        "llmlogd.socket: {listen:?}"
+    );
+}
+
 #[test]
 fn check_config_validates_and_masks() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,20 +490,22 @@ async fn socket_activation_uses_the_inherited_sockets() {
         .port();
     let activated = dir.path().join("activated.sock");
     let own = dir.path().join("own.sock");
-    let mut child = std::process::Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-l")
-        .arg(&activated)
-        .arg(bin())
-        .args(["run", "--http-listen", "127.0.0.1:9", "--unix-socket"])
-        .arg(&own)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-l")
+            .arg(&activated)
+            .arg(bin())
+            .args(["run", "--http-listen", "127.0.0.1:9", "--unix-socket"])
+            .arg(&own)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let url = format!("http://127.0.0.1:{port}/v1/events");
     // The first connection starts the daemon; it is answered once the daemon is up.
     let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
@@ -458,9 +533,9 @@ async fn socket_activation_uses_the_inherited_sockets() {
     assert!(!own.exists(), "bound its own socket despite activation");
     // SAFETY: signalling our own child.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(child.0.id() as i32, libc::SIGTERM);
     }
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         activated.exists(),
