@@ -543,6 +543,85 @@ async fn socket_activation_uses_the_inherited_sockets() {
     );
 }
 
+/// A socket unit may list several addresses of one kind (`ListenStream=127.0.0.1:8411` and
+/// `ListenStream=[::1]:8411`, or two socket paths): every one is served, including the one
+/// whose first connection started the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_every_inherited_socket() {
+    if which("systemd-socket-activate").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-socket-activate missing in CI"
+        );
+        eprintln!("skipped: systemd-socket-activate not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (first, second) = (port(), port());
+    let (sock_a, sock_b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut child = KillOnDrop(
+        std::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{first}"))
+            .arg("-l")
+            .arg(format!("127.0.0.1:{second}"))
+            .arg("-l")
+            .arg(&sock_a)
+            .arg("-l")
+            .arg(&sock_b)
+            .arg(bin())
+            .args(["run", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The first address starts the daemon; its connection is the one systemd hands over.
+    for port in [first, second] {
+        let url = format!("http://127.0.0.1:{port}/v1/events");
+        let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
+            let r = client()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{\"via\":\"tcp\"}")
+                .send()
+                .await
+                .ok()?;
+            let s = r.status().as_u16();
+            Some((s, r.text().await.unwrap_or_default()))
+        })
+        .await;
+        assert_eq!(s, 202, "port {port}: {v}");
+    }
+    for path in [&sock_a, &sock_b] {
+        let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        let (rd, mut wr) = stream.into_split();
+        tokio::io::AsyncWriteExt::write_all(&mut wr, b"{\"via\":\"unix\"}\n")
+            .await
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(rd));
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("no reply on the socket")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(line.contains("\"ok\":true"), "{}: {line}", path.display());
+    }
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.0.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.0.wait().unwrap().success());
+}
+
 fn which(cmd: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)

@@ -70,7 +70,15 @@ pub fn listen_fds() -> Vec<Inherited> {
         // SAFETY: getsockname writes at most `len` bytes into `addr`, which we own.
         let rc =
             unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) };
-        if rc != 0 {
+        if rc != 0 || !is_stream(fd) {
+            // Not a listening stream socket (a `ListenDatagram=`, a FIFO): nothing to accept
+            // on; said once, and closed.
+            tracing::warn!(
+                fd,
+                "an inherited file descriptor is not a stream socket; ignoring it"
+            );
+            // SAFETY: the fd was passed to us and nothing else uses it.
+            unsafe { libc::close(fd) };
             continue;
         }
         // SAFETY: systemd passed us ownership of these listening fds (LISTEN_FDS protocol).
@@ -85,4 +93,21 @@ pub fn listen_fds() -> Vec<Inherited> {
         }
     }
     out
+}
+
+/// Whether `fd` is a `SOCK_STREAM` socket (what `ListenStream=` hands over).
+fn is_stream(fd: std::os::fd::RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            &mut ty as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    rc == 0 && ty == libc::SOCK_STREAM
 }
