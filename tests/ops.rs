@@ -258,6 +258,39 @@ fn futures_lite_block(
     rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
 }
 
+/// With HTTP switched off (`http_listen = ""`, a socket-only host), `llmlogd status` asks the
+/// same route on the Unix socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_cli_uses_the_socket_when_http_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let p = Process::start(dir.path(), &http_sink("collector", &mock));
+    let socket = dir.path().join("llmlogd.sock");
+    let status = || {
+        Command::new(bin())
+            .args(["status", "--json", "--http-listen", "", "--unix-socket"])
+            .arg(&socket)
+            .output()
+            .unwrap()
+    };
+    let out = status();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sinks"][0]["name"], "collector");
+    assert_eq!(v["pid"], p.child.id());
+    drop(p);
+    // Daemon gone: a one-line error naming the socket, exit 69.
+    let out = status();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(socket.to_str().unwrap()), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_cli_shows_sinks_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
