@@ -51,6 +51,8 @@ pub struct Started {
 
 /// How long in-flight ingest requests get to finish on stop.
 const INGEST_GRACE: Duration = Duration::from_secs(10);
+/// What a stop may take beyond the ingest grace and the drain: the final sync and exit.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until a `Signal::Shutdown` arrives on `control` (or it closes).
 pub async fn run(
@@ -160,7 +162,7 @@ pub async fn run(
     }
 
     // Stop, in order.
-    systemd::stopping();
+    systemd::stopping(INGEST_GRACE + current.delivery.drain_timeout + CLOSE_GRACE);
     tracing::info!("stopping: no new connections; answering in-flight requests");
     ready.store(false, Ordering::Release);
     stop_serving.cancel();

@@ -74,6 +74,43 @@ async fn sd_notify_ready_reloading_watchdog_stopping() {
     );
 }
 
+/// A drain longer than the unit's `TimeoutStopSec=` (30 s) is not cut short by SIGKILL: with
+/// STOPPING=1 the daemon tells systemd how long its stop may take (EXTEND_TIMEOUT_USEC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_extends_systemds_stop_timeout_to_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let p = Process::start_with(
+        dir.path(),
+        "[delivery]\ndrain_timeout = \"90s\"\n",
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    assert!(p.terminate().success());
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("STOPPING=1")),
+        "{seen:?}"
+    );
+    let stopping = seen.last().unwrap();
+    let usec: u64 = stopping
+        .lines()
+        .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        .unwrap_or_else(|| panic!("no EXTEND_TIMEOUT_USEC in {stopping:?}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (90_000_000..=120_000_000).contains(&usec),
+        "{usec} µs for a 90 s drain"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_loses_nothing_and_applies_sinks_and_routes() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,5 @@
 //! The `Type=notify` contract: READY=1 once listeners are bound and the queue is open,
-//! RELOADING=1/READY=1 around a reload, STOPPING=1 on stop, WATCHDOG=1 pings at half the
+//! RELOADING=1/READY=1 around a reload, STOPPING=1 (with EXTEND_TIMEOUT_USEC) on stop, WATCHDOG=1 pings at half the
 //! `WatchdogSec` interval; and socket activation (`LISTEN_FDS`). Outside systemd
 //! (`NOTIFY_SOCKET` unset) every call is a no-op.
 
@@ -27,8 +27,16 @@ pub fn reloading() {
     }
 }
 
-pub fn stopping() {
-    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+/// STOPPING=1, and EXTEND_TIMEOUT_USEC so that systemd waits `up_to` for the stop (the
+/// configured drain may be longer than the unit's `TimeoutStopSec=`, which would otherwise
+/// SIGKILL the daemon mid-drain).
+pub fn stopping(up_to: Duration) {
+    let usec = u32::try_from(up_to.as_micros()).unwrap_or(u32::MAX);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status("stopping"),
+    ]);
 }
 
 pub fn status(s: &str) {
