@@ -372,9 +372,10 @@ async fn status_cli_shows_sinks_table_and_json() {
 }
 
 /// The config the README installs for the unit names the unit's directories and the socket
-/// unit's addresses, so the commands an operator runs outside the unit (`sudo llmlogd dlq
-/// --config /etc/llmlogd/llmlogd.toml list`, `llmlogd send --config ...`) find the daemon's
-/// queue and socket: they do not get the unit's `STATE_DIRECTORY` / `RUNTIME_DIRECTORY`.
+/// unit's addresses, so the commands an operator runs outside the unit (`sudo -u llmlogd
+/// llmlogd dlq --config /etc/llmlogd/llmlogd.toml list`, `llmlogd send --config ...`) find
+/// the daemon's queue and socket: they do not get the unit's `STATE_DIRECTORY` /
+/// `RUNTIME_DIRECTORY`.
 #[test]
 fn the_installed_service_config_names_the_units_paths() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
