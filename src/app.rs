@@ -42,13 +42,17 @@ pub struct ConfigSource {
 /// What `run` reports once it is serving (tests use it to find the ports).
 #[derive(Debug, Clone)]
 pub struct Started {
+    /// The first HTTP address served (socket activation may hand over more).
     pub http: Option<SocketAddr>,
+    /// The first socket path served.
     pub unix: Option<PathBuf>,
     pub data_dir: PathBuf,
 }
 
 /// How long in-flight ingest requests get to finish on stop.
 const INGEST_GRACE: Duration = Duration::from_secs(10);
+/// What a stop may take beyond the ingest grace and the drain: the final sync and exit.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until a `Signal::Shutdown` arrives on `control` (or it closes).
 pub async fn run(
@@ -72,8 +76,8 @@ pub async fn run(
         metrics.clone(),
     ));
     let listeners = Listeners::bind(&cfg.server).await?;
-    let http_addr = listeners.http_addr();
-    let unix_path = listeners.unix.as_ref().map(|(_, p, _)| p.clone());
+    let http_addrs = listeners.http_addrs();
+    let unix_paths = listeners.unix_paths();
     let ready = Arc::new(AtomicBool::new(false));
     let state = Arc::new(HttpState {
         ingest: ingest.clone(),
@@ -103,7 +107,7 @@ pub async fn run(
     );
 
     ready.store(true, Ordering::Release);
-    let listening = describe(http_addr, unix_path.as_ref());
+    let listening = describe(&http_addrs, &unix_paths);
     if cfg.sinks.is_empty() {
         tracing::warn!("no sinks configured: events are accepted, stored, and then discarded");
     }
@@ -116,8 +120,8 @@ pub async fn run(
     systemd::ready(&format!("listening on {listening}"));
     if let Some(tx) = started {
         let _ = tx.send(Started {
-            http: http_addr,
-            unix: unix_path,
+            http: http_addrs.first().copied(),
+            unix: unix_paths.first().cloned(),
             data_dir: cfg.queue.data_dir.clone(),
         });
     }
@@ -158,7 +162,7 @@ pub async fn run(
     }
 
     // Stop, in order.
-    systemd::stopping();
+    systemd::stopping(INGEST_GRACE + current.delivery.drain_timeout + CLOSE_GRACE);
     tracing::info!("stopping: no new connections; answering in-flight requests");
     ready.store(false, Ordering::Release);
     stop_serving.cancel();
@@ -241,14 +245,9 @@ fn reload(
     Ok(())
 }
 
-fn describe(http: Option<SocketAddr>, unix: Option<&PathBuf>) -> String {
-    let mut parts = Vec::new();
-    if let Some(a) = http {
-        parts.push(format!("http://{a}"));
-    }
-    if let Some(p) = unix {
-        parts.push(format!("unix:{}", p.display()));
-    }
+fn describe(http: &[SocketAddr], unix: &[PathBuf]) -> String {
+    let mut parts: Vec<String> = http.iter().map(|a| format!("http://{a}")).collect();
+    parts.extend(unix.iter().map(|p| format!("unix:{}", p.display())));
     if parts.is_empty() {
         "nothing (no listener configured)".into()
     } else {

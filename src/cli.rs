@@ -1,7 +1,7 @@
 //! The command line: `run`, `check-config`, `send`, `status`, `dlq`.
 //!
-//! Commands that talk to a running daemon use its Unix socket (`send`) or its HTTP listener
-//! (`status`, `dlq` while it runs); `dlq` opens the data directory itself when no daemon holds
+//! Commands that talk to a running daemon use its Unix socket (`send`) or its HTTP API
+//! (`status`: the HTTP listener, or the same routes on the socket when HTTP is off); `dlq` opens the data directory itself when no daemon holds
 //! it. Errors print one line and exit non-zero: 64 for a bad config or usage, 69 when the
 //! daemon cannot be reached, 1 when some event was refused or an operation failed.
 
@@ -521,42 +521,74 @@ fn strip_line_prefix(err: &str, line: usize) -> &str {
     }
 }
 
-fn daemon_url(cfg: &ConfigArgs, path: &str) -> Result<String, CliError> {
-    let c = cfg.load_without_keys()?;
-    let addr = c.server.http_listen.ok_or_else(|| {
-        CliError::new(
-            EXIT_USAGE,
-            "HTTP is switched off in the config; status needs it",
-        )
-    })?;
-    Ok(format!("http://{addr}{path}"))
+/// Where the running daemon's HTTP API is: its HTTP listener, else (HTTP switched off) the
+/// same routes on its Unix socket.
+struct DaemonApi {
+    base: String,
+    socket: Option<PathBuf>,
 }
 
-fn get_json(url: &str) -> Result<Value, CliError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::new(EXIT_SOFTWARE, e.to_string()))?;
-    rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| {
-                CliError::new(
-                    EXIT_UNAVAILABLE,
-                    format!("cannot reach llmlogd at {url}: {e}"),
-                )
-            })?;
-        resp.json::<Value>()
-            .await
-            .map_err(|e| CliError::new(EXIT_SOFTWARE, format!("unexpected reply from {url}: {e}")))
-    })
+impl DaemonApi {
+    fn from_config(cfg: &ConfigArgs) -> Result<DaemonApi, CliError> {
+        let c = cfg.load_without_keys()?;
+        match (c.server.http_listen, c.server.unix_socket) {
+            (Some(addr), _) => Ok(DaemonApi {
+                base: format!("http://{addr}"),
+                socket: None,
+            }),
+            (None, Some(path)) => Ok(DaemonApi {
+                base: "http://localhost".into(),
+                socket: Some(path),
+            }),
+            (None, None) => Err(CliError::new(
+                EXIT_USAGE,
+                "HTTP and the Unix socket are both switched off in the config; status needs one",
+            )),
+        }
+    }
+
+    /// How an error names the daemon: its URL, or the socket and the path on it.
+    fn describe(&self, path: &str) -> String {
+        match &self.socket {
+            None => format!("{}{path}", self.base),
+            Some(socket) => format!("{} ({path})", socket.display()),
+        }
+    }
+
+    fn get_json(&self, path: &str) -> Result<Value, CliError> {
+        let at = self.describe(path);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::new(EXIT_SOFTWARE, e.to_string()))?;
+        let mut client = reqwest::Client::builder();
+        if let Some(socket) = &self.socket {
+            client = client.unix_socket(socket.as_path());
+        }
+        let client = client
+            .build()
+            .map_err(|e| CliError::new(EXIT_SOFTWARE, e.to_string()))?;
+        rt.block_on(async {
+            let resp = client
+                .get(format!("{}{path}", self.base))
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .map_err(|e| {
+                    CliError::new(
+                        EXIT_UNAVAILABLE,
+                        format!("cannot reach llmlogd at {at}: {e}"),
+                    )
+                })?;
+            resp.json::<Value>().await.map_err(|e| {
+                CliError::new(EXIT_SOFTWARE, format!("unexpected reply from {at}: {e}"))
+            })
+        })
+    }
 }
 
 pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
-    let v = get_json(&daemon_url(cfg, "/v1/status")?)?;
+    let v = DaemonApi::from_config(cfg)?.get_json("/v1/status")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());

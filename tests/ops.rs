@@ -74,6 +74,43 @@ async fn sd_notify_ready_reloading_watchdog_stopping() {
     );
 }
 
+/// A drain longer than the unit's `TimeoutStopSec=` (30 s) is not cut short by SIGKILL: with
+/// STOPPING=1 the daemon tells systemd how long its stop may take (EXTEND_TIMEOUT_USEC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_extends_systemds_stop_timeout_to_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let p = Process::start_with(
+        dir.path(),
+        "[delivery]\ndrain_timeout = \"90s\"\n",
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    assert!(p.terminate().success());
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("STOPPING=1")),
+        "{seen:?}"
+    );
+    let stopping = seen.last().unwrap();
+    let usec: u64 = stopping
+        .lines()
+        .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        .unwrap_or_else(|| panic!("no EXTEND_TIMEOUT_USEC in {stopping:?}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (90_000_000..=120_000_000).contains(&usec),
+        "{usec} µs for a 90 s drain"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_loses_nothing_and_applies_sinks_and_routes() {
     let dir = tempfile::tempdir().unwrap();
@@ -258,6 +295,39 @@ fn futures_lite_block(
     rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
 }
 
+/// With HTTP switched off (`http_listen = ""`, a socket-only host), `llmlogd status` asks the
+/// same route on the Unix socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_cli_uses_the_socket_when_http_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let p = Process::start(dir.path(), &http_sink("collector", &mock));
+    let socket = dir.path().join("llmlogd.sock");
+    let status = || {
+        Command::new(bin())
+            .args(["status", "--json", "--http-listen", "", "--unix-socket"])
+            .arg(&socket)
+            .output()
+            .unwrap()
+    };
+    let out = status();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sinks"][0]["name"], "collector");
+    assert_eq!(v["pid"], p.child.id());
+    drop(p);
+    // Daemon gone: a one-line error naming the socket, exit 69.
+    let out = status();
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(socket.to_str().unwrap()), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_cli_shows_sinks_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,6 +369,80 @@ async fn status_cli_shows_sinks_table_and_json() {
         .unwrap();
     assert_eq!(out.status.code(), Some(69));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
+
+/// The config the README installs for the unit names the unit's directories and the socket
+/// unit's addresses, so the commands an operator runs outside the unit (`sudo -u llmlogd
+/// llmlogd dlq --config /etc/llmlogd/llmlogd.toml list`, `llmlogd send --config ...`) find
+/// the daemon's queue and socket: they do not get the unit's `STATE_DIRECTORY` /
+/// `RUNTIME_DIRECTORY`.
+#[test]
+fn the_installed_service_config_names_the_units_paths() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let readme = read("README.md");
+    let source = readme
+        .lines()
+        .find(|l| l.starts_with("sudo install") && l.contains("/etc/llmlogd/llmlogd.toml"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .take_while(|w| *w != "/etc/llmlogd/llmlogd.toml")
+                .last()
+        })
+        .expect("README installs /etc/llmlogd/llmlogd.toml")
+        .to_string();
+    let unit = |file: &str, key: &str| -> Vec<String> {
+        read(file)
+            .lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+            .collect()
+    };
+    let state = unit("systemd/llmlogd.service", "StateDirectory");
+    let runtime = unit("systemd/llmlogd.service", "RuntimeDirectory");
+    let listen = unit("systemd/llmlogd.socket", "ListenStream");
+    // As an operator's shell runs it: none of the unit's environment.
+    let out = Command::new(bin())
+        .arg("check-config")
+        .arg(root.join(&source))
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("LLMLOGD_CONFIG")
+        .env_remove("LLMLOGD_DATA_DIR")
+        .env_remove("LLMLOGD_UNIX_SOCKET")
+        .env_remove("LLMLOGD_HTTP_LISTEN")
+        .env("HOME", "/home/operator")
+        .env("XDG_RUNTIME_DIR", "/run/user/1000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |key: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(" = "))
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+            .trim_matches('"')
+            .to_string()
+    };
+    assert_eq!(
+        value("data_dir"),
+        format!("/var/lib/{}", state[0]),
+        "{source}"
+    );
+    let socket = value("unix_socket");
+    assert!(
+        socket.starts_with(&format!("/run/{}/", runtime[0])),
+        "{source}: {socket}"
+    );
+    assert!(listen.contains(&socket), "llmlogd.socket: {listen:?}");
+    assert!(
+        listen.contains(&value("http_listen")),
+        "llmlogd.socket: {listen:?}"
+    );
 }
 
 #[test]
@@ -495,20 +639,22 @@ async fn socket_activation_uses_the_inherited_sockets() {
         .port();
     let activated = dir.path().join("activated.sock");
     let own = dir.path().join("own.sock");
-    let mut child = std::process::Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("-l")
-        .arg(&activated)
-        .arg(bin())
-        .args(["run", "--http-listen", "127.0.0.1:9", "--unix-socket"])
-        .arg(&own)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-l")
+            .arg(&activated)
+            .arg(bin())
+            .args(["run", "--http-listen", "127.0.0.1:9", "--unix-socket"])
+            .arg(&own)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let url = format!("http://127.0.0.1:{port}/v1/events");
     // The first connection starts the daemon; it is answered once the daemon is up.
     let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
@@ -536,14 +682,93 @@ async fn socket_activation_uses_the_inherited_sockets() {
     assert!(!own.exists(), "bound its own socket despite activation");
     // SAFETY: signalling our own child.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(child.0.id() as i32, libc::SIGTERM);
     }
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(
         activated.exists(),
         "the activated socket belongs to systemd and stays"
     );
+}
+
+/// A socket unit may list several addresses of one kind (`ListenStream=127.0.0.1:8411` and
+/// `ListenStream=[::1]:8411`, or two socket paths): every one is served, including the one
+/// whose first connection started the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_every_inherited_socket() {
+    if which("systemd-socket-activate").is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-socket-activate missing in CI"
+        );
+        eprintln!("skipped: systemd-socket-activate not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (first, second) = (port(), port());
+    let (sock_a, sock_b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut child = KillOnDrop(
+        std::process::Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(format!("127.0.0.1:{first}"))
+            .arg("-l")
+            .arg(format!("127.0.0.1:{second}"))
+            .arg("-l")
+            .arg(&sock_a)
+            .arg("-l")
+            .arg(&sock_b)
+            .arg(bin())
+            .args(["run", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The first address starts the daemon; its connection is the one systemd hands over.
+    for port in [first, second] {
+        let url = format!("http://127.0.0.1:{port}/v1/events");
+        let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
+            let r = client()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body("{\"via\":\"tcp\"}")
+                .send()
+                .await
+                .ok()?;
+            let s = r.status().as_u16();
+            Some((s, r.text().await.unwrap_or_default()))
+        })
+        .await;
+        assert_eq!(s, 202, "port {port}: {v}");
+    }
+    for path in [&sock_a, &sock_b] {
+        let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        let (rd, mut wr) = stream.into_split();
+        tokio::io::AsyncWriteExt::write_all(&mut wr, b"{\"via\":\"unix\"}\n")
+            .await
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(rd));
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("no reply on the socket")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(line.contains("\"ok\":true"), "{}: {line}", path.display());
+    }
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.0.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.0.wait().unwrap().success());
 }
 
 fn which(cmd: &str) -> Option<std::path::PathBuf> {

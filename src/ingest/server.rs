@@ -58,22 +58,25 @@ pub enum BindError {
 
 /// The bound listeners, ready to serve.
 pub struct Listeners {
-    pub tcp: Option<TcpListener>,
-    /// The socket, its path, and whether we bound it (and so remove it on exit) or systemd
-    /// handed it to us (and keeps it).
-    pub unix: Option<(UnixListener, PathBuf, bool)>,
+    /// Usually one; socket activation may hand over several (`ListenStream=127.0.0.1:8411`
+    /// and `ListenStream=[::1]:8411`), and each is served.
+    pub tcp: Vec<TcpListener>,
+    /// The sockets, each with its path and whether we bound it (and so remove it on exit) or
+    /// systemd handed it to us (and keeps it).
+    pub unix: Vec<(UnixListener, PathBuf, bool)>,
 }
 
 impl Listeners {
     /// Binds what the config asks for. Inherited sockets (systemd socket activation) are
-    /// used when present: a TCP one for HTTP, a Unix one for the socket.
+    /// used when present, every one of them: the TCP ones for HTTP, the Unix ones for the
+    /// socket; the config's address of a kind is bound only when none of that kind came.
     pub async fn bind(cfg: &ServerConfig) -> Result<Listeners, BindError> {
-        let (mut tcp, mut unix) = (None, None);
+        let (mut tcp, mut unix) = (Vec::new(), Vec::new());
         for fd in crate::ops::systemd::listen_fds() {
             match fd {
                 crate::ops::systemd::Inherited::Tcp(l) => {
                     l.set_nonblocking(true).ok();
-                    tcp = TcpListener::from_std(l).ok();
+                    tcp.extend(TcpListener::from_std(l).ok());
                 }
                 crate::ops::systemd::Inherited::Unix(l) => {
                     l.set_nonblocking(true).ok();
@@ -82,13 +85,13 @@ impl Listeners {
                         .ok()
                         .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                         .unwrap_or_default();
-                    unix = UnixListener::from_std(l).ok().map(|u| (u, path, false));
+                    unix.extend(UnixListener::from_std(l).ok().map(|u| (u, path, false)));
                 }
             }
         }
-        if tcp.is_none() {
+        if tcp.is_empty() {
             if let Some(addr) = cfg.http_listen {
-                tcp = Some(
+                tcp.push(
                     TcpListener::bind(addr)
                         .await
                         .map_err(|error| BindError::Tcp {
@@ -98,16 +101,25 @@ impl Listeners {
                 );
             }
         }
-        if unix.is_none() {
+        if unix.is_empty() {
             if let Some(path) = &cfg.unix_socket {
-                unix = Some((bind_unix(path, cfg).await?, path.clone(), true));
+                unix.push((bind_unix(path, cfg).await?, path.clone(), true));
             }
         }
         Ok(Listeners { tcp, unix })
     }
 
-    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    /// The HTTP addresses served.
+    pub fn http_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The socket paths served.
+    pub fn unix_paths(&self) -> Vec<PathBuf> {
+        self.unix.iter().map(|(_, p, _)| p.clone()).collect()
     }
 }
 
@@ -214,12 +226,12 @@ impl ServeContext {
 
 /// Starts the accept loops; returns at once. Connections run on `ctx.tracker`.
 pub fn spawn(listeners: Listeners, ctx: ServeContext) {
-    if let Some(l) = listeners.tcp {
+    for l in listeners.tcp {
         let c = ctx.clone();
         ctx.tracker
             .spawn(async move { accept_loop(c, AnyListener::Tcp(l)).await });
     }
-    if let Some((l, path, owned)) = listeners.unix {
+    for (l, path, owned) in listeners.unix {
         let c = ctx.clone();
         // The file as we bound it, to recognise it at exit.
         let ours = std::fs::symlink_metadata(&path)

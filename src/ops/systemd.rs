@@ -1,5 +1,5 @@
 //! The `Type=notify` contract: READY=1 once listeners are bound and the queue is open,
-//! RELOADING=1/READY=1 around a reload, STOPPING=1 on stop, WATCHDOG=1 pings at half the
+//! RELOADING=1/READY=1 around a reload, STOPPING=1 (with EXTEND_TIMEOUT_USEC) on stop, WATCHDOG=1 pings at half the
 //! `WatchdogSec` interval; and socket activation (`LISTEN_FDS`). Outside systemd
 //! (`NOTIFY_SOCKET` unset) every call is a no-op.
 
@@ -27,8 +27,16 @@ pub fn reloading() {
     }
 }
 
-pub fn stopping() {
-    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+/// STOPPING=1, and EXTEND_TIMEOUT_USEC so that systemd waits `up_to` for the stop (the
+/// configured drain may be longer than the unit's `TimeoutStopSec=`, which would otherwise
+/// SIGKILL the daemon mid-drain).
+pub fn stopping(up_to: Duration) {
+    let usec = u32::try_from(up_to.as_micros()).unwrap_or(u32::MAX);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::ExtendTimeoutUsec(usec),
+        NotifyState::Status("stopping"),
+    ]);
 }
 
 pub fn status(s: &str) {
@@ -70,7 +78,15 @@ pub fn listen_fds() -> Vec<Inherited> {
         // SAFETY: getsockname writes at most `len` bytes into `addr`, which we own.
         let rc =
             unsafe { libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) };
-        if rc != 0 {
+        if rc != 0 || !is_stream(fd) {
+            // Not a listening stream socket (a `ListenDatagram=`, a FIFO): nothing to accept
+            // on; said once, and closed.
+            tracing::warn!(
+                fd,
+                "an inherited file descriptor is not a stream socket; ignoring it"
+            );
+            // SAFETY: the fd was passed to us and nothing else uses it.
+            unsafe { libc::close(fd) };
             continue;
         }
         // SAFETY: systemd passed us ownership of these listening fds (LISTEN_FDS protocol).
@@ -85,4 +101,21 @@ pub fn listen_fds() -> Vec<Inherited> {
         }
     }
     out
+}
+
+/// Whether `fd` is a `SOCK_STREAM` socket (what `ListenStream=` hands over).
+fn is_stream(fd: std::os::fd::RawFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `ty`, which we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            &mut ty as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    rc == 0 && ty == libc::SOCK_STREAM
 }

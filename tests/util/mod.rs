@@ -439,6 +439,17 @@ impl Drop for Process {
     }
 }
 
+/// A child process that is killed and reaped when the test ends, passed or failed (a daemon
+/// started through `systemd-socket-activate` is that child: it execs the daemon).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// An HTTP client for tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
