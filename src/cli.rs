@@ -3,7 +3,8 @@
 //! Commands that talk to a running daemon use its Unix socket (`send`) or its HTTP API
 //! (`status`: the HTTP listener, or the same routes on the socket when HTTP is off); `dlq` opens the data directory itself when no daemon holds
 //! it. Errors print one line and exit non-zero: 64 for a bad config or usage, 69 when the
-//! daemon cannot be reached, 1 when some event was refused or an operation failed.
+//! daemon cannot be reached, 75 when events were refused only for now (the queue or the disk is
+//! full: retry later), 1 when some event was refused for good or an operation failed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -21,6 +22,8 @@ pub const EXIT_UNAVAILABLE: i32 = 69;
 pub const EXIT_SOFTWARE: i32 = 70;
 /// No input where some was expected (`sysexits.h` `EX_NOINPUT`): no queue in the data dir.
 pub const EXIT_NOINPUT: i32 = 66;
+/// sysexits' EX_TEMPFAIL: every refusal said "retry later" (queue full, disk full).
+pub const EXIT_TEMPFAIL: i32 = 75;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,8 +86,8 @@ pub enum Command {
     },
     /// Submit events (a JSON object, a JSON array of objects, JSON objects one after another,
     /// or NDJSON) from a file or stdin over the socket. Silent on success; names each event
-    /// refused or left unanswered and exits 1 (refused) or 69 (daemon unreachable, or it
-    /// stopped answering).
+    /// refused or left unanswered and exits 1 (refused), 75 (refused only because the queue or
+    /// the disk is full: retry later) or 69 (daemon unreachable, or it stopped answering).
     Send {
         /// File to read (default: stdin; "-" is stdin too).
         file: Option<PathBuf>,
@@ -304,6 +307,9 @@ pub fn send(
 
     let n = events.len();
     let mut refused = 0usize;
+    // Refusals that say "retry later" (503 queue full, 507 disk full): the same input, sent
+    // again, would be taken.
+    let mut refused_for_now = 0usize;
     let mut answered = 0usize;
     let mut lost: Option<String> = None;
     let mut replies = BufReader::new(&stream);
@@ -338,6 +344,9 @@ pub fn send(
         let v: Value = serde_json::from_str(line.trim_end()).unwrap_or(Value::Null);
         if v.get("ok") != Some(&Value::Bool(true)) {
             refused += 1;
+            if matches!(v.get("status").and_then(Value::as_u64), Some(503 | 507)) {
+                refused_for_now += 1;
+            }
             let err = v
                 .get("error")
                 .and_then(Value::as_str)
@@ -364,6 +373,12 @@ pub fn send(
                     String::new()
                 }
             ),
+        ));
+    }
+    if refused > 0 && refused == refused_for_now {
+        return Err(CliError::new(
+            EXIT_TEMPFAIL,
+            format!("{refused} of {n} events refused for now (the queue or the disk is full); send them again later"),
         ));
     }
     if refused > 0 {

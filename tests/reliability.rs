@@ -189,24 +189,31 @@ async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["ok"], false);
     assert_eq!(v["status"], 503, "{v}");
-    let sock = d.socket();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut c = Command::new(bin())
-            .args(["send", "--socket"])
-            .arg(sock)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(b"{\"i\":7}\n").unwrap();
-        c.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(!out.status.success());
+    let send = |input: &'static [u8]| {
+        let sock = d.socket();
+        tokio::task::spawn_blocking(move || {
+            let mut c = Command::new(bin())
+                .args(["send", "--socket"])
+                .arg(sock)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(input).unwrap();
+            c.wait_with_output().unwrap()
+        })
+    };
+    // Refused only for now: EX_TEMPFAIL (75), so a script knows to send it again later.
+    let out = send(b"{\"i\":7}\n").await.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(err.contains("event 1") && err.contains("full"), "{err}");
+    // One of them refused for good: 1, sending it again would not help.
+    let out = send(b"{\"i\":7}\n[1]\n").await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("2 of 2 events refused"), "{err}");
     // The HTTP refusal above is counted (read before the reload: until the reload is applied,
     // the polling below may be refused too).
     let full = metric(
