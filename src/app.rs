@@ -4,6 +4,7 @@
 //! Start: open the queue → start delivery → bind listeners → serve → READY=1.
 //! Stop: STOPPING=1 → stop accepting, answer in-flight requests (their acks need the queue)
 //! → let delivery drain up to `delivery.drain_timeout` → close the queue (final sync) → exit 0.
+//! A second stop signal cuts the two waits short; the queue is still closed cleanly.
 //! Reload (SIGHUP): re-read and validate the file; if it is valid, swap sinks, keys, sink
 //! limits, routing and the queue caps in place (no connection or event is dropped); if not, log
 //! why and keep running the old one. Listeners, server limits, the data dir and logging are
@@ -167,15 +168,34 @@ pub async fn run(
     ready.store(false, Ordering::Release);
     stop_serving.cancel();
     tracker.close();
-    if tokio::time::timeout(INGEST_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
+    // A second SIGTERM/SIGINT (Ctrl-C again) cuts the waits short. Nothing acknowledged is
+    // lost by it: unanswered requests were never acknowledged, undelivered events stay queued.
+    let hurry = CancellationToken::new();
+    let second_stop = tokio::spawn({
+        let hurry = hurry.clone();
+        async move {
+            while let Some(signal) = control.recv().await {
+                if signal == Signal::Shutdown {
+                    tracing::warn!("second stop signal: not waiting for in-flight requests and deliveries; undelivered events stay queued for the next start");
+                    hurry.cancel();
+                    break;
+                }
+            }
+        }
+    });
+    let answered = tokio::select! {
+        r = tokio::time::timeout(INGEST_GRACE, tracker.wait()) => r.is_ok(),
+        _ = hurry.cancelled() => false,
+    };
+    if !answered {
         tracing::warn!(
             "some connections did not finish in time; their unacknowledged events were not stored"
         );
     }
-    delivery.shutdown(current.delivery.drain_timeout).await;
+    delivery
+        .shutdown(current.delivery.drain_timeout, hurry.clone())
+        .await;
+    second_stop.abort();
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -242,3 +242,69 @@ async fn sigterm_answers_in_flight_and_exits_zero_with_nothing_lost() {
     .await;
     assert!(p.terminate().success());
 }
+
+/// A second SIGTERM (Ctrl-C twice at a terminal) stops at once instead of waiting out
+/// `drain_timeout`; the undelivered events stay queued and are delivered after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_cuts_the_drain_short_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    // Requests hang far longer than the test waits: only a cut-short drain ends quickly.
+    mock.default_answer(Answer::Delay(Duration::from_secs(600)));
+    // Neither the request timeout nor the drain deadline ends the first stop within the test.
+    let cfg = http_sink(&mock)
+        + "batch_max_events = 5\ntimeout = \"1h\"\n[delivery]\ndrain_timeout = \"1h\"\n";
+    let mut p = Process::start(dir.path(), &cfg);
+    for i in 0..20 {
+        let (s, _) = post_json(&p.url("/v1/events"), &event(i)).await;
+        assert_eq!(s, 202);
+    }
+    wait_for(DEADLINE, "a delivery in flight", || {
+        (!mock.received().is_empty()).then_some(())
+    })
+    .await;
+    let term = |p: &Process| {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+    };
+    term(&p);
+    let lines = p.stderr_lines.clone();
+    wait_for(DEADLINE, "the first stop under way", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("stopping"))
+            .then_some(())
+    })
+    .await;
+    assert!(p.child.try_wait().unwrap().is_none(), "still draining");
+    term(&p);
+    let status = wait_for(DEADLINE, "exit after the second SIGTERM", || {
+        p.child.try_wait().unwrap()
+    })
+    .await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("second stop signal")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    // Restart: all 20 arrive.
+    mock.default_answer(Answer::Status(200));
+    let p = Process::start(dir.path(), &cfg);
+    wait_for(DEADLINE, "all 20 events", || {
+        let all: std::collections::HashSet<String> = mock
+            .received()
+            .iter()
+            .flat_map(|r| r.raw_events())
+            .collect();
+        (0..20).all(|i| all.contains(&event(i))).then_some(())
+    })
+    .await;
+    assert!(p.terminate().success());
+}

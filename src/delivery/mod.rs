@@ -203,8 +203,9 @@ impl Delivery {
         Ok(())
     }
 
-    /// Stops sending, lets in-flight requests finish for up to `drain`, then stops.
-    pub async fn shutdown(mut self, drain: Duration) {
+    /// Stops sending, lets in-flight requests finish for up to `drain` (or until `hurry` is
+    /// cancelled: a second stop signal), then stops.
+    pub async fn shutdown(mut self, drain: Duration, hurry: CancellationToken) {
         for w in self.workers.values() {
             w.stop.cancel();
         }
@@ -217,11 +218,18 @@ impl Delivery {
         let deadline = tokio::time::Instant::now() + drain;
         let mut aborted = false;
         for mut t in tasks {
-            if !aborted && tokio::time::timeout_at(deadline, &mut t).await.is_ok() {
+            let finished = !aborted
+                && tokio::select! {
+                    r = tokio::time::timeout_at(deadline, &mut t) => r.is_ok(),
+                    _ = hurry.cancelled() => false,
+                };
+            if finished {
                 continue;
             }
             if !aborted {
-                tracing::warn!(?drain, "drain deadline reached; in-flight deliveries abandoned (their events stay queued)");
+                if !hurry.is_cancelled() {
+                    tracing::warn!(?drain, "drain deadline reached; in-flight deliveries abandoned (their events stay queued)");
+                }
                 abort.cancel();
                 aborted = true;
             }
