@@ -559,3 +559,74 @@ fn unusable_data_dirs_give_one_line_errors() {
     );
     assert!(err.contains("private"), "names the directory: {err}");
 }
+
+/// Hundreds of socket connections each send most of a 1 MB line and stop: the daemon holds
+/// what they sent within the body budget (64 MiB) shared with HTTP bodies, not 400 × 1 MB,
+/// and a short line on another connection is still acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_ndjson_lines_take_memory_only_from_the_body_budget() {
+    const CONNECTIONS: usize = 400;
+    const LINE_PART: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(dir.path(), "");
+    let sock = dir.path().join("llmlogd.sock");
+    let before = p.rss_bytes();
+    let path = sock.clone();
+    let conns = tokio::task::spawn_blocking(move || {
+        use std::os::unix::net::UnixStream;
+        let mut conns: Vec<(UnixStream, usize)> = (0..CONNECTIONS)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(b"{\"pad\":\"").unwrap();
+                s.set_nonblocking(true).unwrap();
+                (s, 0)
+            })
+            .collect();
+        // Send what the daemon takes, for a few seconds (it stops reading once the budget
+        // is spent; before, it read all of it).
+        let chunk = vec![b'x'; 64 << 10];
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until && conns.iter().any(|(_, sent)| *sent < LINE_PART) {
+            let mut progress = false;
+            for (s, sent) in conns.iter_mut().filter(|(_, sent)| *sent < LINE_PART) {
+                if let Ok(n) = s.write(&chunk[..chunk.len().min(LINE_PART - *sent)]) {
+                    *sent += n;
+                    progress |= n > 0;
+                }
+            }
+            if !progress {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        conns
+    })
+    .await
+    .unwrap();
+    let sent: usize = conns.iter().map(|(_, n)| n).sum();
+    let grew = p.rss_bytes().saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} half lines: {} MiB sent, RSS grew by {} MiB",
+        sent >> 20,
+        grew >> 20
+    );
+    assert!(
+        grew < 160 << 20,
+        "RSS grew by {} MiB for {} MiB of half-sent lines",
+        grew >> 20,
+        sent >> 20
+    );
+    // A short line is not held up by the long ones.
+    let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (rd, mut wr) = s.into_split();
+    wr.write_all(b"{\"short\":1}\n").await.unwrap();
+    let line = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(rd).lines().next_line(),
+    )
+    .await
+    .expect("a short line is answered at once")
+    .unwrap()
+    .unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    drop(conns);
+}
