@@ -630,3 +630,68 @@ async fn half_sent_ndjson_lines_take_memory_only_from_the_body_budget() {
     assert!(line.contains("\"ok\":true"), "{line}");
     drop(conns);
 }
+
+/// Hundreds of HTTP connections each trickle in a few hundred KB of headers: each may hold
+/// only a small read buffer (16 KiB; hyper's default let each hold ~400 KiB), and is refused
+/// with 431 past it; a normal request still goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_request_headers_are_bounded_per_connection() {
+    const CONNECTIONS: usize = 400;
+    const HEADERS: usize = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(dir.path(), "");
+    let before = p.rss_bytes();
+    let addr = p.http;
+    let peak = tokio::task::spawn_blocking(move || {
+        let mut conns: Vec<(TcpStream, usize)> = (0..CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+                s.set_nonblocking(true).unwrap();
+                (s, 0)
+            })
+            .collect();
+        let header = format!("X-Pad: {}\r\n", "y".repeat(4000));
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until && conns.iter().any(|(_, sent)| *sent < HEADERS) {
+            let mut progress = false;
+            for (s, sent) in conns.iter_mut().filter(|(_, sent)| *sent < HEADERS) {
+                match s.write(header.as_bytes()) {
+                    Ok(n) => {
+                        *sent += n;
+                        progress |= n > 0;
+                    }
+                    // Refused and closed: done.
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => *sent = HEADERS,
+                    Err(_) => {}
+                }
+            }
+            if !progress {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        conns
+    })
+    .await
+    .unwrap();
+    let grew = p.rss_bytes().saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} connections with long headers: RSS grew by {} MiB",
+        grew >> 20
+    );
+    assert!(grew < 32 << 20, "RSS grew by {} MiB", grew >> 20);
+    drop(peak);
+    // Too long is refused, a normal request goes in.
+    let r = client()
+        .post(p.url("/v1/events"))
+        .header("x-pad", "y".repeat(20_000))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let (s, v) = post_json(&p.url("/v1/events"), "{\"after\":1}").await;
+    assert_eq!(s, 202, "{v}");
+}
