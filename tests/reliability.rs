@@ -267,6 +267,25 @@ impl Drop for SmallFs {
     }
 }
 
+/// Posts incompressible 8 KB events until the daemon refuses one with 507 or 503 (the disk is
+/// full); returns that reply, and adds each acknowledged event to `acked`.
+async fn fill_until_refused(url: &str, acked: &mut Vec<String>) -> (u16, serde_json::Value) {
+    let mut rng = rand::thread_rng();
+    for i in 0..20_000 {
+        let noise: String = (0..8000)
+            .map(|_| rng.gen_range(b'a'..=b'z') as char)
+            .collect();
+        let body = format!("{{\"i\":{i},\"n\":\"{noise}\"}}");
+        let (s, v) = post_json(url, &body).await;
+        match s {
+            202 => acked.push(body),
+            507 | 503 => return (s, v),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    panic!("the disk did not fill up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
@@ -292,25 +311,7 @@ async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
         while f.write_all(&chunk).is_ok() {}
         let _ = f.sync_all();
     }
-    // Incompressible 8 KB events until the disk says no.
-    let mut refused = None;
-    let mut rng = rand::thread_rng();
-    for i in 0..20_000 {
-        let noise: String = (0..8000)
-            .map(|_| rng.gen_range(b'a'..=b'z') as char)
-            .collect();
-        let body = format!("{{\"i\":{i},\"n\":\"{noise}\"}}");
-        let (s, v) = post_json(&p.url("/v1/events"), &body).await;
-        match s {
-            202 => acked.push(body),
-            507 | 503 => {
-                refused = Some((s, v));
-                break;
-            }
-            other => panic!("unexpected {other}: {v}"),
-        }
-    }
-    let (status, v) = refused.expect("the disk filled up");
+    let (status, v) = fill_until_refused(&p.url("/v1/events"), &mut acked).await;
     eprintln!(
         "disk full after {} more events: {status} {v}",
         acked.len() - 50
@@ -694,4 +695,53 @@ async fn long_request_headers_are_bounded_per_connection() {
     assert_eq!(r.status(), 431);
     let (s, v) = post_json(&p.url("/v1/events"), "{\"after\":1}").await;
     assert_eq!(s, 202, "{v}");
+}
+
+/// The sink is down and its backlog fills the disk. Ingest stops (507) while some space is
+/// still free, so when the sink comes back the backlog drains, the store gives its space
+/// back, and ingest resumes, by itself. (Ingest used to take the last byte: the store could
+/// then not even be reopened, delivery stalled, and nothing ever gave the space back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_that_fills_the_disk_drains_and_ingest_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&dir.path().join("data"), "40m") else {
+        return;
+    };
+    let mock = MockSink::start().await;
+    let addr = mock.addr;
+    mock.stop();
+    let p = Process::start(
+        dir.path(),
+        &(sink(&mock) + "[queue]\ncompression = \"none\"\n"),
+    );
+    let mut acked = Vec::new();
+    let (status, v) = fill_until_refused(&p.url("/v1/events"), &mut acked).await;
+    assert_eq!(status, 507, "{v}");
+    assert_eq!(v["error"]["code"], "no_space", "{v}");
+    let mock = MockSink::start_at(addr).await;
+    wait_for(
+        Duration::from_secs(120),
+        "every acknowledged event delivered",
+        || {
+            let got: HashSet<String> = mock
+                .received()
+                .iter()
+                .flat_map(|r| r.raw_events())
+                .collect();
+            acked.iter().all(|a| got.contains(a)).then_some(())
+        },
+    )
+    .await;
+    let url = p.url("/v1/events");
+    wait_until(Duration::from_secs(60), "ingest to resume", || async {
+        let (s, _) = post_json(&url, "{\"after\":\"drained\"}").await;
+        (s == 202).then_some(())
+    })
+    .await;
+    eprintln!(
+        "{} events filled the disk; all delivered, ingest resumed",
+        acked.len()
+    );
+    assert!(p.terminate().success());
+    drop(fs);
 }
