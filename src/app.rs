@@ -80,13 +80,16 @@ pub async fn run(
     let http_addrs = listeners.http_addrs();
     let unix_paths = listeners.unix_paths();
     let ready = Arc::new(AtomicBool::new(false));
+    // One memory budget for request bodies and NDJSON lines still arriving, on every listener.
+    let body_budget =
+        crate::ingest::http::body_budget(cfg.server.max_body_bytes.max(cfg.server.max_line_bytes));
     let state = Arc::new(HttpState {
         ingest: ingest.clone(),
         max_body: cfg.server.max_body_bytes,
         body_timeout: cfg.server.body_timeout,
         status: board.clone(),
         ready: ready.clone(),
-        body_budget: crate::ingest::http::body_budget(cfg.server.max_body_bytes),
+        body_budget: body_budget.clone(),
     });
     let stop_serving = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -100,6 +103,7 @@ pub async fn run(
                 max_line: cfg.server.max_line_bytes,
                 line_timeout: cfg.server.body_timeout,
                 idle_timeout: cfg.server.idle_timeout,
+                body_budget,
             },
             connections: Arc::new(Semaphore::new(cfg.server.max_connections)),
             shutdown: stop_serving.clone(),

@@ -274,6 +274,25 @@ impl Drop for SmallFs {
     }
 }
 
+/// Posts incompressible 8 KB events until the daemon refuses one with 507 or 503 (the disk is
+/// full); returns that reply, and adds each acknowledged event to `acked`.
+async fn fill_until_refused(url: &str, acked: &mut Vec<String>) -> (u16, serde_json::Value) {
+    let mut rng = rand::thread_rng();
+    for i in 0..20_000 {
+        let noise: String = (0..8000)
+            .map(|_| rng.gen_range(b'a'..=b'z') as char)
+            .collect();
+        let body = format!("{{\"i\":{i},\"n\":\"{noise}\"}}");
+        let (s, v) = post_json(url, &body).await;
+        match s {
+            202 => acked.push(body),
+            507 | 503 => return (s, v),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    panic!("the disk did not fill up");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,25 +318,7 @@ async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
         while f.write_all(&chunk).is_ok() {}
         let _ = f.sync_all();
     }
-    // Incompressible 8 KB events until the disk says no.
-    let mut refused = None;
-    let mut rng = rand::thread_rng();
-    for i in 0..20_000 {
-        let noise: String = (0..8000)
-            .map(|_| rng.gen_range(b'a'..=b'z') as char)
-            .collect();
-        let body = format!("{{\"i\":{i},\"n\":\"{noise}\"}}");
-        let (s, v) = post_json(&p.url("/v1/events"), &body).await;
-        match s {
-            202 => acked.push(body),
-            507 | 503 => {
-                refused = Some((s, v));
-                break;
-            }
-            other => panic!("unexpected {other}: {v}"),
-        }
-    }
-    let (status, v) = refused.expect("the disk filled up");
+    let (status, v) = fill_until_refused(&p.url("/v1/events"), &mut acked).await;
     eprintln!(
         "disk full after {} more events: {status} {v}",
         acked.len() - 50
@@ -565,4 +566,189 @@ fn unusable_data_dirs_give_one_line_errors() {
         "{err}"
     );
     assert!(err.contains("private"), "names the directory: {err}");
+}
+
+/// Hundreds of socket connections each send most of a 1 MB line and stop: the daemon holds
+/// what they sent within the body budget (64 MiB) shared with HTTP bodies, not 400 × 1 MB,
+/// and a short line on another connection is still acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_ndjson_lines_take_memory_only_from_the_body_budget() {
+    const CONNECTIONS: usize = 400;
+    const LINE_PART: usize = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(dir.path(), "");
+    let sock = dir.path().join("llmlogd.sock");
+    let before = p.rss_bytes();
+    let path = sock.clone();
+    let conns = tokio::task::spawn_blocking(move || {
+        use std::os::unix::net::UnixStream;
+        let mut conns: Vec<(UnixStream, usize)> = (0..CONNECTIONS)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                s.write_all(b"{\"pad\":\"").unwrap();
+                s.set_nonblocking(true).unwrap();
+                (s, 0)
+            })
+            .collect();
+        // Send what the daemon takes, for a few seconds (it stops reading once the budget
+        // is spent; before, it read all of it).
+        let chunk = vec![b'x'; 64 << 10];
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until && conns.iter().any(|(_, sent)| *sent < LINE_PART) {
+            let mut progress = false;
+            for (s, sent) in conns.iter_mut().filter(|(_, sent)| *sent < LINE_PART) {
+                if let Ok(n) = s.write(&chunk[..chunk.len().min(LINE_PART - *sent)]) {
+                    *sent += n;
+                    progress |= n > 0;
+                }
+            }
+            if !progress {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        conns
+    })
+    .await
+    .unwrap();
+    let sent: usize = conns.iter().map(|(_, n)| n).sum();
+    let grew = p.rss_bytes().saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} half lines: {} MiB sent, RSS grew by {} MiB",
+        sent >> 20,
+        grew >> 20
+    );
+    assert!(
+        grew < 160 << 20,
+        "RSS grew by {} MiB for {} MiB of half-sent lines",
+        grew >> 20,
+        sent >> 20
+    );
+    // A short line is not held up by the long ones.
+    let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (rd, mut wr) = s.into_split();
+    wr.write_all(b"{\"short\":1}\n").await.unwrap();
+    let line = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(rd).lines().next_line(),
+    )
+    .await
+    .expect("a short line is answered at once")
+    .unwrap()
+    .unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    drop(conns);
+}
+
+/// Hundreds of HTTP connections each trickle in a few hundred KB of headers: each may hold
+/// only a small read buffer (16 KiB; hyper's default let each hold ~400 KiB), and is refused
+/// with 431 past it; a normal request still goes in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_request_headers_are_bounded_per_connection() {
+    const CONNECTIONS: usize = 400;
+    const HEADERS: usize = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(dir.path(), "");
+    let before = p.rss_bytes();
+    let addr = p.http;
+    let peak = tokio::task::spawn_blocking(move || {
+        let mut conns: Vec<(TcpStream, usize)> = (0..CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+                s.set_nonblocking(true).unwrap();
+                (s, 0)
+            })
+            .collect();
+        let header = format!("X-Pad: {}\r\n", "y".repeat(4000));
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until && conns.iter().any(|(_, sent)| *sent < HEADERS) {
+            let mut progress = false;
+            for (s, sent) in conns.iter_mut().filter(|(_, sent)| *sent < HEADERS) {
+                match s.write(header.as_bytes()) {
+                    Ok(n) => {
+                        *sent += n;
+                        progress |= n > 0;
+                    }
+                    // Refused and closed: done.
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => *sent = HEADERS,
+                    Err(_) => {}
+                }
+            }
+            if !progress {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        conns
+    })
+    .await
+    .unwrap();
+    let grew = p.rss_bytes().saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} connections with long headers: RSS grew by {} MiB",
+        grew >> 20
+    );
+    assert!(grew < 32 << 20, "RSS grew by {} MiB", grew >> 20);
+    drop(peak);
+    // Too long is refused, a normal request goes in.
+    let r = client()
+        .post(p.url("/v1/events"))
+        .header("x-pad", "y".repeat(20_000))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let (s, v) = post_json(&p.url("/v1/events"), "{\"after\":1}").await;
+    assert_eq!(s, 202, "{v}");
+}
+
+/// The sink is down and its backlog fills the disk. Ingest stops (507) while some space is
+/// still free, so when the sink comes back the backlog drains, the store gives its space
+/// back, and ingest resumes, by itself. (Ingest used to take the last byte: the store could
+/// then not even be reopened, delivery stalled, and nothing ever gave the space back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_that_fills_the_disk_drains_and_ingest_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&dir.path().join("data"), "40m") else {
+        return;
+    };
+    let mock = MockSink::start().await;
+    let addr = mock.addr;
+    mock.stop();
+    let p = Process::start(
+        dir.path(),
+        &(sink(&mock) + "[queue]\ncompression = \"none\"\n"),
+    );
+    let mut acked = Vec::new();
+    let (status, v) = fill_until_refused(&p.url("/v1/events"), &mut acked).await;
+    assert_eq!(status, 507, "{v}");
+    assert_eq!(v["error"]["code"], "no_space", "{v}");
+    let mock = MockSink::start_at(addr).await;
+    wait_for(
+        Duration::from_secs(120),
+        "every acknowledged event delivered",
+        || {
+            let got: HashSet<String> = mock
+                .received()
+                .iter()
+                .flat_map(|r| r.raw_events())
+                .collect();
+            acked.iter().all(|a| got.contains(a)).then_some(())
+        },
+    )
+    .await;
+    let url = p.url("/v1/events");
+    wait_until(Duration::from_secs(60), "ingest to resume", || async {
+        let (s, _) = post_json(&url, "{\"after\":\"drained\"}").await;
+        (s == 202).then_some(())
+    })
+    .await;
+    eprintln!(
+        "{} events filled the disk; all delivered, ingest resumed",
+        acked.len()
+    );
+    assert!(p.terminate().success());
+    drop(fs);
 }

@@ -47,10 +47,11 @@ pub struct HttpState {
     pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
-/// The memory budget for request bodies: 64 MiB, or one largest body if that is more. With it,
-/// memory for bodies is bounded whatever the number of connections.
-pub fn body_budget(max_body: usize) -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(max_body.max(64 << 20)))
+/// The memory budget for request bodies (and NDJSON lines still arriving, `ndjson.rs`): 64 MiB,
+/// or one `largest` body or line if that is more. With it, memory for bodies is bounded
+/// whatever the number of connections.
+pub fn body_budget(largest: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(largest.max(64 << 20)))
 }
 
 type St = State<Arc<HttpState>>;

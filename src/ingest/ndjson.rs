@@ -20,6 +20,11 @@
 //!   a reply for `body_timeout` the connection is closed (`server::WriteStall`);
 //! - a line must be complete `body_timeout` after its first byte arrived, however it trickles
 //!   in; otherwise the client gets a `line_timeout` error and the connection is closed;
+//! - a line still arriving may take `LINE_FREE_BYTES` of memory; beyond that, its bytes are
+//!   taken from the memory budget HTTP request bodies share (`http::body_budget`) before they
+//!   are read, and given back once the line is complete. So 1,000 connections each holding
+//!   a half-sent long line cannot take 1,000 × `max_line_bytes` of memory: once the budget is
+//!   spent, their lines wait (and time out); short lines never need it, so they go on;
 //! - a connection with nothing to do for `idle_timeout` is closed.
 //!
 //! A fragment without its newline when the input ends, times out, or the daemon stops is
@@ -35,9 +40,11 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +61,9 @@ const MIN_PIPELINE_BYTES: usize = 1 << 20;
 const TIMER_SLACK: Duration = Duration::from_millis(250);
 /// How much the read buffer grows by per read.
 const READ_CHUNK: usize = 16 * 1024;
+/// What a connection's read buffer may hold without taking from the shared body budget: a
+/// line of up to about `READ_CHUNK` bytes (nearly every event) never touches the budget.
+const LINE_FREE_BYTES: usize = 2 * READ_CHUNK;
 
 /// A `sched_yield` that took longer than this means the CPU was contended (a busy host, or an
 /// app that computes on after its `write`): stop yielding for `YIELD_PAUSE`. A pause of 1 s
@@ -110,6 +120,51 @@ pub struct NdjsonLimits {
     pub max_line: usize,
     pub line_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The memory budget shared with HTTP request bodies (`http::body_budget`).
+    pub body_budget: Arc<Semaphore>,
+}
+
+/// The part of the shared body budget a connection holds for the line it is reading.
+struct BudgetHold {
+    budget: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl BudgetHold {
+    fn held(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    /// What a read buffer holding `buffered` bytes must hold before the next read (which adds
+    /// at most `READ_CHUNK`).
+    fn needed(buffered: usize) -> usize {
+        (buffered + READ_CHUNK).saturating_sub(LINE_FREE_BYTES)
+    }
+
+    /// Waits for what `needed` asks beyond what is held (the caller polls it only then).
+    async fn grow(&mut self, needed: usize) -> Result<(), tokio::sync::AcquireError> {
+        let more = needed.saturating_sub(self.held());
+        let p = self
+            .budget
+            .clone()
+            .acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
+            .await?;
+        match &mut self.permit {
+            Some(held) => held.merge(p),
+            None => self.permit = Some(p),
+        }
+        Ok(())
+    }
+
+    /// Gives back what is held beyond `needed`.
+    fn shrink_to(&mut self, needed: usize) {
+        let held = self.held();
+        if needed == 0 {
+            self.permit = None;
+        } else if held > needed {
+            drop(self.permit.as_mut().and_then(|p| p.split(held - needed)));
+        }
+    }
 }
 
 /// Replies in line order: `None` until the event's append is over.
@@ -167,6 +222,12 @@ pub async fn serve<S>(
 {
     let budget_bytes = limits.max_line.max(MIN_PIPELINE_BYTES);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // The shared body budget this connection holds for what `buf` holds beyond
+    // `LINE_FREE_BYTES` (see the module doc).
+    let mut hold = BudgetHold {
+        budget: limits.body_budget.clone(),
+        permit: None,
+    };
     // Bytes at the front of `buf` already known to hold no newline.
     let mut scanned = 0usize;
     // Lines completed so far; the one being read is `line_no + 1`.
@@ -264,6 +325,9 @@ pub async fn serve<S>(
             buf.clear();
             scanned = 0;
         }
+        // Lines taken (or skipped) give their bytes of the budget back.
+        let needed = BudgetHold::needed(buf.len());
+        hold.shrink_to(needed);
 
         // One append in flight: everything read while the last one was takes the next.
         if append.is_none() && !waiting.events.is_empty() {
@@ -305,6 +369,10 @@ pub async fn serve<S>(
         if can_read {
             buf.reserve(READ_CHUNK);
         }
+        // Past `LINE_FREE_BYTES`, a read waits for its share of the budget, then adds at most
+        // `READ_CHUNK` (what the share covers).
+        let charged = needed > 0;
+        let funded = hold.held() >= needed;
         tokio::select! {
             biased;
             result = async { append.as_mut().as_pin_mut().expect("in flight").await },
@@ -327,7 +395,18 @@ pub async fn serve<S>(
                 in_flight_bytes = 0;
             }
             _ = &mut stopped, if !input_over => input_over = true,
-            read = stream.read_buf(&mut buf), if can_read => match read {
+            granted = hold.grow(needed), if can_read && !funded => {
+                if granted.is_err() {
+                    return;
+                }
+            }
+            read = async {
+                if charged {
+                    stream.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await
+                } else {
+                    stream.read_buf(&mut buf).await
+                }
+            }, if can_read && funded => match read {
                 Ok(n) if n > 0 => {
                     yield_to_the_app();
                     just_read = true;

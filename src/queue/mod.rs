@@ -94,6 +94,13 @@ const COMPACT_CHECK_EVERY_MS: u64 = 10_000;
 const COMPACT_MAX_LIVE_BYTES: u64 = 64 << 20;
 /// Live data this small is copied at once, even while a backlog drains (it costs little).
 const COMPACT_SMALL_LIVE_BYTES: u64 = 8 << 20;
+/// Space ingest leaves free on the data directory's filesystem: below it, new events are
+/// refused as if the disk were full (507). What gives space back needs some itself: moving
+/// cursors and removing delivered records are sled writes, reopening the store after a
+/// storage error writes a segment, compaction copies what is left. When ingest took the last
+/// byte, none of them could run, so a backlog that filled its disk stayed stuck after its
+/// sink came back, until an operator freed space elsewhere.
+const MIN_FREE_BYTES: u64 = 16 << 20;
 
 /// A record encoded by ingest (off the writer thread), ready to append.
 pub struct Prepared {
@@ -591,7 +598,13 @@ impl Queue {
         let live = self.shared.bytes.load(Ordering::Relaxed);
         let before = self.shared.live_at_last_check.swap(live, Ordering::Relaxed);
         let on_disk = || store::dir_size(&self.shared.cfg.data_dir.join("queue"));
-        if compaction_due(live, before, on_disk, self.shared.caps.load().compact_above) {
+        // Short of space, a store much bigger than what it holds is worth copying sooner: that
+        // is how disk space comes back for ingest (see `MIN_FREE_BYTES`).
+        let mut compact_above = self.shared.caps.load().compact_above;
+        if store::free_bytes(&self.shared.cfg.data_dir).is_some_and(|f| f < 2 * MIN_FREE_BYTES) {
+            compact_above = compact_above.min(MIN_FREE_BYTES / 2);
+        }
+        if compaction_due(live, before, on_disk, compact_above) {
             let _ = self.tx.try_send(WriteOp::Compact);
         }
     }
@@ -735,6 +748,8 @@ struct Group<'a> {
     first_seq: u64,
     /// The first storage error: every append of the group is refused with it.
     failed: Option<QueueError>,
+    /// Less than `MIN_FREE_BYTES` is free on the disk: appends are refused (`NoSpace`).
+    low_space: bool,
     pack: record::PackBuilder,
     pack_last: u64,
     /// Records accepted, and the bytes they were encoded in (before packing and compression:
@@ -759,6 +774,7 @@ impl<'a> Group<'a> {
             records: 0,
             first_seq: next_seq,
             failed: None,
+            low_space: store::free_bytes(&shared.cfg.data_dir).is_some_and(|f| f < MIN_FREE_BYTES),
             pack: record::PackBuilder::default(),
             pack_last: 0,
             add_events: 0,
@@ -777,6 +793,10 @@ impl<'a> Group<'a> {
             let _ = reply.send(Err(QueueError::NoSpace));
             return;
         };
+        if self.low_space && !records.is_empty() {
+            let _ = reply.send(Err(QueueError::NoSpace));
+            return;
+        }
         let shared: &Shared = self.shared;
         let size: u64 = records.iter().map(|r| r.enc.stored_len() as u64).sum();
         let count = records.len() as u64;

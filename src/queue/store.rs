@@ -215,6 +215,19 @@ fn sync_dir(dir: &Path) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `p`; `None` when it cannot
+/// be asked.
+pub(crate) fn free_bytes(p: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the zeroed struct we pass, from a valid C string path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Bytes the store's files occupy on disk.
 pub(crate) fn dir_size(p: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(p) else {

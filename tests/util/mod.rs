@@ -412,6 +412,18 @@ impl Process {
         }
     }
 
+    /// The daemon's resident memory (`VmRSS`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the daemon's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS in kB")
+            * 1024
+    }
+
     /// Stderr lines so far.
     pub fn log(&self) -> Vec<String> {
         self.stderr_lines.lock().unwrap().clone()
