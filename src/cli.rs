@@ -828,6 +828,12 @@ pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> 
             report.next_seq_behind
         );
     }
+    if let Some(b) = report.behind_mark {
+        eprintln!(
+            "the store opened short of its high-water mark: numbering stopped at {} but had reached {}, so events among seq {}..{} that were not yet delivered are lost (a damaged file); numbering now goes on from {}",
+            b.found, b.mark, b.found, b.mark, b.mark
+        );
+    }
     if report.is_clean() || repair {
         if repair && !report.is_clean() {
             eprintln!("repaired: corrupt records are in the dead letters (llmlogd dlq list)");

@@ -8,6 +8,7 @@
 //! | a cursor for a sink id no name maps to | removed |
 //! | a dead letter that does not decode | kept (it is shown as unreadable by `dlq list`); counted |
 //! | `next_seq` behind the log | raised |
+//! | the store opened short of its high-water mark (`queue.mark`: acknowledged events lost to a damaged file) | reported; numbering goes on above the mark (any open does that, so it is reported once) |
 //!
 //! Nothing acknowledged is deleted: a corrupt record becomes a dead letter, where an operator
 //! can still look at its bytes.
@@ -26,6 +27,8 @@ pub struct FsckReport {
     pub orphan_cursors: u64,
     pub unreadable_dead_letters: u64,
     pub next_seq_behind: bool,
+    /// The store opened short of its high-water mark: events were lost to damage.
+    pub behind_mark: Option<super::BehindMark>,
     pub repaired: bool,
 }
 
@@ -35,6 +38,7 @@ impl FsckReport {
             && self.orphan_chunks == 0
             && self.orphan_cursors == 0
             && !self.next_seq_behind
+            && self.behind_mark.is_none()
     }
 }
 
@@ -46,6 +50,7 @@ impl Queue {
     pub fn fsck(&self, repair: bool) -> Result<FsckReport, QueueError> {
         let mut r = FsckReport {
             repaired: repair,
+            behind_mark: self.behind_mark(),
             ..FsckReport::default()
         };
         let mut chunked = std::collections::BTreeSet::new();

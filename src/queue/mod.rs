@@ -42,10 +42,17 @@
 //! lowest cursor of the configured sinks (`gc`), so nothing acknowledged is removed before
 //! every sink is done with it. A record that does not decode is handed to the reader as
 //! [`ReadItem::Corrupt`]; delivery dead-letters it and counts it, so it can never wedge a sink.
+//!
+//! # A damaged store
+//! sled cannot tell a damaged file from the torn end of a crash: it drops everything after the
+//! first page that fails its checksum. `<data_dir>/queue.mark` (`mark.rs`), a high-water mark
+//! kept outside sled, makes such a loss visible: a store that opens short of its mark is
+//! reported, and numbering resumes above the mark.
 
 mod dlq;
 mod error;
 mod fsck;
+mod mark;
 mod record;
 mod store;
 
@@ -63,6 +70,7 @@ use tokio::sync::{oneshot, watch};
 pub use dlq::{DeadLetter, DeadLetterInfo};
 pub use error::QueueError;
 pub use fsck::{FsckReport, UNKNOWN_SINK};
+pub use mark::BehindMark;
 pub use record::RecordError;
 
 use crate::config::{QueueConfig, WhenFull};
@@ -174,6 +182,8 @@ struct Shared {
     last_compact_check: AtomicU64,
     /// Live bytes at the last compaction check (at open before the first).
     live_at_last_check: AtomicU64,
+    /// Set when the store opened short of its high-water mark (see "A damaged store").
+    behind_mark: Option<BehindMark>,
     _lock: DirLock,
 }
 
@@ -200,6 +210,8 @@ impl Queue {
         let dir = &cfg.data_dir;
         create_private_dir(dir)?;
         let lock = DirLock::acquire(dir)?;
+        // A mark beside a store that is not there any more (removed by hand) says nothing.
+        let mark = store::exists(dir).then(|| mark::read(dir)).flatten();
         let t = Trees::open(dir, cfg)?;
         // What the log holds (the cap is enforced against these): as a clean stop left them,
         // else counted. Taking them out is a log update like any other, so sled's recovery of
@@ -217,6 +229,20 @@ impl Queue {
             let (_, v) = kv?;
             next_seq = next_seq.max(key_u64(&v));
         }
+        let behind_mark = mark.filter(|&m| m > next_seq).map(|mark| BehindMark {
+            found: next_seq,
+            mark,
+        });
+        if let Some(b) = behind_mark {
+            tracing::error!(
+                found = b.found,
+                mark = b.mark,
+                dir = %dir.display(),
+                "the queue store opened without events it had acknowledged: its numbering stops at {} but had reached {}, so undelivered events among seq {}..{} are lost (its files were damaged: a disk error, or changed by hand); numbering goes on from {}",
+                b.found, b.mark, b.found, b.mark, b.mark
+            );
+            next_seq = b.mark;
+        }
         let (head, _) = watch::channel(next_seq);
         let shared = Arc::new(Shared {
             trees: RwLock::new(Some(t)),
@@ -231,6 +257,7 @@ impl Queue {
             closed: AtomicBool::new(false),
             last_compact_check: AtomicU64::new(now_ms()),
             live_at_last_check: AtomicU64::new(bytes),
+            behind_mark,
             _lock: lock,
         });
         let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
@@ -649,7 +676,17 @@ impl Queue {
         counts[..8].copy_from_slice(&self.shared.events.load(Ordering::SeqCst).to_be_bytes());
         counts[8..].copy_from_slice(&self.shared.bytes.load(Ordering::SeqCst).to_be_bytes());
         t.meta.insert(COUNTS_AT_CLOSE, &counts)?;
-        t.sync()
+        let next_seq = *self.shared.head.borrow();
+        t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
+        t.sync()?;
+        mark::write(&self.shared.cfg.data_dir, next_seq)?;
+        Ok(())
+    }
+
+    /// Where the store stood against its high-water mark when it opened, if short of it (see
+    /// "A damaged store").
+    pub fn behind_mark(&self) -> Option<BehindMark> {
+        self.shared.behind_mark
     }
 }
 
@@ -666,6 +703,7 @@ static STORAGE_ERROR_LOG: crate::ops::log_throttle::LogThrottle =
 /// storage error (disk full) run between groups, so no append ever sees a half-swapped store.
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
     let (mut last_group, mut last_sync) = (0usize, std::time::Duration::ZERO);
+    let mut marked: Option<std::time::Instant> = None;
     let mut pending = None;
     loop {
         let first = match pending.take() {
@@ -712,6 +750,17 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
                 last_group = group.records;
                 let sync_started = std::time::Instant::now();
                 let (failed, seq) = group.commit();
+                if !failed
+                    && seq > next_seq
+                    && marked.is_none_or(|t| t.elapsed() >= mark::MARK_EVERY)
+                {
+                    // Every number below `seq` is synced: the mark may say so (best effort; a
+                    // full disk refuses it like everything else).
+                    marked = Some(std::time::Instant::now());
+                    if let Err(e) = mark::write(&shared.cfg.data_dir, seq) {
+                        tracing::debug!(error = %e, "queue mark not written");
+                    }
+                }
                 next_seq = seq;
                 last_sync = sync_started.elapsed();
                 if failed {

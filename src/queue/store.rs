@@ -244,3 +244,9 @@ pub(crate) fn dir_size(p: &Path) -> u64 {
         })
         .sum()
 }
+
+/// Whether `dir` holds a store (or one mid-compaction), before [`Trees::open`] creates one.
+pub(crate) fn exists(dir: &Path) -> bool {
+    let (live, fresh, old) = paths(dir);
+    live.exists() || fresh.exists() || old.exists()
+}

@@ -666,3 +666,89 @@ fn a_snapshot_left_half_written_does_not_stop_the_store_from_opening() {
         vec![r#"{"n":1}"#]
     );
 }
+
+/// A store that lost acknowledged events to damage (sled reads a damaged file as a shorter
+/// log, silently) opens short of its mark: that is reported, by `behind_mark` and `fsck`, and
+/// numbering goes on above the mark, so no new event reuses a number.
+#[test]
+fn a_store_that_lost_acknowledged_events_is_reported_and_numbers_go_on_above_its_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let s = q.sink_id("s").unwrap();
+        let recs = (0..50)
+            .map(|i| q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[s]))
+            .collect();
+        rt.block_on(q.append(recs)).unwrap();
+        assert_eq!(q.behind_mark(), None);
+        q.close().unwrap();
+    }
+    // The damage: everything sled held is gone (what a byte flipped early in its file does).
+    {
+        let t = store::Trees::open(dir.path(), &cfg(dir.path())).unwrap();
+        for tree in [&t.log, &t.meta, &t.cursors] {
+            tree.clear().unwrap();
+        }
+        t.sync().unwrap();
+    }
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        assert_eq!(q.behind_mark(), Some(BehindMark { found: 0, mark: 50 }));
+        let report = q.fsck(false).unwrap();
+        assert_eq!(report.behind_mark, Some(BehindMark { found: 0, mark: 50 }));
+        assert!(!report.is_clean());
+        let s = q.sink_id("s").unwrap();
+        let ids = rt
+            .block_on(q.append(vec![q.prepare(&ev(r#"{"n":"after"}"#), &[s])]))
+            .unwrap();
+        assert_eq!(ids[0].seq, 50, "numbering goes on above the mark");
+        q.close().unwrap();
+    }
+    // Reported once: the numbering that goes on is the store's own now.
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    assert_eq!(q.behind_mark(), None);
+    assert!(q.fsck(false).unwrap().is_clean());
+}
+
+/// The mark never runs ahead of what was synced: the files as a crash leaves them (copied
+/// while the queue is open) open with no alarm, and a mark beside a store removed by hand is
+/// ignored.
+#[test]
+fn a_crash_or_a_removed_store_raises_no_alarm() {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let s = q.sink_id("s").unwrap();
+        for i in 0..20 {
+            rt.block_on(q.append(vec![q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[s])]))
+                .unwrap();
+        }
+        assert!(
+            mark::read(dir.path()).is_some(),
+            "the first commit wrote a mark"
+        );
+        copy_dir(dir.path(), crashed.path());
+        q.close().unwrap();
+    }
+    assert_eq!(mark::read(dir.path()), Some(20));
+    let q = Queue::open(&cfg(crashed.path())).unwrap();
+    assert_eq!(q.behind_mark(), None);
+    q.close().unwrap();
+    std::fs::remove_dir_all(dir.path().join("queue")).unwrap();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    assert_eq!(q.behind_mark(), None);
+}
