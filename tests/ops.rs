@@ -619,6 +619,23 @@ fn tools_run_on_the_services_config_without_its_keys() {
     assert!(err.contains("CREDENTIALS_DIRECTORY"), "{err}");
 }
 
+/// Posts one event to a socket-activated daemon, retrying until it is up to answer: the
+/// status and body.
+async fn post_once_activated(url: &str) -> (u16, String) {
+    wait_until(DEADLINE, "the activated daemon to answer", || async {
+        let r = client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body("{\"via\":\"tcp\"}")
+            .send()
+            .await
+            .ok()?;
+        let s = r.status().as_u16();
+        Some((s, r.text().await.unwrap_or_default()))
+    })
+    .await
+}
+
 /// Socket activation (llmlogd.socket): the daemon serves on the sockets it is handed and binds
 /// nothing of its own. `systemd-socket-activate` plays systemd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -657,18 +674,7 @@ async fn socket_activation_uses_the_inherited_sockets() {
     );
     let url = format!("http://127.0.0.1:{port}/v1/events");
     // The first connection starts the daemon; it is answered once the daemon is up.
-    let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
-        let r = client()
-            .post(&url)
-            .header("content-type", "application/json")
-            .body("{\"via\":\"tcp\"}")
-            .send()
-            .await
-            .ok()?;
-        let s = r.status().as_u16();
-        Some((s, r.text().await.unwrap_or_default()))
-    })
-    .await;
+    let (s, v) = post_once_activated(&url).await;
     assert_eq!(s, 202, "{v}");
     // The inherited Unix socket speaks NDJSON too.
     let stream = tokio::net::UnixStream::connect(&activated).await.unwrap();
@@ -736,18 +742,7 @@ async fn socket_activation_serves_every_inherited_socket() {
     // The first address starts the daemon; its connection is the one systemd hands over.
     for port in [first, second] {
         let url = format!("http://127.0.0.1:{port}/v1/events");
-        let (s, v) = wait_until(DEADLINE, "the activated daemon to answer", || async {
-            let r = client()
-                .post(&url)
-                .header("content-type", "application/json")
-                .body("{\"via\":\"tcp\"}")
-                .send()
-                .await
-                .ok()?;
-            let s = r.status().as_u16();
-            Some((s, r.text().await.unwrap_or_default()))
-        })
-        .await;
+        let (s, v) = post_once_activated(&url).await;
         assert_eq!(s, 202, "port {port}: {v}");
     }
     for path in [&sock_a, &sock_b] {
