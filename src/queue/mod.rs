@@ -679,7 +679,10 @@ impl Queue {
         let next_seq = *self.shared.head.borrow();
         t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
         t.sync()?;
-        mark::write(&self.shared.cfg.data_dir, next_seq)?;
+        // Best effort, like the writer's: a stop on a full disk must still be a clean one.
+        if let Err(e) = mark::write(&self.shared.cfg.data_dir, next_seq) {
+            tracing::warn!(error = %e, "queue mark not written at close");
+        }
         Ok(())
     }
 
