@@ -577,6 +577,10 @@ fn tools_run_on_the_services_config_without_its_keys() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    let drop_line = |line: &str| {
+        let text = std::fs::read_to_string(&conf).unwrap();
+        std::fs::write(&conf, text.replace(line, "")).unwrap();
+    };
     // Each tool gets as far as its own work: no daemon (69), no queue yet (66).
     let (code, err) = run(&["status"]);
     assert_eq!(code, Some(69), "{err}");
@@ -591,22 +595,12 @@ fn tools_run_on_the_services_config_without_its_keys() {
     let (code, err) = run(&["check-config"]);
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("sinks.c.api_key_env"), "{err}");
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(
-        &conf,
-        text.replace("api_key_env = \"LLMLOGD_TEST_UNSET_KEY\"\n", ""),
-    )
-    .unwrap();
+    drop_line("api_key_env = \"LLMLOGD_TEST_UNSET_KEY\"\n");
     let (code, err) = run(&["check-config"]);
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("sinks.pz.api_key_file"), "{err}");
     // ...and with the keys it can reach, the unreachable credential is a note, not an error.
-    let text = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(
-        &conf,
-        text.replace("api_key_file = \"/nonexistent/pezzo.key\"\n", ""),
-    )
-    .unwrap();
+    drop_line("api_key_file = \"/nonexistent/pezzo.key\"\n");
     let (code, err) = run(&["check-config"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(
