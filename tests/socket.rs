@@ -208,6 +208,25 @@ async fn ndjson_answers_each_line_in_order_and_events_arrive_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_starting_with_a_byte_order_mark_is_stored_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let mut c = Nd::connect(&d.socket()).await;
+    // What a Windows tool writes first ("UTF-8 with BOM"), then a BOM on a later line too.
+    let first = r#"{"model":"gpt-4o","input":"from windows"}"#;
+    let later = r#"{"model":"gpt-4o","input":"bom again"}"#;
+    c.write(format!("\u{feff}{first}\r\n\u{feff}{later}\n"))
+        .await;
+    assert_ok(&c.reply().await);
+    assert_ok(&c.reply().await);
+    let want = [first.to_string(), later.to_string()];
+    let got = wait_arrived(&mock, &want).await;
+    assert_eq!(got, want, "the events as sent, without the byte order mark");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_on_the_socket_serves_the_loopback_routes() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
