@@ -16,6 +16,8 @@ use serde_json::Value;
 
 use crate::config::{Config, KeySource, Keys, Overrides};
 
+mod input;
+
 /// Exit codes (sysexits.h).
 pub const EXIT_USAGE: i32 = 64;
 pub const EXIT_UNAVAILABLE: i32 = 69;
@@ -226,32 +228,34 @@ pub fn check_config(file: Option<PathBuf>, cfg: &ConfigArgs) -> Result<(), CliEr
 
 /// `llmlogd send`: the events go over the socket as NDJSON, one line each; every reply is
 /// matched to its event. Refusals and unanswered events are named on stderr.
+///
+/// NDJSON input is read, sent and answered as it goes (see [`input`]): memory stays small
+/// whatever its size. A writer thread sends while this one reads the replies, so a large
+/// input never deadlocks on the socket's buffers; it hands each event's name to the reader
+/// through a bounded channel, in order.
 pub fn send(
     file: Option<PathBuf>,
     socket: Option<PathBuf>,
     timeout: Duration,
     cfg: &ConfigArgs,
 ) -> Result<(), CliError> {
-    let mut input = Vec::new();
     let source = match file.as_deref() {
         Some(p) if p.as_os_str() != "-" => p.display().to_string(),
         _ => "stdin".to_string(),
     };
-    let read = match file.as_deref() {
-        Some(p) if p.as_os_str() != "-" => {
-            std::fs::File::open(p).and_then(|mut f| f.read_to_end(&mut input))
-        }
-        _ => std::io::stdin().read_to_end(&mut input),
+    let reader: Box<dyn Read + Send> = match file.as_deref() {
+        Some(p) if p.as_os_str() != "-" => Box::new(
+            std::fs::File::open(p)
+                .map_err(|e| CliError::new(EXIT_USAGE, format!("cannot read {source}: {e}")))?,
+        ),
+        _ => Box::new(std::io::stdin()),
     };
-    read.map_err(|e| CliError::new(EXIT_USAGE, format!("cannot read {source}: {e}")))?;
-    let Outgoing {
-        stream: out,
-        events,
-    } = split_input(&input).map_err(|e| {
-        CliError::new(
-            EXIT_USAGE,
-            format!("{source} is not valid JSON: {e}; nothing was sent"),
-        )
+    // Nothing is sent before this returns: a refusal here means nothing was.
+    let mut events = input::open(reader).map_err(|e| match e {
+        input::InputError::Read(e) => {
+            CliError::new(EXIT_USAGE, format!("cannot read {source}: {e}"))
+        }
+        e => CliError::new(EXIT_USAGE, format!("{source} is {e}; nothing was sent")),
     })?;
     if events.is_empty() {
         return Err(CliError::new(EXIT_USAGE, format!("no event in {source}")));
@@ -297,49 +301,54 @@ pub fn send(
     };
     let stream = connect(&path, timeout).map_err(unavailable)?;
     let write_half = stream.try_clone().map_err(unavailable)?;
-    // Write in a thread while reading replies, so large inputs never deadlock on buffers.
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut w = std::io::BufWriter::new(&write_half);
-        w.write_all(&out)?;
-        w.flush()?;
-        write_half.shutdown(std::net::Shutdown::Write)
-    });
+    let (names, named) = std::sync::mpsc::sync_channel::<Sent>(NAMES_IN_FLIGHT);
+    // Events taken from the input so far (sent, or refused here).
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let taken = taken.clone();
+        std::thread::spawn(move || write_events(&mut events, &write_half, &names, &taken))
+    };
 
-    let n = events.len();
     let mut refused = 0usize;
     // Refusals that say "retry later" (503 queue full, 507 disk full): the same input, sent
     // again, would be taken.
     let mut refused_for_now = 0usize;
     let mut answered = 0usize;
-    let mut lost: Option<String> = None;
+    let mut lost: Option<(String, String)> = None;
     let mut replies = BufReader::new(&stream);
     let mut line = String::new();
-    while answered < n {
-        line.clear();
-        match replies.read_line(&mut line) {
-            Ok(0) => {
-                lost = Some("llmlogd closed the connection".into());
-                break;
+    // Ends when the writer is done and every event it sent is answered.
+    while let Ok(ev) = named.recv() {
+        let (label, sent_line) = match ev {
+            Sent::Line { label, sent_line } => (label, sent_line),
+            Sent::Refused { label, reason } => {
+                answered += 1;
+                refused += 1;
+                eprintln!("{label}: refused: {reason}");
+                continue;
             }
-            Ok(_) => {}
+        };
+        line.clear();
+        let why = match replies.read_line(&mut line) {
+            Ok(0) => Some("llmlogd closed the connection".to_string()),
+            Ok(_) => None,
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                lost = Some(format!(
+                Some(format!(
                     "no answer within {}",
                     humantime::format_duration(timeout)
-                ));
-                break;
+                ))
             }
-            Err(e) => {
-                lost = Some(format!("lost the connection: {e}"));
-                break;
-            }
+            Err(e) => Some(format!("lost the connection: {e}")),
+        };
+        if let Some(why) = why {
+            lost = Some((label, why));
+            break;
         }
-        let ev = &events[answered];
         answered += 1;
         let v: Value = serde_json::from_str(line.trim_end()).unwrap_or(Value::Null);
         if v.get("ok") != Some(&Value::Bool(true)) {
@@ -352,23 +361,42 @@ pub fn send(
                 .and_then(Value::as_str)
                 .unwrap_or(line.trim_end());
             // The daemon counts lines as sent; say it in the input's terms instead.
-            let err = strip_line_prefix(err, ev.sent_line);
-            eprintln!("{}: refused: {err}", ev.label);
+            let err = strip_line_prefix(err, sent_line);
+            eprintln!("{label}: refused: {err}");
         }
     }
-    // Unblock the writer if the daemon stopped reading, then collect it.
+    // Unblock the writer if the daemon stopped reading.
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    let _ = writer.join();
 
-    if let Some(why) = lost {
+    if let Some((from, why)) = lost {
+        // The writer is not waited for: it may be waiting on the input (a pipe still open).
+        let n = taken.load(std::sync::atomic::Ordering::Acquire);
         return Err(CliError::new(
             EXIT_UNAVAILABLE,
             format!(
-                "{} of {n} events got no answer, from {} on: {why}; they may not be stored{}",
+                "{} of {n} events got no answer, from {from} on: {why}; they may not be stored{}{}",
                 n - answered,
-                events[answered].label,
                 if refused > 0 {
                     format!(", and {refused} were refused")
+                } else {
+                    String::new()
+                },
+                if writer.is_finished() {
+                    ""
+                } else {
+                    "; the rest of the input was not read"
+                }
+            ),
+        ));
+    }
+    let n = answered;
+    if let Ok(Err(e)) = writer.join() {
+        return Err(CliError::new(
+            EXIT_USAGE,
+            format!(
+                "cannot read {source} after event {n}: {e}; the {n} events before it were sent{}",
+                if refused > 0 {
+                    format!(", and {refused} of them refused")
                 } else {
                     String::new()
                 }
@@ -388,6 +416,68 @@ pub fn send(
         eprintln!("{n} events stored");
     }
     Ok(())
+}
+
+/// How many events the writer may send ahead of their replies. The daemon itself takes at
+/// most 1024 unanswered events per connection; the socket's buffers hold some more.
+const NAMES_IN_FLIGHT: usize = 4096;
+
+/// An event the writer took from the input, for the reader to match with its reply.
+enum Sent {
+    /// Sent as line `sent_line` of the connection (the daemon names lines by that number).
+    Line { label: String, sent_line: usize },
+    /// Refused before sending (a line longer than any daemon takes).
+    Refused { label: String, reason: String },
+}
+
+/// Sends the events, and names each to the reader, in order. Returns an input error; a
+/// socket error just ends it (the reader sees the connection end).
+fn write_events(
+    events: &mut input::Events<Box<dyn Read + Send>>,
+    socket: &UnixStream,
+    names: &std::sync::mpsc::SyncSender<Sent>,
+    taken: &std::sync::atomic::AtomicUsize,
+) -> Result<(), input::InputError> {
+    let mut w = std::io::BufWriter::with_capacity(64 << 10, socket);
+    let mut sent_line = 0usize;
+    let result = loop {
+        // Before a read that may wait on the input (a `tail -f`), what is sent goes out.
+        if events.may_wait() && w.flush().is_err() {
+            break Ok(());
+        }
+        let item = match events.next() {
+            Ok(Some(item)) => item,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let note = match item {
+            input::Item::Send { line, label } => {
+                if w.write_all(&line)
+                    .and_then(|()| w.write_all(b"\n"))
+                    .is_err()
+                {
+                    break Ok(());
+                }
+                sent_line += 1;
+                Sent::Line { label, sent_line }
+            }
+            input::Item::Refuse { label, reason } => Sent::Refused { label, reason },
+        };
+        taken.fetch_add(1, std::sync::atomic::Ordering::Release);
+        match names.try_send(note) {
+            Ok(()) => {}
+            // The reader waits on replies to what is buffered here: send it before waiting.
+            Err(std::sync::mpsc::TrySendError::Full(note)) => {
+                if w.flush().is_err() || names.send(note).is_err() {
+                    break Ok(());
+                }
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => break Ok(()),
+        }
+    };
+    let _ = w.flush();
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    result
 }
 
 /// Where the systemd unit's daemon listens (`RuntimeDirectory=llmlogd`, `llmlogd.socket`).
@@ -418,112 +508,6 @@ fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     s.set_write_timeout(Some(timeout))?;
     s.connect(&socket2::SockAddr::unix(path)?)?;
     Ok(s.into())
-}
-
-/// What `send` writes, and the events in it (each line that gets a reply).
-#[derive(Debug)]
-struct Outgoing {
-    /// NDJSON, newline-terminated.
-    stream: Vec<u8>,
-    events: Vec<OutEvent>,
-}
-
-#[derive(Debug, PartialEq)]
-struct OutEvent {
-    /// How to name it to the user: "event 2", or "event 2 (line 3)" for NDJSON input.
-    label: String,
-    /// Its line number in `stream`, as the daemon counts (it names lines in its errors).
-    sent_line: usize,
-}
-
-/// Splits `send` input into NDJSON. A whole JSON document (an object, or an array of them) is
-/// sent one event per line, each element's bytes as written except for its line breaks; so is
-/// a series of JSON values (NDJSON, or documents one after another as `jq` prints them), each
-/// one event. Other input whose first line is a whole JSON value (or not JSON at all) is
-/// NDJSON with bad lines: it is sent line for line, so the daemon judges each line and its
-/// "line N" is the input's own line N (blank lines get no reply, as on the socket).
-///
-/// Input whose first line opens a document it does not finish is pretty-printed JSON: if it
-/// does not parse, it is refused whole, with the parser's error. Sent line for line, its lines
-/// would be refused one by one, and any that happened to be a JSON object on its own (an
-/// element of a broken array, a `{}` inside a document) stored as an event.
-fn split_input(input: &[u8]) -> Result<Outgoing, serde_json::Error> {
-    use serde_json::value::RawValue;
-    // A file saved "UTF-8 with BOM" (Windows editors, PowerShell 5's `Out-File`) starts with
-    // one: it marks the file's encoding and is no part of the first event.
-    let input = input.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(input);
-    let trimmed = input.trim_ascii();
-    if let Ok(doc) = serde_json::from_slice::<&RawValue>(trimmed) {
-        let text = doc.get();
-        let items: Vec<&str> = if text.starts_with('[') {
-            serde_json::from_str::<Vec<&RawValue>>(text)
-                .map(|v| v.iter().map(|r| r.get()).collect())
-                .unwrap_or_default()
-        } else {
-            vec![text]
-        };
-        return Ok(one_line_each(items.iter().map(|item| (*item, None))));
-    }
-    // A series of JSON values: NDJSON, or documents one after another.
-    let mut items = Vec::new();
-    let mut broken = None;
-    // The input line a value starts on, counted on from the previous value's start.
-    let (mut counted, mut line) = (0usize, 1usize);
-    for value in serde_json::Deserializer::from_slice(input).into_iter::<&RawValue>() {
-        match value {
-            Ok(v) => {
-                let text = v.get();
-                let at = text.as_ptr() as usize - input.as_ptr() as usize;
-                line += memchr::memchr_iter(b'\n', &input[counted..at]).count();
-                counted = at;
-                items.push((text, Some(line)));
-            }
-            Err(e) => {
-                broken = Some(e);
-                break;
-            }
-        }
-    }
-    let Some(error) = broken else {
-        return Ok(one_line_each(items));
-    };
-    let first_line = trimmed.split(|b| *b == b'\n').next().unwrap_or_default();
-    if serde_json::from_slice::<&RawValue>(first_line.trim_ascii()).is_err_and(|e| e.is_eof()) {
-        return Err(error);
-    }
-    let mut stream = Vec::with_capacity(input.len() + 1);
-    let mut events = Vec::new();
-    let body = input.strip_suffix(b"\n").unwrap_or(input);
-    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
-        stream.extend_from_slice(line);
-        stream.push(b'\n');
-        if !line.trim_ascii().is_empty() {
-            events.push(OutEvent {
-                label: format!("event {} (line {})", events.len() + 1, i + 1),
-                sent_line: i + 1,
-            });
-        }
-    }
-    Ok(Outgoing { stream, events })
-}
-
-/// Each JSON value (with the input line it starts on, if worth naming) as one line of its own.
-fn one_line_each<'a>(items: impl IntoIterator<Item = (&'a str, Option<usize>)>) -> Outgoing {
-    let mut stream = Vec::new();
-    let mut events = Vec::new();
-    for (i, (item, line)) in items.into_iter().enumerate() {
-        // Line breaks in valid JSON are only ever whitespace between tokens.
-        stream.extend(item.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
-        stream.push(b'\n');
-        events.push(OutEvent {
-            label: match line {
-                Some(l) => format!("event {} (line {l})", i + 1),
-                None => format!("event {}", i + 1),
-            },
-            sent_line: i + 1,
-        });
-    }
-    Outgoing { stream, events }
 }
 
 /// "line 3: the event is …" → "the event is …"; "line 3 exceeds …" → "exceeds …".
@@ -877,92 +861,6 @@ fn open_offline(c: &Config) -> Result<crate::queue::Queue, CliError> {
 #[cfg(test)]
 mod send_tests {
     use super::*;
-
-    fn labels(o: &Outgoing) -> Vec<(&str, usize)> {
-        o.events
-            .iter()
-            .map(|e| (e.label.as_str(), e.sent_line))
-            .collect()
-    }
-
-    #[test]
-    fn ndjson_goes_line_for_line_keeping_blank_lines_for_the_numbering() {
-        let o = split_input(b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}").unwrap();
-        assert_eq!(o.stream, b"{\"a\":1}\n\n  \r\n{\"b\"\r\n{\"c\":3}\n");
-        assert_eq!(
-            labels(&o),
-            [
-                ("event 1 (line 1)", 1),
-                ("event 2 (line 4)", 4),
-                ("event 3 (line 5)", 5)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_document_keeps_its_bytes_but_its_line_breaks() {
-        let o = split_input(b"\n[\n {\"a\": 1.50},\n {\"b\":\n  \"\\u00e9\"}, 7\n]\n").unwrap();
-        assert_eq!(o.stream, b"{\"a\": 1.50}\n{\"b\":  \"\\u00e9\"}\n7\n");
-        assert_eq!(labels(&o), [("event 1", 1), ("event 2", 2), ("event 3", 3)]);
-        let o = split_input(b"{\n  \"one\": true\n}\n").unwrap();
-        assert_eq!(o.stream, b"{  \"one\": true}\n");
-        assert_eq!(labels(&o), [("event 1", 1)]);
-        assert!(split_input(b"[]").unwrap().events.is_empty());
-        assert!(split_input(b" \n\n").unwrap().events.is_empty());
-    }
-
-    #[test]
-    fn documents_one_after_another_are_one_event_each_named_by_their_line() {
-        // What `jq . a.json b.json` prints.
-        let o =
-            split_input(b"{\n  \"a\": 1,\n  \"t\": [\n    {}\n  ]\n}\n\n{\r\n  \"b\": 2\r\n}\n")
-                .unwrap();
-        assert_eq!(
-            o.stream,
-            b"{  \"a\": 1,  \"t\": [    {}  ]}\n{  \"b\": 2}\n"
-        );
-        assert_eq!(
-            labels(&o),
-            [("event 1 (line 1)", 1), ("event 2 (line 8)", 2)]
-        );
-        // NDJSON that parses goes the same way, and names the same lines.
-        let o = split_input(b"{\"a\":1}\n\n{\"b\":2}\n").unwrap();
-        assert_eq!(o.stream, b"{\"a\":1}\n{\"b\":2}\n");
-        assert_eq!(
-            labels(&o),
-            [("event 1 (line 1)", 1), ("event 2 (line 3)", 2)]
-        );
-    }
-
-    #[test]
-    fn a_broken_pretty_printed_document_is_refused_whole_not_sent_line_by_line() {
-        // A missing comma: line by line, its two elements would be stored.
-        let e = split_input(b"[\n  {\"a\": 1}\n  {\"b\": 2}\n]\n").unwrap_err();
-        assert_eq!((e.line(), e.column()), (3, 3), "{e}");
-        // A `{}` inside a broken document would have been stored as an event.
-        let e = split_input(b"{\n  \"t\": [\n    {}\n  ],\n}\n").unwrap_err();
-        assert_eq!(e.line(), 5, "{e}");
-        // NDJSON whose first line is whole is still judged line by line.
-        let o = split_input(b"{\"a\":1}\n{\n{}\n").unwrap();
-        assert_eq!(o.stream, b"{\"a\":1}\n{\n{}\n");
-        assert_eq!(o.events.len(), 3);
-    }
-
-    #[test]
-    fn a_byte_order_mark_at_the_start_is_not_part_of_the_first_event() {
-        let o = split_input(b"\xEF\xBB\xBF[{\"a\":1},{\"b\":2}]").unwrap();
-        assert_eq!(o.stream, b"{\"a\":1}\n{\"b\":2}\n");
-        let o = split_input(b"\xEF\xBB\xBF{\"a\":1}\r\n{\"b\":2}\r\n{\"c\"\r\n").unwrap();
-        assert_eq!(o.stream, b"{\"a\":1}\r\n{\"b\":2}\r\n{\"c\"\r\n");
-        assert_eq!(
-            labels(&o),
-            [
-                ("event 1 (line 1)", 1),
-                ("event 2 (line 2)", 2),
-                ("event 3 (line 3)", 3)
-            ]
-        );
-    }
 
     #[test]
     fn without_a_named_socket_send_falls_back_to_the_system_services() {

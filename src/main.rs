@@ -75,6 +75,17 @@ fn main() -> ExitCode {
 }
 
 fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
+    // The handlers go in first, before the config is read: until they are in, a signal has
+    // its default action, and SIGHUP's kills the process. A `systemctl reload` (or a script's
+    // SIGHUP) that came right after the start, while the config was being read, took the
+    // daemon down. Signals that arrive from here on wait in the channel: a reload is done,
+    // and a stop honoured, once the daemon is up.
+    let signals = llmlogd::ops::signals::listen().map_err(|e| {
+        CliError::new(
+            cli::EXIT_SOFTWARE,
+            format!("cannot install signal handlers: {e}"),
+        )
+    })?;
     let cfg: Config = args.load()?;
     init_tracing(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -82,12 +93,6 @@ fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
         .thread_name("llmlogd")
         .build()
         .map_err(|e| CliError::new(cli::EXIT_SOFTWARE, format!("cannot start the runtime: {e}")))?;
-    let signals = llmlogd::ops::signals::listen().map_err(|e| {
-        CliError::new(
-            cli::EXIT_SOFTWARE,
-            format!("cannot install signal handlers: {e}"),
-        )
-    })?;
     let source = llmlogd::app::ConfigSource {
         path: args.config.clone(),
         overrides: args.overrides(),

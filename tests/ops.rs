@@ -995,3 +995,110 @@ async fn a_token_in_a_sink_url_is_masked_in_its_errors() {
     assert!(!metrics.contains("URLTOKEN") && !metrics.contains("URLPASS"));
     d.stop().await;
 }
+
+/// A SIGHUP while the daemon is still reading its config (a `systemctl reload` right after the
+/// start) must not kill it: the reload waits until the daemon is up. The config is a FIFO, so
+/// the test knows the daemon is in the middle of reading it (its open for writing succeeds
+/// only once the daemon has the FIFO open) and holds it there while the signal arrives; the
+/// handlers used to be installed after the config was read, and SIGHUP's default action ended
+/// the process.
+#[test]
+fn a_sighup_while_the_config_is_being_read_does_not_kill_the_daemon() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::process::ExitStatusExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("llmlogd.toml");
+    let c_path = std::ffi::CString::new(cfg.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let child = Command::new(bin())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--http-listen")
+        .arg("127.0.0.1:0")
+        .arg("--unix-socket")
+        .arg(dir.path().join("llmlogd.sock"))
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn llmlogd");
+    let mut child = KillOnDrop(child);
+    let pid = child.0.id() as i32;
+    // A non-blocking open for writing fails (ENXIO) until the daemon has the FIFO open.
+    let deadline = Instant::now() + DEADLINE;
+    let mut fifo = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&cfg)
+        {
+            Ok(f) => break f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                if let Ok(Some(st)) = child.0.try_wait() {
+                    panic!("llmlogd exited before reading its config: {st:?}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("the daemon never opened its config: {e}"),
+        }
+    };
+    // The daemon is reading its config, which it cannot finish yet.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    // Later reads (the reload) find a regular file: put it in place before the FIFO's end.
+    let text = "[server]\nbody_timeout = \"30s\"\n";
+    let plain = dir.path().join("plain.toml");
+    std::fs::write(&plain, text).unwrap();
+    std::fs::rename(&plain, &cfg).unwrap();
+    fifo.write_all(text.as_bytes()).expect("write the config");
+    drop(fifo);
+
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("configuration reloaded"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "no reload after the early SIGHUP; exit: {:?}, log: {seen:#?}",
+                child
+                    .0
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map(|s| (s.code(), s.signal()))
+            ),
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("llmlogd ready")),
+        "ready before the reload: {seen:#?}"
+    );
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "still running after the reload"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a clean stop: {status:?}");
+}

@@ -745,3 +745,61 @@ async fn a_backlog_that_fills_the_disk_drains_and_ingest_resumes_by_itself() {
     assert!(p.terminate().success());
     drop(fs);
 }
+
+/// One connection holds at most a quarter of the body budget: a client that declared a body of
+/// the largest allowed size and sends it slowly leaves room for another client's large body,
+/// which is stored at once. With the budget at 64 MiB whatever `max_body_bytes` was, the
+/// second request waited for the first's `body_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_large_body_leaves_room_for_another_clients_large_body() {
+    const LARGEST: usize = 40 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(
+        dir.path(),
+        &format!("[server]\nmax_body_bytes = {LARGEST}\nbody_timeout = \"60s\"\n"),
+    )
+    .await;
+    let addr = d.started.http.unwrap();
+    // The slow client: its body's share is held once the daemon asks for the body, which it
+    // does with `100 Continue` (after taking the share, before reading).
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nExpect: 100-continue\r\ncontent-length: {LARGEST}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(DEADLINE, async {
+        while !head.ends_with(b"\r\n\r\n") {
+            tokio::io::AsyncReadExt::read_exact(&mut slow, &mut byte)
+                .await
+                .expect("the interim reply");
+            head.push(byte[0]);
+        }
+    })
+    .await
+    .expect("100 Continue in time");
+    assert!(
+        head.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    slow.write_all(b"{\"pad\":\"").await.unwrap();
+    // Another client's body, too large for what a 64 MiB budget has left beside the slow one.
+    let big = format!("{{\"model\":\"m\",\"input\":\"{}\"}}", "x".repeat(25 << 20));
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        post_json(&d.url("/v1/events"), &big),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the large body waited on the slow one for 20 s"));
+    assert_eq!(status, 202, "{body}");
+    eprintln!("the large body was stored in {:?}", started.elapsed());
+    drop(slow);
+    d.stop().await;
+}

@@ -208,6 +208,25 @@ async fn ndjson_answers_each_line_in_order_and_events_arrive_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_starting_with_a_byte_order_mark_is_stored_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let mut c = Nd::connect(&d.socket()).await;
+    // What a Windows tool writes first ("UTF-8 with BOM"), then a BOM on a later line too.
+    let first = r#"{"model":"gpt-4o","input":"from windows"}"#;
+    let later = r#"{"model":"gpt-4o","input":"bom again"}"#;
+    c.write(format!("\u{feff}{first}\r\n\u{feff}{later}\n"))
+        .await;
+    assert_ok(&c.reply().await);
+    assert_ok(&c.reply().await);
+    let want = [first.to_string(), later.to_string()];
+    let got = wait_arrived(&mock, &want).await;
+    assert_eq!(got, want, "the events as sent, without the byte order mark");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_on_the_socket_serves_the_loopback_routes() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
@@ -1170,6 +1189,95 @@ async fn send_refuses_a_broken_document_whole_and_takes_documents_one_after_anot
         "the two documents, and nothing of the broken one"
     );
     d.stop().await;
+}
+
+/// `send` streams: 128 MiB of NDJSON through it, and its peak memory stays a small fraction
+/// of that (it read all its input into memory first, then made a second copy to send). A
+/// stand-in daemon acks every line without storing it, so the test is quick; it reads the
+/// peak (`VmHWM`) once the input has all arrived, while `send` waits for the last ack.
+#[test]
+fn send_streams_a_large_input_in_bounded_memory() {
+    const LINE: usize = 1024;
+    const LINES: usize = 128 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("acks.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut child = Command::new(bin())
+        .arg("send")
+        .args(sock_arg(&sock))
+        .env_remove("LLMLOGD_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let daemon = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let (s, _) = listener.accept().unwrap();
+        let mut acks = std::io::BufWriter::new(s.try_clone().unwrap());
+        let mut lines = std::io::BufReader::new(s);
+        let (mut n, mut line) = (0usize, Vec::new());
+        loop {
+            line.clear();
+            if lines.read_until(b'\n', &mut line).unwrap() == 0 {
+                break;
+            }
+            assert_eq!(line.len(), LINE, "line {n} arrived whole");
+            // Each line's ack goes with the next line: the last one waits for the peak.
+            if n > 0 {
+                writeln!(acks, "{{\"ok\":true,\"id\":\"x\",\"seq\":{}}}", n - 1).unwrap();
+            }
+            n += 1;
+            if lines.buffer().is_empty() {
+                acks.flush().unwrap();
+            }
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let peak_kb: usize = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in kB");
+        if n > 0 {
+            writeln!(acks, "{{\"ok\":true,\"id\":\"x\",\"seq\":{}}}", n - 1).unwrap();
+        }
+        acks.flush().unwrap();
+        (n, peak_kb * 1024)
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let mut line = format!(
+            "{{\"model\":\"m\",\"n\":0,\"pad\":\"{}\"}}",
+            "x".repeat(LINE)
+        );
+        line.truncate(LINE - 3);
+        line.push_str("\"}\n");
+        let chunk = line.repeat(64);
+        for _ in 0..LINES / 64 {
+            if stdin.write_all(chunk.as_bytes()).is_err() {
+                break; // send is gone: its status says why
+            }
+        }
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let status = child.wait().unwrap();
+    feeder.join().unwrap();
+    assert!(status.success(), "send failed ({status:?}): {err}");
+    let (lines, peak) = daemon.join().unwrap();
+    assert_eq!(lines, LINES, "every line sent once");
+    eprintln!(
+        "send: {} MiB of input, peak RSS {} MiB",
+        (LINE * LINES) >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < 40 << 20,
+        "peak RSS {} MiB for {} MiB of input",
+        peak >> 20,
+        (LINE * LINES) >> 20
+    );
 }
 
 /// A bad option is a usage error: exit 64 (EX_USAGE), as the CLI documents, not clap's 2.

@@ -48,10 +48,26 @@ pub struct HttpState {
 }
 
 /// The memory budget for request bodies (and NDJSON lines still arriving, `ndjson.rs`): 64 MiB,
-/// or one `largest` body or line if that is more. With it, memory for bodies is bounded
-/// whatever the number of connections.
+/// or `CONNECTION_SHARES` × the `largest` body or line if that is more. With it, memory for
+/// bodies is bounded whatever the number of connections.
+///
+/// A connection holds at most one body or line of it at a time (HTTP/1 serves a
+/// connection's requests one after another, and an NDJSON connection takes budget only for
+/// the line still arriving), so at most `largest`: with the budget at least
+/// `CONNECTION_SHARES` × `largest`, one connection never holds more than its share, and a
+/// legitimate request of the largest size still fits beside it. When the budget was 64 MiB
+/// whatever `largest` was, a config with `max_body_bytes = "64MiB"` let one client that
+/// declared such a body and sent it slowly make every other large request wait up to
+/// `body_timeout`.
 pub fn body_budget(largest: usize) -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(largest.max(64 << 20)))
+    Arc::new(tokio::sync::Semaphore::new(budget_bytes(largest)))
+}
+
+/// How many connections holding the largest body or line the budget always has room for.
+pub const CONNECTION_SHARES: usize = 4;
+
+fn budget_bytes(largest: usize) -> usize {
+    largest.saturating_mul(CONNECTION_SHARES).max(64 << 20)
 }
 
 type St = State<Arc<HttpState>>;
@@ -817,6 +833,22 @@ async fn status(State(st): St) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_connection_never_holds_more_than_a_quarter_of_the_body_budget() {
+        assert_eq!(budget_bytes(1 << 20), 64 << 20, "the defaults keep 64 MiB");
+        for largest in [1 << 20, 16 << 20, 17 << 20, 40 << 20, 64 << 20] {
+            let budget = budget_bytes(largest);
+            assert!(
+                largest <= budget / CONNECTION_SHARES,
+                "{largest}: one body within a share of {budget}"
+            );
+            assert!(
+                u32::try_from(largest).is_ok(),
+                "a share is one semaphore acquire"
+            );
+        }
+    }
 
     #[test]
     fn the_accepted_reply_is_what_serde_json_writes() {

@@ -8,7 +8,8 @@
 //! ← {"ok":false,"error":"line 2: the event is not valid JSON: …","code":"invalid_json","status":400}
 //! ```
 //! A line is one JSON object; blank lines are skipped (no reply) but counted, so "line N" in an
-//! error is the client's own line number. `\r\n` endings are fine.
+//! error is the client's own line number. `\r\n` endings are fine, and so is a UTF-8 byte
+//! order mark at the start of a line (skipped; the stored event is the object alone).
 //!
 //! Bounds, so that a client can only ever slow itself down:
 //! - a line over `max_line_bytes` (not counting its line ending) is refused with one error
@@ -57,6 +58,8 @@ const MAX_PIPELINE: usize = 1024;
 /// The floor of the per-connection byte budget for events awaiting their ack (the budget is
 /// the larger of this and `max_line_bytes`, so one line of any allowed size always fits).
 const MIN_PIPELINE_BYTES: usize = 1 << 20;
+/// A UTF-8 byte order mark, skipped at the start of a line.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// How far the idle deadline may move on before its timer is re-armed.
 const TIMER_SLACK: Duration = Duration::from_millis(250);
 /// How much the read buffer grows by per read.
@@ -303,6 +306,10 @@ pub async fn serve<S>(
                 replies.push(refuse(too_long(line_no, limits.max_line)));
                 continue;
             }
+            // A UTF-8 byte order mark (the first line a Windows tool writes) marks the
+            // encoding and is no part of the event: RFC 8259 lets a parser ignore it, and
+            // the payload stored is the JSON object alone.
+            let content = content.strip_prefix(UTF8_BOM).unwrap_or(content);
             let body = line.slice_ref(content.trim_ascii());
             if body.is_empty() {
                 continue;
