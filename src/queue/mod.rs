@@ -1340,4 +1340,18 @@ impl DirLock {
 }
 
 #[cfg(test)]
+impl Queue {
+    /// Takes the store away, as a storage error does until it can be reopened: every
+    /// operation fails with `Storage` meanwhile (tests of what other stages do then).
+    pub(crate) fn take_store_for_test(&self) {
+        drop(self.shared.trees.write().take());
+    }
+
+    /// Opens the store again, as the writer does after a storage error.
+    pub(crate) fn reopen_store_for_test(&self) {
+        reopen(&self.shared);
+    }
+}
+
+#[cfg(test)]
 mod tests;
