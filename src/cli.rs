@@ -611,7 +611,7 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
     let now = v["now_ms"].as_u64().unwrap_or(0);
     let q = &v["queue"];
     println!(
-        "llmlogd {} (pid {})  queue: {} events, {} bytes, oldest {}  dead letters: {}  disk: {} bytes",
+        "llmlogd {} (pid {})  queue: {} events, {} bytes, oldest {}  dead letters: {}  disk: {} bytes, {} bytes free",
         v["version"].as_str().unwrap_or("?"),
         v["pid"],
         q["events"],
@@ -619,6 +619,7 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
         age(now, q["oldest_ms"].as_u64()),
         q["dead_letters"],
         q["disk_bytes"],
+        q["disk_free_bytes"].as_u64().map_or("?".into(), |f| f.to_string()),
     );
     println!(
         "{:<16} {:<12} {:<8} {:>8} {:>10} {:>8} {:<14} {:<14} LAST ERROR",

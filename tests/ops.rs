@@ -274,6 +274,63 @@ async fn metrics_after_a_known_scenario() {
     d.stop().await;
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `p` (what the daemon
+/// reports), asked here independently.
+fn statvfs_free(p: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs writes only into the zeroed struct, from a valid C string path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// The value of the one sample named exactly `name` (no labels) in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().expect("a number"))
+}
+
+/// The free space of the data directory's filesystem shows in `/metrics` and the status, so
+/// an alert can fire before ingest starts refusing events (507 under 16 MiB free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_show_the_free_disk_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let data = dir.path().join("data");
+    // Other work on the machine writes to the same filesystem: the value must lie between
+    // what the test saw just before and just after, give or take what may change meanwhile.
+    let slack = 256u64 << 20;
+    let within = |v: u64, before: u64, after: u64| {
+        v + slack >= before.min(after) && v <= before.max(after) + slack
+    };
+    let before = statvfs_free(&data);
+    let text = get_text(&d.url("/metrics")).await;
+    let status = get_json(&d.url("/v1/status")).await;
+    let after = statvfs_free(&data);
+    let metric = sample(&text, "llmlogd_disk_free_bytes")
+        .unwrap_or_else(|| panic!("no llmlogd_disk_free_bytes in\n{text}"));
+    assert!(metric > 0.0 && metric.fract() == 0.0, "{metric}");
+    assert!(
+        within(metric as u64, before, after),
+        "metric {metric}, statvfs {before}..{after}"
+    );
+    assert!(
+        text.contains("# TYPE llmlogd_disk_free_bytes gauge"),
+        "{text}"
+    );
+    let in_status = status["queue"]["disk_free_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no queue.disk_free_bytes in {status}"));
+    assert!(
+        within(in_status, before, after),
+        "status {in_status}, statvfs {before}..{after}"
+    );
+    d.stop().await;
+}
+
 async fn get(url: &str) -> (u16, serde_json::Value) {
     let r = client().get(url).send().await.unwrap();
     let s = r.status().as_u16();
@@ -361,6 +418,14 @@ async fn status_cli_shows_sinks_table_and_json() {
         table.contains("SINK") && table.contains("collector") && table.contains("http"),
         "{table}"
     );
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with(" bytes free")),
+        "{table}"
+    );
+    assert!(v["queue"]["disk_free_bytes"].as_u64().is_some(), "{v}");
     drop(p);
     // Daemon gone: a one-line error and exit 69.
     let out = Command::new(bin())

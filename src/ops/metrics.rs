@@ -92,6 +92,7 @@ pub struct Metrics {
     queue_evicted: Gauge,
     dead_letters: Gauge,
     disk_bytes: Gauge,
+    disk_free: Gauge,
     delivered: Family<SinkLabel, Counter>,
     retried: Family<SinkLabel, Counter>,
     failed: Family<SinkClass, Counter>,
@@ -125,6 +126,7 @@ impl Metrics {
             queue_evicted: Gauge::default(),
             dead_letters: Gauge::default(),
             disk_bytes: Gauge::default(),
+            disk_free: Gauge::default(),
             delivered: Family::default(),
             retried: Family::default(),
             failed: Family::default(),
@@ -180,6 +182,14 @@ impl Metrics {
             "disk_bytes",
             "Bytes the data directory occupies on disk",
             m.disk_bytes.clone(),
+        );
+        registry.register(
+            "disk_free_bytes",
+            format!(
+                "Bytes free for llmlogd on the data directory's filesystem (ingest refuses events, 507, below {} MiB)",
+                Queue::MIN_FREE_BYTES >> 20
+            ),
+            m.disk_free.clone(),
         );
         registry.register(
             "sink_delivered_events",
@@ -347,6 +357,11 @@ impl Metrics {
         );
         self.dead_letters.set(queue.dead_letter_count() as i64);
         self.disk_bytes.set(queue.disk_bytes() as i64);
+        // A filesystem that cannot be asked (never seen for a directory the daemon holds
+        // open) keeps the last value rather than a 0 that would look like a full disk.
+        if let Some(free) = queue.free_bytes() {
+            self.disk_free.set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -77,6 +77,7 @@ impl StatusBoard {
                 "next_seq": q.next_seq,
                 "dead_letters": queue.dead_letter_count(),
                 "disk_bytes": queue.disk_bytes(),
+                "disk_free_bytes": queue.free_bytes(),
                 "data_dir": queue.data_dir().display().to_string(),
             },
             "sinks": sinks,

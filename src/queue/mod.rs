@@ -205,6 +205,10 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// Space ingest leaves free on the data directory's filesystem: below it, appends are
+    /// refused as if the disk were full (see the module constant of the same name for why).
+    pub const MIN_FREE_BYTES: u64 = MIN_FREE_BYTES;
+
     /// Opens (or creates) the queue under `cfg.data_dir` and starts the writer thread.
     pub fn open(cfg: &QueueConfig) -> Result<Queue, QueueError> {
         let dir = &cfg.data_dir;
@@ -605,6 +609,13 @@ impl Queue {
     /// Bytes sled's files take on disk.
     pub fn disk_bytes(&self) -> u64 {
         store::dir_size(&self.shared.cfg.data_dir)
+    }
+
+    /// Bytes free for llmlogd on the data directory's filesystem (one `statvfs`, cheap enough
+    /// to ask per scrape); `None` when it cannot be asked. Operators alert on it before ingest
+    /// starts refusing events below [`Queue::MIN_FREE_BYTES`].
+    pub fn free_bytes(&self) -> Option<u64> {
+        store::free_bytes(&self.shared.cfg.data_dir)
     }
 
     /// Asks the writer to compact the store when a drained backlog left it much larger than
