@@ -331,6 +331,97 @@ async fn metrics_and_status_show_the_free_disk_space() {
     d.stop().await;
 }
 
+/// Moves the store's high-water mark (`<data>/queue.mark`) `by` numbers up: what a store
+/// that lost its last acknowledged events to damaged files looks like when it opens.
+fn raise_mark(data: &std::path::Path, by: u64) {
+    let path = data.join("queue.mark");
+    let text = std::fs::read_to_string(&path).expect("a mark after a clean stop");
+    let (header, next) = text.trim_end().split_once('\n').unwrap();
+    let next: u64 = next.strip_prefix("next_seq ").unwrap().parse().unwrap();
+    std::fs::write(&path, format!("{header}\nnext_seq {}\n", next + by)).unwrap();
+}
+
+/// A store that opens short of its mark (events lost to damage) shows it in `/metrics` and
+/// the status, so an alert can fire; `fsck` says what was lost and that `--repair` cannot
+/// bring it back, instead of sending the operator to a repair that does nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_show_in_the_metrics_and_fsck_says_repair_cannot_bring_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let (s, _) = post_json(&d.url("/v1/events"), "[{\"n\":1},{\"n\":2}]").await;
+    assert_eq!(s, 202);
+    let text = get_text(&d.url("/metrics")).await;
+    assert_eq!(
+        sample(&text, "llmlogd_queue_lost_events"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        get_json(&d.url("/v1/status")).await["queue"]["lost_events"],
+        0
+    );
+    d.stop().await;
+
+    raise_mark(&data, 100);
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let text = get_text(&d.url("/metrics")).await;
+    assert_eq!(
+        sample(&text, "llmlogd_queue_lost_events"),
+        Some(100.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE llmlogd_queue_lost_events gauge"),
+        "{text}"
+    );
+    assert_eq!(
+        get_json(&d.url("/v1/status")).await["queue"]["lost_events"],
+        100
+    );
+    d.stop().await;
+
+    let fsck = |repair: bool| {
+        let mut args = vec!["fsck", "--data-dir", data.to_str().unwrap()];
+        if repair {
+            args.push("--repair");
+        }
+        let out = Command::new(bin())
+            .args(&args)
+            .env_remove("LLMLOGD_CONFIG")
+            .env_remove("LLMLOGD_DATA_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Reported once: the open above took the numbering past the mark.
+    let (code, err) = fsck(false);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("lost"), "{err}");
+    raise_mark(&data, 7);
+    let (code, err) = fsck(false);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("lost: the store opened without up to 7 acknowledged events"),
+        "{err}"
+    );
+    assert!(err.contains("Nothing brings them back"), "{err}");
+    assert!(
+        err.contains("nothing for `llmlogd fsck --repair` to do"),
+        "{err}"
+    );
+    assert!(!err.contains("to fix them"), "no repair is offered: {err}");
+    raise_mark(&data, 5);
+    let (code, err) = fsck(true);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("up to 5 acknowledged events"), "{err}");
+    assert!(!err.contains("repaired:"), "nothing was repaired: {err}");
+}
+
 async fn get(url: &str) -> (u16, serde_json::Value) {
     let r = client().get(url).send().await.unwrap();
     let s = r.status().as_u16();

@@ -90,6 +90,7 @@ pub struct Metrics {
     queue_oldest_age: Gauge<f64, AtomicU64>,
     queue_syncs: Gauge,
     queue_evicted: Gauge,
+    queue_lost: Gauge,
     dead_letters: Gauge,
     disk_bytes: Gauge,
     disk_free: Gauge,
@@ -124,6 +125,7 @@ impl Metrics {
             queue_oldest_age: Gauge::default(),
             queue_syncs: Gauge::default(),
             queue_evicted: Gauge::default(),
+            queue_lost: Gauge::default(),
             dead_letters: Gauge::default(),
             disk_bytes: Gauge::default(),
             disk_free: Gauge::default(),
@@ -172,6 +174,11 @@ impl Metrics {
             "queue_evicted_events",
             "Events dropped because the queue was full (when_full = drop_oldest) since start",
             m.queue_evicted.clone(),
+        );
+        registry.register(
+            "queue_lost_events",
+            "Acknowledged events the store opened without (damaged files; sequence numbers between its end and its high-water mark), 0 normally; reported until the next restart",
+            m.queue_lost.clone(),
         );
         registry.register(
             "dead_letters",
@@ -355,6 +362,8 @@ impl Metrics {
                 .map(|ms| crate::event::now_ms().saturating_sub(ms) as f64 / 1000.0)
                 .unwrap_or(0.0),
         );
+        self.queue_lost
+            .set(queue.behind_mark().map_or(0, |b| b.lost()) as i64);
         self.dead_letters.set(queue.dead_letter_count() as i64);
         self.disk_bytes.set(queue.disk_bytes() as i64);
         // A filesystem that cannot be asked (never seen for a directory the daemon holds

@@ -75,6 +75,7 @@ impl StatusBoard {
                 "bytes": q.bytes,
                 "oldest_ms": q.oldest_ms,
                 "next_seq": q.next_seq,
+                "lost_events": queue.behind_mark().map_or(0, |b| b.lost()),
                 "dead_letters": queue.dead_letter_count(),
                 "disk_bytes": queue.disk_bytes(),
                 "disk_free_bytes": queue.free_bytes(),
