@@ -595,7 +595,7 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
     let now = v["now_ms"].as_u64().unwrap_or(0);
     let q = &v["queue"];
     println!(
-        "llmlogd {} (pid {})  queue: {} events, {} bytes, oldest {}  dead letters: {}  disk: {} bytes",
+        "llmlogd {} (pid {})  queue: {} events, {} bytes, oldest {}  dead letters: {}  disk: {} bytes, {} bytes free",
         v["version"].as_str().unwrap_or("?"),
         v["pid"],
         q["events"],
@@ -603,7 +603,13 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
         age(now, q["oldest_ms"].as_u64()),
         q["dead_letters"],
         q["disk_bytes"],
+        q["disk_free_bytes"].as_u64().map_or("?".into(), |f| f.to_string()),
     );
+    if let Some(lost) = q["lost_events"].as_u64().filter(|&n| n > 0) {
+        println!(
+            "LOST: the queue store opened without up to {lost} acknowledged events (damaged files; see the daemon's log)"
+        );
+    }
     println!(
         "{:<16} {:<12} {:<8} {:>8} {:>10} {:>8} {:<14} {:<14} LAST ERROR",
         "SINK", "TYPE", "STATE", "BACKLOG", "DELIVERED", "DEAD", "OLDEST", "LAST OK"
@@ -791,7 +797,8 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
     result
 }
 
-/// `llmlogd fsck [--repair]`: exit 0 when the store is clean (or was repaired), 1 otherwise.
+/// `llmlogd fsck [--repair]`: exit 0 when the store is clean, or with `--repair` once what
+/// can be repaired was (lost events are reported, and cannot be); 1 otherwise.
 pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
     let c = cfg.load_without_keys()?;
     let queue = open_offline(&c)?;
@@ -813,22 +820,43 @@ pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> 
         );
     }
     if let Some(b) = report.behind_mark {
-        eprintln!(
-            "the store opened short of its high-water mark: numbering stopped at {} but had reached {}, so events among seq {}..{} that were not yet delivered are lost (a damaged file); numbering now goes on from {}",
-            b.found, b.mark, b.found, b.mark, b.mark
-        );
+        eprintln!("{}", lost_events_message(b));
     }
-    if report.is_clean() || repair {
-        if repair && !report.is_clean() {
+    let repairable = report.has_repairable();
+    if repair {
+        if repairable {
             eprintln!("repaired: corrupt records are in the dead letters (llmlogd dlq list)");
         }
         Ok(())
-    } else {
+    } else if repairable {
+        let lost = if report.behind_mark.is_some() {
+            " (it cannot bring back the lost events)"
+        } else {
+            ""
+        };
         Err(CliError::new(
             1,
-            "problems found; run `llmlogd fsck --repair` to fix them",
+            format!("problems found; run `llmlogd fsck --repair` to fix them{lost}"),
         ))
+    } else if report.behind_mark.is_some() {
+        Err(CliError::new(
+            1,
+            "acknowledged events were lost; there is nothing for `llmlogd fsck --repair` to do",
+        ))
+    } else {
+        Ok(())
     }
+}
+
+/// What `fsck` says about a store that opened short of its high-water mark: what was lost,
+/// and that no repair brings it back (a `--repair` hint alone would promise that it does).
+fn lost_events_message(b: crate::queue::BehindMark) -> String {
+    format!(
+        "lost: the store opened without up to {lost} acknowledged events (seq {found}..{mark}; its numbering stopped at {found} but had reached {mark}): those not yet delivered to every sink are gone, lost to damaged files (a disk error, or files changed by hand: check the disk). Nothing brings them back, `llmlogd fsck --repair` included (it fixes corrupt records, orphans and counters, not lost events). The store is usable as it is: numbering goes on from {mark}, so no new event reuses their numbers; this is reported only once",
+        lost = b.lost(),
+        found = b.found,
+        mark = b.mark,
+    )
 }
 
 /// Opens the queue without a daemon, or says which daemon holds it. A directory that holds

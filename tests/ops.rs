@@ -274,6 +274,154 @@ async fn metrics_after_a_known_scenario() {
     d.stop().await;
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `p` (what the daemon
+/// reports), asked here independently.
+fn statvfs_free(p: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs writes only into the zeroed struct, from a valid C string path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// The value of the one sample named exactly `name` (no labels) in a metrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.parse().expect("a number"))
+}
+
+/// The free space of the data directory's filesystem shows in `/metrics` and the status, so
+/// an alert can fire before ingest starts refusing events (507 under 16 MiB free).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_status_show_the_free_disk_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let data = dir.path().join("data");
+    // Other work on the machine writes to the same filesystem: the value must lie between
+    // what the test saw just before and just after, give or take what may change meanwhile.
+    let slack = 256u64 << 20;
+    let within = |v: u64, before: u64, after: u64| {
+        v + slack >= before.min(after) && v <= before.max(after) + slack
+    };
+    let before = statvfs_free(&data);
+    let text = get_text(&d.url("/metrics")).await;
+    let status = get_json(&d.url("/v1/status")).await;
+    let after = statvfs_free(&data);
+    let metric = sample(&text, "llmlogd_disk_free_bytes")
+        .unwrap_or_else(|| panic!("no llmlogd_disk_free_bytes in\n{text}"));
+    assert!(metric > 0.0 && metric.fract() == 0.0, "{metric}");
+    assert!(
+        within(metric as u64, before, after),
+        "metric {metric}, statvfs {before}..{after}"
+    );
+    assert!(
+        text.contains("# TYPE llmlogd_disk_free_bytes gauge"),
+        "{text}"
+    );
+    let in_status = status["queue"]["disk_free_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no queue.disk_free_bytes in {status}"));
+    assert!(
+        within(in_status, before, after),
+        "status {in_status}, statvfs {before}..{after}"
+    );
+    d.stop().await;
+}
+
+/// Moves the store's high-water mark (`<data>/queue.mark`) `by` numbers up: what a store
+/// that lost its last acknowledged events to damaged files looks like when it opens.
+fn raise_mark(data: &std::path::Path, by: u64) {
+    let path = data.join("queue.mark");
+    let text = std::fs::read_to_string(&path).expect("a mark after a clean stop");
+    let (header, next) = text.trim_end().split_once('\n').unwrap();
+    let next: u64 = next.strip_prefix("next_seq ").unwrap().parse().unwrap();
+    std::fs::write(&path, format!("{header}\nnext_seq {}\n", next + by)).unwrap();
+}
+
+/// A store that opens short of its mark (events lost to damage) shows it in `/metrics` and
+/// the status, so an alert can fire; `fsck` says what was lost and that `--repair` cannot
+/// bring it back, instead of sending the operator to a repair that does nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_show_in_the_metrics_and_fsck_says_repair_cannot_bring_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let (s, _) = post_json(&d.url("/v1/events"), "[{\"n\":1},{\"n\":2}]").await;
+    assert_eq!(s, 202);
+    let text = get_text(&d.url("/metrics")).await;
+    assert_eq!(
+        sample(&text, "llmlogd_queue_lost_events"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        get_json(&d.url("/v1/status")).await["queue"]["lost_events"],
+        0
+    );
+    d.stop().await;
+
+    raise_mark(&data, 100);
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let text = get_text(&d.url("/metrics")).await;
+    assert_eq!(
+        sample(&text, "llmlogd_queue_lost_events"),
+        Some(100.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE llmlogd_queue_lost_events gauge"),
+        "{text}"
+    );
+    assert_eq!(
+        get_json(&d.url("/v1/status")).await["queue"]["lost_events"],
+        100
+    );
+    d.stop().await;
+
+    let fsck = |repair: bool| {
+        let mut args = vec!["fsck", "--data-dir", data.to_str().unwrap()];
+        if repair {
+            args.push("--repair");
+        }
+        let out = Command::new(bin())
+            .args(&args)
+            .env_remove("LLMLOGD_CONFIG")
+            .env_remove("LLMLOGD_DATA_DIR")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Reported once: the open above took the numbering past the mark.
+    let (code, err) = fsck(false);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("lost"), "{err}");
+    raise_mark(&data, 7);
+    let (code, err) = fsck(false);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("lost: the store opened without up to 7 acknowledged events"),
+        "{err}"
+    );
+    assert!(err.contains("Nothing brings them back"), "{err}");
+    assert!(
+        err.contains("nothing for `llmlogd fsck --repair` to do"),
+        "{err}"
+    );
+    assert!(!err.contains("to fix them"), "no repair is offered: {err}");
+    raise_mark(&data, 5);
+    let (code, err) = fsck(true);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("up to 5 acknowledged events"), "{err}");
+    assert!(!err.contains("repaired:"), "nothing was repaired: {err}");
+}
+
 async fn get(url: &str) -> (u16, serde_json::Value) {
     let r = client().get(url).send().await.unwrap();
     let s = r.status().as_u16();
@@ -361,6 +509,14 @@ async fn status_cli_shows_sinks_table_and_json() {
         table.contains("SINK") && table.contains("collector") && table.contains("http"),
         "{table}"
     );
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with(" bytes free")),
+        "{table}"
+    );
+    assert!(v["queue"]["disk_free_bytes"].as_u64().is_some(), "{v}");
     drop(p);
     // Daemon gone: a one-line error and exit 69.
     let out = Command::new(bin())
@@ -1101,4 +1257,254 @@ fn a_sighup_while_the_config_is_being_read_does_not_kill_the_daemon() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "a clean stop: {status:?}");
+}
+
+/// One family of a metrics text: its type and its samples (name with labels, value).
+#[derive(Debug)]
+struct MetricFamily {
+    kind: String,
+    samples: Vec<(String, String)>,
+}
+
+/// Parses a `/metrics` body against its format's grammar, every line, strictly: each family
+/// is a `# HELP` then its `# TYPE`, then samples of that family only (no exemplar or timestamp:
+/// llmlogd writes none); OpenMetrics ends with `# EOF`, 0.0.4 has none, nor `# UNIT` or any
+/// other comment, and names a counter by its `_total` samples. Returns the families in order.
+fn parse_exposition(text: &str, openmetrics: bool) -> Result<Vec<(String, MetricFamily)>, String> {
+    let body = text.strip_suffix('\n').ok_or("no final newline")?;
+    let mut lines: Vec<&str> = body.split('\n').collect();
+    if openmetrics && lines.pop() != Some("# EOF") {
+        return Err("no `# EOF` at the end".into());
+    }
+    let types: &[&str] = if openmetrics {
+        &[
+            "counter",
+            "gauge",
+            "histogram",
+            "gaugehistogram",
+            "stateset",
+            "info",
+            "summary",
+            "unknown",
+        ]
+    } else {
+        &["counter", "gauge", "histogram", "summary", "untyped"]
+    };
+    let mut families: Vec<(String, MetricFamily)> = Vec::new();
+    let mut help: Option<&str> = None;
+    for (i, line) in lines.iter().enumerate() {
+        let err = |what: &str| format!("line {}: {what}: {line:?}", i + 1);
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').ok_or_else(|| err("no help text"))?;
+            check_metric_name(name).map_err(|e| err(&e))?;
+            if text.trim().is_empty() || help.replace(name).is_some() {
+                return Err(err("empty HELP, or two in a row"));
+            }
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').ok_or_else(|| err("no type"))?;
+            if help.take() != Some(name) {
+                return Err(err("TYPE not right after its HELP"));
+            }
+            if !types.contains(&kind) {
+                return Err(err("not a type of this format"));
+            }
+            if !openmetrics && kind == "counter" && !name.ends_with("_total") {
+                return Err(err("a 0.0.4 counter is named by its `_total` samples"));
+            }
+            if families.iter().any(|(n, _)| n == name) {
+                return Err(err("family declared twice"));
+            }
+            families.push((
+                name.to_string(),
+                MetricFamily {
+                    kind: kind.to_string(),
+                    samples: Vec::new(),
+                },
+            ));
+        } else if line.starts_with('#') || line.is_empty() {
+            return Err(err("a line llmlogd does not write"));
+        } else {
+            if help.is_some() {
+                return Err(err("a sample between HELP and TYPE"));
+            }
+            let (name, labels, value) = parse_sample(line).map_err(|e| err(&e))?;
+            let (family, f) = families
+                .last_mut()
+                .ok_or_else(|| err("a sample before any TYPE"))?;
+            let suffixes: &[&str] = match (f.kind.as_str(), openmetrics) {
+                ("counter", true) => &["_total"],
+                ("histogram", _) => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            let suffix = name.strip_prefix(family.as_str());
+            if !suffixes.iter().any(|s| suffix == Some(s)) {
+                return Err(err(&format!("not a sample of {family} ({})", f.kind)));
+            }
+            if suffix == Some("_bucket") && !labels.contains("le=\"") {
+                return Err(err("a bucket without `le`"));
+            }
+            f.samples
+                .push((format!("{name}{labels}"), value.to_string()));
+        }
+    }
+    match help {
+        Some(h) => Err(format!("HELP {h} without TYPE")),
+        None => Ok(families),
+    }
+}
+
+fn check_metric_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':');
+    if first && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        Ok(())
+    } else {
+        Err(format!("bad metric name {name:?}"))
+    }
+}
+
+/// `name{label="value",...} value`: the name, the label set as written (`""` when none), and
+/// the value. Label values may hold only the escapes `\\`, `\"`, `\n`.
+fn parse_sample(line: &str) -> Result<(&str, &str, &str), String> {
+    let end = line.find(['{', ' ']).ok_or("no value")?;
+    let name = &line[..end];
+    check_metric_name(name)?;
+    let rest = &line[end..];
+    let b = rest.as_bytes();
+    let mut i = 0;
+    if b[0] == b'{' {
+        i = 1;
+        loop {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            if i == start || b[start].is_ascii_digit() {
+                return Err("bad label name".into());
+            }
+            if !rest[i..].starts_with("=\"") {
+                return Err("no `=\"` after a label name".into());
+            }
+            i += 2;
+            loop {
+                match b.get(i) {
+                    None => return Err("unterminated label value".into()),
+                    Some(b'\\') if matches!(b.get(i + 1), Some(b'\\' | b'"' | b'n')) => i += 2,
+                    Some(b'\\') => return Err("bad escape in a label value".into()),
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            match b.get(i) {
+                Some(b',') => i += 1,
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Err("expected `,` or `}` after a label".into()),
+            }
+        }
+    }
+    let (labels, rest) = rest.split_at(i);
+    let value = rest.strip_prefix(' ').ok_or("no space before the value")?;
+    let number = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_digit() || ".eE+-".contains(c))
+        && value.parse::<f64>().is_ok();
+    if number || matches!(value, "+Inf" | "-Inf" | "NaN") {
+        Ok((name, labels, value))
+    } else {
+        Err(format!("bad value {value:?} (or something after it)"))
+    }
+}
+
+/// `/metrics` answers OpenMetrics only when the scrape asks for it (Prometheus does), and
+/// otherwise (`curl`'s `*/*`, no `Accept`, tools that ask for 0.0.4) the Prometheus text
+/// format 0.0.4: both parse strictly, with the same samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_openmetrics_only_when_asked_and_prometheus_text_otherwise() {
+    const PROMETHEUS: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    let (s, _) = post_json(&d.url("/v1/events"), "{\"n\":1}").await;
+    assert_eq!(s, 202);
+    let (s, _) = post_json(&d.url("/v1/events"), "{\"n\":").await;
+    assert_eq!(s, 400);
+    let url = d.url("/metrics");
+    let scrape = |accept: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut rq = client().get(&url);
+            if let Some(a) = accept {
+                rq = rq.header("accept", a);
+            }
+            let r = rq.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+            (ct, r.text().await.unwrap())
+        }
+    };
+    // Settled: delivered and answered, so only the queue and disk figures can still move.
+    wait_until(DEADLINE, "the event delivered", || async {
+        let (_, t) = scrape(None).await;
+        (t.contains("llmlogd_sink_delivered_events_total{sink=\"m\"} 1")
+            && t.contains("llmlogd_sink_in_flight_requests{sink=\"m\"} 0"))
+        .then_some(())
+    })
+    .await;
+    let (ct, om) = scrape(Some(PROMETHEUS)).await;
+    assert_eq!(
+        ct,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let om = parse_exposition(&om, true).unwrap_or_else(|e| panic!("{e}\n{om}"));
+    let kinds = |fs: &[(String, MetricFamily)], counter_suffix: &str| {
+        fs.iter()
+            .map(|(n, f)| match f.kind.as_str() {
+                "counter" => (format!("{n}{counter_suffix}"), "counter".to_string()),
+                "unknown" => (n.clone(), "untyped".to_string()),
+                k => (n.clone(), k.to_string()),
+            })
+            .collect::<Vec<_>>()
+    };
+    let stable = |fs: &[(String, MetricFamily)]| {
+        fs.iter()
+            .flat_map(|(_, f)| f.samples.clone())
+            .filter(|(s, _)| !s.starts_with("llmlogd_queue_") && !s.starts_with("llmlogd_disk_"))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let all = |fs: &[(String, MetricFamily)]| {
+        fs.iter()
+            .flat_map(|(_, f)| f.samples.iter().map(|(s, _)| s.clone()))
+            .collect::<Vec<_>>()
+    };
+    for accept in [
+        None,
+        Some("*/*"),
+        Some("text/plain;version=0.0.4;q=0.3,*/*;q=0.2"),
+    ] {
+        let (ct, text) = scrape(accept).await;
+        assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8", "{accept:?}");
+        let p =
+            parse_exposition(&text, false).unwrap_or_else(|e| panic!("{accept:?}: {e}\n{text}"));
+        assert_eq!(kinds(&p, ""), kinds(&om, "_total"), "{accept:?}");
+        assert_eq!(all(&p), all(&om), "the same samples, in order: {accept:?}");
+        assert_eq!(stable(&p), stable(&om), "{accept:?}");
+        for line in [
+            "# TYPE llmlogd_ingest_events_total counter",
+            "llmlogd_ingest_events_total{route=\"native\",result=\"invalid\"} 1",
+            "# TYPE llmlogd_sink_delivery_latency_seconds histogram",
+            "llmlogd_sink_delivery_latency_seconds_count{sink=\"m\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+    d.stop().await;
 }

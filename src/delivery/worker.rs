@@ -71,6 +71,9 @@ const FRAMING_PER_EVENT: usize = 1;
 
 /// At most one line about dead letters per this many milliseconds, per sink (plus a count).
 const DEAD_LETTER_LOG_MS: u64 = 10_000;
+/// At most one "could not persist the cursor" line per this many milliseconds, per sink (plus
+/// a count): while the store is unavailable (a full disk) every pass of the loop fails it.
+const CURSOR_LOG_MS: u64 = 10_000;
 
 struct Slot {
     ev: StoredEvent,
@@ -173,6 +176,10 @@ pub(crate) struct Worker {
     /// Dead letters are logged one line, then one count per `DEAD_LETTER_LOG_MS`.
     dead_letter_log: LogThrottle,
     dead_letter_last_reason: String,
+    /// Failures to persist the cursor are logged one line per `CURSOR_LOG_MS`, with a count.
+    cursor_log: LogThrottle,
+    /// The last attempt to persist the cursor failed (its recovery is logged once).
+    cursor_failing: bool,
     /// A lone event's run of failures was logged (no circuit for it): say when it ends.
     failing_logged: bool,
     /// A redirect was logged since the last reload (later ones show in the status only).
@@ -269,6 +276,8 @@ impl Worker {
             pause_logged: false,
             dead_letter_log: LogThrottle::new(DEAD_LETTER_LOG_MS),
             dead_letter_last_reason: String::new(),
+            cursor_log: LogThrottle::new(CURSOR_LOG_MS),
+            cursor_failing: false,
             failing_logged: false,
             redirect_warned: false,
             consecutive_failures: 0,
@@ -1086,9 +1095,20 @@ impl Worker {
         let cursor = self.window.keys().next().copied().unwrap_or(self.read_pos);
         if cursor > self.persisted_cursor {
             match self.queue.set_cursor(self.id, cursor) {
-                Ok(()) => self.persisted_cursor = cursor,
+                Ok(()) => {
+                    self.persisted_cursor = cursor;
+                    if std::mem::take(&mut self.cursor_failing) {
+                        let skipped = self.cursor_log.reset();
+                        tracing::info!(sink = %self.name, skipped, "the cursor is persisted again");
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(sink = %self.name, error = %e, "could not persist the cursor")
+                    self.cursor_failing = true;
+                    // One line, then at most one per period carrying how many were held
+                    // back: the loop retries at every pass (about once a second).
+                    if let Some(skipped) = self.cursor_log.ready() {
+                        tracing::warn!(sink = %self.name, error = %e, skipped, "could not persist the cursor")
+                    }
                 }
             }
         }
@@ -1276,6 +1296,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, Overrides};
     use crate::event::EventKind;
+    use std::sync::atomic::Ordering;
 
     struct Rig {
         w: Worker,
@@ -1370,6 +1391,87 @@ mod tests {
             };
             self.w.complete(done, self.at(ms));
         }
+    }
+
+    /// What the worker logs, as the daemon would print it (no colours).
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        /// Collects this thread's log lines until the guard drops.
+        fn capture(&self) -> tracing::subscriber::DefaultGuard {
+            let logs = self.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || logs.clone())
+                .finish();
+            tracing::subscriber::set_default(subscriber)
+        }
+
+        fn lines(&self, containing: &str) -> Vec<String> {
+            String::from_utf8_lossy(&self.0.lock().unwrap())
+                .lines()
+                .filter(|l| l.contains(containing))
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    /// While the store is unavailable (a full disk), every pass of the loop fails to persist
+    /// the cursor: one line, then one per period saying how many were held back, and one
+    /// when it works again.
+    #[tokio::test]
+    async fn a_cursor_that_cannot_be_persisted_is_logged_once_per_period_with_a_count() {
+        let mut r = rig("");
+        let logs = Logs::default();
+        let _guard = logs.capture();
+        let failing = "could not persist the cursor";
+        // No period ends within the test unless it says so, however slow the machine.
+        let pin = |w: &Worker| w.cursor_log.last_ms.store(u64::MAX, Ordering::Relaxed);
+        r.w.queue.take_store_for_test();
+        for pos in 1..=5 {
+            r.w.read_pos = pos;
+            r.w.advance_cursor();
+            pin(&r.w);
+        }
+        assert_eq!(r.w.persisted_cursor, 0);
+        let lines = logs.lines(failing);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(lines[0].contains("skipped=0"), "{lines:#?}");
+        // The next period: one line, with the count of those held back.
+        r.w.cursor_log.last_ms.store(1, Ordering::Relaxed);
+        r.w.read_pos = 6;
+        r.w.advance_cursor();
+        pin(&r.w);
+        let lines = logs.lines(failing);
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[1].contains("skipped=4"), "{lines:#?}");
+        for pos in 7..=8 {
+            r.w.read_pos = pos;
+            r.w.advance_cursor();
+        }
+        assert_eq!(logs.lines(failing).len(), 2);
+        r.w.queue.reopen_store_for_test();
+        r.w.read_pos = 9;
+        r.w.advance_cursor();
+        assert_eq!(r.w.persisted_cursor, 9);
+        let again = logs.lines("the cursor is persisted again");
+        assert_eq!(again.len(), 1, "{again:#?}");
+        assert!(again[0].contains("skipped=2"), "{again:#?}");
+        r.w.read_pos = 10;
+        r.w.advance_cursor();
+        assert_eq!(logs.lines("the cursor is persisted again").len(), 1);
     }
 
     #[tokio::test]

@@ -31,6 +31,7 @@ use super::{Ingest, IngestError};
 use crate::config::Secret;
 use crate::event::{ClientCredentials, EventKind, NewEvent};
 use crate::formats::{self, TrackKind};
+use crate::ops::metrics::Exposition;
 use crate::ops::status::StatusBoard;
 use crate::queue::ReadItem;
 
@@ -804,13 +805,22 @@ async fn pl_track_request(State(st): St, h: HeaderMap, b: Body) -> Response {
     accept(&st, &PL_TRACK_REQUEST, h, b).await
 }
 
-async fn metrics(State(st): St) -> Response {
-    let text = st.ingest.metrics.render(&st.ingest.queue);
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the Prometheus text
+/// format 0.0.4 (`curl`, and tools that read only that).
+async fn metrics(State(st): St, h: HeaderMap) -> Response {
+    let format = Exposition::negotiate(
+        h.get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let text = st.ingest.metrics.render(&st.ingest.queue, format);
     let mut r = (StatusCode::OK, text).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        HeaderValue::from_static(format.content_type()),
     );
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept"));
     r
 }
 

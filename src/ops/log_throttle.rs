@@ -44,6 +44,13 @@ impl LogThrottle {
         Some(self.held.swap(0, Ordering::Relaxed))
     }
 
+    /// Lines held back since the last one let through, and a fresh start: the next line is
+    /// let through at once. For the line that says a repeated failure ended.
+    pub fn reset(&self) -> u64 {
+        self.last_ms.store(0, Ordering::Relaxed);
+        self.held.swap(0, Ordering::Relaxed)
+    }
+
     fn period_over(&self) -> bool {
         let last = self.last_ms.load(Ordering::Relaxed);
         last == 0 || now_ms().saturating_sub(last) >= self.period_ms
@@ -69,5 +76,16 @@ mod tests {
         t.last_ms.store(1, Ordering::Relaxed);
         assert_eq!(t.held_if_due(), Some(1), "a summary without a new line");
         assert_eq!(t.held_if_due(), None);
+    }
+
+    #[test]
+    fn a_reset_hands_over_the_count_and_lets_the_next_line_through() {
+        let t = LogThrottle::new(60_000);
+        assert_eq!(t.ready(), Some(0));
+        assert_eq!(t.ready(), None);
+        assert_eq!(t.ready(), None);
+        assert_eq!(t.reset(), 2, "held back within the period");
+        assert_eq!(t.reset(), 0);
+        assert_eq!(t.ready(), Some(0), "a new run of failures logs at once");
     }
 }

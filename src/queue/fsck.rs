@@ -8,7 +8,7 @@
 //! | a cursor for a sink id no name maps to | removed |
 //! | a dead letter that does not decode | kept (it is shown as unreadable by `dlq list`); counted |
 //! | `next_seq` behind the log | raised |
-//! | the store opened short of its high-water mark (`queue.mark`: acknowledged events lost to a damaged file) | reported; numbering goes on above the mark (any open does that, so it is reported once) |
+//! | the store opened short of its high-water mark (`queue.mark`: acknowledged events lost to a damaged file) | none can bring the events back; reported, and numbering goes on above the mark (any open does that, `fsck` without `--repair` too, so it is reported once) |
 //!
 //! Nothing acknowledged is deleted: a corrupt record becomes a dead letter, where an operator
 //! can still look at its bytes.
@@ -34,11 +34,16 @@ pub struct FsckReport {
 
 impl FsckReport {
     pub fn is_clean(&self) -> bool {
-        self.corrupt_records.is_empty()
-            && self.orphan_chunks == 0
-            && self.orphan_cursors == 0
-            && !self.next_seq_behind
-            && self.behind_mark.is_none()
+        !self.has_repairable() && self.behind_mark.is_none()
+    }
+
+    /// Whether it found something `--repair` fixes: everything but lost events, which no
+    /// repair can bring back.
+    pub fn has_repairable(&self) -> bool {
+        !self.corrupt_records.is_empty()
+            || self.orphan_chunks != 0
+            || self.orphan_cursors != 0
+            || self.next_seq_behind
     }
 }
 

@@ -57,6 +57,14 @@ pub struct BehindMark {
     pub mark: u64,
 }
 
+impl BehindMark {
+    /// The sequence numbers between the two: the most acknowledged events that can have been
+    /// lost (those already delivered everywhere, or routed nowhere, were lost to no one).
+    pub fn lost(&self) -> u64 {
+        self.mark - self.found
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

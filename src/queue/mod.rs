@@ -205,6 +205,10 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// Space ingest leaves free on the data directory's filesystem: below it, appends are
+    /// refused as if the disk were full (see the module constant of the same name for why).
+    pub const MIN_FREE_BYTES: u64 = MIN_FREE_BYTES;
+
     /// Opens (or creates) the queue under `cfg.data_dir` and starts the writer thread.
     pub fn open(cfg: &QueueConfig) -> Result<Queue, QueueError> {
         let dir = &cfg.data_dir;
@@ -605,6 +609,13 @@ impl Queue {
     /// Bytes sled's files take on disk.
     pub fn disk_bytes(&self) -> u64 {
         store::dir_size(&self.shared.cfg.data_dir)
+    }
+
+    /// Bytes free for llmlogd on the data directory's filesystem (one `statvfs`, cheap enough
+    /// to ask per scrape); `None` when it cannot be asked. Operators alert on it before ingest
+    /// starts refusing events below [`Queue::MIN_FREE_BYTES`].
+    pub fn free_bytes(&self) -> Option<u64> {
+        store::free_bytes(&self.shared.cfg.data_dir)
     }
 
     /// Asks the writer to compact the store when a drained backlog left it much larger than
@@ -1336,6 +1347,20 @@ impl DirLock {
         let _ = f.rewind();
         let _ = write!(f, "{}", std::process::id());
         Ok(DirLock { _file: f })
+    }
+}
+
+#[cfg(test)]
+impl Queue {
+    /// Takes the store away, as a storage error does until it can be reopened: every
+    /// operation fails with `Storage` meanwhile (tests of what other stages do then).
+    pub(crate) fn take_store_for_test(&self) {
+        drop(self.shared.trees.write().take());
+    }
+
+    /// Opens the store again, as the writer does after a storage error.
+    pub(crate) fn reopen_store_for_test(&self) {
+        reopen(&self.shared);
     }
 }
 
