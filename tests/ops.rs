@@ -1465,6 +1465,18 @@ async fn metrics_answer_openmetrics_only_when_asked_and_prometheus_text_otherwis
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     let om = parse_exposition(&om, true).unwrap_or_else(|e| panic!("{e}\n{om}"));
+    let syncs = om
+        .iter()
+        .find(|(n, _)| n == "llmlogd_queue_syncs")
+        .map(|(_, f)| (f.kind.clone(), f.samples.clone()));
+    let (kind, samples) = syncs.expect("llmlogd_queue_syncs is exposed");
+    assert_eq!(kind, "counter");
+    assert!(
+        samples
+            .iter()
+            .any(|(n, v)| n == "llmlogd_queue_syncs_total" && v.parse::<f64>().unwrap() >= 1.0),
+        "the accepted event was synced: {samples:?}"
+    );
     let kinds = |fs: &[(String, MetricFamily)], counter_suffix: &str| {
         fs.iter()
             .map(|(n, f)| match f.kind.as_str() {
@@ -1502,6 +1514,10 @@ async fn metrics_answer_openmetrics_only_when_asked_and_prometheus_text_otherwis
             "llmlogd_ingest_events_total{route=\"native\",result=\"invalid\"} 1",
             "# TYPE llmlogd_sink_delivery_latency_seconds histogram",
             "llmlogd_sink_delivery_latency_seconds_count{sink=\"m\"} 1",
+            // Counted since start by the queue: counters, so `rate()` and resets work.
+            "# TYPE llmlogd_queue_syncs_total counter",
+            "# TYPE llmlogd_queue_evicted_events_total counter",
+            "llmlogd_queue_evicted_events_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

@@ -231,7 +231,7 @@ async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
         (s == 202).then_some(())
     })
     .await;
-    let evicted = metric(&d.url("/metrics"), "llmlogd_queue_evicted_events").await;
+    let evicted = metric(&d.url("/metrics"), "llmlogd_queue_evicted_events_total ").await;
     assert_eq!(evicted, Some(1.0));
     d.stop().await;
 }

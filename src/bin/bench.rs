@@ -354,7 +354,7 @@ async fn status(http: std::net::SocketAddr) -> anyhow::Result<serde_json::Value>
     Ok(serde_json::from_slice(&body)?)
 }
 
-const SYNCS: &str = "llmlogd_queue_syncs";
+const SYNCS: &str = "llmlogd_queue_syncs_total";
 
 impl Bench {
     fn header(&mut self) {

@@ -10,7 +10,7 @@
 //! prometheus-client encodes only OpenMetrics, so 0.0.4 is its output converted line by line
 //! ([`to_prometheus_text`]): the same samples, names and values.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -94,8 +94,10 @@ pub struct Metrics {
     queue_events: Gauge,
     queue_bytes: Gauge,
     queue_oldest_age: Gauge<f64, AtomicU64>,
-    queue_syncs: Gauge,
-    queue_evicted: Gauge,
+    /// Counters kept by the queue; copied in at each scrape (`fetch_max`: two scrapes at once
+    /// cannot count anything twice).
+    queue_syncs: Counter,
+    queue_evicted: Counter,
     queue_lost: Gauge,
     dead_letters: Gauge,
     disk_bytes: Gauge,
@@ -129,8 +131,8 @@ impl Metrics {
             queue_events: Gauge::default(),
             queue_bytes: Gauge::default(),
             queue_oldest_age: Gauge::default(),
-            queue_syncs: Gauge::default(),
-            queue_evicted: Gauge::default(),
+            queue_syncs: Counter::default(),
+            queue_evicted: Counter::default(),
             queue_lost: Gauge::default(),
             dead_letters: Gauge::default(),
             disk_bytes: Gauge::default(),
@@ -361,8 +363,12 @@ impl Metrics {
         let s = queue.stats();
         self.queue_events.set(s.events as i64);
         self.queue_bytes.set(s.bytes as i64);
-        self.queue_syncs.set(s.syncs as i64);
-        self.queue_evicted.set(s.evicted as i64);
+        self.queue_syncs
+            .inner()
+            .fetch_max(s.syncs, Ordering::Relaxed);
+        self.queue_evicted
+            .inner()
+            .fetch_max(s.evicted, Ordering::Relaxed);
         self.queue_oldest_age.set(
             s.oldest_ms
                 .map(|ms| crate::event::now_ms().saturating_sub(ms) as f64 / 1000.0)
