@@ -790,12 +790,7 @@ async fn post_once_activated(url: &str) -> (u16, String) {
 /// nothing of its own. `systemd-socket-activate` plays systemd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_activation_uses_the_inherited_sockets() {
-    if which("systemd-socket-activate").is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "systemd-socket-activate missing in CI"
-        );
-        eprintln!("skipped: systemd-socket-activate not installed");
+    if !socket_activate_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -853,12 +848,7 @@ async fn socket_activation_uses_the_inherited_sockets() {
 /// whose first connection started the daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_activation_serves_every_inherited_socket() {
-    if which("systemd-socket-activate").is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "systemd-socket-activate missing in CI"
-        );
-        eprintln!("skipped: systemd-socket-activate not installed");
+    if !socket_activate_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -914,14 +904,6 @@ async fn socket_activation_serves_every_inherited_socket() {
         libc::kill(child.0.id() as i32, libc::SIGTERM);
     }
     assert!(child.0.wait().unwrap().success());
-}
-
-fn which(cmd: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(cmd))
-            .find(|f| f.exists())
-    })
 }
 
 /// A reload that would leave no sink (most often a config file read half-written) is refused,

@@ -372,17 +372,6 @@ async fn both_protocols_at_once_from_many_clients() {
 // ---------------------------------------------------------------------------------------------
 // The socket file: mode, group, stale files, one daemon per socket and data dir
 
-fn which(prog: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(prog))
-            .find(|p| {
-                p.metadata()
-                    .is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
-            })
-    })
-}
-
 fn gid_of(group: &str) -> Option<u32> {
     let c = std::ffi::CString::new(group).unwrap();
     // SAFETY: getgrnam returns null or a pointer to static storage, read at once.

@@ -500,3 +500,30 @@ pub async fn post_json(url: &str, body: &str) -> (u16, serde_json::Value) {
     let v = r.json().await.unwrap_or(serde_json::Value::Null);
     (s, v)
 }
+
+/// The executable `prog` on `PATH`, if any.
+pub fn which(prog: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(prog))
+            .find(|p| {
+                p.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
+}
+
+/// Whether `systemd-socket-activate` is there to play systemd. CI installs it, so there its
+/// absence fails the test instead of skipping it.
+pub fn socket_activate_available() -> bool {
+    if which("systemd-socket-activate").is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "systemd-socket-activate missing in CI"
+    );
+    eprintln!("skipped: systemd-socket-activate not installed");
+    false
+}
