@@ -717,11 +717,33 @@ static STORAGE_ERROR_LOG: crate::ops::log_throttle::LogThrottle =
 /// storage error (disk full) run between groups, so no append ever sees a half-swapped store.
 fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
     let (mut last_group, mut last_sync) = (0usize, std::time::Duration::ZERO);
+    // When the mark was last written; the number it holds (as far as this writer knows: what
+    // the store had at open is the mark's business until a commit); the synced head.
     let mut marked: Option<std::time::Instant> = None;
+    let mut marked_seq = next_seq;
+    let mut synced = next_seq;
     let mut pending = None;
     loop {
         let first = match pending.take() {
             Some(op) => op,
+            // Synced events the mark does not cover yet (the last commit came within
+            // `MARK_EVERY` of the previous mark): if nothing arrives meanwhile, the mark
+            // catches up once the interval is over, so a burst's tail is not left out of it
+            // until the next event or the close.
+            None if synced > marked_seq => {
+                let due = marked.map_or(std::time::Duration::ZERO, |t| {
+                    mark::MARK_EVERY.saturating_sub(t.elapsed())
+                });
+                match rx.recv_timeout(due) {
+                    Ok(op) => op,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        write_mark(&shared, synced);
+                        (marked, marked_seq) = (Some(std::time::Instant::now()), synced);
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+            }
             None => match rx.recv() {
                 Ok(op) => op,
                 Err(_) => break,
@@ -764,15 +786,12 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
                 last_group = group.records;
                 let sync_started = std::time::Instant::now();
                 let (failed, seq) = group.commit();
-                if !failed
-                    && seq > next_seq
-                    && marked.is_none_or(|t| t.elapsed() >= mark::MARK_EVERY)
-                {
-                    // Every number below `seq` is synced: the mark may say so (best effort; a
-                    // full disk refuses it like everything else).
-                    marked = Some(std::time::Instant::now());
-                    if let Err(e) = mark::write(&shared.cfg.data_dir, seq) {
-                        tracing::debug!(error = %e, "queue mark not written");
+                if !failed && seq > next_seq {
+                    // Every number below `seq` is synced.
+                    synced = seq;
+                    if marked.is_none_or(|t| t.elapsed() >= mark::MARK_EVERY) {
+                        write_mark(&shared, seq);
+                        (marked, marked_seq) = (Some(std::time::Instant::now()), seq);
                     }
                 }
                 next_seq = seq;
@@ -790,6 +809,14 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
         if stop {
             break;
         }
+    }
+}
+
+/// Writes the mark: every number below `next_seq` is synced, so the mark may say so (best
+/// effort; a full disk refuses it like everything else, and a mark that lags only reports less).
+fn write_mark(shared: &Shared, next_seq: u64) {
+    if let Err(e) = mark::write(&shared.cfg.data_dir, next_seq) {
+        tracing::debug!(error = %e, "queue mark not written");
     }
 }
 

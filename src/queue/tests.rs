@@ -752,3 +752,30 @@ fn a_crash_or_a_removed_store_raises_no_alarm() {
     let q = Queue::open(&cfg(dir.path())).unwrap();
     assert_eq!(q.behind_mark(), None);
 }
+
+/// A burst's tail reaches the mark once the writer has been idle for `MARK_EVERY`, not only at
+/// the next event or the close: otherwise events acknowledged just after a mark could stay
+/// out of it for hours, and a damage meanwhile would lose them unreported.
+#[test]
+fn the_mark_catches_up_with_an_idle_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    for i in 0..5 {
+        rt.block_on(q.append(vec![q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[s])]))
+            .unwrap();
+    }
+    // The first commit wrote the mark; the next four came within `MARK_EVERY` of it (unless
+    // this machine is very slow, in which case the mark is already there).
+    let deadline = std::time::Instant::now() + mark::MARK_EVERY * 10;
+    while mark::read(dir.path()) != Some(5) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mark stayed at {:?} with 5 events synced and the queue idle",
+            mark::read(dir.path())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    q.close().unwrap();
+}
