@@ -30,13 +30,19 @@ fn recv_until(sock: &UnixDatagram, seen: &mut Vec<String>, pred: impl Fn(&str) -
     false
 }
 
+/// A socket playing systemd's `NOTIFY_SOCKET` in `dir`, read by `recv_until`.
+fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    (sock, path)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sd_notify_ready_reloading_watchdog_stopping() {
     let dir = tempfile::tempdir().unwrap();
-    let notify_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&notify_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    let (sock, notify_path) = notify_socket(dir.path());
     let p = Process::start_with(
         dir.path(),
         "",
@@ -79,10 +85,7 @@ async fn sd_notify_ready_reloading_watchdog_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_extends_systemds_stop_timeout_to_the_drain() {
     let dir = tempfile::tempdir().unwrap();
-    let notify_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&notify_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    let (sock, notify_path) = notify_socket(dir.path());
     let p = Process::start_with(
         dir.path(),
         "[delivery]\ndrain_timeout = \"90s\"\n",
