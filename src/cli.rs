@@ -606,8 +606,12 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
         q["disk_free_bytes"].as_u64().map_or("?".into(), |f| f.to_string()),
     );
     if let Some(lost) = q["lost_events"].as_u64().filter(|&n| n > 0) {
+        let last = &q["last_loss"];
         println!(
-            "LOST: the queue store opened without up to {lost} acknowledged events (damaged files; see the daemon's log)"
+            "LOST: this queue store has opened without up to {lost} acknowledged events in all (damaged files); the last time {}, seq {}..{} (see the daemon's log and `llmlogd fsck`)",
+            age(now, last["at_ms"].as_u64()),
+            last["found"],
+            last["mark"],
         );
     }
     println!(
@@ -821,6 +825,14 @@ pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> 
     }
     if let Some(b) = report.behind_mark {
         eprintln!("{}", lost_events_message(b));
+    } else if let Some(l) = report.loss {
+        eprintln!(
+            "note: this store lost up to {} acknowledged events to damaged files before; the last time {}, seq {}..{} (found when it was opened then, and kept on record)",
+            l.total,
+            age(crate::event::now_ms(), Some(l.at_ms)),
+            l.last.found,
+            l.last.mark,
+        );
     }
     let repairable = report.has_repairable();
     if repair {
@@ -852,7 +864,7 @@ pub fn fsck(repair: bool, json: bool, cfg: &ConfigArgs) -> Result<(), CliError> 
 /// and that no repair brings it back (a `--repair` hint alone would promise that it does).
 fn lost_events_message(b: crate::queue::BehindMark) -> String {
     format!(
-        "lost: the store opened without up to {lost} acknowledged events (seq {found}..{mark}; its numbering stopped at {found} but had reached {mark}): those not yet delivered to every sink are gone, lost to damaged files (a disk error, or files changed by hand: check the disk). Nothing brings them back, `llmlogd fsck --repair` included (it fixes corrupt records, orphans and counters, not lost events). The store is usable as it is: numbering goes on from {mark}, so no new event reuses their numbers; this is reported only once",
+        "lost: the store opened without up to {lost} acknowledged events (seq {found}..{mark}; its numbering stopped at {found} but had reached {mark}): those not yet delivered to every sink are gone, lost to damaged files (a disk error, or files changed by hand: check the disk). Nothing brings them back, `llmlogd fsck --repair` included (it fixes corrupt records, orphans and counters, not lost events). The store is usable as it is: numbering goes on from {mark}, so no new event reuses their numbers. The loss is kept on record in the store: the daemon reports it in `llmlogd status` and `llmlogd_queue_lost_events_total`",
         lost = b.lost(),
         found = b.found,
         mark = b.mark,

@@ -98,7 +98,7 @@ pub struct Metrics {
     /// cannot count anything twice).
     queue_syncs: Counter,
     queue_evicted: Counter,
-    queue_lost: Gauge,
+    queue_lost: Counter,
     dead_letters: Gauge,
     disk_bytes: Gauge,
     disk_free: Gauge,
@@ -133,7 +133,7 @@ impl Metrics {
             queue_oldest_age: Gauge::default(),
             queue_syncs: Counter::default(),
             queue_evicted: Counter::default(),
-            queue_lost: Gauge::default(),
+            queue_lost: Counter::default(),
             dead_letters: Gauge::default(),
             disk_bytes: Gauge::default(),
             disk_free: Gauge::default(),
@@ -185,7 +185,7 @@ impl Metrics {
         );
         registry.register(
             "queue_lost_events",
-            "Acknowledged events the store opened without (damaged files; sequence numbers between its end and its high-water mark), 0 normally; reported until the next restart",
+            "Acknowledged events the store opened without (damaged files; sequence numbers between its end and its high-water mark), over the store's life: 0 normally, kept across restarts",
             m.queue_lost.clone(),
         );
         registry.register(
@@ -375,7 +375,8 @@ impl Metrics {
                 .unwrap_or(0.0),
         );
         self.queue_lost
-            .set(queue.behind_mark().map_or(0, |b| b.lost()) as i64);
+            .inner()
+            .fetch_max(queue.lost_events(), Ordering::Relaxed);
         self.dead_letters.set(queue.dead_letter_count() as i64);
         self.disk_bytes.set(queue.disk_bytes() as i64);
         // A filesystem that cannot be asked (never seen for a directory the daemon holds

@@ -75,7 +75,12 @@ impl StatusBoard {
                 "bytes": q.bytes,
                 "oldest_ms": q.oldest_ms,
                 "next_seq": q.next_seq,
-                "lost_events": queue.behind_mark().map_or(0, |b| b.lost()),
+                "lost_events": queue.lost_events(),
+                "last_loss": queue.loss().map(|l| json!({
+                    "found": l.last.found,
+                    "mark": l.last.mark,
+                    "at_ms": l.at_ms,
+                })),
                 "dead_letters": queue.dead_letter_count(),
                 "disk_bytes": queue.disk_bytes(),
                 "disk_free_bytes": queue.free_bytes(),

@@ -8,7 +8,7 @@
 //! | a cursor for a sink id no name maps to | removed |
 //! | a dead letter that does not decode | kept (it is shown as unreadable by `dlq list`); counted |
 //! | `next_seq` behind the log | raised |
-//! | the store opened short of its high-water mark (`queue.mark`: acknowledged events lost to a damaged file) | none can bring the events back; reported, and numbering goes on above the mark (any open does that, `fsck` without `--repair` too, so it is reported once) |
+//! | the store opened short of its high-water mark (`queue.mark`: acknowledged events lost to a damaged file) | none can bring the events back; reported, recorded in the store (the daemon's metrics and status report it after any restart), and numbering goes on above the mark (any open does that, `fsck` without `--repair` too, so it is found once) |
 //!
 //! Nothing acknowledged is deleted: a corrupt record becomes a dead letter, where an operator
 //! can still look at its bytes.
@@ -29,6 +29,9 @@ pub struct FsckReport {
     pub next_seq_behind: bool,
     /// The store opened short of its high-water mark: events were lost to damage.
     pub behind_mark: Option<super::BehindMark>,
+    /// Every loss on record for this store (this open's included): the daemon reports the
+    /// same, after any restart.
+    pub loss: Option<super::LossRecord>,
     pub repaired: bool,
 }
 
@@ -56,6 +59,7 @@ impl Queue {
         let mut r = FsckReport {
             repaired: repair,
             behind_mark: self.behind_mark(),
+            loss: self.loss(),
             ..FsckReport::default()
         };
         let mut chunked = std::collections::BTreeSet::new();

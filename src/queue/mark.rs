@@ -67,6 +67,58 @@ impl BehindMark {
     }
 }
 
+/// What the store keeps of the losses it was opened with, in `meta` under [`LOSS_KEY`], so
+/// they stay reported after the restart that found them (by the gauge, the status and `fsck`)
+/// instead of only until the next one: an alert must not clear because the daemon restarted,
+/// nor miss a loss that `fsck` happened to open first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LossRecord {
+    /// Sequence numbers lost, over every open that found the store short of its mark.
+    pub total: u64,
+    /// The latest such open.
+    pub last: BehindMark,
+    /// When it was found (Unix ms).
+    pub at_ms: u64,
+}
+
+pub(crate) const LOSS_KEY: &str = "lost_events";
+
+impl LossRecord {
+    pub(crate) fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, v) in [self.total, self.last.found, self.last.mark, self.at_ms]
+            .into_iter()
+            .enumerate()
+        {
+            b[i * 8..(i + 1) * 8].copy_from_slice(&v.to_be_bytes());
+        }
+        b
+    }
+
+    /// `None` for anything that is not a record this code wrote.
+    pub(crate) fn decode(b: &[u8]) -> Option<LossRecord> {
+        let b: &[u8; 32] = b.try_into().ok()?;
+        let at = |i: usize| u64::from_be_bytes(b[i * 8..(i + 1) * 8].try_into().unwrap());
+        Some(LossRecord {
+            total: at(0),
+            last: BehindMark {
+                found: at(1),
+                mark: at(2),
+            },
+            at_ms: at(3),
+        })
+    }
+
+    /// This record with one more loss added.
+    pub(crate) fn add(prev: Option<LossRecord>, b: BehindMark, at_ms: u64) -> LossRecord {
+        LossRecord {
+            total: prev.map_or(0, |p| p.total).saturating_add(b.lost()),
+            last: b,
+            at_ms,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +135,29 @@ mod tests {
         assert_eq!(read(dir.path()), None);
         std::fs::write(path(dir.path()), format!("{HEADER}\nnext_seq x\n")).unwrap();
         assert_eq!(read(dir.path()), None);
+    }
+
+    #[test]
+    fn a_loss_record_reads_back_and_adds_up() {
+        let first = LossRecord::add(None, BehindMark { found: 3, mark: 10 }, 1_000);
+        assert_eq!(first.total, 7);
+        let second = LossRecord::add(
+            Some(first),
+            BehindMark {
+                found: 20,
+                mark: 25,
+            },
+            2_000,
+        );
+        assert_eq!(second.total, 12);
+        assert_eq!(
+            second.last,
+            BehindMark {
+                found: 20,
+                mark: 25
+            }
+        );
+        assert_eq!(LossRecord::decode(&second.encode()), Some(second));
+        assert_eq!(LossRecord::decode(&[0u8; 31]), None);
     }
 }

@@ -70,7 +70,7 @@ use tokio::sync::{oneshot, watch};
 pub use dlq::{DeadLetter, DeadLetterInfo};
 pub use error::QueueError;
 pub use fsck::{FsckReport, UNKNOWN_SINK};
-pub use mark::BehindMark;
+pub use mark::{BehindMark, LossRecord};
 pub use record::RecordError;
 
 use crate::config::{QueueConfig, WhenFull};
@@ -184,6 +184,8 @@ struct Shared {
     live_at_last_check: AtomicU64,
     /// Set when the store opened short of its high-water mark (see "A damaged store").
     behind_mark: Option<BehindMark>,
+    /// Every loss the store was ever opened with (kept in `meta`): reported until it is gone.
+    loss: Option<LossRecord>,
     _lock: DirLock,
 }
 
@@ -247,6 +249,23 @@ impl Queue {
             );
             next_seq = b.mark;
         }
+        let mut loss = t
+            .meta
+            .get(mark::LOSS_KEY)?
+            .and_then(|v| LossRecord::decode(&v));
+        if let Some(b) = behind_mark {
+            // The loss and the numbering that goes on above it, in one atomic batch, synced
+            // before anything else happens: a crash before the sync finds the store short of
+            // its mark again and counts the loss then, a crash after it finds it recorded;
+            // either way it is counted once.
+            let record = LossRecord::add(loss, b, now_ms());
+            let mut batch = sled::Batch::default();
+            batch.insert("next_seq", &next_seq.to_be_bytes());
+            batch.insert(mark::LOSS_KEY, &record.encode());
+            t.meta.apply_batch(batch)?;
+            t.sync()?;
+            loss = Some(record);
+        }
         let (head, _) = watch::channel(next_seq);
         let shared = Arc::new(Shared {
             trees: RwLock::new(Some(t)),
@@ -262,6 +281,7 @@ impl Queue {
             last_compact_check: AtomicU64::new(now_ms()),
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
+            loss,
             _lock: lock,
         });
         let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
@@ -701,6 +721,17 @@ impl Queue {
     /// "A damaged store").
     pub fn behind_mark(&self) -> Option<BehindMark> {
         self.shared.behind_mark
+    }
+
+    /// The losses on record for this store, this open's included: what the metrics and the
+    /// status report, after any number of restarts.
+    pub fn loss(&self) -> Option<LossRecord> {
+        self.shared.loss
+    }
+
+    /// Acknowledged events the store has lost to damage over its life (0 normally).
+    pub fn lost_events(&self) -> u64 {
+        self.shared.loss.map_or(0, |l| l.total)
     }
 }
 
