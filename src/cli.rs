@@ -595,13 +595,18 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
     let now = v["now_ms"].as_u64().unwrap_or(0);
     let q = &v["queue"];
     println!(
-        "llmlogd {} (pid {})  queue: {} events, {} bytes, oldest {}  dead letters: {}  disk: {} bytes, {} bytes free",
+        "llmlogd {} (pid {})  queue: {} events, {} bytes, oldest {}  dead letters: {} ({} bytes{})  disk: {} bytes, {} bytes free",
         v["version"].as_str().unwrap_or("?"),
         v["pid"],
         q["events"],
         q["bytes"],
         age(now, q["oldest_ms"].as_u64()),
         q["dead_letters"],
+        q["dead_letter_bytes"],
+        match q["dead_letters_dropped"].as_u64() {
+            Some(n) if n > 0 => format!(", {n} oldest dropped over the cap"),
+            _ => String::new(),
+        },
         q["disk_bytes"],
         q["disk_free_bytes"].as_u64().map_or("?".into(), |f| f.to_string()),
     );

@@ -1532,3 +1532,93 @@ async fn metrics_answer_openmetrics_only_when_asked_and_prometheus_text_otherwis
     }
     d.stop().await;
 }
+
+/// A sink that refuses every event fills the dead letters only up to
+/// `queue.dead_letter_max_bytes`: the oldest are dropped for the newest, and the metrics and
+/// the status say how many letters there are, what they take and how many were dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_stay_under_their_cap_and_the_metrics_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    mock.default_answer(Answer::Status(422));
+    let cfg = format!(
+        "[queue]\ndead_letter_max_bytes = \"1MiB\"\n{}batch_max_events = 1\nconcurrency = 8\n",
+        http_sink("refuses", &mock)
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let pad = "x".repeat(2_000);
+    for batch in 0..8 {
+        let body: Vec<String> = (0..100)
+            .map(|i| format!("{{\"n\":{},\"pad\":\"{pad}\"}}", batch * 100 + i))
+            .collect();
+        let (s, _) = post_json(&d.url("/v1/events"), &format!("[{}]", body.join(","))).await;
+        assert_eq!(s, 202);
+    }
+    let st = wait_until(DEADLINE, "800 events given up on", || async {
+        let st = get_json(&d.url("/v1/status")).await;
+        let q = &st["queue"];
+        let (n, dropped) = (
+            q["dead_letters"].as_u64()?,
+            q["dead_letters_dropped"].as_u64()?,
+        );
+        (n + dropped == 800).then_some(st)
+    })
+    .await;
+    let q = &st["queue"];
+    let (n, bytes, dropped) = (
+        q["dead_letters"].as_u64().unwrap(),
+        q["dead_letter_bytes"].as_u64().unwrap(),
+        q["dead_letters_dropped"].as_u64().unwrap(),
+    );
+    assert!(bytes <= 1 << 20, "{st}");
+    assert!(dropped > 0 && n > 0, "{st}");
+    let text = get_text(&d.url("/metrics")).await;
+    assert_eq!(
+        sample(&text, "llmlogd_dead_letters"),
+        Some(n as f64),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "llmlogd_dead_letter_bytes"),
+        Some(bytes as f64),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "llmlogd_dead_letters_dropped_total"),
+        Some(dropped as f64),
+        "{text}"
+    );
+    d.stop().await;
+    // The newest are the ones kept (give or take the few in flight at once: letters come in
+    // the order their requests end).
+    let out = Command::new(bin())
+        .args([
+            "dlq",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ])
+        .args(["list", "--json", "--limit", "10000"])
+        .env_remove("LLMLOGD_CONFIG")
+        .env_remove("LLMLOGD_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seqs: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs.len() as u64, n);
+    assert!(seqs.contains(&799), "{seqs:?}");
+    assert!(
+        seqs.iter().all(|&s| s + 16 >= dropped),
+        "dropped {dropped}, kept {seqs:?}"
+    );
+}

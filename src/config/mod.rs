@@ -116,6 +116,9 @@ pub struct QueueConfig {
     /// When the store's files exceed this (and four times what it holds) after a backlog
     /// drained, the live records are moved to a fresh store to give the disk space back.
     pub compact_above: u64,
+    /// Cap on what the dead letters take (their records and metadata); over it, the oldest
+    /// dead letters are dropped to make room for the newest.
+    pub dead_letter_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +379,13 @@ impl Config {
                 1 << 20,
                 u64::MAX,
             )?,
+            dead_letter_max_bytes: bytes_in(
+                "queue.dead_letter_max_bytes",
+                q.dead_letter_max_bytes,
+                DEFAULT_DEAD_LETTER_MAX_BYTES,
+                1 << 20,
+                u64::MAX,
+            )?,
             compression: match q.compression.as_deref() {
                 None | Some("zstd") => Compression::Zstd,
                 Some("none") => Compression::None,
@@ -485,6 +495,7 @@ impl Config {
         );
         let _ = writeln!(o, "cache_bytes = {}", q.cache_bytes);
         let _ = writeln!(o, "compact_above = {}", q.compact_above);
+        let _ = writeln!(o, "dead_letter_max_bytes = {}", q.dead_letter_max_bytes);
         let _ = writeln!(
             o,
             "compression = {:?}",
@@ -585,6 +596,11 @@ pub const MAX_RECORD_PAYLOAD: u64 = 64 << 20;
 /// (F37), and since sled's cache obeys its capacity (vendored sled, F41) 62 MiB at 16 and
 /// 55-58 MiB at 8 (BENCHMARKS.md).
 pub const DEFAULT_CACHE_BYTES: u64 = 8 << 20;
+
+/// Default `queue.dead_letter_max_bytes`: a sink that refuses every event (a schema change at
+/// the remote end) fills the dead letters as fast as the apps log; this keeps a few hundred
+/// thousand of the newest for an operator to look at and replay, and the disk for the queue.
+pub const DEFAULT_DEAD_LETTER_MAX_BYTES: u64 = 256 << 20;
 
 fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig, ConfigError> {
     let k = |field: &str| format!("sinks.{name}.{field}");

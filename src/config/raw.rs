@@ -48,6 +48,7 @@ pub(crate) struct RawQueue {
     pub cache_bytes: Option<ByteSize>,
     pub compression: Option<String>,
     pub compact_above: Option<ByteSize>,
+    pub dead_letter_max_bytes: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

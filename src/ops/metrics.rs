@@ -100,6 +100,8 @@ pub struct Metrics {
     queue_evicted: Counter,
     queue_lost: Counter,
     dead_letters: Gauge,
+    dead_letter_bytes: Gauge,
+    dead_letters_dropped: Counter,
     disk_bytes: Gauge,
     disk_free: Gauge,
     delivered: Family<SinkLabel, Counter>,
@@ -135,6 +137,8 @@ impl Metrics {
             queue_evicted: Counter::default(),
             queue_lost: Counter::default(),
             dead_letters: Gauge::default(),
+            dead_letter_bytes: Gauge::default(),
+            dead_letters_dropped: Counter::default(),
             disk_bytes: Gauge::default(),
             disk_free: Gauge::default(),
             delivered: Family::default(),
@@ -192,6 +196,16 @@ impl Metrics {
             "dead_letters",
             "Events held in the dead-letter store",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "dead_letter_bytes",
+            "Bytes the dead letters take (records and metadata), kept under queue.dead_letter_max_bytes",
+            m.dead_letter_bytes.clone(),
+        );
+        registry.register(
+            "dead_letters_dropped",
+            "Oldest dead letters dropped to keep them under queue.dead_letter_max_bytes, since start",
+            m.dead_letters_dropped.clone(),
         );
         registry.register(
             "disk_bytes",
@@ -378,6 +392,11 @@ impl Metrics {
             .inner()
             .fetch_max(queue.lost_events(), Ordering::Relaxed);
         self.dead_letters.set(queue.dead_letter_count() as i64);
+        self.dead_letter_bytes
+            .set(i64::try_from(queue.dead_letter_bytes()).unwrap_or(i64::MAX));
+        self.dead_letters_dropped
+            .inner()
+            .fetch_max(queue.dead_letters_dropped(), Ordering::Relaxed);
         self.disk_bytes.set(queue.disk_bytes() as i64);
         // A filesystem that cannot be asked (never seen for a directory the daemon holds
         // open) keeps the last value rather than a 0 that would look like a full disk.

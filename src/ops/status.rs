@@ -82,6 +82,8 @@ impl StatusBoard {
                     "at_ms": l.at_ms,
                 })),
                 "dead_letters": queue.dead_letter_count(),
+                "dead_letter_bytes": queue.dead_letter_bytes(),
+                "dead_letters_dropped": queue.dead_letters_dropped(),
                 "disk_bytes": queue.disk_bytes(),
                 "disk_free_bytes": queue.free_bytes(),
                 "data_dir": queue.data_dir().display().to_string(),

@@ -3,6 +3,14 @@
 //! Key: sink id (u16 BE) + seq (u64 BE). Value: u32 BE length + JSON [`DeadLetterInfo`],
 //! then the original record value (`record.rs`); a chunked payload is copied into
 //! `dlq_chunks` under the same key + chunk index, so a dead letter outlives its log record.
+//!
+//! Bounded: the dead letters' bytes (values and chunks) are counted as they come and go, and
+//! kept under `queue.dead_letter_max_bytes` by dropping the oldest (lowest seq, any sink) when
+//! a new one goes over it. A sink that refuses every event (a schema change at the remote end)
+//! would otherwise fill the disk with dead letters until ingest itself ran out of space. The
+//! counts are kept in `meta` at a clean close and counted again after a crash, like the log's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +18,13 @@ use super::record::{self, CHUNK};
 use super::store::Trees;
 use super::{key_u64, Queue, QueueError, RecordError};
 use crate::event::{now_ms, StoredEvent};
+use crate::ops::log_throttle::LogThrottle;
+
+/// `meta` key of the dead letters' count and bytes as a clean close left them.
+pub(super) const DLQ_COUNTS_AT_CLOSE: &str = "dlq_counts_at_close";
+
+/// One line per this many milliseconds about dead letters dropped over the cap.
+static DROP_LOG: LogThrottle = LogThrottle::new(10_000);
 
 /// Largest response body kept with a dead letter.
 const MAX_RESPONSE: usize = 2048;
@@ -93,8 +108,68 @@ impl Queue {
         v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
         v.extend_from_slice(&meta);
         v.extend_from_slice(&value);
-        t.dlq.insert(dlq_key(sink, seq), v)?;
+        let (len, chunks) = (v.len() as u64, chunk_bytes(&t, sink, seq)?);
+        let sh = &self.shared;
+        match t.dlq.insert(dlq_key(sink, seq), v)? {
+            // The same event given up on again (delivered again after a restart): its chunks
+            // were rewritten in place, only the value's size changed.
+            Some(old) => {
+                sh.dlq_bytes.fetch_add(len, Ordering::Relaxed);
+                sub(&sh.dlq_bytes, old.len() as u64);
+            }
+            None => {
+                sh.dlq_count.fetch_add(1, Ordering::Relaxed);
+                sh.dlq_bytes.fetch_add(len + chunks, Ordering::Relaxed);
+            }
+        }
+        self.trim_dead_letters(&t, dlq_key(sink, seq))
+    }
+
+    /// Drops the oldest dead letters (lowest seq, whichever sink) while they take more than
+    /// `dead_letter_max_bytes`; the one just added (`keep`) is never dropped, so one letter
+    /// larger than the cap stays alone.
+    fn trim_dead_letters(&self, t: &Trees, keep: [u8; 10]) -> Result<(), QueueError> {
+        let cap = self.shared.caps.load().dead_letter_max_bytes;
+        while self.shared.dlq_bytes.load(Ordering::Relaxed) > cap {
+            let Some((sink, seq)) = oldest_dead_letter(t, keep)? else {
+                break;
+            };
+            if self.remove_letter(t, sink, seq)? {
+                self.shared.dlq_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(skipped) = DROP_LOG.ready() {
+                    tracing::warn!(
+                        sink_id = sink,
+                        seq,
+                        skipped,
+                        cap,
+                        "dead letters over queue.dead_letter_max_bytes: the oldest was dropped to make room (llmlogd_dead_letters_dropped_total counts them)"
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Removes one dead letter and its chunks, and takes them off the counts. Returns whether
+    /// it was there (another thread may have removed it first).
+    fn remove_letter(&self, t: &Trees, sink: u16, seq: u64) -> Result<bool, QueueError> {
+        let Some(old) = t.dlq.remove(dlq_key(sink, seq))? else {
+            return Ok(false);
+        };
+        let mut b = sled::Batch::default();
+        let mut freed = old.len() as u64;
+        for kv in t
+            .dlq_chunks
+            .range(dlq_chunk_key(sink, seq, 0)..dlq_chunk_key(sink, seq, u32::MAX))
+        {
+            let (k, c) = kv?;
+            freed += c.len() as u64;
+            b.remove(k);
+        }
+        t.dlq_chunks.apply_batch(b)?;
+        sub(&self.shared.dlq_count, 1);
+        sub(&self.shared.dlq_bytes, freed);
+        Ok(true)
     }
 
     /// Dead letters, optionally of one sink, oldest first; at most `limit`.
@@ -116,8 +191,19 @@ impl Queue {
         Ok(out)
     }
 
+    /// How many dead letters there are (counted as they come and go: no scan).
     pub fn dead_letter_count(&self) -> u64 {
-        self.shared.trees().map(|t| t.dlq.len() as u64).unwrap_or(0)
+        self.shared.dlq_count.load(Ordering::Relaxed)
+    }
+
+    /// What the dead letters take: their values and chunks, before sled's own overhead.
+    pub fn dead_letter_bytes(&self) -> u64 {
+        self.shared.dlq_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Dead letters dropped over `dead_letter_max_bytes` since the queue opened.
+    pub fn dead_letters_dropped(&self) -> u64 {
+        self.shared.dlq_dropped.load(Ordering::Relaxed)
     }
 
     /// One dead letter.
@@ -130,17 +216,7 @@ impl Queue {
     /// Removes one dead letter (after replay, or by `purge`).
     pub fn dead_letter_remove(&self, sink: u16, seq: u64) -> Result<bool, QueueError> {
         let t = self.shared.trees()?;
-        let existed = t.dlq.remove(dlq_key(sink, seq))?.is_some();
-        let mut b = sled::Batch::default();
-        for k in t
-            .dlq_chunks
-            .range(dlq_chunk_key(sink, seq, 0)..dlq_chunk_key(sink, seq, u32::MAX))
-            .keys()
-        {
-            b.remove(k?);
-        }
-        t.dlq_chunks.apply_batch(b)?;
-        Ok(existed)
+        self.remove_letter(&t, sink, seq)
     }
 
     /// Puts dead letters back into the queue for their sink: each becomes a new record
@@ -176,6 +252,69 @@ impl Queue {
         }
         Ok(n)
     }
+}
+
+/// Lowers a count, never below 0.
+fn sub(a: &AtomicU64, n: u64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+/// Bytes already in `dlq_chunks` for one dead letter.
+fn chunk_bytes(t: &Trees, sink: u16, seq: u64) -> Result<u64, QueueError> {
+    let mut n = 0;
+    for kv in t
+        .dlq_chunks
+        .range(dlq_chunk_key(sink, seq, 0)..dlq_chunk_key(sink, seq, u32::MAX))
+    {
+        n += kv?.1.len() as u64;
+    }
+    Ok(n)
+}
+
+/// The dead letter with the lowest seq over every sink, `keep` aside: the first of each sink's
+/// run of keys (one lookup a sink, however many letters there are).
+fn oldest_dead_letter(t: &Trees, keep: [u8; 10]) -> Result<Option<(u16, u64)>, QueueError> {
+    let mut best: Option<(u16, u64)> = None;
+    let mut from = [0u8; 10];
+    loop {
+        let mut run = t.dlq.range(from..).keys();
+        let Some(k) = run.next().transpose()? else {
+            break;
+        };
+        let sink = u16::from_be_bytes([k[0], k[1]]);
+        let first = if k[..] == keep[..] {
+            run.next().transpose()?.filter(|k2| k2[..2] == k[..2])
+        } else {
+            Some(k)
+        };
+        if let Some(k) = first {
+            let seq = key_u64(&k[2..]);
+            if best.is_none_or(|(_, b)| seq < b) {
+                best = Some((sink, seq));
+            }
+        }
+        let Some(next) = sink.checked_add(1) else {
+            break;
+        };
+        from = dlq_key(next, 0);
+    }
+    Ok(best)
+}
+
+/// Counts the dead letters and their bytes by reading them all (after a crash: a clean close
+/// leaves the counts in `meta`).
+pub(super) fn count_dead_letters(t: &Trees) -> Result<(u64, u64), QueueError> {
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for kv in t.dlq.iter() {
+        count += 1;
+        bytes += kv?.1.len() as u64;
+    }
+    for kv in t.dlq_chunks.iter() {
+        bytes += kv?.1.len() as u64;
+    }
+    Ok((count, bytes))
 }
 
 fn truncate_utf8(s: &mut String, max: usize) {

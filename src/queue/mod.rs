@@ -175,6 +175,10 @@ struct Shared {
     bytes: AtomicU64,
     syncs: AtomicU64,
     evicted: AtomicU64,
+    /// The dead letters: how many, their bytes, and how many were dropped over their cap.
+    dlq_count: AtomicU64,
+    dlq_bytes: AtomicU64,
+    dlq_dropped: AtomicU64,
     head: watch::Sender<u64>,
     /// Woken when a sink's cursor moves: there may be records to remove.
     cursor_moved: tokio::sync::Notify,
@@ -227,6 +231,10 @@ impl Queue {
             Some(v) if v.len() == 16 => (key_u64(&v[..8]), key_u64(&v[8..])),
             _ => count_log(&t)?,
         };
+        let (dlq_count, dlq_bytes) = match t.meta.remove(dlq::DLQ_COUNTS_AT_CLOSE)? {
+            Some(v) if v.len() == 16 => (key_u64(&v[..8]), key_u64(&v[8..])),
+            _ => dlq::count_dead_letters(&t)?,
+        };
         let mut next_seq = t.log.last()?.map(|(k, _)| key_u64(&k) + 1).unwrap_or(0);
         if let Some(v) = t.meta.get("next_seq")? {
             next_seq = next_seq.max(key_u64(&v));
@@ -275,6 +283,9 @@ impl Queue {
             bytes: AtomicU64::new(bytes),
             syncs: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            dlq_count: AtomicU64::new(dlq_count),
+            dlq_bytes: AtomicU64::new(dlq_bytes),
+            dlq_dropped: AtomicU64::new(0),
             head,
             cursor_moved: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
@@ -707,6 +718,12 @@ impl Queue {
         counts[..8].copy_from_slice(&self.shared.events.load(Ordering::SeqCst).to_be_bytes());
         counts[8..].copy_from_slice(&self.shared.bytes.load(Ordering::SeqCst).to_be_bytes());
         t.meta.insert(COUNTS_AT_CLOSE, &counts)?;
+        let mut dlq_counts = [0u8; 16];
+        dlq_counts[..8]
+            .copy_from_slice(&self.shared.dlq_count.load(Ordering::SeqCst).to_be_bytes());
+        dlq_counts[8..]
+            .copy_from_slice(&self.shared.dlq_bytes.load(Ordering::SeqCst).to_be_bytes());
+        t.meta.insert(dlq::DLQ_COUNTS_AT_CLOSE, &dlq_counts)?;
         let next_seq = *self.shared.head.borrow();
         t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
         t.sync()?;
@@ -1068,6 +1085,11 @@ fn reopen(shared: &Shared) {
             let (events, bytes) = count_log(&t).unwrap_or((0, 0));
             shared.events.store(events, Ordering::Relaxed);
             shared.bytes.store(bytes, Ordering::Relaxed);
+            // What the failed writes left of the dead letters is what is on disk now.
+            if let Ok((n, b)) = dlq::count_dead_letters(&t) {
+                shared.dlq_count.store(n, Ordering::Relaxed);
+                shared.dlq_bytes.store(b, Ordering::Relaxed);
+            }
             *guard = Some(t);
             tracing::info!("queue store reopened");
         }

@@ -12,6 +12,7 @@ fn cfg(dir: &Path) -> QueueConfig {
         cache_bytes: 8 << 20,
         compression: Compression::Zstd,
         compact_above: 1 << 20,
+        dead_letter_max_bytes: crate::config::DEFAULT_DEAD_LETTER_MAX_BYTES,
     }
 }
 
@@ -850,4 +851,105 @@ fn the_mark_catches_up_with_an_idle_queue() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     q.close().unwrap();
+}
+
+/// The dead letters stay under `dead_letter_max_bytes`: over it, the oldest (lowest seq, any
+/// sink) are dropped for the newest; one letter larger than the cap stays alone. The count and
+/// bytes kept as letters come and go match a full recount, after a clean close and after a
+/// crash (counted again), and the same event given up on twice counts once.
+#[test]
+fn dead_letters_are_capped_oldest_first_and_counted_without_a_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.dead_letter_max_bytes = 20_000;
+    let q = Queue::open(&c).unwrap();
+    let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
+    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(1_000));
+    let recs = (0..60).map(|_| q.prepare(&ev(&body), &[a, b])).collect();
+    let ids = rt.block_on(q.append(recs)).unwrap();
+    let recount = |q: &Queue| dlq::count_dead_letters(&q.shared.trees().unwrap()).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let sink = if i % 2 == 0 { a } else { b };
+        q.dead_letter(sink, id.seq, DeadLetterInfo::new("s", "refused"))
+            .unwrap();
+        assert!(q.dead_letter_bytes() <= 20_000, "{}", q.dead_letter_bytes());
+        assert_eq!((q.dead_letter_count(), q.dead_letter_bytes()), recount(&q));
+    }
+    // The same event given up on again replaces its letter.
+    let last = ids.last().unwrap().seq;
+    q.dead_letter(b, last, DeadLetterInfo::new("s", "refused again"))
+        .unwrap();
+    assert_eq!((q.dead_letter_count(), q.dead_letter_bytes()), recount(&q));
+    let kept: Vec<u64> = {
+        let mut v: Vec<u64> = q
+            .dead_letters(None, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|d| d.seq)
+            .collect();
+        v.sort();
+        v
+    };
+    let n = kept.len();
+    assert!((10..60).contains(&n), "{n} kept");
+    let newest: Vec<u64> = ids[60 - n..].iter().map(|i| i.seq).collect();
+    assert_eq!(kept, newest, "the newest are kept, whichever sink");
+    assert_eq!(q.dead_letters_dropped(), 60 - n as u64);
+
+    // A letter over the cap by itself (chunked) stays, alone.
+    let mut big = String::from("{\"blob\":\"");
+    let mut x: u64 = 7;
+    for _ in 0..100_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        big.push((b'a' + ((x >> 33) % 26) as u8) as char);
+    }
+    big.push_str("\"}");
+    let big_id = rt
+        .block_on(q.append(vec![q.prepare(&ev(&big), &[a])]))
+        .unwrap()[0]
+        .seq;
+    q.dead_letter(a, big_id, DeadLetterInfo::new("a", "too big"))
+        .unwrap();
+    assert_eq!(q.dead_letter_count(), 1);
+    assert!(q.dead_letter_bytes() > 20_000);
+    assert_eq!((q.dead_letter_count(), q.dead_letter_bytes()), recount(&q));
+    let counts = (q.dead_letter_count(), q.dead_letter_bytes());
+
+    // A clean close leaves the counts for the next open.
+    q.close().unwrap();
+    drop(q);
+    let q = Queue::open(&c).unwrap();
+    assert_eq!((q.dead_letter_count(), q.dead_letter_bytes()), counts);
+    // After a crash they are counted again: the ones the close left are gone with the open
+    // that read them (else the copy below would open with `counts`, not what it holds).
+    let more = rt
+        .block_on(q.append((0..3).map(|_| q.prepare(&ev(&body), &[b])).collect()))
+        .unwrap();
+    for id in &more {
+        q.dead_letter(b, id.seq, DeadLetterInfo::new("b", "refused"))
+            .unwrap();
+    }
+    // One more commit syncs them.
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[a])]))
+        .unwrap();
+    let live = (q.dead_letter_count(), q.dead_letter_bytes());
+    assert_ne!(live, counts);
+    assert_eq!(live, recount(&q));
+    let crashed = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), crashed.path());
+    assert_eq!(
+        live.0, 3,
+        "the big letter, now the oldest, made room for them"
+    );
+    assert!(q.dead_letter_remove(b, more[0].seq).unwrap());
+    assert!(!q.dead_letter_remove(b, more[0].seq).unwrap());
+    assert_eq!(q.dead_letter_count(), 2);
+    assert_eq!((q.dead_letter_count(), q.dead_letter_bytes()), recount(&q));
+    let mut c2 = cfg(crashed.path());
+    c2.dead_letter_max_bytes = 20_000;
+    let q2 = Queue::open(&c2).unwrap();
+    assert_eq!((q2.dead_letter_count(), q2.dead_letter_bytes()), live);
 }
