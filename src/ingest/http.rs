@@ -604,7 +604,10 @@ fn check_track(st: &HttpState, kind: EventKind, v: &Value) -> Result<(), Vec<for
             if id >= head || !(is_group(id) || kind_at(id) == group_kind) {
                 bad.push(field_error(
                     "group_id",
-                    format!("{id} is not an id this llmlogd returned from /create-group"),
+                    format!(
+                        "{id} is not an id this llmlogd returned from /create-group in the last {} days",
+                        crate::queue::FOLLOW_UP_IDS_KEEP_MS / 86_400_000
+                    ),
                 ));
             }
         }

@@ -96,6 +96,17 @@ const DELAY_FROM_GROUP: usize = 8;
 const DELAY_UNTIL_GROUP: usize = 256;
 /// `meta` key of the event and byte counts a clean stop leaves for the next open.
 const COUNTS_AT_CLOSE: &str = "counts_at_close";
+/// How long the ids follow-ups refer to are kept: a PromptLayer log's id at the service (one
+/// entry per log delivered) and the mark of a group created. Without an end these two grew by
+/// an entry per log for the life of the store. A follow-up names its log within seconds or
+/// minutes in every client seen; one naming an older log is refused (at ingest for an id that
+/// is gone, at delivery as a dead letter), saying why.
+pub const FOLLOW_UP_IDS_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Old follow-up ids are looked for at most this often, and at most this many removed a pass.
+const FOLLOW_UP_PRUNE_EVERY_MS: u64 = 60_000;
+const FOLLOW_UP_PRUNE_MAX: usize = 10_000;
+/// `meta` key set once the follow-up ids carry their time (older stores are brought up at open).
+const FOLLOW_UP_IDS_TIMED: &str = "follow_up_ids_timed";
 /// Compaction is considered at most this often.
 const COMPACT_CHECK_EVERY_MS: u64 = 10_000;
 /// Compaction runs only when the live data is at most this big (it copies it).
@@ -184,6 +195,7 @@ struct Shared {
     cursor_moved: tokio::sync::Notify,
     closed: AtomicBool,
     last_compact_check: AtomicU64,
+    last_follow_up_prune: AtomicU64,
     /// Live bytes at the last compaction check (at open before the first).
     live_at_last_check: AtomicU64,
     /// Set when the store opened short of its high-water mark (see "A damaged store").
@@ -223,6 +235,7 @@ impl Queue {
         // A mark beside a store that is not there any more (removed by hand) says nothing.
         let mark = store::exists(dir).then(|| mark::read(dir)).flatten();
         let t = Trees::open(dir, cfg)?;
+        time_follow_up_ids(&t)?;
         // What the log holds (the cap is enforced against these): as a clean stop left them,
         // else counted. Taking them out is a log update like any other, so sled's recovery of
         // a prefix means that after a crash either they are still there and nothing changed
@@ -290,6 +303,7 @@ impl Queue {
             cursor_moved: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             last_compact_check: AtomicU64::new(now_ms()),
+            last_follow_up_prune: AtomicU64::new(0),
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
             loss,
@@ -540,8 +554,71 @@ impl Queue {
             min = min.min(self.cursor(*id)?);
         }
         let removed = self.remove_below(min, u64::MAX)?;
+        self.maybe_prune_follow_up_ids();
         self.maybe_compact();
         Ok(removed)
+    }
+
+    fn maybe_prune_follow_up_ids(&self) {
+        let now = now_ms();
+        let last = self.shared.last_follow_up_prune.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < FOLLOW_UP_PRUNE_EVERY_MS
+            || self
+                .shared
+                .last_follow_up_prune
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        if let Err(e) = self.prune_follow_up_ids(now.saturating_sub(FOLLOW_UP_IDS_KEEP_MS)) {
+            tracing::debug!(error = %e, "old follow-up ids not removed");
+        }
+    }
+
+    /// Removes the follow-up ids (remote ids, group marks) stored before `before_ms`, at most
+    /// `FOLLOW_UP_PRUNE_MAX` a call. Both are keyed by sequence number, which grows with time,
+    /// so each run of keys is read from its start and only up to its first younger entry.
+    /// Returns how many were removed.
+    pub(crate) fn prune_follow_up_ids(&self, before_ms: u64) -> Result<usize, QueueError> {
+        let t = self.shared.trees()?;
+        let old = |v: &[u8], at: usize| v.get(at..at + 8).is_some_and(|b| key_u64(b) < before_ms);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        // `remote`: one run per sink (sink id, seq) → (remote id, stored ms).
+        let mut from = [0u8; 10];
+        'sinks: loop {
+            let mut sink = None;
+            for kv in t.remote.range(from..) {
+                let (k, v) = kv?;
+                let this = [k[0], k[1]];
+                if sink.is_some_and(|s| s != this) {
+                    break;
+                }
+                sink = Some(this);
+                if !old(&v, 8) || n == FOLLOW_UP_PRUNE_MAX {
+                    break;
+                }
+                batch.remove(k);
+                n += 1;
+            }
+            let Some(next) = sink.and_then(|s| u16::from_be_bytes(s).checked_add(1)) else {
+                break 'sinks;
+            };
+            from = pair_key(next, 0);
+        }
+        t.remote.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for kv in t.meta.scan_prefix(GROUP_PREFIX) {
+            let (k, v) = kv?;
+            if !old(&v, 0) || n == FOLLOW_UP_PRUNE_MAX {
+                break;
+            }
+            batch.remove(k);
+            n += 1;
+        }
+        t.meta.apply_batch(batch)?;
+        Ok(n)
     }
 
     fn remove_below(&self, limit: u64, max: u64) -> Result<u64, QueueError> {
@@ -579,10 +656,13 @@ impl Queue {
 
     /// Stores the remote id the service assigned to `seq` (PromptLayer's request id).
     pub fn set_remote_id(&self, sink: u16, seq: u64, remote: u64) -> Result<(), QueueError> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&remote.to_be_bytes());
+        v[8..].copy_from_slice(&now_ms().to_be_bytes());
         self.shared
             .trees()?
             .remote
-            .insert(pair_key(sink, seq), &remote.to_be_bytes())?;
+            .insert(pair_key(sink, seq), &v)?;
         Ok(())
     }
 
@@ -591,7 +671,7 @@ impl Queue {
     /// separate spaces, so ingest checks which one an id is, even after the event is gone.
     pub fn mark_group(&self, seq: u64) -> Result<(), QueueError> {
         let t = self.shared.trees()?;
-        t.meta.insert(group_key(seq), &[])?;
+        t.meta.insert(group_key(seq), &now_ms().to_be_bytes())?;
         t.sync()
     }
 
@@ -606,7 +686,7 @@ impl Queue {
             .trees()?
             .remote
             .get(pair_key(sink, seq))?
-            .map(|v| key_u64(&v)))
+            .and_then(|v| v.get(..8).map(key_u64)))
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -1354,9 +1434,37 @@ fn remove_chunks(tree: &sled::Tree, seq: u64) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// Gives the follow-up ids of a store written before they carried their time the time of
+/// this open (so they are kept `FOLLOW_UP_IDS_KEEP_MS` from now), once.
+fn time_follow_up_ids(t: &Trees) -> Result<(), QueueError> {
+    if t.meta.contains_key(FOLLOW_UP_IDS_TIMED)? {
+        return Ok(());
+    }
+    let now = now_ms().to_be_bytes();
+    for kv in t.remote.iter() {
+        let (k, v) = kv?;
+        if v.len() == 8 {
+            let mut nv = [0u8; 16];
+            nv[..8].copy_from_slice(&v);
+            nv[8..].copy_from_slice(&now);
+            t.remote.insert(k, &nv)?;
+        }
+    }
+    for kv in t.meta.scan_prefix(GROUP_PREFIX) {
+        let (k, v) = kv?;
+        if v.is_empty() {
+            t.meta.insert(k, &now)?;
+        }
+    }
+    t.meta.insert(FOLLOW_UP_IDS_TIMED, &[])?;
+    t.sync()
+}
+
+const GROUP_PREFIX: &[u8; 6] = b"group/";
+
 fn group_key(seq: u64) -> [u8; 14] {
     let mut k = [0u8; 14];
-    k[..6].copy_from_slice(b"group/");
+    k[..6].copy_from_slice(GROUP_PREFIX);
     k[6..].copy_from_slice(&seq.to_be_bytes());
     k
 }

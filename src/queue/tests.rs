@@ -953,3 +953,61 @@ fn dead_letters_are_capped_oldest_first_and_counted_without_a_scan() {
     let q2 = Queue::open(&c2).unwrap();
     assert_eq!((q2.dead_letter_count(), q2.dead_letter_bytes()), live);
 }
+
+/// The ids follow-ups refer to (remote ids of delivered PromptLayer logs, group marks) are
+/// kept `FOLLOW_UP_IDS_KEEP_MS`, not for the life of the store: a pass removes those stored
+/// before its cutoff, each sink's run from its start to its first younger entry. A store from
+/// before they carried a time gets the time of its first open since, so none goes at once.
+#[test]
+fn follow_up_ids_older_than_their_keep_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
+    for seq in 0..5 {
+        q.set_remote_id(a, seq, 100 + seq).unwrap();
+        q.set_remote_id(b, seq, 200 + seq).unwrap();
+    }
+    q.mark_group(2).unwrap();
+    let cut = now_ms() + 1;
+    // Stored after the cutoff: kept.
+    while now_ms() < cut + 1 {
+        std::thread::yield_now();
+    }
+    q.set_remote_id(a, 10, 110).unwrap();
+    q.mark_group(11).unwrap();
+    assert_eq!(q.prune_follow_up_ids(0).unwrap(), 0, "nothing before 0");
+    assert_eq!(q.prune_follow_up_ids(cut).unwrap(), 11);
+    for seq in 0..5 {
+        assert_eq!(q.remote_id(a, seq).unwrap(), None);
+        assert_eq!(q.remote_id(b, seq).unwrap(), None);
+    }
+    assert!(!q.is_group(2).unwrap());
+    assert_eq!(q.remote_id(a, 10).unwrap(), Some(110));
+    assert!(q.is_group(11).unwrap());
+    assert_eq!(q.prune_follow_up_ids(cut).unwrap(), 0);
+    q.close().unwrap();
+    drop(q);
+
+    // A store from before: values without a time (what this code wrote until now).
+    {
+        let t = store::Trees::open(dir.path(), &cfg(dir.path())).unwrap();
+        t.remote
+            .insert(pair_key(a, 20), &120u64.to_be_bytes())
+            .unwrap();
+        t.meta.insert(group_key(21), &[]).unwrap();
+        t.meta.remove(FOLLOW_UP_IDS_TIMED).unwrap();
+        t.sync().unwrap();
+    }
+    let before_open = now_ms();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    assert_eq!(q.remote_id(a, 20).unwrap(), Some(120));
+    assert!(q.is_group(21).unwrap());
+    // Only the two stored before this open go; the two timed at it stay.
+    assert_eq!(q.prune_follow_up_ids(before_open).unwrap(), 2);
+    assert_eq!(q.remote_id(a, 10).unwrap(), None);
+    assert_eq!(q.remote_id(a, 20).unwrap(), Some(120), "timed at open");
+    assert!(q.is_group(21).unwrap(), "timed at open");
+    assert_eq!(q.prune_follow_up_ids(now_ms() + 1).unwrap(), 2);
+    assert_eq!(q.remote_id(a, 20).unwrap(), None);
+    assert!(!q.is_group(21).unwrap());
+}

@@ -19,7 +19,8 @@ fn resolve(ctx: &dyn BuildContext, local: u64, what: &str) -> Result<u64, BuildE
         RemoteId::Known(remote) => Ok(remote),
         RemoteId::Pending => Err(BuildError::NotYet),
         RemoteId::Unknown => Err(BuildError::Unrenderable(format!(
-            "the {what} with id {local} was not delivered to this sink, so the follow-up has nothing to refer to"
+            "the {what} with id {local} was not delivered to this sink, or longer ago than the {} days its id is kept, so the follow-up has nothing to refer to",
+            crate::queue::FOLLOW_UP_IDS_KEEP_MS / 86_400_000
         ))),
     }
 }
