@@ -344,6 +344,13 @@ fn raise_mark(data: &std::path::Path, by: u64) {
     std::fs::write(&path, format!("{header}\nnext_seq {}\n", next + by)).unwrap();
 }
 
+async fn lost_metric(d: &InProcess) -> Option<f64> {
+    sample(
+        &get_text(&d.url("/metrics")).await,
+        "llmlogd_queue_lost_events_total",
+    )
+}
+
 /// A store that opens short of its mark (events lost to damage) shows it in `/metrics` and
 /// the status, so an alert can fire; `fsck` says what was lost and that `--repair` cannot
 /// bring it back, instead of sending the operator to a repair that does nothing for it.
@@ -355,12 +362,7 @@ async fn lost_events_show_in_the_metrics_and_fsck_says_repair_cannot_bring_them_
     let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
     let (s, _) = post_json(&d.url("/v1/events"), "[{\"n\":1},{\"n\":2}]").await;
     assert_eq!(s, 202);
-    let text = get_text(&d.url("/metrics")).await;
-    assert_eq!(
-        sample(&text, "llmlogd_queue_lost_events_total"),
-        Some(0.0),
-        "{text}"
-    );
+    assert_eq!(lost_metric(&d).await, Some(0.0));
     assert_eq!(
         get_json(&d.url("/v1/status")).await["queue"]["lost_events"],
         0
@@ -369,12 +371,8 @@ async fn lost_events_show_in_the_metrics_and_fsck_says_repair_cannot_bring_them_
 
     raise_mark(&data, 100);
     let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
+    assert_eq!(lost_metric(&d).await, Some(100.0));
     let text = get_text(&d.url("/metrics")).await;
-    assert_eq!(
-        sample(&text, "llmlogd_queue_lost_events_total"),
-        Some(100.0),
-        "{text}"
-    );
     assert!(
         text.contains("# TYPE llmlogd_queue_lost_events_total counter"),
         "{text}"
@@ -431,13 +429,8 @@ async fn lost_events_show_in_the_metrics_and_fsck_says_repair_cannot_bring_them_
     // The daemon reports every loss on record after its restarts, those `fsck` found too: an
     // alert on the counter neither clears by itself nor misses a loss another open found.
     let d = InProcess::start(dir.path(), &http_sink("m", &mock)).await;
-    let text = get_text(&d.url("/metrics")).await;
-    assert_eq!(
-        sample(&text, "llmlogd_queue_lost_events_total"),
-        Some(112.0),
-        "{text}"
-    );
     let status = get_json(&d.url("/v1/status")).await;
+    assert_eq!(lost_metric(&d).await, Some(112.0));
     assert_eq!(status["queue"]["lost_events"], 112);
     let last = &status["queue"]["last_loss"];
     assert_eq!(

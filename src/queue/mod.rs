@@ -561,14 +561,11 @@ impl Queue {
 
     fn maybe_prune_follow_up_ids(&self) {
         let now = now_ms();
-        let last = self.shared.last_follow_up_prune.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < FOLLOW_UP_PRUNE_EVERY_MS
-            || self
-                .shared
-                .last_follow_up_prune
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !take_turn(
+            &self.shared.last_follow_up_prune,
+            now,
+            FOLLOW_UP_PRUNE_EVERY_MS,
+        ) {
             return;
         }
         if let Err(e) = self.prune_follow_up_ids(now.saturating_sub(FOLLOW_UP_IDS_KEEP_MS)) {
@@ -733,15 +730,11 @@ impl Queue {
     /// what it holds, and what it holds has settled (checked at most every 10 s, after removing
     /// delivered records; a backlog still draining is left to finish first).
     fn maybe_compact(&self) {
-        let now = now_ms();
-        let last = self.shared.last_compact_check.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < COMPACT_CHECK_EVERY_MS
-            || self
-                .shared
-                .last_compact_check
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if !take_turn(
+            &self.shared.last_compact_check,
+            now_ms(),
+            COMPACT_CHECK_EVERY_MS,
+        ) {
             return;
         }
         let live = self.shared.bytes.load(Ordering::Relaxed);
@@ -1432,6 +1425,16 @@ fn remove_chunks(tree: &sled::Tree, seq: u64) -> Result<(), QueueError> {
     }
     tree.apply_batch(batch)?;
     Ok(())
+}
+
+/// Whether a task run at most every `every_ms` is due at `now`, claiming its turn if so (one
+/// caller wins when several ask at once).
+fn take_turn(last: &AtomicU64, now: u64, every_ms: u64) -> bool {
+    let prev = last.load(Ordering::Relaxed);
+    now.saturating_sub(prev) >= every_ms
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Gives the follow-up ids of a store written before they carried their time the time of

@@ -25,6 +25,21 @@ fn ev(payload: &str) -> NewEvent {
     }
 }
 
+/// A JSON object holding `len` pseudo-random letters (seeded): poorly compressible, so it is
+/// stored in chunks when large.
+fn incompressible_json(len: usize, seed: u64) -> String {
+    let mut s = String::from("{\"blob\":\"");
+    let mut x = seed;
+    for _ in 0..len {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s.push((b'a' + ((x >> 33) % 26) as u8) as char);
+    }
+    s.push_str("\"}");
+    s
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,15 +118,7 @@ fn large_payloads_round_trip_through_chunks_and_dead_letters() {
     let q = Queue::open(&cfg(dir.path())).unwrap();
     let a = q.sink_id("a").unwrap();
     // ~300 KB of poorly compressible JSON string.
-    let mut s = String::from("{\"blob\":\"");
-    let mut x: u64 = 1;
-    for _ in 0..300_000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        s.push((b'a' + ((x >> 33) % 26) as u8) as char);
-    }
-    s.push_str("\"}");
+    let s = incompressible_json(300_000, 1);
     let ids = rt
         .block_on(q.append(vec![q.prepare(&ev(&s), &[a])]))
         .unwrap();
@@ -898,15 +905,7 @@ fn dead_letters_are_capped_oldest_first_and_counted_without_a_scan() {
     assert_eq!(q.dead_letters_dropped(), 60 - n as u64);
 
     // A letter over the cap by itself (chunked) stays, alone.
-    let mut big = String::from("{\"blob\":\"");
-    let mut x: u64 = 7;
-    for _ in 0..100_000 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        big.push((b'a' + ((x >> 33) % 26) as u8) as char);
-    }
-    big.push_str("\"}");
+    let big = incompressible_json(100_000, 7);
     let big_id = rt
         .block_on(q.append(vec![q.prepare(&ev(&big), &[a])]))
         .unwrap()[0]
