@@ -1615,3 +1615,45 @@ async fn dead_letters_stay_under_their_cap_and_the_metrics_say_so() {
         "dropped {dropped}, kept {seqs:?}"
     );
 }
+
+/// `/readyz` answers 503 with the reason while a new event would be refused (the queue at its
+/// cap with `when_full = "reject"`), and 200 again once the backlog drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_not_ready_while_the_queue_refuses_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    mock.default_answer(Answer::Status(503));
+    let cfg = format!(
+        "[queue]\nmax_bytes = \"1MiB\"\ncompression = \"none\"\n{}",
+        http_sink("down", &mock)
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let (s, v) = get(&d.url("/readyz")).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ready")));
+    let pad = "y".repeat(4_000);
+    let mut refused = None;
+    for n in 0..2_000 {
+        let (s, v) = post_json(
+            &d.url("/v1/events"),
+            &format!("{{\"n\":{n},\"pad\":\"{pad}\"}}"),
+        )
+        .await;
+        if s != 202 {
+            refused = Some((s, v));
+            break;
+        }
+    }
+    let (s, v) = refused.expect("the 1 MiB cap refuses an event");
+    assert_eq!(s, 503, "{v}");
+    let (s, v) = get(&d.url("/readyz")).await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["status"], "not accepting events");
+    assert!(v["reason"].as_str().unwrap().contains("max_bytes"), "{v}");
+    mock.default_answer(Answer::Status(200));
+    wait_until(DEADLINE, "ready again once delivered", || async {
+        let (s, _) = get(&d.url("/readyz")).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    d.stop().await;
+}

@@ -827,15 +827,23 @@ async fn metrics(State(st): St, h: HeaderMap) -> Response {
     r
 }
 
+/// Ready: started, not stopping, and a new event would be accepted (not refused for a full
+/// queue, a full disk or a store being reopened), with the reason when it is not.
 async fn readyz(State(st): St) -> Response {
-    if st.ready.load(Ordering::Acquire) {
-        Json200(json!({"status": "ready"})).into_response()
-    } else {
-        JsonReply(
+    if !st.ready.load(Ordering::Acquire) {
+        return JsonReply(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "starting or stopping"}),
         )
-        .into_response()
+        .into_response();
+    }
+    match st.ingest.queue.refusing() {
+        None => Json200(json!({"status": "ready"})).into_response(),
+        Some(reason) => JsonReply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "not accepting events", "reason": reason}),
+        )
+        .into_response(),
     }
 }
 

@@ -196,6 +196,9 @@ struct Shared {
     closed: AtomicBool,
     last_compact_check: AtomicU64,
     last_follow_up_prune: AtomicU64,
+    /// The cap the last append was refused for (`when_full = "reject"`), until an append is
+    /// taken or records are removed: `/readyz` reports it.
+    refused_for: arc_swap::ArcSwapOption<&'static str>,
     /// Live bytes at the last compaction check (at open before the first).
     live_at_last_check: AtomicU64,
     /// Set when the store opened short of its high-water mark (see "A damaged store").
@@ -304,6 +307,7 @@ impl Queue {
             closed: AtomicBool::new(false),
             last_compact_check: AtomicU64::new(now_ms()),
             last_follow_up_prune: AtomicU64::new(0),
+            refused_for: arc_swap::ArcSwapOption::empty(),
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
             loss,
@@ -646,6 +650,7 @@ impl Queue {
                 remove_chunks(&t.chunks, seq)?;
             }
             self.shared.events.fetch_sub(n, Ordering::Relaxed);
+            self.shared.refused_for.store(None);
             self.shared.bytes.fetch_sub(freed, Ordering::Relaxed);
             removed += n;
         }
@@ -712,6 +717,7 @@ impl Queue {
     /// other queue settings need a restart.
     pub fn set_caps(&self, cfg: &QueueConfig) {
         self.shared.caps.store(Arc::new(cfg.clone()));
+        self.shared.refused_for.store(None);
     }
 
     /// Bytes sled's files take on disk.
@@ -724,6 +730,19 @@ impl Queue {
     /// starts refusing events below [`Queue::MIN_FREE_BYTES`].
     pub fn free_bytes(&self) -> Option<u64> {
         store::free_bytes(&self.shared.cfg.data_dir)
+    }
+
+    /// Why new events are refused right now, if they are (for `/readyz`): the store is
+    /// unavailable after a storage error, the disk is full, or the last append was refused at
+    /// a cap (`when_full = "reject"`) and nothing was taken or removed since.
+    pub fn refusing(&self) -> Option<&'static str> {
+        if self.shared.trees.read().is_none() {
+            return Some("the queue store is unavailable after a storage error (retrying)");
+        }
+        if self.free_bytes().is_some_and(|f| f < MIN_FREE_BYTES) {
+            return Some("the disk holding the queue is full");
+        }
+        self.shared.refused_for.load().as_deref().copied()
     }
 
     /// Asks the writer to compact the store when a drained backlog left it much larger than
@@ -1026,6 +1045,7 @@ impl<'a> Group<'a> {
             let made_room = self.caps.when_full == WhenFull::DropOldest
                 && evict_for(shared, t, &self.caps, events_now, bytes_now, self.first_seq);
             if !made_room {
+                shared.refused_for.store(Some(Arc::new(reason)));
                 let _ = reply.send(Err(QueueError::Full { reason }));
                 return;
             }
@@ -1125,6 +1145,9 @@ impl<'a> Group<'a> {
                 shared.events.fetch_add(add_events, Ordering::Relaxed);
                 shared.bytes.fetch_add(stored, Ordering::Relaxed);
                 shared.head.send_replace(next_seq);
+                if add_events > 0 && shared.refused_for.load().is_some() {
+                    shared.refused_for.store(None);
+                }
                 for (reply, ids) in replies {
                     let _ = reply.send(Ok(ids));
                 }
