@@ -26,7 +26,7 @@ use crate::config::{Route, SinkConfig, SinkKind};
 use crate::event::{EventKind, NewEvent};
 use crate::formats::{FieldError, Format};
 use crate::ops::metrics::Metrics;
-use crate::queue::{Appended, Queue, QueueError};
+use crate::queue::{Appended, Queue, QueueError, ReadItem};
 
 /// Which sinks take which events; rebuilt on reload and swapped in atomically.
 #[derive(Debug, Default)]
@@ -161,8 +161,22 @@ impl RouteTable {
     }
 }
 
+/// Whether a sink's route takes `ev`.
+///
+/// PromptLayer follow-ups (`/library-track-*`, `/track-group`) and `/create-group` carry no
+/// environment or tags of their own: only the route's formats apply to them. Filtering them by
+/// the log's environment or tags dropped every one of them (acknowledged, then routed to no
+/// sink) as soon as a PromptLayer sink had `route.environments` or `route.tags`. A follow-up
+/// then goes only to the sinks its log went to ([`Ingest::admit`]).
 fn route_matches(r: &Route, ev: &NewEvent) -> bool {
-    (r.formats.is_empty() || r.formats.contains(&ev.kind.format()))
+    let formats = r.formats.is_empty() || r.formats.contains(&ev.kind.format());
+    if matches!(
+        ev.kind,
+        EventKind::PromptLayerTrack(_) | EventKind::PromptLayerCreateGroup
+    ) {
+        return formats;
+    }
+    formats
         && (r.environments.is_empty()
             || ev
                 .attrs
@@ -275,7 +289,13 @@ impl Ingest {
         }
         let prepared = events
             .iter()
-            .map(|ev| self.queue.prepare(ev, &table.routes_for(ev)))
+            .map(|ev| {
+                let mut routes = table.routes_for(ev);
+                if let EventKind::PromptLayerTrack(_) = ev.kind {
+                    self.keep_the_logs_sinks(ev, &mut routes);
+                }
+                self.queue.prepare(ev, &routes)
+            })
             .collect();
         match self.queue.append(prepared).await {
             Ok(ids) => {
@@ -287,6 +307,25 @@ impl Ingest {
                 self.metrics.ingest(route, err.metric_result(), n);
                 Err(err)
             }
+        }
+    }
+
+    /// Narrows a follow-up's `routes` to the sinks its log (`request_id`) was routed to: at
+    /// any other PromptLayer sink there is no request to attach it to (it would only be
+    /// dead-lettered there). The log's record names its sinks while it is queued; once it is
+    /// gone, a sink took it if it holds the service's id for it. On a storage error the
+    /// routes stay as they are (delivery then decides, with a dead letter that says why).
+    fn keep_the_logs_sinks(&self, ev: &NewEvent, routes: &mut Vec<u16>) {
+        let local = serde_json::from_slice::<serde_json::Value>(&ev.payload)
+            .ok()
+            .and_then(|v| crate::formats::promptlayer::track_request_id(&v));
+        let Some(local) = local else {
+            return;
+        };
+        match self.queue.get(local) {
+            Ok(Some(ReadItem::Event(log))) => routes.retain(|s| log.routes.contains(s)),
+            Ok(None) => routes.retain(|s| matches!(self.queue.remote_id(*s, local), Ok(Some(_)))),
+            Ok(Some(ReadItem::Corrupt { .. })) | Err(_) => {}
         }
     }
 
@@ -385,6 +424,25 @@ route.formats = ["pezzo", "promptlayer"]
                 false
             )),
             vec![1]
+        );
+        // Follow-ups and groups carry no environment or tags: the route's formats decide
+        // (they were routed to no sink at all). A wrapper's track-request is a log.
+        assert_eq!(
+            t.routes_for(&ev(
+                EventKind::PromptLayerTrack(TrackKind::Metadata),
+                None,
+                &[],
+                false
+            )),
+            vec![1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::PromptLayerCreateGroup, None, &[], false)),
+            vec![1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::PromptLayerTrackRequest, None, &[], false)),
+            Vec::<u16>::new()
         );
         assert_eq!(Format::from_name("pezzo"), Some(Format::Pezzo));
     }
