@@ -186,6 +186,9 @@ fn route_matches(r: &Route, ev: &NewEvent) -> bool {
         && (r.tags.is_empty() || ev.attrs.tags.iter().any(|t| r.tags.contains(t)))
 }
 
+/// How many bad fields a refusal's `message` names (all of them are in `fields`).
+const MESSAGE_FIELDS: usize = 5;
+
 /// A refused request: the status, a machine-readable code, and what was wrong.
 #[derive(Debug, Clone, Serialize)]
 pub struct IngestError {
@@ -211,10 +214,31 @@ impl IngestError {
         }
     }
 
+    /// A 400 naming every bad field. The message names them too (the first
+    /// [`MESSAGE_FIELDS`]), not only `fields`: the official SDKs show the app nothing but
+    /// `message` (PromptLayer's raise `message`, Pezzo's print the body), and "3 fields are
+    /// invalid" left the user guessing which.
     pub fn invalid(fields: Vec<FieldError>) -> Self {
         let message = match fields.as_slice() {
-            [one] => format!("{}: {}", one.field, one.problem),
-            many => format!("{} fields are invalid", many.len()),
+            [one] => one.to_string(),
+            many => {
+                let shown: Vec<String> = many
+                    .iter()
+                    .take(MESSAGE_FIELDS)
+                    .map(ToString::to_string)
+                    .collect();
+                let more = many.len().saturating_sub(MESSAGE_FIELDS);
+                let rest = if more > 0 {
+                    format!("; and {more} more (see error.fields)")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} fields are invalid: {}{rest}",
+                    many.len(),
+                    shown.join("; ")
+                )
+            }
         };
         IngestError {
             fields,
@@ -370,6 +394,40 @@ mod tests {
                 project_id: Some("app-project".into()),
             },
         }
+    }
+
+    #[test]
+    fn a_refusal_message_names_the_bad_fields() {
+        let f = |field: &str| FieldError {
+            field: field.into(),
+            problem: "is required".into(),
+        };
+        let e = IngestError::invalid(vec![f("request_id"), f("prompt_name")]);
+        assert_eq!(
+            e.message,
+            "2 fields are invalid: request_id: is required; prompt_name: is required"
+        );
+        assert_eq!(e.fields.len(), 2);
+        let many: Vec<FieldError> = (0..7).map(|i| f(&format!("f{i}"))).collect();
+        let e = IngestError::invalid(many);
+        assert!(
+            e.message
+                .starts_with("7 fields are invalid: f0: is required;"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message
+                .contains("f4: is required; and 2 more (see error.fields)"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("f5"), "{}", e.message);
+        assert_eq!(e.fields.len(), 7);
+        assert_eq!(
+            IngestError::invalid(vec![f("score")]).message,
+            "score: is required"
+        );
     }
 
     #[test]
