@@ -54,6 +54,9 @@ async fn promptlayer_mock(first: u64) -> MockSink {
                 Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
             }
             "/create-group" => Answer::StatusBody(200, format!("{{\"success\":true,\"id\":{id}}}")),
+            "/track-request" => {
+                Answer::StatusBody(200, format!("{{\"success\":true,\"request_id\":{id}}}"))
+            }
             _ => Answer::StatusBody(200, "{\"success\":true}".into()),
         })
     });
@@ -330,6 +333,151 @@ async fn follow_ups_name_the_right_kind_of_id_and_float_ids_are_translated() {
     let body = tracked.json();
     assert!(body["request_id"].as_u64().unwrap() >= 70_000, "{body}");
     assert!(body["group_id"].as_u64().unwrap() >= 70_000, "{body}");
+    d.stop().await;
+}
+
+/// PromptLayer sinks with `route.tags` / `route.environments` (as config.example.toml shows):
+/// follow-ups and groups carry neither, and were acknowledged, then routed to no sink (the
+/// scores, metadata and groups of every log were lost). Each follow-up now goes to the sinks
+/// its log went to, and only there; groups go to every PromptLayer sink; a wrapper's
+/// `/track-request` is routed by its own tags like a log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_reach_the_promptlayer_sinks_their_log_went_to_whatever_the_route() {
+    let billing = promptlayer_mock(1_000).await;
+    let prod = promptlayer_mock(2_000).await;
+    let cfg = format!(
+        r#"
+[sinks.billing]
+type = "promptlayer"
+url = "{}"
+api_key = "pl_billing"
+route.tags = ["billing"]
+[sinks.prod]
+type = "promptlayer"
+url = "{}"
+api_key = "pl_prod"
+route.environments = ["prod"]
+"#,
+        billing.url(""),
+        prod.url("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let http = client();
+    let post = |path: &'static str, body: Value| {
+        let req = http
+            .post(d.url(path))
+            .header("x-api-key", "pl_app")
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            assert!(status == 200 || status == 201, "{path}: {status} {v}");
+            v
+        }
+    };
+    let log = |tags: Value, env: &str| {
+        json!({"provider": "openai", "model": "gpt-4o",
+               "input": {"type": "chat", "messages": []}, "output": {"type": "chat", "messages": []},
+               "request_start_time": 1_732_240_000.1, "request_end_time": 1_732_240_001.3,
+               "tags": tags, "metadata": {"environment": env}})
+    };
+    let a = post("/log-request", log(json!(["billing"]), "dev")).await["id"].clone();
+    let b = post("/log-request", log(json!([]), "prod")).await["id"].clone();
+    let g = post("/create-group", json!({"api_key": "k"})).await["id"].clone();
+    let t = post(
+        "/track-request",
+        json!({"function_name": "openai.chat.completions.create", "kwargs": {},
+               "tags": ["billing"], "request_response": {}, "api_key": "k"}),
+    )
+    .await["request_id"]
+        .clone();
+    post(
+        "/library-track-score",
+        json!({"api_key": "k", "request_id": a, "score": 90}),
+    )
+    .await;
+    post(
+        "/library-track-metadata",
+        json!({"api_key": "k", "request_id": b, "metadata": {"k": "v"}}),
+    )
+    .await;
+    post(
+        "/track-group",
+        json!({"api_key": "k", "request_id": a, "group_id": g}),
+    )
+    .await;
+    post(
+        "/library-track-score",
+        json!({"api_key": "k", "request_id": t, "score": 10}),
+    )
+    .await;
+
+    let paths = |m: &MockSink| {
+        let mut p: Vec<String> = m.received().into_iter().map(|r| r.path).collect();
+        p.sort();
+        p
+    };
+    let status = wait_until(DEADLINE, "both sinks drained", || {
+        let url = d.url("/v1/status");
+        async move {
+            let s = get_json(&url).await;
+            let sinks = s["sinks"].as_array().cloned().unwrap_or_default();
+            let delivered: u64 = sinks.iter().filter_map(|x| x["delivered"].as_u64()).sum();
+            let idle = sinks
+                .iter()
+                .all(|x| x["backlog"] == 0 && x["in_flight"] == 0);
+            // 6 to billing, 3 to prod.
+            (delivered >= 9 && idle).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(status["queue"]["dead_letters"], 0, "{status:#}");
+    assert_eq!(
+        paths(&billing),
+        [
+            "/create-group",
+            "/library-track-score",
+            "/library-track-score",
+            "/log-request",
+            "/track-group",
+            "/track-request"
+        ],
+        "billing"
+    );
+    assert_eq!(
+        paths(&prod),
+        ["/create-group", "/library-track-metadata", "/log-request"],
+        "prod"
+    );
+    // Once the logs are delivered (and may have left the queue), their follow-ups still go
+    // only where the logs went.
+    post(
+        "/library-track-score",
+        json!({"api_key": "k", "request_id": b, "score": 1}),
+    )
+    .await;
+    post(
+        "/library-track-metadata",
+        json!({"api_key": "k", "request_id": a, "metadata": {"k": "v"}}),
+    )
+    .await;
+    wait_for(DEADLINE, "the late follow-ups", || {
+        (billing.received().len() == 7 && prod.received().len() == 4).then_some(())
+    })
+    .await;
+    let status = get_json(&d.url("/v1/status")).await;
+    assert_eq!(status["queue"]["dead_letters"], 0, "{status:#}");
+    let (bills, prods) = (billing.received(), prod.received());
+    assert_eq!(bills[6].path, "/library-track-metadata");
+    assert_eq!(prods[3].path, "/library-track-score");
+    for r in bills.iter().chain(prods.iter()) {
+        let body = r.json();
+        if let Some(id) = body.get("request_id") {
+            assert!(id.as_u64().unwrap() >= 1_000, "{}: {body}", r.path);
+        }
+    }
     d.stop().await;
 }
 

@@ -31,6 +31,8 @@ pub const SCHEMA: &str = "llmlogd.llm/v1";
 
 /// Largest Unix second RFC 3339 can express (9999-12-31T23:59:59Z).
 const MAX_UNIX_SECONDS: f64 = 253_402_300_799.0;
+/// Numbers above this are Unix milliseconds in PromptLayer times ([`Timestamp::from_unix_number`]).
+pub const MILLIS_ABOVE: f64 = 2e10;
 
 /// Marker field: serialises as [`SCHEMA`] and refuses to deserialise anything else, so a native
 /// body only converts when it claims to be a canonical event.
@@ -92,6 +94,28 @@ impl Timestamp {
         let micros = (secs * 1_000_000.0).round() as i64;
         let at = DateTime::from_timestamp_micros(micros)?;
         Some(Timestamp::from_datetime(at.fixed_offset()))
+    }
+
+    /// A number as PromptLayer reads one for a date-time: Unix seconds, or Unix
+    /// **milliseconds** when it is above [`MILLIS_ABOVE`] (2e10 seconds would be the year
+    /// 2603). That is pydantic's rule, which the service's API validates with; the JS SDK
+    /// types the times `number`, so an app passing `Date.now()` sends milliseconds, which the
+    /// service takes and llmlogd used to refuse.
+    pub fn from_unix_number(n: f64) -> Option<Self> {
+        if n > MILLIS_ABOVE {
+            Self::from_unix_seconds(n / 1000.0)
+        } else {
+            Self::from_unix_seconds(n)
+        }
+    }
+
+    /// From PromptLayer JSON: an RFC 3339 string, or a number read by
+    /// [`Timestamp::from_unix_number`].
+    pub fn from_promptlayer_json(v: &Value) -> Option<Self> {
+        match v {
+            Value::Number(n) => n.as_f64().and_then(Self::from_unix_number),
+            other => Self::from_json(other),
+        }
     }
 
     /// From JSON: an RFC 3339 string or Unix seconds.

@@ -253,7 +253,8 @@ impl Checker {
     }
 
     /// An RFC 3339 date-time string (`2024-01-01T00:00:00.000Z`); with `numbers`, also Unix
-    /// seconds as an integer or float (what the PromptLayer SDKs send).
+    /// seconds as an integer or float (what the PromptLayer SDKs send), or milliseconds above
+    /// 2e10 ([`Timestamp::from_unix_number`]).
     pub(crate) fn date_time(&mut self, v: &Value, path: &str, numbers: bool) -> Option<Timestamp> {
         match v {
             Value::String(s) => match Timestamp::parse_rfc3339(s) {
@@ -269,18 +270,19 @@ impl Checker {
                     None
                 }
             },
-            Value::Number(n) if numbers => {
-                match n.as_f64().and_then(Timestamp::from_unix_seconds) {
-                    Some(t) => Some(t),
-                    None => {
-                        self.error(
-                            path,
-                            format!("must be Unix seconds within 0..=253402300799, got {n}"),
-                        );
-                        None
-                    }
+            Value::Number(n) if numbers => match n.as_f64().and_then(Timestamp::from_unix_number) {
+                Some(t) => Some(t),
+                None => {
+                    self.error(
+                        path,
+                        format!(
+                            "must be Unix seconds (0..=253402300799) or milliseconds \
+                             (above 2e10, up to the year 9999), got {n}"
+                        ),
+                    );
+                    None
                 }
-            }
+            },
             other => {
                 let expected = if numbers {
                     "a date-time string or Unix seconds"

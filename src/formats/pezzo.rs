@@ -549,6 +549,11 @@ fn openai_response(ev: &LlmEvent) -> Map<String, Value> {
 }
 
 /// Routing attributes of a report body.
+///
+/// A report without `metadata.environment` (what @pezzo/client sends when the app set none) is
+/// routed as [`DEFAULT_ENVIRONMENT`], the environment it is delivered with: routed as having
+/// none, it was acknowledged and then dropped by a sink with `route.environments =
+/// ["Production"]`.
 pub fn attributes(body: &Value) -> Attributes {
     let meta = body.get("metadata");
     let str_at = |v: Option<&Value>, k: &str| {
@@ -556,10 +561,14 @@ pub fn attributes(body: &Value) -> Attributes {
             .and_then(Value::as_str)
             .map(str::to_string)
     };
+    let environment = str_at(meta, "environment").or_else(|| {
+        meta.is_some_and(Value::is_object)
+            .then(|| DEFAULT_ENVIRONMENT.to_string())
+    });
     Attributes {
         provider: str_at(meta, "provider").map(|p| provider_id(&p)),
         model: str_at(body.get("request").and_then(|r| r.get("body")), "model"),
-        environment: str_at(meta, "environment"),
+        environment,
         tags: Vec::new(),
         canonical: true,
     }
@@ -654,7 +663,11 @@ pub fn accept_bytes(raw: &[u8]) -> Option<FastAccepted> {
     let attrs = Attributes {
         provider: Some(provider_id(&meta.provider)),
         model,
-        environment: meta.environment.map(Cow::into_owned),
+        // As `attributes`: a report without one is delivered, so routed, as the default.
+        environment: Some(
+            meta.environment
+                .map_or_else(|| DEFAULT_ENVIRONMENT.to_string(), Cow::into_owned),
+        ),
         tags: Vec::new(),
         canonical: true,
     };
@@ -1173,6 +1186,30 @@ mod tests {
                 ..Attributes::default()
             }
         );
+    }
+
+    /// A report without `metadata.environment` (@pezzo/client with no environment set) is
+    /// routed as the environment it is delivered with, on both ingest paths.
+    #[test]
+    fn a_report_without_an_environment_is_routed_as_the_default() {
+        for env in [None, Some(Value::Null)] {
+            let mut body = pezzo_ts_success();
+            let meta = body["metadata"].as_object_mut().unwrap();
+            meta.remove("environment");
+            if let Some(v) = env {
+                meta.insert("environment".into(), v);
+            }
+            assert_eq!(validate(&body), Ok(()));
+            let want = Some(DEFAULT_ENVIRONMENT.to_string());
+            assert_eq!(attributes(&body).environment, want, "{body}");
+            let raw = serde_json::to_vec(&body).unwrap();
+            assert_eq!(accept_bytes(&raw).expect("fast").attrs.environment, want);
+            let delivered = from_canonical(&to_canonical(&body));
+            assert_eq!(
+                delivered["metadata"]["environment"],
+                json!(DEFAULT_ENVIRONMENT)
+            );
+        }
     }
 
     #[test]

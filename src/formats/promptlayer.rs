@@ -4,7 +4,8 @@
 //!
 //! - `request_start_time`/`request_end_time` as **Unix seconds** (floats from `time.time()` /
 //!   `Date.now() / 1000`), where the spec says `string<date-time>`; both forms are accepted,
-//!   integers too.
+//!   integers too. A number above 2e10 is **milliseconds** (`Date.now()`, which the JS SDK's
+//!   `number` type invites), as the service itself reads numbers (pydantic's rule).
 //! - The Python SDK sends every field, `null` included (`prompt_name: null`, `error_type: null`,
 //!   ...), so `null` is accepted for every optional field and means "absent".
 //! - `score_name`, outside the spec; kept (canonical `score_name`).
@@ -308,10 +309,10 @@ pub fn to_canonical(body: &Value) -> LlmEvent {
             "model" => set(&mut ev.model, s.map(str::to_string)),
             "input" => set(&mut px.input, Some(v.clone()).filter(template_ok)),
             "output" => set(&mut px.output, Some(v.clone()).filter(template_ok)),
-            "request_start_time" => Timestamp::from_json(v)
+            "request_start_time" => Timestamp::from_promptlayer_json(v)
                 .map(|t| ev.request.start_time = t)
                 .is_some(),
-            "request_end_time" => Timestamp::from_json(v)
+            "request_end_time" => Timestamp::from_promptlayer_json(v)
                 .map(|t| ev.response.end_time = t)
                 .is_some(),
             "parameters" => set(&mut ev.parameters, v.as_object().cloned()),
@@ -895,6 +896,30 @@ mod tests {
         assert!(back.get("tags").is_none() && back.get("status").is_none());
     }
 
+    /// `Date.now()` from the JS SDK: milliseconds, read as the service reads them (pydantic:
+    /// a number above 2e10 is milliseconds); it used to be refused.
+    #[test]
+    fn accepts_millisecond_times_and_delivers_the_same_instant() {
+        let mut body = pl_docs_tools();
+        body["request_start_time"] = json!(1_732_240_000_123_u64);
+        body["request_end_time"] = json!(1_732_240_001_300.5);
+        assert_eq!(validate(&body), Ok(()));
+        let out = from_canonical(&to_canonical(&body));
+        assert_eq!(out["request_start_time"], "2024-11-22T01:46:40.123Z");
+        assert_eq!(out["request_end_time"], "2024-11-22T01:46:41.300500Z");
+        // Seconds stay seconds up to 2e10 (the year 2603); below zero and past 9999 is refused.
+        body["request_start_time"] = json!(1_732_240_000.5);
+        assert_eq!(
+            from_canonical(&to_canonical(&body))["request_start_time"],
+            "2024-11-22T01:46:40.500Z"
+        );
+        for bad in [json!(-1), json!(-1_732_240_000_123_i64), json!(2.6e14)] {
+            body["request_start_time"] = bad.clone();
+            let errs = validate(&body).expect_err("refused");
+            assert_eq!(errs[0].field, "request_start_time", "{bad}: {errs:?}");
+        }
+    }
+
     #[test]
     fn accepts_integer_seconds_and_iso_times() {
         let mut body = pl_docs_tools();
@@ -939,7 +964,7 @@ mod tests {
                 ("input.messages", "is required"),
                 ("output.type", "must be one of completion, chat, got \"prose\""),
                 ("request_start_time", "must be an RFC 3339 date-time with offset (e.g. 2024-01-01T00:00:00.000Z), got \"2024-01-01 noon\""),
-                ("request_end_time", "must be Unix seconds within 0..=253402300799, got -5"),
+                ("request_end_time", "must be Unix seconds (0..=253402300799) or milliseconds (above 2e10, up to the year 9999), got -5"),
                 ("parameters", "must be an object, got a string"),
                 ("tags[1]", "must be a string, got a number"),
                 ("tags[2]", "must be at most 512 characters long, got 513"),

@@ -721,7 +721,8 @@ const PL_TRACK_REQUEST: ServiceRoute = ServiceRoute {
             Err(bad)
         }
     },
-    attrs: no_attrs,
+    // A wrapper's log: routed by its `tags` and `metadata.environment` like `/log-request`.
+    attrs: formats::promptlayer::attributes,
     creds: body_or_header_key,
     reply: |seq, _| Json200(json!({"success": true, "request_id": seq})).into_response(),
     fast: None,

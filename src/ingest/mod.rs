@@ -26,7 +26,7 @@ use crate::config::{Route, SinkConfig, SinkKind};
 use crate::event::{EventKind, NewEvent};
 use crate::formats::{FieldError, Format};
 use crate::ops::metrics::Metrics;
-use crate::queue::{Appended, Queue, QueueError};
+use crate::queue::{Appended, Queue, QueueError, ReadItem};
 
 /// Which sinks take which events; rebuilt on reload and swapped in atomically.
 #[derive(Debug, Default)]
@@ -161,8 +161,22 @@ impl RouteTable {
     }
 }
 
+/// Whether a sink's route takes `ev`.
+///
+/// PromptLayer follow-ups (`/library-track-*`, `/track-group`) and `/create-group` carry no
+/// environment or tags of their own: only the route's formats apply to them. Filtering them by
+/// the log's environment or tags dropped every one of them (acknowledged, then routed to no
+/// sink) as soon as a PromptLayer sink had `route.environments` or `route.tags`. A follow-up
+/// then goes only to the sinks its log went to ([`Ingest::admit`]).
 fn route_matches(r: &Route, ev: &NewEvent) -> bool {
-    (r.formats.is_empty() || r.formats.contains(&ev.kind.format()))
+    let formats = r.formats.is_empty() || r.formats.contains(&ev.kind.format());
+    if matches!(
+        ev.kind,
+        EventKind::PromptLayerTrack(_) | EventKind::PromptLayerCreateGroup
+    ) {
+        return formats;
+    }
+    formats
         && (r.environments.is_empty()
             || ev
                 .attrs
@@ -171,6 +185,9 @@ fn route_matches(r: &Route, ev: &NewEvent) -> bool {
                 .is_some_and(|e| r.environments.iter().any(|x| x == e)))
         && (r.tags.is_empty() || ev.attrs.tags.iter().any(|t| r.tags.contains(t)))
 }
+
+/// How many bad fields a refusal's `message` names (all of them are in `fields`).
+const MESSAGE_FIELDS: usize = 5;
 
 /// A refused request: the status, a machine-readable code, and what was wrong.
 #[derive(Debug, Clone, Serialize)]
@@ -197,10 +214,31 @@ impl IngestError {
         }
     }
 
+    /// A 400 naming every bad field. The message names them too (the first
+    /// [`MESSAGE_FIELDS`]), not only `fields`: the official SDKs show the app nothing but
+    /// `message` (PromptLayer's raise `message`, Pezzo's print the body), and "3 fields are
+    /// invalid" left the user guessing which.
     pub fn invalid(fields: Vec<FieldError>) -> Self {
         let message = match fields.as_slice() {
-            [one] => format!("{}: {}", one.field, one.problem),
-            many => format!("{} fields are invalid", many.len()),
+            [one] => one.to_string(),
+            many => {
+                let shown: Vec<String> = many
+                    .iter()
+                    .take(MESSAGE_FIELDS)
+                    .map(ToString::to_string)
+                    .collect();
+                let more = many.len().saturating_sub(MESSAGE_FIELDS);
+                let rest = if more > 0 {
+                    format!("; and {more} more (see error.fields)")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} fields are invalid: {}{rest}",
+                    many.len(),
+                    shown.join("; ")
+                )
+            }
         };
         IngestError {
             fields,
@@ -275,7 +313,13 @@ impl Ingest {
         }
         let prepared = events
             .iter()
-            .map(|ev| self.queue.prepare(ev, &table.routes_for(ev)))
+            .map(|ev| {
+                let mut routes = table.routes_for(ev);
+                if let EventKind::PromptLayerTrack(_) = ev.kind {
+                    self.keep_the_logs_sinks(ev, &mut routes);
+                }
+                self.queue.prepare(ev, &routes)
+            })
             .collect();
         match self.queue.append(prepared).await {
             Ok(ids) => {
@@ -287,6 +331,25 @@ impl Ingest {
                 self.metrics.ingest(route, err.metric_result(), n);
                 Err(err)
             }
+        }
+    }
+
+    /// Narrows a follow-up's `routes` to the sinks its log (`request_id`) was routed to: at
+    /// any other PromptLayer sink there is no request to attach it to (it would only be
+    /// dead-lettered there). The log's record names its sinks while it is queued; once it is
+    /// gone, a sink took it if it holds the service's id for it. On a storage error the
+    /// routes stay as they are (delivery then decides, with a dead letter that says why).
+    fn keep_the_logs_sinks(&self, ev: &NewEvent, routes: &mut Vec<u16>) {
+        let local = serde_json::from_slice::<serde_json::Value>(&ev.payload)
+            .ok()
+            .and_then(|v| crate::formats::promptlayer::track_request_id(&v));
+        let Some(local) = local else {
+            return;
+        };
+        match self.queue.get(local) {
+            Ok(Some(ReadItem::Event(log))) => routes.retain(|s| log.routes.contains(s)),
+            Ok(None) => routes.retain(|s| matches!(self.queue.remote_id(*s, local), Ok(Some(_)))),
+            Ok(Some(ReadItem::Corrupt { .. })) | Err(_) => {}
         }
     }
 
@@ -331,6 +394,40 @@ mod tests {
                 project_id: Some("app-project".into()),
             },
         }
+    }
+
+    #[test]
+    fn a_refusal_message_names_the_bad_fields() {
+        let f = |field: &str| FieldError {
+            field: field.into(),
+            problem: "is required".into(),
+        };
+        let e = IngestError::invalid(vec![f("request_id"), f("prompt_name")]);
+        assert_eq!(
+            e.message,
+            "2 fields are invalid: request_id: is required; prompt_name: is required"
+        );
+        assert_eq!(e.fields.len(), 2);
+        let many: Vec<FieldError> = (0..7).map(|i| f(&format!("f{i}"))).collect();
+        let e = IngestError::invalid(many);
+        assert!(
+            e.message
+                .starts_with("7 fields are invalid: f0: is required;"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message
+                .contains("f4: is required; and 2 more (see error.fields)"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("f5"), "{}", e.message);
+        assert_eq!(e.fields.len(), 7);
+        assert_eq!(
+            IngestError::invalid(vec![f("score")]).message,
+            "score: is required"
+        );
     }
 
     #[test]
@@ -385,6 +482,25 @@ route.formats = ["pezzo", "promptlayer"]
                 false
             )),
             vec![1]
+        );
+        // Follow-ups and groups carry no environment or tags: the route's formats decide
+        // (they were routed to no sink at all). A wrapper's track-request is a log.
+        assert_eq!(
+            t.routes_for(&ev(
+                EventKind::PromptLayerTrack(TrackKind::Metadata),
+                None,
+                &[],
+                false
+            )),
+            vec![1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::PromptLayerCreateGroup, None, &[], false)),
+            vec![1]
+        );
+        assert_eq!(
+            t.routes_for(&ev(EventKind::PromptLayerTrackRequest, None, &[], false)),
+            Vec::<u16>::new()
         );
         assert_eq!(Format::from_name("pezzo"), Some(Format::Pezzo));
     }

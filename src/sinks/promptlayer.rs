@@ -135,12 +135,73 @@ impl Sink for PromptLayerSink {
         };
         Accepted::Yes {
             remote_id: if is_log {
-                v.as_ref()
-                    .and_then(|v| v.get(field))
-                    .and_then(Value::as_u64)
+                v.as_ref().and_then(|v| v.get(field)).and_then(remote_id)
             } else {
                 None
             },
         }
+    }
+}
+
+/// The service's id in a reply: an integer, or the same digits in a string (PromptLayer's
+/// reference types `/track-request`'s `request_id` as a string). Read as an integer only, a
+/// string id left every follow-up of that request without its id: dead-lettered.
+fn remote_id(v: &Value) -> Option<u64> {
+    match v {
+        Value::String(s) => s.trim().parse().ok(),
+        other => other.as_u64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ClientCredentials;
+
+    fn stored(kind: EventKind) -> StoredEvent {
+        StoredEvent {
+            seq: 7,
+            id: uuid::Uuid::nil(),
+            kind,
+            received_ms: 0,
+            routes: vec![0],
+            creds: ClientCredentials::default(),
+            payload: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn the_services_id_is_read_from_integers_and_digit_strings() {
+        let sink = PromptLayerSink::new("http://pl".into(), None);
+        let track = stored(EventKind::PromptLayerTrackRequest);
+        let log = stored(EventKind::PromptLayerLog);
+        let got = |ev: &StoredEvent, body: &str| sink.accepted(&[ev], body.as_bytes());
+        assert_eq!(
+            got(&track, r#"{"success":true,"request_id":"4242"}"#),
+            Accepted::Yes {
+                remote_id: Some(4242)
+            }
+        );
+        assert_eq!(
+            got(&track, r#"{"success":true,"request_id":4242}"#),
+            Accepted::Yes {
+                remote_id: Some(4242)
+            }
+        );
+        assert_eq!(
+            got(&log, r#"{"id":17,"prompt_version":{}}"#),
+            Accepted::Yes {
+                remote_id: Some(17)
+            }
+        );
+        assert_eq!(
+            got(&log, r#"{"id":"x17"}"#),
+            Accepted::Yes { remote_id: None }
+        );
+        let follow_up = stored(EventKind::PromptLayerTrack(TrackKind::Score));
+        assert_eq!(
+            got(&follow_up, r#"{"success":true,"request_id":"4242"}"#),
+            Accepted::Yes { remote_id: None }
+        );
     }
 }
