@@ -628,6 +628,190 @@ async fn transient_failures_are_retried_until_delivered_with_stable_ids() {
     d.stop().await;
 }
 
+/// How the raw endpoint below misbehaves on one connection.
+#[derive(Clone, Debug, PartialEq)]
+enum Fault {
+    /// Read the headers and part of the body, then reset the connection (RST).
+    ResetMidRequest,
+    /// Read the request, send this status with a body cut short, then reset.
+    ResetMidResponse(u16),
+    /// Read the request, send a 200's headers, then nothing more (a stalled body).
+    StallAfterHeaders,
+    /// Read the request, then send nothing at all.
+    Silent,
+    /// Read the request, answer bytes that are not HTTP, close.
+    Garbage,
+    /// Read the request and answer a proper `200`.
+    Ok,
+}
+
+/// Each request the raw endpoint read: the fault it met, and its events.
+type FaultLog = Arc<Mutex<Vec<(Fault, Vec<u64>)>>>;
+
+/// An endpoint on a raw TCP listener, for what a well-behaved HTTP server cannot do: each
+/// connection takes the next fault of the script (then `Fault::Ok`), serves one request and
+/// closes. Logs each request's events and the fault it got.
+#[derive(Clone)]
+struct RawEndpoint {
+    addr: SocketAddr,
+    log: FaultLog,
+}
+
+impl RawEndpoint {
+    async fn start(script: Vec<Fault>) -> RawEndpoint {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log: FaultLog = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let l2 = log.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let fault = script.lock().unwrap().pop_front().unwrap_or(Fault::Ok);
+                let log = l2.clone();
+                tokio::spawn(async move {
+                    // The request line and headers, and how long the body is.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .expect("a content-length");
+                    if fault == Fault::ResetMidRequest {
+                        log.lock().unwrap().push((fault, Vec::new()));
+                        let _ = conn.set_zero_linger();
+                        return;
+                    }
+                    while buf.len() < head_end + len {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let events: Vec<Value> =
+                        serde_json::from_slice(&buf[head_end..head_end + len]).expect("a batch");
+                    let nums = events.iter().map(|e| e["i"].as_u64().unwrap()).collect();
+                    log.lock().unwrap().push((fault.clone(), nums));
+                    let reply: &[u8] = match &fault {
+                        Fault::ResetMidResponse(200) => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"accep"
+                        }
+                        Fault::ResetMidResponse(_) => {
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n{\"err"
+                        }
+                        Fault::StallAfterHeaders => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"
+                        }
+                        Fault::Silent => b"",
+                        Fault::Garbage => b"SMTP ready, not HTTP\r\n\r\n",
+                        Fault::Ok | Fault::ResetMidRequest => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+                        }
+                    };
+                    let _ = conn.write_all(reply).await;
+                    match fault {
+                        Fault::ResetMidResponse(_) => {
+                            let _ = conn.set_zero_linger();
+                        }
+                        Fault::StallAfterHeaders | Fault::Silent => {
+                            // Hold the connection open, answering nothing more.
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        _ => {
+                            let _ = conn.shutdown().await;
+                        }
+                    }
+                });
+            }
+        });
+        RawEndpoint { addr, log }
+    }
+
+    fn log(&self) -> Vec<(Fault, Vec<u64>)> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// The network failing in each way a real one does, one after another: a connection reset
+/// while the request is sent, a response cut short (a 200's, whose body the sink may need, and
+/// a 503's), a response that stalls after its headers, a server that never answers, one that
+/// answers something that is not HTTP, a refused connection. Each is a failed attempt, retried
+/// with the same ids; every event is delivered, none is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_broken_connection_is_retried_until_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = vec![
+        Fault::ResetMidRequest,
+        Fault::ResetMidResponse(200),
+        Fault::ResetMidResponse(503),
+        Fault::StallAfterHeaders,
+        Fault::Silent,
+        Fault::Garbage,
+    ];
+    let faults = script.len();
+    let ep = RawEndpoint::start(script).await;
+    // A refused connection first: the sink starts towards a closed port, then the reload
+    // points it at the raw endpoint.
+    let down = closed_addr().await;
+    let cfg = |addr: SocketAddr| {
+        sink(
+            "raw",
+            &format!("http://{addr}/ingest"),
+            &[
+                ("batch_max_events", "5"),
+                ("concurrency", "1"),
+                ("timeout", "\"1s\""),
+                ("circuit_after", "100"),
+            ],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(down)).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    let connect = "llmlogd_sink_failed_attempts_total{sink=\"raw\",class=\"connect\"}";
+    wait_until(DEADLINE, "a refused connection counted", || async {
+        (metric(&base, connect).await >= Some(1.0)).then_some(())
+    })
+    .await;
+    d.reload(&cfg(ep.addr)).await;
+    let delivered = |log: &[(Fault, Vec<u64>)]| -> BTreeSet<u64> {
+        log.iter()
+            .filter(|(f, _)| *f == Fault::Ok)
+            .flat_map(|(_, n)| n.iter().copied())
+            .collect()
+    };
+    let log = wait_for(DEADLINE, "all 10 delivered after every fault", || {
+        let log = ep.log();
+        (delivered(&log) == range_set(0..10)).then_some(log)
+    })
+    .await;
+    let seen: Vec<Fault> = log.iter().map(|(f, _)| f.clone()).take(faults).collect();
+    assert!(
+        seen.iter().all(|f| *f != Fault::Ok),
+        "every fault met a request first: {log:?}"
+    );
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    assert_eq!(sink_status(&st, "raw")["delivered"], 10, "{st}");
+    let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"raw\"}").await;
+    assert!(retried >= Some(faults as f64 * 5.0), "retried: {retried:?}");
+    d.stop().await;
+}
+
 /// A POST followed through a 301/302/303 becomes a bodiless GET: its 200 would say "delivered"
 /// for events that never arrived. Redirects are failed attempts, retried, never followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
