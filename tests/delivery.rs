@@ -1868,6 +1868,78 @@ async fn a_backlog_behind_an_open_circuit_is_read_on_when_the_window_empties() {
     d.stop().await;
 }
 
+/// A restart while an early event still waits for a retry: the events after it that were
+/// delivered or dead-lettered before the stop are not sent again (the cursor alone stops at
+/// the waiting event), and a dead letter purged meanwhile stays purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_behind_a_waiting_event_resends_only_what_was_not_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ep = Endpoint::start(|r| {
+        let body = String::from_utf8_lossy(&r.body);
+        if body.contains("\"slow\"") {
+            Answer::Status(503)
+        } else if body.contains("\"bad\"") {
+            Answer::StatusBody(422, r#"{"error":"bad event"}"#.into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "r",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("poison_after", "1000"),
+            ("circuit_after", "1000"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let mut evs: Vec<String> = (0..30).map(|i| event(i, "", 0)).collect();
+    evs[0] = event(0, "slow", 0);
+    evs[10] = event(10, "bad", 0);
+    post(&d.url("/v1/events"), &evs).await;
+    let mut good = range_set(1..30);
+    good.remove(&10);
+    wait_until(DEADLINE, "28 delivered and one dead letter", || async {
+        let st = status(&base).await;
+        (ep.delivered_set() == good && st["queue"]["dead_letters"] == 1).then_some(())
+    })
+    .await;
+    d.stop().await;
+    let (code, _, err) = dlq(&data, &["purge", "--all"]);
+    assert_eq!(code, 0, "{err}");
+
+    let before = ep.count();
+    ep.set(|_| ok());
+    let d = InProcess::start(dir.path(), &cfg).await;
+    wait_for(
+        DEADLINE,
+        "the waiting event delivered after the restart",
+        || ep.delivered_set().contains(&0).then_some(()),
+    )
+    .await;
+    let base = |p: &str| d.url(p);
+    wait_until(DEADLINE, "the queue drained", || async {
+        (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    let again: Vec<u64> = ep.requests()[before..]
+        .iter()
+        .flat_map(|(r, _)| nums(r))
+        .collect();
+    assert_eq!(again, vec![0], "sent again after the restart");
+    let st = status(&base).await;
+    assert_eq!(
+        st["queue"]["dead_letters"], 0,
+        "the purged dead letter came back: {st}"
+    );
+    d.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Dead letters: the `dlq` command
 // ---------------------------------------------------------------------------------------------

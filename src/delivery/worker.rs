@@ -69,6 +69,10 @@ const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 const FRAMING_PER_BATCH: usize = 1;
 const FRAMING_PER_EVENT: usize = 1;
 
+/// Most ranges of done events above the cursor persisted with it (`Queue::set_progress`):
+/// 4 KiB. More only means more resends after a restart.
+const MAX_DONE_RANGES: usize = 256;
+
 /// At most one line about dead letters per this many milliseconds, per sink (plus a count).
 const DEAD_LETTER_LOG_MS: u64 = 10_000;
 /// At most one "could not persist the cursor" line per this many milliseconds, per sink (plus
@@ -162,6 +166,15 @@ pub(crate) struct Worker {
     window_bytes: usize,
     read_pos: u64,
     persisted_cursor: u64,
+    /// Runs of seqs at or above the cursor that are done (delivered or dead-lettered, and the
+    /// seqs between them not routed here), start → end: persisted with the cursor, so a
+    /// restart skips them (`advance_cursor`). Loaded at start; runs with no window event
+    /// between them are merged, so there are at most as many as window events, plus one.
+    done: BTreeMap<u64, u64>,
+    /// `done` as last persisted.
+    persisted_done: Vec<std::ops::Range<u64>>,
+    /// `done` changed since the progress was persisted.
+    progress_dirty: bool,
     flow: FlowControl,
     requests: JoinSet<Done>,
     /// The events of each request task, to recover them if the task itself fails.
@@ -254,7 +267,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         board: Arc<StatusBoard>,
     ) -> Result<Self, crate::queue::QueueError> {
-        let cursor = queue.cursor(id)?;
+        let (cursor, done) = queue.progress(id)?;
         let now = Instant::now();
         Ok(Worker {
             name: cfg.name.clone(),
@@ -270,6 +283,9 @@ impl Worker {
             window_bytes: 0,
             read_pos: cursor,
             persisted_cursor: cursor,
+            done: done.iter().map(|r| (r.start, r.end)).collect(),
+            persisted_done: done,
+            progress_dirty: false,
             requests: JoinSet::new(),
             flights: HashMap::new(),
             in_flight: 0,
@@ -477,6 +493,13 @@ impl Worker {
             }
             self.read_pos = batch.next;
             for item in batch.items {
+                let seq = match &item {
+                    ReadItem::Event(ev) => ev.seq,
+                    ReadItem::Corrupt { seq, .. } => *seq,
+                };
+                if self.done_before(seq) {
+                    continue;
+                }
                 match item {
                     ReadItem::Event(ev) => {
                         self.window_bytes += ev.payload.len();
@@ -801,6 +824,7 @@ impl Worker {
                 for k in &seqs {
                     if let Some(s) = self.window.remove(k) {
                         self.window_bytes -= s.ev.payload.len();
+                        self.mark_done(*k);
                     }
                 }
                 self.successes += 1;
@@ -1083,6 +1107,7 @@ impl Worker {
         info.last_attempt_ms = s.last_attempt_ms;
         match self.queue.dead_letter(self.id, seq, info) {
             Ok(()) => {
+                self.mark_done(seq);
                 self.dead_lettered += 1;
                 self.metrics.dead_lettered(&self.name, 1);
                 // One line, then at most one count per period: expiring a backlog after a
@@ -1109,24 +1134,87 @@ impl Worker {
         }
     }
 
+    /// Whether `seq` is done already (it was before the last stop: the refill skips it).
+    fn done_before(&self, seq: u64) -> bool {
+        self.done
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, &end)| end > seq)
+    }
+
+    /// Records that `seq` (out of the window now) is done, merged with the runs beside it
+    /// when no window event lies between: every seq below the read position that is not in
+    /// the window is done or not routed here.
+    fn mark_done(&mut self, seq: u64) {
+        let (mut start, mut end) = (seq, seq + 1);
+        if let Some((&a, &e)) = self.done.range(..=seq).next_back() {
+            if e >= seq || self.window.range(e..seq).next().is_none() {
+                self.done.remove(&a);
+                (start, end) = (a, end.max(e));
+            }
+        }
+        if let Some((&a, &e)) = self.done.range(end..).next() {
+            if self.window.range(end..a).next().is_none() {
+                self.done.remove(&a);
+                end = end.max(e);
+            }
+        }
+        self.done.insert(start, end);
+        self.progress_dirty = true;
+    }
+
+    /// The done runs above `cursor` (dropping those below), at most `MAX_DONE_RANGES`, lowest
+    /// first.
+    fn done_ranges(&mut self, cursor: u64) -> Vec<std::ops::Range<u64>> {
+        while let Some((&a, &e)) = self.done.first_key_value() {
+            if e > cursor {
+                break;
+            }
+            self.done.remove(&a);
+        }
+        self.done
+            .iter()
+            .take(MAX_DONE_RANGES)
+            .map(|(&a, &e)| a.max(cursor)..e)
+            .collect()
+    }
+
+    /// Persists the cursor (the lowest seq in the window, or the read position), and with it
+    /// which events above it are done already: the cursor alone stops at the first event still
+    /// waiting, and a restart would send everything after it again, dead letters too (a purged
+    /// one would come back).
     fn advance_cursor(&mut self) {
-        let cursor = self.window.keys().next().copied().unwrap_or(self.read_pos);
-        if cursor > self.persisted_cursor {
-            match self.queue.set_cursor(self.id, cursor) {
-                Ok(()) => {
-                    self.persisted_cursor = cursor;
-                    if std::mem::take(&mut self.cursor_failing) {
-                        let skipped = self.cursor_log.reset();
-                        tracing::info!(sink = %self.name, skipped, "the cursor is persisted again");
-                    }
+        let cursor = self
+            .window
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.read_pos)
+            .max(self.persisted_cursor);
+        if cursor == self.persisted_cursor && !self.progress_dirty {
+            return;
+        }
+        let done = self.done_ranges(cursor);
+        if cursor == self.persisted_cursor && done == self.persisted_done {
+            self.progress_dirty = false;
+            return;
+        }
+        match self.queue.set_progress(self.id, cursor, &done) {
+            Ok(()) => {
+                self.persisted_cursor = cursor;
+                self.persisted_done = done;
+                self.progress_dirty = false;
+                if std::mem::take(&mut self.cursor_failing) {
+                    let skipped = self.cursor_log.reset();
+                    tracing::info!(sink = %self.name, skipped, "the cursor is persisted again");
                 }
-                Err(e) => {
-                    self.cursor_failing = true;
-                    // One line, then at most one per period carrying how many were held
-                    // back: the loop retries at every pass (about once a second).
-                    if let Some(skipped) = self.cursor_log.ready() {
-                        tracing::warn!(sink = %self.name, error = %e, skipped, "could not persist the cursor")
-                    }
+            }
+            Err(e) => {
+                self.cursor_failing = true;
+                // One line, then at most one per period carrying how many were held
+                // back: the loop retries at every pass (about once a second).
+                if let Some(skipped) = self.cursor_log.ready() {
+                    tracing::warn!(sink = %self.name, error = %e, skipped, "could not persist the cursor")
                 }
             }
         }
@@ -1744,6 +1832,33 @@ mod tests {
         r.reply(&[1], 404, 10_002);
         assert!(r.w.window.is_empty());
         assert_eq!((r.w.delivered, r.w.dead_lettered), (3, 1));
+    }
+
+    /// Events delivered above one still waiting are persisted as done runs beside the cursor,
+    /// merged across seqs routed elsewhere; the runs go once the cursor passes them.
+    #[tokio::test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of one range, not a range's values
+    async fn done_runs_above_a_waiting_event_are_persisted_with_the_cursor() {
+        let mut r = rig("");
+        // Seqs 1, 3, 5, 7-9 went to other sinks.
+        for seq in [0, 2, 4, 6, 10] {
+            r.add(seq..seq + 1, 20);
+        }
+        r.w.read_pos = 11;
+        for (i, seq) in [4, 2, 6].into_iter().enumerate() {
+            r.reply(&[seq], 200, 1_000 + i as u64);
+        }
+        r.w.advance_cursor();
+        assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (0, vec![2..7]));
+        r.reply(&[10], 422, 2_000);
+        r.w.advance_cursor();
+        // Dead-lettered is done too; 7-9 are not the sink's, so the runs join.
+        assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (0, vec![2..11]));
+        assert_eq!(r.w.dead_lettered, 1);
+        r.reply(&[0], 200, 3_000);
+        r.w.advance_cursor();
+        assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (11, vec![]));
+        assert!(r.w.done.is_empty());
     }
 
     #[tokio::test]
