@@ -1431,6 +1431,71 @@ async fn a_refused_app_key_dead_letters_its_event_and_other_apps_go_on() {
     );
 }
 
+/// A keyless sink whose service refuses every app's key (its url points at another region or
+/// deployment, or the service's auth is down) has no evidence that any one app's key is at
+/// fault: the events are held and retried, not dead-lettered, and go once the url is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_refusing_every_apps_key_holds_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong =
+        Endpoint::start(|_| Answer::StatusBody(401, r#"{"message":"invalid api key"}"#.into()))
+            .await;
+    let next_id = Arc::new(AtomicUsize::new(1000));
+    let right = Endpoint::start(move |_| {
+        let id = next_id.fetch_add(1, Ordering::SeqCst);
+        Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+    })
+    .await;
+    let cfg = |url: &str| {
+        sink(
+            "pl",
+            url,
+            &[
+                ("type", "\"promptlayer\""),
+                ("concurrency", "2"),
+                ("circuit_after", "3"),
+            ],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(&wrong.mock.url(""))).await;
+    let base = |p: &str| d.url(p);
+    let http = client();
+    for (n, key) in [(0, "pl_a"), (1, "pl_b"), (2, "pl_a")] {
+        let r = http
+            .post(d.url("/log-request"))
+            .header("content-type", "application/json")
+            .header("x-api-key", key)
+            .body(promptlayer_log(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let st = wait_until(DEADLINE, "every key refused a few times over", || async {
+        let st = status(&base).await;
+        (wrong.count() >= 9).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    assert_eq!(st["queue"]["events"], 3, "{st}");
+    let err = sink_status(&st, "pl")["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("refused the app's API key"), "{st}");
+    assert!(!st.to_string().contains("pl_a"), "no key in the status");
+
+    d.reload(&cfg(&right.mock.url(""))).await;
+    wait_for(DEADLINE, "the 3 logs delivered to the right url", || {
+        (right.count() == 3).then_some(())
+    })
+    .await;
+    let st = wait_until(DEADLINE, "the queue drained", || async {
+        let st = status(&base).await;
+        (st["queue"]["events"] == 0).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 //! | reply | verdict |
 //! |---|---|
 //! | 2xx | delivered (unless the sink reads a refusal in the body) |
-//! | 401, 403 | pause the sink until a reload; keep every event (a refused *app's* key: that event → dead letter, in `worker.rs`) |
+//! | 401, 403 | pause the sink until a reload; keep every event (a refused *app's* key, in `worker.rs`: that event → dead letter while other keys work, else retried) |
 //! | 413, 431 | halve the batch; a single event → dead letter |
 //! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |

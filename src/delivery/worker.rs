@@ -802,17 +802,30 @@ impl Worker {
             self.metrics.failed(&self.name, FailureClass::auth);
             return;
         }
+        let mut verdict = verdict;
         if verdict == Verdict::PauseAuth && done.app_key {
-            // The app's own key, refused: that app's events cannot go, but the others (other
-            // apps' keys) can; pausing the sink would stall them all, for good (a paused sink
-            // never ages its events out). Dead letters, replayable once the app's key is fixed.
-            self.metrics.failed(&self.name, FailureClass::auth);
-            self.reachable(now);
-            let reason = format!(
-                "the service refused the app's API key (HTTP {})",
-                status.unwrap_or(0)
-            );
-            return self.reject(&seqs, status, &reason, Some(detail));
+            // The app's own key, refused. Pausing the sink would stall every other app's
+            // events too, for good (a paused sink never ages its events out). When the sink
+            // delivered something since these events went out, other keys work: it is this
+            // app's key, and its events go to the dead letters. With no such evidence every
+            // key may be refused (the url points at another region or deployment of the
+            // service, or its auth is failing): held and retried like an outage, so that does
+            // not empty the backlog into the dead letters.
+            let successes = self.successes;
+            let others_delivered = seqs
+                .iter()
+                .filter_map(|k| self.window.get(k))
+                .any(|s| successes > s.mark);
+            if others_delivered {
+                self.metrics.failed(&self.name, FailureClass::auth);
+                self.reachable(now);
+                let reason = format!(
+                    "the service refused the app's API key (HTTP {})",
+                    status.unwrap_or(0)
+                );
+                return self.reject(&seqs, status, &reason, Some(detail));
+            }
+            verdict = Verdict::Retry(FailureClass::auth);
         }
         if !matches!(verdict, Verdict::Retry(_)) {
             // The service answered: it is reachable, whatever it thought of these events.
@@ -844,6 +857,10 @@ impl Worker {
                 let what = match status {
                     // Already says what happened (and names the status).
                     Some(st) if (300..400).contains(&st) => detail.clone(),
+                    Some(st) if class == FailureClass::auth => format!(
+                        "HTTP {st}: the service refused the app's API key, and no other key worked since: {}",
+                        snippet(&detail)
+                    ),
                     Some(st) if class == FailureClass::wrong_url => {
                         let msg = wrong_url_message(st, sink_url(&self.cfg), &detail);
                         if !self.wrong_url_warned {
