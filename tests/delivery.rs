@@ -1043,6 +1043,47 @@ async fn a_429_lowers_concurrency_and_rate_per_attempt() {
     d.stop().await;
 }
 
+/// A burst of 429s without Retry-After is a service asking for a slower pace, not an outage:
+/// AIMD slows down and the events are retried, but the circuit does not open, so the log does
+/// not call the sink unreachable (and reachable again) at every burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_429s_slows_down_without_calling_the_sink_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) < 8 {
+            Answer::Status(429)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "busy",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("circuit_after", "3"),
+            // Climbs back fast after the 429s halved it (1 % of this per success).
+            ("rate_limit", "1000.0"),
+        ],
+    );
+    let p = Process::start(dir.path(), &cfg);
+    post_range(&p.url("/v1/events"), 0..20, "").await;
+    wait_for(DEADLINE, "all 20 delivered", || {
+        (ep.delivered_set() == range_set(0..20)).then_some(())
+    })
+    .await;
+    let lines = p.log();
+    assert!(
+        !lines.iter().any(|l| l.contains("sink unreachable")),
+        "{lines:#?}"
+    );
+    assert!(p.terminate().success());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Offline: circuit, probes, one log line, CPU
 // ---------------------------------------------------------------------------------------------

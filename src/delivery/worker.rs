@@ -4,12 +4,14 @@
 //! loop turn it tops the window up, sends what is due (within concurrency and rate), and
 //! applies replies. The cursor it persists is the lowest seq still in the window (or the read
 //! position when the window is empty), so an event leaves the queue only once it was
-//! delivered or dead-lettered.
+//! delivered or dead-lettered; with it go the runs above it already done, so a restart does
+//! not send those again.
 //!
 //! Sink states: `ok`; `backoff` (some events wait for a retry); `paused` (Retry-After, or a
 //! refused key until reload); `open` (the circuit: after `circuit_after` consecutive failures
-//! of at least two different events, only one probe goes out per backoff interval; one log
-//! line when it opens, a summary every five minutes, one line when it closes). Any reply
+//! of at least two different events, 429s not counted, only one probe goes out per backoff
+//! interval; one log line when it opens, a summary every five minutes, one line when it
+//! closes). Any reply
 //! that is not a transient failure (delivered, refused, paused) closes the circuit: the
 //! service is reachable.
 //!
@@ -873,13 +875,18 @@ impl Worker {
                     None => detail.clone(),
                 };
                 self.note_error(what.clone());
-                self.consecutive_failures += 1;
-                for k in &seqs {
-                    if self.failing.len() >= 2 {
-                        break;
-                    }
-                    if !self.failing.contains(k) {
-                        self.failing.push(*k);
+                // A 429 is a service that answers and asks for a slower pace (AIMD above), not
+                // an outage: it does not count towards the circuit, which would call the sink
+                // unreachable, and reachable again, at every burst of them.
+                if !throttled {
+                    self.consecutive_failures += 1;
+                    for k in &seqs {
+                        if self.failing.len() >= 2 {
+                            break;
+                        }
+                        if !self.failing.contains(k) {
+                            self.failing.push(*k);
+                        }
                     }
                 }
                 let r = &self.cfg.retry;
