@@ -131,6 +131,8 @@ struct Done {
     generation: u64,
     /// It carried the app's key, not the sink's (`SinkRequest::app_key`).
     app_key: bool,
+    /// The worker's send counter when it went out (`Worker::sends`).
+    sent: u64,
     result: Result<Reply, (FailureClass, String)>,
 }
 
@@ -186,6 +188,9 @@ pub(crate) struct Worker {
     generation: u64,
     /// Requests sent so far (orders `Slot::last_sent`).
     sends: u64,
+    /// `sends` when a 429 last lowered the limits: a 429 to a request sent before then
+    /// answers the old pace, and lowers nothing more.
+    throttled_at: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
     /// Dead letters are logged one line, then one count per `DEAD_LETTER_LOG_MS`.
@@ -293,6 +298,7 @@ impl Worker {
             in_flight: 0,
             generation: 0,
             sends: 0,
+            throttled_at: 0,
             pause_logged: false,
             dead_letter_log: LogThrottle::new(DEAD_LETTER_LOG_MS),
             dead_letter_last_reason: String::new(),
@@ -403,6 +409,7 @@ impl Worker {
                 elapsed: Duration::ZERO,
                 generation: self.generation,
                 app_key: false,
+                sent: 0,
                 result: Err((FailureClass::other, format!("delivery task failed: {e}"))),
             },
         };
@@ -722,6 +729,7 @@ impl Worker {
         let client = self.client.clone();
         let generation = self.generation;
         let app_key = req.app_key;
+        let sent = self.sends;
         let task_seqs = seqs.clone();
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
@@ -731,6 +739,7 @@ impl Worker {
                 elapsed: started.elapsed(),
                 generation,
                 app_key,
+                sent,
                 result,
             }
         });
@@ -854,7 +863,7 @@ impl Worker {
                 self.metrics.failed(&self.name, class);
                 let throttled = class == FailureClass::status_429;
                 if throttled {
-                    self.flow.on_throttle();
+                    self.throttle(done.sent);
                 }
                 let what = match status {
                     // Already says what happened (and names the status).
@@ -985,7 +994,7 @@ impl Worker {
             Verdict::PauseFor(d, class) => {
                 self.metrics.failed(&self.name, class);
                 if class == FailureClass::status_429 {
-                    self.flow.on_throttle();
+                    self.throttle(done.sent);
                 }
                 // Capped by config; and never shorter than the first retry delay, so a
                 // service answering `Retry-After: 0` (or a date in the past) to everything
@@ -1065,6 +1074,17 @@ impl Worker {
                 };
                 self.reject(&seqs, status, &reason, Some(detail));
             }
+        }
+    }
+
+    /// A 429 to the request sent as number `sent`: lowers concurrency and rate (AIMD) once per
+    /// round of requests, as TCP halves once per window. Every request in flight when the
+    /// service starts refusing gets a 429; counted each, a burst of them at concurrency 16
+    /// halved the rate 16 times, to its floor, and the sink crawled for tens of seconds.
+    fn throttle(&mut self, sent: u64) {
+        if sent > self.throttled_at {
+            self.flow.on_throttle();
+            self.throttled_at = self.sends;
         }
     }
 
@@ -1540,6 +1560,7 @@ mod tests {
                 elapsed: Duration::ZERO,
                 generation,
                 app_key: false,
+                sent: self.w.sends,
                 result: Ok(Reply {
                     status,
                     retry_after: None,
@@ -1885,6 +1906,24 @@ mod tests {
         assert!(r.w.done.is_empty());
     }
 
+    /// The 429s of requests in flight together lower the limits once; a 429 to a request sent
+    /// after that lowers them again.
+    #[tokio::test]
+    async fn concurrent_429s_halve_once_per_round() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 8");
+        r.add(0..4, 20);
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent.len(), 4);
+        for (i, req) in sent.iter().enumerate() {
+            r.reply(req, 429, 1_001 + i as u64);
+        }
+        assert_eq!(r.w.flow.concurrency(), 4, "one halving for the round");
+        let (sent, _) = r.dispatch(60_000);
+        assert_eq!(sent.len(), 4);
+        r.reply(&sent[0], 429, 60_001);
+        assert_eq!(r.w.flow.concurrency(), 2, "sent after the first halving");
+    }
+
     #[tokio::test]
     async fn a_413_halves_the_batch() {
         let mut r = rig("batch_max_events = 8\nconcurrency = 1");
@@ -2006,6 +2045,7 @@ mod tests {
                 elapsed: Duration::ZERO,
                 generation: w.generation,
                 app_key: false,
+                sent: w.sends,
                 // 503: a 429 would also lower the rate (AIMD), which is not under test here.
                 result: Ok(Reply {
                     status: 503,
@@ -2051,6 +2091,7 @@ mod tests {
             elapsed: Duration::ZERO,
             generation: r.w.generation,
             app_key: false,
+            sent: r.w.sends,
             result: Ok(Reply {
                 status: 503,
                 retry_after: Some(Duration::from_secs(600)),
