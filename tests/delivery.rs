@@ -628,6 +628,190 @@ async fn transient_failures_are_retried_until_delivered_with_stable_ids() {
     d.stop().await;
 }
 
+/// How the raw endpoint below misbehaves on one connection.
+#[derive(Clone, Debug, PartialEq)]
+enum Fault {
+    /// Read the headers and part of the body, then reset the connection (RST).
+    ResetMidRequest,
+    /// Read the request, send this status with a body cut short, then reset.
+    ResetMidResponse(u16),
+    /// Read the request, send a 200's headers, then nothing more (a stalled body).
+    StallAfterHeaders,
+    /// Read the request, then send nothing at all.
+    Silent,
+    /// Read the request, answer bytes that are not HTTP, close.
+    Garbage,
+    /// Read the request and answer a proper `200`.
+    Ok,
+}
+
+/// Each request the raw endpoint read: the fault it met, and its events.
+type FaultLog = Arc<Mutex<Vec<(Fault, Vec<u64>)>>>;
+
+/// An endpoint on a raw TCP listener, for what a well-behaved HTTP server cannot do: each
+/// connection takes the next fault of the script (then `Fault::Ok`), serves one request and
+/// closes. Logs each request's events and the fault it got.
+#[derive(Clone)]
+struct RawEndpoint {
+    addr: SocketAddr,
+    log: FaultLog,
+}
+
+impl RawEndpoint {
+    async fn start(script: Vec<Fault>) -> RawEndpoint {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log: FaultLog = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let l2 = log.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let fault = script.lock().unwrap().pop_front().unwrap_or(Fault::Ok);
+                let log = l2.clone();
+                tokio::spawn(async move {
+                    // The request line and headers, and how long the body is.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .expect("a content-length");
+                    if fault == Fault::ResetMidRequest {
+                        log.lock().unwrap().push((fault, Vec::new()));
+                        let _ = conn.set_zero_linger();
+                        return;
+                    }
+                    while buf.len() < head_end + len {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let events: Vec<Value> =
+                        serde_json::from_slice(&buf[head_end..head_end + len]).expect("a batch");
+                    let nums = events.iter().map(|e| e["i"].as_u64().unwrap()).collect();
+                    log.lock().unwrap().push((fault.clone(), nums));
+                    let reply: &[u8] = match &fault {
+                        Fault::ResetMidResponse(200) => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"accep"
+                        }
+                        Fault::ResetMidResponse(_) => {
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n{\"err"
+                        }
+                        Fault::StallAfterHeaders => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"
+                        }
+                        Fault::Silent => b"",
+                        Fault::Garbage => b"SMTP ready, not HTTP\r\n\r\n",
+                        Fault::Ok | Fault::ResetMidRequest => {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+                        }
+                    };
+                    let _ = conn.write_all(reply).await;
+                    match fault {
+                        Fault::ResetMidResponse(_) => {
+                            let _ = conn.set_zero_linger();
+                        }
+                        Fault::StallAfterHeaders | Fault::Silent => {
+                            // Hold the connection open, answering nothing more.
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        _ => {
+                            let _ = conn.shutdown().await;
+                        }
+                    }
+                });
+            }
+        });
+        RawEndpoint { addr, log }
+    }
+
+    fn log(&self) -> Vec<(Fault, Vec<u64>)> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// The network failing in each way a real one does, one after another: a connection reset
+/// while the request is sent, a response cut short (a 200's, whose body the sink may need, and
+/// a 503's), a response that stalls after its headers, a server that never answers, one that
+/// answers something that is not HTTP, a refused connection. Each is a failed attempt, retried
+/// with the same ids; every event is delivered, none is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_broken_connection_is_retried_until_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = vec![
+        Fault::ResetMidRequest,
+        Fault::ResetMidResponse(200),
+        Fault::ResetMidResponse(503),
+        Fault::StallAfterHeaders,
+        Fault::Silent,
+        Fault::Garbage,
+    ];
+    let faults = script.len();
+    let ep = RawEndpoint::start(script).await;
+    // A refused connection first: the sink starts towards a closed port, then the reload
+    // points it at the raw endpoint.
+    let down = closed_addr().await;
+    let cfg = |addr: SocketAddr| {
+        sink(
+            "raw",
+            &format!("http://{addr}/ingest"),
+            &[
+                ("batch_max_events", "5"),
+                ("concurrency", "1"),
+                ("timeout", "\"1s\""),
+                ("circuit_after", "100"),
+            ],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(down)).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..10, "").await;
+    let connect = "llmlogd_sink_failed_attempts_total{sink=\"raw\",class=\"connect\"}";
+    wait_until(DEADLINE, "a refused connection counted", || async {
+        (metric(&base, connect).await >= Some(1.0)).then_some(())
+    })
+    .await;
+    d.reload(&cfg(ep.addr)).await;
+    let delivered = |log: &[(Fault, Vec<u64>)]| -> BTreeSet<u64> {
+        log.iter()
+            .filter(|(f, _)| *f == Fault::Ok)
+            .flat_map(|(_, n)| n.iter().copied())
+            .collect()
+    };
+    let log = wait_for(DEADLINE, "all 10 delivered after every fault", || {
+        let log = ep.log();
+        (delivered(&log) == range_set(0..10)).then_some(log)
+    })
+    .await;
+    let seen: Vec<Fault> = log.iter().map(|(f, _)| f.clone()).take(faults).collect();
+    assert!(
+        seen.iter().all(|f| *f != Fault::Ok),
+        "every fault met a request first: {log:?}"
+    );
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    assert_eq!(sink_status(&st, "raw")["delivered"], 10, "{st}");
+    let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"raw\"}").await;
+    assert!(retried >= Some(faults as f64 * 5.0), "retried: {retried:?}");
+    d.stop().await;
+}
+
 /// A POST followed through a 301/302/303 becomes a bodiless GET: its 200 would say "delivered"
 /// for events that never arrived. Redirects are failed attempts, retried, never followed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -848,15 +1032,61 @@ async fn a_429_lowers_concurrency_and_rate_per_attempt() {
         (ep.delivered_set() == range_set(0..5)).then_some(())
     })
     .await;
-    // Three 429s halve three times (8 → 1, 100/s → 12.5/s); five successes add back a little.
+    // The three 429s answer requests that were in flight together: one halving (8 → 4,
+    // 100/s → 50/s), not three; five successes add back a little.
     let (conc, rate) = wait_until(Duration::from_secs(10), "lowered limits", || async {
         let c = metric(&base, "llmlogd_sink_concurrency{sink=\"aimd\"}").await?;
         let r = metric(&base, "llmlogd_sink_rate_limit{sink=\"aimd\"}").await?;
-        (c <= 4.0 && r < 50.0 && r > 0.0).then_some((c, r))
+        (c < 8.0 && r < 100.0 && r > 0.0).then_some((c, r))
     })
     .await;
+    assert!(
+        conc >= 4.0 && rate >= 50.0,
+        "halved more than once: {conc}, {rate}/s"
+    );
     eprintln!("after 3 × 429 and 5 successes: concurrency {conc}, rate {rate}/s");
     d.stop().await;
+}
+
+/// A burst of 429s without Retry-After is a service asking for a slower pace, not an outage:
+/// AIMD slows down and the events are retried, but the circuit does not open, so the log does
+/// not call the sink unreachable (and reachable again) at every burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_429s_slows_down_without_calling_the_sink_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) < 8 {
+            Answer::Status(429)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "busy",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("circuit_after", "3"),
+            // Climbs back fast after the 429s halved it (1 % of this per success).
+            ("rate_limit", "1000.0"),
+        ],
+    );
+    let p = Process::start(dir.path(), &cfg);
+    post_range(&p.url("/v1/events"), 0..20, "").await;
+    wait_for(DEADLINE, "all 20 delivered", || {
+        (ep.delivered_set() == range_set(0..20)).then_some(())
+    })
+    .await;
+    let lines = p.log();
+    assert!(
+        !lines.iter().any(|l| l.contains("sink unreachable")),
+        "{lines:#?}"
+    );
+    assert!(p.terminate().success());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1247,6 +1477,71 @@ async fn a_refused_app_key_dead_letters_its_event_and_other_apps_go_on() {
     );
 }
 
+/// A keyless sink whose service refuses every app's key (its url points at another region or
+/// deployment, or the service's auth is down) has no evidence that any one app's key is at
+/// fault: the events are held and retried, not dead-lettered, and go once the url is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_refusing_every_apps_key_holds_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong =
+        Endpoint::start(|_| Answer::StatusBody(401, r#"{"message":"invalid api key"}"#.into()))
+            .await;
+    let next_id = Arc::new(AtomicUsize::new(1000));
+    let right = Endpoint::start(move |_| {
+        let id = next_id.fetch_add(1, Ordering::SeqCst);
+        Answer::StatusBody(201, format!("{{\"id\":{id},\"prompt_version\":{{}}}}"))
+    })
+    .await;
+    let cfg = |url: &str| {
+        sink(
+            "pl",
+            url,
+            &[
+                ("type", "\"promptlayer\""),
+                ("concurrency", "2"),
+                ("circuit_after", "3"),
+            ],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(&wrong.mock.url(""))).await;
+    let base = |p: &str| d.url(p);
+    let http = client();
+    for (n, key) in [(0, "pl_a"), (1, "pl_b"), (2, "pl_a")] {
+        let r = http
+            .post(d.url("/log-request"))
+            .header("content-type", "application/json")
+            .header("x-api-key", key)
+            .body(promptlayer_log(n))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let st = wait_until(DEADLINE, "every key refused a few times over", || async {
+        let st = status(&base).await;
+        (wrong.count() >= 9).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    assert_eq!(st["queue"]["events"], 3, "{st}");
+    let err = sink_status(&st, "pl")["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("refused the app's API key"), "{st}");
+    assert!(!st.to_string().contains("pl_a"), "no key in the status");
+
+    d.reload(&cfg(&right.mock.url(""))).await;
+    wait_for(DEADLINE, "the 3 logs delivered to the right url", || {
+        (right.count() == 3).then_some(())
+    })
+    .await;
+    let st = wait_until(DEADLINE, "the queue drained", || async {
+        let st = status(&base).await;
+        (st["queue"]["events"] == 0).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
@@ -1340,6 +1635,71 @@ async fn a_4xx_on_a_batch_dead_letters_only_the_refused_event() {
             .contains("field model is invalid"),
         "{info}"
     );
+}
+
+/// A wrong URL (a typo, a route that moved) answers 404 to every request: that says nothing
+/// about the events. They are held whole, not halved into the dead letters; the status names
+/// the 404, and a reload with the fixed URL delivers them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_url_answering_404_holds_the_backlog_until_the_url_is_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if r.path == "/ingest" {
+            ok()
+        } else {
+            Answer::StatusBody(404, r#"{"detail":"Not Found"}"#.into())
+        }
+    })
+    .await;
+    let cfg = |url: &str| {
+        sink(
+            "typo",
+            url,
+            &[
+                ("batch_max_events", "5"),
+                ("concurrency", "2"),
+                ("circuit_after", "3"),
+            ],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(&ep.mock.url("/ingset"))).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..20, "").await;
+    let st = wait_until(DEADLINE, "the circuit open on the 404s", || async {
+        let st = status(&base).await;
+        (sink_status(&st, "typo")["state"] == "open" && ep.count() >= 8).then_some(st)
+    })
+    .await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    assert_eq!(st["queue"]["events"], 20, "{st}");
+    let err = sink_status(&st, "typo")["last_error"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        err.contains("HTTP 404 (not found)") && err.contains("is the sink's url right?"),
+        "{st}"
+    );
+    for (r, _) in ep.requests() {
+        // Whole batches, or a circuit probe's single event: never halved pieces.
+        let n = nums(&r).len();
+        assert!(n == 5 || n == 1, "a batch of {n} went out");
+    }
+    let failed = metric(
+        &base,
+        "llmlogd_sink_failed_attempts_total{sink=\"typo\",class=\"wrong_url\"}",
+    )
+    .await;
+    assert!(failed.unwrap_or(0.0) >= 3.0, "failed: {failed:?}");
+
+    d.reload(&cfg(&ep.url())).await;
+    wait_for(DEADLINE, "all 20 delivered to the fixed URL", || {
+        (ep.delivered_set() == range_set(0..20)).then_some(())
+    })
+    .await;
+    assert_eq!(ep.delivered().len(), 20, "each event once");
+    let st = status(&base).await;
+    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1616,6 +1976,78 @@ async fn a_backlog_behind_an_open_circuit_is_read_on_when_the_window_empties() {
         (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
     })
     .await;
+    d.stop().await;
+}
+
+/// A restart while an early event still waits for a retry: the events after it that were
+/// delivered or dead-lettered before the stop are not sent again (the cursor alone stops at
+/// the waiting event), and a dead letter purged meanwhile stays purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_behind_a_waiting_event_resends_only_what_was_not_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ep = Endpoint::start(|r| {
+        let body = String::from_utf8_lossy(&r.body);
+        if body.contains("\"slow\"") {
+            Answer::Status(503)
+        } else if body.contains("\"bad\"") {
+            Answer::StatusBody(422, r#"{"error":"bad event"}"#.into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "r",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("poison_after", "1000"),
+            ("circuit_after", "1000"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    let mut evs: Vec<String> = (0..30).map(|i| event(i, "", 0)).collect();
+    evs[0] = event(0, "slow", 0);
+    evs[10] = event(10, "bad", 0);
+    post(&d.url("/v1/events"), &evs).await;
+    let mut good = range_set(1..30);
+    good.remove(&10);
+    wait_until(DEADLINE, "28 delivered and one dead letter", || async {
+        let st = status(&base).await;
+        (ep.delivered_set() == good && st["queue"]["dead_letters"] == 1).then_some(())
+    })
+    .await;
+    d.stop().await;
+    let (code, _, err) = dlq(&data, &["purge", "--all"]);
+    assert_eq!(code, 0, "{err}");
+
+    let before = ep.count();
+    ep.set(|_| ok());
+    let d = InProcess::start(dir.path(), &cfg).await;
+    wait_for(
+        DEADLINE,
+        "the waiting event delivered after the restart",
+        || ep.delivered_set().contains(&0).then_some(()),
+    )
+    .await;
+    let base = |p: &str| d.url(p);
+    wait_until(DEADLINE, "the queue drained", || async {
+        (metric(&base, "llmlogd_queue_events").await == Some(0.0)).then_some(())
+    })
+    .await;
+    let again: Vec<u64> = ep.requests()[before..]
+        .iter()
+        .flat_map(|(r, _)| nums(r))
+        .collect();
+    assert_eq!(again, vec![0], "sent again after the restart");
+    let st = status(&base).await;
+    assert_eq!(
+        st["queue"]["dead_letters"], 0,
+        "the purged dead letter came back: {st}"
+    );
     d.stop().await;
 }
 

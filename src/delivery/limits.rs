@@ -1,7 +1,8 @@
 //! Per-sink flow control: a token bucket for requests/s, and AIMD on concurrency and rate.
 //!
 //! AIMD reacts to every attempt's result (not once per retry sequence): a 429 halves the
-//! concurrency and the rate; each success adds back a little (concurrency by 1/concurrency,
+//! concurrency and the rate (the worker passes on one 429 per round of requests in flight,
+//! `Worker::throttle`: the others answer the pace already halved); each success adds back a little (concurrency by 1/concurrency,
 //! rate by 1 % of the configured rate), so the sink climbs back over a few round trips.
 //! With no configured rate the sink is unlimited until a 429; the rate it falls back to is
 //! half of what it was sending, and climbing back past 4x that lifts the limit again.

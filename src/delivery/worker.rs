@@ -4,12 +4,14 @@
 //! loop turn it tops the window up, sends what is due (within concurrency and rate), and
 //! applies replies. The cursor it persists is the lowest seq still in the window (or the read
 //! position when the window is empty), so an event leaves the queue only once it was
-//! delivered or dead-lettered.
+//! delivered or dead-lettered; with it go the runs above it already done, so a restart does
+//! not send those again.
 //!
 //! Sink states: `ok`; `backoff` (some events wait for a retry); `paused` (Retry-After, or a
 //! refused key until reload); `open` (the circuit: after `circuit_after` consecutive failures
-//! of at least two different events, only one probe goes out per backoff interval; one log
-//! line when it opens, a summary every five minutes, one line when it closes). Any reply
+//! of at least two different events, 429s not counted, only one probe goes out per backoff
+//! interval; one log line when it opens, a summary every five minutes, one line when it
+//! closes). Any reply
 //! that is not a transient failure (delivered, refused, paused) closes the circuit: the
 //! service is reachable.
 //!
@@ -69,6 +71,10 @@ const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 const FRAMING_PER_BATCH: usize = 1;
 const FRAMING_PER_EVENT: usize = 1;
 
+/// Most ranges of done events above the cursor persisted with it (`Queue::set_progress`):
+/// 4 KiB. More only means more resends after a restart.
+const MAX_DONE_RANGES: usize = 256;
+
 /// At most one line about dead letters per this many milliseconds, per sink (plus a count).
 const DEAD_LETTER_LOG_MS: u64 = 10_000;
 /// At most one "could not persist the cursor" line per this many milliseconds, per sink (plus
@@ -125,6 +131,8 @@ struct Done {
     generation: u64,
     /// It carried the app's key, not the sink's (`SinkRequest::app_key`).
     app_key: bool,
+    /// The worker's send counter when it went out (`Worker::sends`).
+    sent: u64,
     result: Result<Reply, (FailureClass, String)>,
 }
 
@@ -162,6 +170,15 @@ pub(crate) struct Worker {
     window_bytes: usize,
     read_pos: u64,
     persisted_cursor: u64,
+    /// Runs of seqs at or above the cursor that are done (delivered or dead-lettered, and the
+    /// seqs between them not routed here), start → end: persisted with the cursor, so a
+    /// restart skips them (`advance_cursor`). Loaded at start; runs with no window event
+    /// between them are merged, so there are at most as many as window events, plus one.
+    done: BTreeMap<u64, u64>,
+    /// `done` as last persisted.
+    persisted_done: Vec<std::ops::Range<u64>>,
+    /// `done` changed since the progress was persisted.
+    progress_dirty: bool,
     flow: FlowControl,
     requests: JoinSet<Done>,
     /// The events of each request task, to recover them if the task itself fails.
@@ -171,6 +188,9 @@ pub(crate) struct Worker {
     generation: u64,
     /// Requests sent so far (orders `Slot::last_sent`).
     sends: u64,
+    /// `sends` when a 429 last lowered the limits: a 429 to a request sent before then
+    /// answers the old pace, and lowers nothing more.
+    throttled_at: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
     /// Dead letters are logged one line, then one count per `DEAD_LETTER_LOG_MS`.
@@ -184,6 +204,8 @@ pub(crate) struct Worker {
     failing_logged: bool,
     /// A redirect was logged since the last reload (later ones show in the status only).
     redirect_warned: bool,
+    /// A 404/405/410 was logged since the last reload (later ones show in the status only).
+    wrong_url_warned: bool,
     consecutive_failures: u32,
     /// Up to two different events that failed since the last success: the circuit opens only
     /// when more than one event fails.
@@ -252,7 +274,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         board: Arc<StatusBoard>,
     ) -> Result<Self, crate::queue::QueueError> {
-        let cursor = queue.cursor(id)?;
+        let (cursor, done) = queue.progress(id)?;
         let now = Instant::now();
         Ok(Worker {
             name: cfg.name.clone(),
@@ -268,11 +290,15 @@ impl Worker {
             window_bytes: 0,
             read_pos: cursor,
             persisted_cursor: cursor,
+            done: done.iter().map(|r| (r.start, r.end)).collect(),
+            persisted_done: done,
+            progress_dirty: false,
             requests: JoinSet::new(),
             flights: HashMap::new(),
             in_flight: 0,
             generation: 0,
             sends: 0,
+            throttled_at: 0,
             pause_logged: false,
             dead_letter_log: LogThrottle::new(DEAD_LETTER_LOG_MS),
             dead_letter_last_reason: String::new(),
@@ -280,6 +306,7 @@ impl Worker {
             cursor_failing: false,
             failing_logged: false,
             redirect_warned: false,
+            wrong_url_warned: false,
             consecutive_failures: 0,
             failing: Vec::new(),
             successes: 0,
@@ -382,6 +409,7 @@ impl Worker {
                 elapsed: Duration::ZERO,
                 generation: self.generation,
                 app_key: false,
+                sent: 0,
                 result: Err((FailureClass::other, format!("delivery task failed: {e}"))),
             },
         };
@@ -400,6 +428,7 @@ impl Worker {
         // A 401 still in flight answers for the time before the reload: ignored.
         self.generation += 1;
         self.redirect_warned = false;
+        self.wrong_url_warned = false;
         if matches!(self.pause, Some(Pause::UntilReload(_))) {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
             self.pause = None;
@@ -473,6 +502,13 @@ impl Worker {
             }
             self.read_pos = batch.next;
             for item in batch.items {
+                let seq = match &item {
+                    ReadItem::Event(ev) => ev.seq,
+                    ReadItem::Corrupt { seq, .. } => *seq,
+                };
+                if self.done_before(seq) {
+                    continue;
+                }
                 match item {
                     ReadItem::Event(ev) => {
                         self.window_bytes += ev.payload.len();
@@ -693,6 +729,7 @@ impl Worker {
         let client = self.client.clone();
         let generation = self.generation;
         let app_key = req.app_key;
+        let sent = self.sends;
         let task_seqs = seqs.clone();
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
@@ -702,6 +739,7 @@ impl Worker {
                 elapsed: started.elapsed(),
                 generation,
                 app_key,
+                sent,
                 result,
             }
         });
@@ -775,17 +813,30 @@ impl Worker {
             self.metrics.failed(&self.name, FailureClass::auth);
             return;
         }
+        let mut verdict = verdict;
         if verdict == Verdict::PauseAuth && done.app_key {
-            // The app's own key, refused: that app's events cannot go, but the others (other
-            // apps' keys) can; pausing the sink would stall them all, for good (a paused sink
-            // never ages its events out). Dead letters, replayable once the app's key is fixed.
-            self.metrics.failed(&self.name, FailureClass::auth);
-            self.reachable(now);
-            let reason = format!(
-                "the service refused the app's API key (HTTP {})",
-                status.unwrap_or(0)
-            );
-            return self.reject(&seqs, status, &reason, Some(detail));
+            // The app's own key, refused. Pausing the sink would stall every other app's
+            // events too, for good (a paused sink never ages its events out). When the sink
+            // delivered something since these events went out, other keys work: it is this
+            // app's key, and its events go to the dead letters. With no such evidence every
+            // key may be refused (the url points at another region or deployment of the
+            // service, or its auth is failing): held and retried like an outage, so that does
+            // not empty the backlog into the dead letters.
+            let successes = self.successes;
+            let others_delivered = seqs
+                .iter()
+                .filter_map(|k| self.window.get(k))
+                .any(|s| successes > s.mark);
+            if others_delivered {
+                self.metrics.failed(&self.name, FailureClass::auth);
+                self.reachable(now);
+                let reason = format!(
+                    "the service refused the app's API key (HTTP {})",
+                    status.unwrap_or(0)
+                );
+                return self.reject(&seqs, status, &reason, Some(detail));
+            }
+            verdict = Verdict::Retry(FailureClass::auth);
         }
         if !matches!(verdict, Verdict::Retry(_)) {
             // The service answered: it is reachable, whatever it thought of these events.
@@ -797,6 +848,7 @@ impl Worker {
                 for k in &seqs {
                     if let Some(s) = self.window.remove(k) {
                         self.window_bytes -= s.ev.payload.len();
+                        self.mark_done(*k);
                     }
                 }
                 self.successes += 1;
@@ -811,22 +863,39 @@ impl Worker {
                 self.metrics.failed(&self.name, class);
                 let throttled = class == FailureClass::status_429;
                 if throttled {
-                    self.flow.on_throttle();
+                    self.throttle(done.sent);
                 }
                 let what = match status {
                     // Already says what happened (and names the status).
                     Some(st) if (300..400).contains(&st) => detail.clone(),
+                    Some(st) if class == FailureClass::auth => format!(
+                        "HTTP {st}: the service refused the app's API key, and no other key worked since: {}",
+                        snippet(&detail)
+                    ),
+                    Some(st) if class == FailureClass::wrong_url => {
+                        let msg = wrong_url_message(st, sink_url(&self.cfg), &detail);
+                        if !self.wrong_url_warned {
+                            tracing::warn!(sink = %self.name, "{msg}; holding its events and retrying");
+                            self.wrong_url_warned = true;
+                        }
+                        msg
+                    }
                     Some(st) => format!("HTTP {st}: {}", snippet(&detail)),
                     None => detail.clone(),
                 };
                 self.note_error(what.clone());
-                self.consecutive_failures += 1;
-                for k in &seqs {
-                    if self.failing.len() >= 2 {
-                        break;
-                    }
-                    if !self.failing.contains(k) {
-                        self.failing.push(*k);
+                // A 429 is a service that answers and asks for a slower pace (AIMD above), not
+                // an outage: it does not count towards the circuit, which would call the sink
+                // unreachable, and reachable again, at every burst of them.
+                if !throttled {
+                    self.consecutive_failures += 1;
+                    for k in &seqs {
+                        if self.failing.len() >= 2 {
+                            break;
+                        }
+                        if !self.failing.contains(k) {
+                            self.failing.push(*k);
+                        }
                     }
                 }
                 let r = &self.cfg.retry;
@@ -867,8 +936,14 @@ impl Worker {
                     }
                     s.mark = successes;
                     if s.strikes >= poison_after {
-                        poisoned
-                            .push((*k, "poison: kept failing while other events were delivered"));
+                        poisoned.push((
+                            *k,
+                            if class == FailureClass::wrong_url {
+                                "refused by the service (HTTP 404/405/410) while other events were delivered"
+                            } else {
+                                "poison: kept failing while other events were delivered"
+                            },
+                        ));
                     } else if wall.saturating_sub(s.ev.received_ms) > max_age.as_millis() as u64 {
                         poisoned.push((*k, "max_age reached before delivery"));
                     } else {
@@ -919,7 +994,7 @@ impl Worker {
             Verdict::PauseFor(d, class) => {
                 self.metrics.failed(&self.name, class);
                 if class == FailureClass::status_429 {
-                    self.flow.on_throttle();
+                    self.throttle(done.sent);
                 }
                 // Capped by config; and never shorter than the first retry delay, so a
                 // service answering `Retry-After: 0` (or a date in the past) to everything
@@ -1002,6 +1077,17 @@ impl Worker {
         }
     }
 
+    /// A 429 to the request sent as number `sent`: lowers concurrency and rate (AIMD) once per
+    /// round of requests, as TCP halves once per window. Every request in flight when the
+    /// service starts refusing gets a 429; counted each, a burst of them at concurrency 16
+    /// halved the rate 16 times, to its floor, and the sink crawled for tens of seconds.
+    fn throttle(&mut self, sent: u64) {
+        if sent > self.throttled_at {
+            self.flow.on_throttle();
+            self.throttled_at = self.sends;
+        }
+    }
+
     /// The service answered with something other than a transient failure: it is reachable,
     /// so the failure count starts over and an open circuit closes.
     fn reachable(&mut self, now: Instant) {
@@ -1065,6 +1151,7 @@ impl Worker {
         info.last_attempt_ms = s.last_attempt_ms;
         match self.queue.dead_letter(self.id, seq, info) {
             Ok(()) => {
+                self.mark_done(seq);
                 self.dead_lettered += 1;
                 self.metrics.dead_lettered(&self.name, 1);
                 // One line, then at most one count per period: expiring a backlog after a
@@ -1091,24 +1178,87 @@ impl Worker {
         }
     }
 
+    /// Whether `seq` is done already (it was before the last stop: the refill skips it).
+    fn done_before(&self, seq: u64) -> bool {
+        self.done
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, &end)| end > seq)
+    }
+
+    /// Records that `seq` (out of the window now) is done, merged with the runs beside it
+    /// when no window event lies between: every seq below the read position that is not in
+    /// the window is done or not routed here.
+    fn mark_done(&mut self, seq: u64) {
+        let (mut start, mut end) = (seq, seq + 1);
+        if let Some((&a, &e)) = self.done.range(..=seq).next_back() {
+            if e >= seq || self.window.range(e..seq).next().is_none() {
+                self.done.remove(&a);
+                (start, end) = (a, end.max(e));
+            }
+        }
+        if let Some((&a, &e)) = self.done.range(end..).next() {
+            if self.window.range(end..a).next().is_none() {
+                self.done.remove(&a);
+                end = end.max(e);
+            }
+        }
+        self.done.insert(start, end);
+        self.progress_dirty = true;
+    }
+
+    /// The done runs above `cursor` (dropping those below), at most `MAX_DONE_RANGES`, lowest
+    /// first.
+    fn done_ranges(&mut self, cursor: u64) -> Vec<std::ops::Range<u64>> {
+        while let Some((&a, &e)) = self.done.first_key_value() {
+            if e > cursor {
+                break;
+            }
+            self.done.remove(&a);
+        }
+        self.done
+            .iter()
+            .take(MAX_DONE_RANGES)
+            .map(|(&a, &e)| a.max(cursor)..e)
+            .collect()
+    }
+
+    /// Persists the cursor (the lowest seq in the window, or the read position), and with it
+    /// which events above it are done already: the cursor alone stops at the first event still
+    /// waiting, and a restart would send everything after it again, dead letters too (a purged
+    /// one would come back).
     fn advance_cursor(&mut self) {
-        let cursor = self.window.keys().next().copied().unwrap_or(self.read_pos);
-        if cursor > self.persisted_cursor {
-            match self.queue.set_cursor(self.id, cursor) {
-                Ok(()) => {
-                    self.persisted_cursor = cursor;
-                    if std::mem::take(&mut self.cursor_failing) {
-                        let skipped = self.cursor_log.reset();
-                        tracing::info!(sink = %self.name, skipped, "the cursor is persisted again");
-                    }
+        let cursor = self
+            .window
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.read_pos)
+            .max(self.persisted_cursor);
+        if cursor == self.persisted_cursor && !self.progress_dirty {
+            return;
+        }
+        let done = self.done_ranges(cursor);
+        if cursor == self.persisted_cursor && done == self.persisted_done {
+            self.progress_dirty = false;
+            return;
+        }
+        match self.queue.set_progress(self.id, cursor, &done) {
+            Ok(()) => {
+                self.persisted_cursor = cursor;
+                self.persisted_done = done;
+                self.progress_dirty = false;
+                if std::mem::take(&mut self.cursor_failing) {
+                    let skipped = self.cursor_log.reset();
+                    tracing::info!(sink = %self.name, skipped, "the cursor is persisted again");
                 }
-                Err(e) => {
-                    self.cursor_failing = true;
-                    // One line, then at most one per period carrying how many were held
-                    // back: the loop retries at every pass (about once a second).
-                    if let Some(skipped) = self.cursor_log.ready() {
-                        tracing::warn!(sink = %self.name, error = %e, skipped, "could not persist the cursor")
-                    }
+            }
+            Err(e) => {
+                self.cursor_failing = true;
+                // One line, then at most one per period carrying how many were held
+                // back: the loop retries at every pass (about once a second).
+                if let Some(skipped) = self.cursor_log.ready() {
+                    tracing::warn!(sink = %self.name, error = %e, skipped, "could not persist the cursor")
                 }
             }
         }
@@ -1267,6 +1417,34 @@ fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
     (class, msg)
 }
 
+/// The URL a sink's requests go to (for the Pezzo and PromptLayer sinks, their base).
+fn sink_url(cfg: &SinkConfig) -> &str {
+    match &cfg.kind {
+        SinkKind::Http { url, .. }
+        | SinkKind::Pezzo { url, .. }
+        | SinkKind::PromptLayer { url } => url,
+    }
+}
+
+/// What a 404/405/410 means for the operator: most likely the sink's URL is wrong.
+fn wrong_url_message(status: u16, url: &str, body: &str) -> String {
+    let what = match status {
+        405 => "method not allowed",
+        410 => "gone",
+        _ => "not found",
+    };
+    let said = snippet(body);
+    let said = if said.is_empty() {
+        String::new()
+    } else {
+        format!(" (it said: {said})")
+    };
+    format!(
+        "HTTP {status} ({what}) from the service at {}{said}: is the sink's url right?",
+        crate::config::redact_url(url)
+    )
+}
+
 /// What a 3xx reply means for the operator: the sink's URL is out of date.
 fn redirect_message(status: u16, location: Option<&str>) -> String {
     format!(
@@ -1382,6 +1560,7 @@ mod tests {
                 elapsed: Duration::ZERO,
                 generation,
                 app_key: false,
+                sent: self.w.sends,
                 result: Ok(Reply {
                     status,
                     retry_after: None,
@@ -1635,6 +1814,116 @@ mod tests {
         assert_eq!(r.w.delivered, 8);
     }
 
+    /// A URL that answers 404 to everything (a typo, a retired route): the batches are held
+    /// whole and retried with backoff, then behind the circuit; nothing is halved or
+    /// dead-lettered, and a reload with the fixed URL delivers at once.
+    #[tokio::test]
+    async fn a_404_for_every_request_holds_whole_batches_until_the_url_is_fixed() {
+        let mut r = rig("batch_max_events = 4\nconcurrency = 2\ncircuit_after = 4");
+        r.add(0..8, 20);
+        let mut t = 1_000;
+        for round in 0..2 {
+            let (sent, wake) = r.dispatch(t);
+            assert_eq!(
+                sent,
+                vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]],
+                "round {round}"
+            );
+            r.reply(&sent[0], 404, t + 1);
+            r.reply(&sent[1], 404, t + 2);
+            assert!(wake.is_none() || wake > Some(r.at(t)), "round {round}");
+            t += 10_000;
+        }
+        assert_eq!(r.w.window.len(), 8);
+        assert_eq!(r.w.dead_lettered, 0);
+        assert!(r.w.window.values().all(|s| s.max_batch == usize::MAX));
+        assert_eq!(r.w.state(), "open");
+        let err = r.w.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains("HTTP 404 (not found)") && err.contains("is the sink's url right?"),
+            "{err}"
+        );
+        // The fixed URL: the probe goes at once, and its success releases the rest.
+        let mut fixed = (*r.w.cfg).clone();
+        if let SinkKind::Http { url, .. } = &mut fixed.kind {
+            *url = "http://127.0.0.1:9/fixed".into();
+        }
+        r.w.reconfigure_at(Arc::new(fixed), r.at(t));
+        let (sent, _) = r.dispatch(t);
+        assert_eq!(sent.len(), 1, "one probe: {sent:?}");
+        r.reply(&sent[0], 200, t + 1);
+        let (sent, _) = r.dispatch(t + 2);
+        assert_eq!(sent.iter().map(Vec::len).sum::<usize>(), 7, "{sent:?}");
+        for req in &sent {
+            r.reply(req, 200, t + 3);
+        }
+        assert!(r.w.window.is_empty());
+        assert_eq!((r.w.delivered, r.w.dead_lettered), (8, 0));
+    }
+
+    /// A 404 about one event (the service knows the URL: other events are delivered) still
+    /// ends in the dead letters, found by bisection and the poison rule.
+    #[tokio::test]
+    async fn a_404_for_one_event_while_others_are_delivered_dead_letters_it() {
+        let mut r = rig("batch_max_events = 2\nconcurrency = 2\npoison_after = 1");
+        r.add(0..4, 20);
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent, vec![vec![0, 1], vec![2, 3]]);
+        r.reply(&[2, 3], 200, 1_001);
+        r.reply(&[0, 1], 404, 1_002);
+        let (sent, _) = r.dispatch(10_000);
+        assert_eq!(sent, vec![vec![0], vec![1]], "halves");
+        r.reply(&[0], 200, 10_001);
+        r.reply(&[1], 404, 10_002);
+        assert!(r.w.window.is_empty());
+        assert_eq!((r.w.delivered, r.w.dead_lettered), (3, 1));
+    }
+
+    /// Events delivered above one still waiting are persisted as done runs beside the cursor,
+    /// merged across seqs routed elsewhere; the runs go once the cursor passes them.
+    #[tokio::test]
+    #[allow(clippy::single_range_in_vec_init)] // a list of one range, not a range's values
+    async fn done_runs_above_a_waiting_event_are_persisted_with_the_cursor() {
+        let mut r = rig("");
+        // Seqs 1, 3, 5, 7-9 went to other sinks.
+        for seq in [0, 2, 4, 6, 10] {
+            r.add(seq..seq + 1, 20);
+        }
+        r.w.read_pos = 11;
+        for (i, seq) in [4, 2, 6].into_iter().enumerate() {
+            r.reply(&[seq], 200, 1_000 + i as u64);
+        }
+        r.w.advance_cursor();
+        assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (0, vec![2..7]));
+        r.reply(&[10], 422, 2_000);
+        r.w.advance_cursor();
+        // Dead-lettered is done too; 7-9 are not the sink's, so the runs join.
+        assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (0, vec![2..11]));
+        assert_eq!(r.w.dead_lettered, 1);
+        r.reply(&[0], 200, 3_000);
+        r.w.advance_cursor();
+        assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (11, vec![]));
+        assert!(r.w.done.is_empty());
+    }
+
+    /// The 429s of requests in flight together lower the limits once; a 429 to a request sent
+    /// after that lowers them again.
+    #[tokio::test]
+    async fn concurrent_429s_halve_once_per_round() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 8");
+        r.add(0..4, 20);
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent.len(), 4);
+        for (i, req) in sent.iter().enumerate() {
+            r.reply(req, 429, 1_001 + i as u64);
+        }
+        assert_eq!(r.w.flow.concurrency(), 4, "one halving for the round");
+        let (sent, _) = r.dispatch(60_000);
+        assert_eq!(sent.len(), 4);
+        r.reply(&sent[0], 429, 60_001);
+        assert_eq!(r.w.flow.concurrency(), 2, "sent after the first halving");
+    }
+
     #[tokio::test]
     async fn a_413_halves_the_batch() {
         let mut r = rig("batch_max_events = 8\nconcurrency = 1");
@@ -1756,6 +2045,7 @@ mod tests {
                 elapsed: Duration::ZERO,
                 generation: w.generation,
                 app_key: false,
+                sent: w.sends,
                 // 503: a 429 would also lower the rate (AIMD), which is not under test here.
                 result: Ok(Reply {
                     status: 503,
@@ -1801,6 +2091,7 @@ mod tests {
             elapsed: Duration::ZERO,
             generation: r.w.generation,
             app_key: false,
+            sent: r.w.sends,
             result: Ok(Reply {
                 status: 503,
                 retry_after: Some(Duration::from_secs(600)),

@@ -14,7 +14,10 @@
 //! - `sinks`: sink name → u16 id. Ids are assigned once and never reused; records name the
 //!   sinks they were routed to by id.
 //! - `cursors`: sink id (u16 BE) → u64 BE: every record below it is done for that sink
-//!   (delivered, dead-lettered, or not routed to it).
+//!   (delivered, dead-lettered, or not routed to it); then, optionally, pairs of u64 BE
+//!   `start, end`: ranges above the cursor that are done too (events delivered after one
+//!   that still waits for a retry), so a restart does not send them again. Whoever needs only
+//!   the cursor reads the first 8 bytes.
 //! - `dlq`: key = sink id (u16 BE) + seq (u64 BE) → dead letter (`dlq.rs`), with its own
 //!   `dlq_chunks` tree for large payloads.
 //! - `remote`: key = sink id + seq → the id the remote service gave the event (PromptLayer's
@@ -258,6 +261,11 @@ impl Queue {
         for kv in t.cursors.iter() {
             let (_, v) = kv?;
             next_seq = next_seq.max(key_u64(&v));
+            // The end of its last done range (`set_progress`): no range may cover a seq not
+            // given yet.
+            if v.len() >= 24 {
+                next_seq = next_seq.max(key_u64(&v[v.len() - 8..]));
+            }
         }
         let behind_mark = mark.filter(|&m| m > next_seq).map(|mark| BehindMark {
             found: next_seq,
@@ -418,6 +426,47 @@ impl Queue {
             .get(sink.to_be_bytes())?
             .map(|v| key_u64(&v))
             .unwrap_or(0))
+    }
+
+    /// A sink's cursor and the ranges above it that are done too (`set_progress`), as last
+    /// persisted. Ranges are sorted, above the cursor, and never overlap.
+    pub fn progress(&self, sink: u16) -> Result<(u64, Vec<std::ops::Range<u64>>), QueueError> {
+        let Some(v) = self.shared.trees()?.cursors.get(sink.to_be_bytes())? else {
+            return Ok((0, Vec::new()));
+        };
+        let cursor = key_u64(&v);
+        let mut done = Vec::new();
+        let mut floor = cursor;
+        for pair in v.get(8..).unwrap_or_default().chunks_exact(16) {
+            let (start, end) = (key_u64(&pair[..8]).max(floor), key_u64(&pair[8..]));
+            // Anything out of order is ignored: a range only ever spares a resend.
+            if start < end {
+                done.push(start..end);
+                floor = end;
+            }
+        }
+        Ok((cursor, done))
+    }
+
+    /// Moves a sink's cursor (like `set_cursor`) and records `done`: ranges of seqs above it
+    /// that are done for the sink, so a restart skips them instead of sending them again.
+    /// Listing less than is done only costs resends; listing more would lose events.
+    pub fn set_progress(
+        &self,
+        sink: u16,
+        cursor: u64,
+        done: &[std::ops::Range<u64>],
+    ) -> Result<(), QueueError> {
+        let mut v = Vec::with_capacity(8 + 16 * done.len());
+        v.extend_from_slice(&cursor.to_be_bytes());
+        for r in done {
+            v.extend_from_slice(&r.start.to_be_bytes());
+            v.extend_from_slice(&r.end.to_be_bytes());
+        }
+        // One value: after a crash the cursor and its ranges are the same write's.
+        self.shared.trees()?.cursors.insert(sink.to_be_bytes(), v)?;
+        self.shared.cursor_moved.notify_one();
+        Ok(())
     }
 
     /// Moves a sink's cursor: every record below `seq` is done for it. Not synced by itself

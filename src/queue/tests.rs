@@ -111,6 +111,45 @@ fn gc_keeps_what_the_slowest_sink_needs() {
     assert_eq!(r.items.len(), 6);
 }
 
+/// The done ranges stored after a cursor survive a reopen, leave the cursor readable as it
+/// was (gc, numbering), and are read back clipped to above the cursor, in order.
+#[test]
+fn done_ranges_persist_beside_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
+        for i in 0..10 {
+            let rec = q.prepare(&ev(&format!("{{\"i\":{i}}}")), &[a, b]);
+            rt.block_on(q.append(vec![rec])).unwrap();
+        }
+        assert_eq!(q.progress(a).unwrap(), (0, vec![]));
+        q.set_progress(a, 2, &[3..5, 7..10]).unwrap();
+        q.set_cursor(b, 10).unwrap();
+        assert_eq!(q.cursor(a).unwrap(), 2);
+        assert_eq!(q.gc(&[a, b]).unwrap(), 2);
+        q.close().unwrap();
+    }
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let a = q.sink_id("a").unwrap();
+        assert_eq!(q.progress(a).unwrap(), (2, vec![3..5, 7..10]));
+        // Ranges below the cursor or out of order are dropped, never widened.
+        q.set_progress(a, 4, &[1..3, 3..6, 5..8, 9..9, 8..12])
+            .unwrap();
+        assert_eq!(q.progress(a).unwrap(), (4, vec![4..6, 6..8, 8..12]));
+        q.close().unwrap();
+    }
+    // Numbering never restarts below a range's end.
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let a = q.sink_id("a").unwrap();
+    let ids = rt
+        .block_on(q.append(vec![q.prepare(&ev("{}"), &[a])]))
+        .unwrap();
+    assert!(ids[0].seq >= 12, "{}", ids[0].seq);
+}
+
 #[test]
 fn large_payloads_round_trip_through_chunks_and_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
