@@ -1637,11 +1637,11 @@ async fn a_4xx_on_a_batch_dead_letters_only_the_refused_event() {
     );
 }
 
-/// A wrong URL (a typo, a route that moved) answers 404 to every request: that says nothing
-/// about the events. They are held whole, not halved into the dead letters; the status names
-/// the 404, and a reload with the fixed URL delivers them all.
+/// A wrong URL (a typo, a route that moved) answers 404 to every request. Like any other 4xx
+/// (issue #4) its events go to the dead letters with the status and the body, and nothing is
+/// lost: once the URL is fixed, `dlq replay` sends them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_url_answering_404_holds_the_backlog_until_the_url_is_fixed() {
+async fn a_wrong_url_answering_404_dead_letters_and_replay_delivers_once_fixed() {
     let dir = tempfile::tempdir().unwrap();
     let ep = Endpoint::start(|r| {
         if r.path == "/ingest" {
@@ -1655,50 +1655,39 @@ async fn a_wrong_url_answering_404_holds_the_backlog_until_the_url_is_fixed() {
         sink(
             "typo",
             url,
-            &[
-                ("batch_max_events", "5"),
-                ("concurrency", "2"),
-                ("circuit_after", "3"),
-            ],
+            &[("batch_max_events", "5"), ("concurrency", "2")],
         )
     };
+    let data = dir.path().join("data");
     let d = InProcess::start(dir.path(), &cfg(&ep.mock.url("/ingset"))).await;
     let base = |p: &str| d.url(p);
     post_range(&d.url("/v1/events"), 0..20, "").await;
-    let st = wait_until(DEADLINE, "the circuit open on the 404s", || async {
-        let st = status(&base).await;
-        (sink_status(&st, "typo")["state"] == "open" && ep.count() >= 8).then_some(st)
+    wait_until(DEADLINE, "20 dead letters", || async {
+        (status(&base).await["queue"]["dead_letters"] == 20).then_some(())
     })
     .await;
-    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
-    assert_eq!(st["queue"]["events"], 20, "{st}");
-    let err = sink_status(&st, "typo")["last_error"]
-        .as_str()
-        .unwrap_or("");
-    assert!(
-        err.contains("HTTP 404 (not found)") && err.contains("is the sink's url right?"),
-        "{st}"
-    );
-    for (r, _) in ep.requests() {
-        // Whole batches, or a circuit probe's single event: never halved pieces.
-        let n = nums(&r).len();
-        assert!(n == 5 || n == 1, "a batch of {n} went out");
+    assert!(ep.delivered_set().is_empty());
+    d.stop().await;
+    let letters = dlq_list(&data);
+    assert_eq!(letters.len(), 20);
+    for l in &letters {
+        assert_eq!(l["info"]["status"], 404, "{l}");
+        assert!(
+            l["info"]["response"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Not Found"),
+            "{l}"
+        );
     }
-    let failed = metric(
-        &base,
-        "llmlogd_sink_failed_attempts_total{sink=\"typo\",class=\"wrong_url\"}",
-    )
-    .await;
-    assert!(failed.unwrap_or(0.0) >= 3.0, "failed: {failed:?}");
-
-    d.reload(&cfg(&ep.url())).await;
+    std::fs::write(dir.path().join("llmlogd.toml"), cfg(&ep.url())).unwrap();
+    let (code, _, err) = dlq(&data, &["replay"]);
+    assert_eq!(code, 0, "{err}");
+    let d = InProcess::start(dir.path(), &cfg(&ep.url())).await;
     wait_for(DEADLINE, "all 20 delivered to the fixed URL", || {
         (ep.delivered_set() == range_set(0..20)).then_some(())
     })
     .await;
-    assert_eq!(ep.delivered().len(), 20, "each event once");
-    let st = status(&base).await;
-    assert_eq!(st["queue"]["dead_letters"], 0, "{st}");
     d.stop().await;
 }
 

@@ -8,16 +8,11 @@
 //! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |
 //! | 3xx (redirects are never followed) | retry like a 5xx; the error names the Location |
-//! | 404, 405, 410 | retry like a 5xx (hold every event); dead letter only as a poison event, while other events are delivered |
-//! | other 4xx | halve the batch (only the refused events go); a single event → dead letter, with status and body |
+//! | other 4xx (404 included) | halve the batch (only the refused events go); a single event → dead letter, with status and body |
 //!
-//! 404, 405 and 410 say the URL is wrong (a typo, a route that moved or was retired, a proxy
-//! with no backend yet), not the event: dead-lettering on them would empty a whole backlog
-//! into the dead letters for a config mistake, at two requests per event as batches are
-//! halved. They are held like an outage instead (backoff, then the circuit's probes; a reload
-//! tries at once), with `max_age` as the bound. A 404 that is about one event (a follow-up
-//! naming a record the service does not have) still ends in the dead letters: the poison
-//! rule strikes an event that keeps failing while the sink delivers others.
+//! A 404 (405, 410) for every request usually means the sink's URL is wrong, not the events;
+//! holding them like an outage was tried and left out: issue #4 sends every other 4xx to the
+//! dead letters, and nothing is lost there (`llmlogd dlq replay` once the URL is fixed).
 
 use std::time::{Duration, SystemTime};
 
@@ -65,9 +60,6 @@ pub fn classify(status: u16, retry_after: Option<Duration>, batch_len: usize) ->
         // Following would turn the POST into a bodiless GET (301/302/303) whose 200 says
         // nothing about the events; the URL needs fixing, and nothing is lost meanwhile.
         300..=399 => Verdict::Retry(FailureClass::redirect),
-        // The URL names nothing that takes these requests: about the sink, not the events
-        // (see the module doc).
-        404 | 405 | 410 => Verdict::Retry(FailureClass::wrong_url),
         // A refusal names no event: halve the batch until the refused ones are alone, so
         // only they reach the dead letters.
         400..=499 if batch_len > 1 => Verdict::Split(FailureClass::rejected_4xx),
@@ -171,12 +163,14 @@ mod tests {
             assert_eq!(classify(s, None, 3), Verdict::Retry(FailureClass::redirect));
         }
         for s in [404, 405, 410] {
-            for n in [1, 200] {
-                assert_eq!(
-                    classify(s, None, n),
-                    Verdict::Retry(FailureClass::wrong_url)
-                );
-            }
+            assert_eq!(
+                classify(s, None, 200),
+                Verdict::Split(FailureClass::rejected_4xx)
+            );
+            assert_eq!(
+                classify(s, None, 1),
+                Verdict::Reject(FailureClass::rejected_4xx)
+            );
         }
         assert_eq!(
             classify(422, None, 1),

@@ -204,8 +204,6 @@ pub(crate) struct Worker {
     failing_logged: bool,
     /// A redirect was logged since the last reload (later ones show in the status only).
     redirect_warned: bool,
-    /// A 404/405/410 was logged since the last reload (later ones show in the status only).
-    wrong_url_warned: bool,
     consecutive_failures: u32,
     /// Up to two different events that failed since the last success: the circuit opens only
     /// when more than one event fails.
@@ -306,7 +304,6 @@ impl Worker {
             cursor_failing: false,
             failing_logged: false,
             redirect_warned: false,
-            wrong_url_warned: false,
             consecutive_failures: 0,
             failing: Vec::new(),
             successes: 0,
@@ -428,7 +425,6 @@ impl Worker {
         // A 401 still in flight answers for the time before the reload: ignored.
         self.generation += 1;
         self.redirect_warned = false;
-        self.wrong_url_warned = false;
         if matches!(self.pause, Some(Pause::UntilReload(_))) {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
             self.pause = None;
@@ -872,14 +868,6 @@ impl Worker {
                         "HTTP {st}: the service refused the app's API key, and no other key worked since: {}",
                         snippet(&detail)
                     ),
-                    Some(st) if class == FailureClass::wrong_url => {
-                        let msg = wrong_url_message(st, sink_url(&self.cfg), &detail);
-                        if !self.wrong_url_warned {
-                            tracing::warn!(sink = %self.name, "{msg}; holding its events and retrying");
-                            self.wrong_url_warned = true;
-                        }
-                        msg
-                    }
                     Some(st) => format!("HTTP {st}: {}", snippet(&detail)),
                     None => detail.clone(),
                 };
@@ -936,14 +924,8 @@ impl Worker {
                     }
                     s.mark = successes;
                     if s.strikes >= poison_after {
-                        poisoned.push((
-                            *k,
-                            if class == FailureClass::wrong_url {
-                                "refused by the service (HTTP 404/405/410) while other events were delivered"
-                            } else {
-                                "poison: kept failing while other events were delivered"
-                            },
-                        ));
+                        poisoned
+                            .push((*k, "poison: kept failing while other events were delivered"));
                     } else if wall.saturating_sub(s.ev.received_ms) > max_age.as_millis() as u64 {
                         poisoned.push((*k, "max_age reached before delivery"));
                     } else {
@@ -1417,34 +1399,6 @@ fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
     (class, msg)
 }
 
-/// The URL a sink's requests go to (for the Pezzo and PromptLayer sinks, their base).
-fn sink_url(cfg: &SinkConfig) -> &str {
-    match &cfg.kind {
-        SinkKind::Http { url, .. }
-        | SinkKind::Pezzo { url, .. }
-        | SinkKind::PromptLayer { url } => url,
-    }
-}
-
-/// What a 404/405/410 means for the operator: most likely the sink's URL is wrong.
-fn wrong_url_message(status: u16, url: &str, body: &str) -> String {
-    let what = match status {
-        405 => "method not allowed",
-        410 => "gone",
-        _ => "not found",
-    };
-    let said = snippet(body);
-    let said = if said.is_empty() {
-        String::new()
-    } else {
-        format!(" (it said: {said})")
-    };
-    format!(
-        "HTTP {status} ({what}) from the service at {}{said}: is the sink's url right?",
-        crate::config::redact_url(url)
-    )
-}
-
 /// What a 3xx reply means for the operator: the sink's URL is out of date.
 fn redirect_message(status: u16, location: Option<&str>) -> String {
     format!(
@@ -1812,53 +1766,6 @@ mod tests {
         assert!(r.w.window.is_empty());
         assert_eq!(r.w.dead_lettered, 1);
         assert_eq!(r.w.delivered, 8);
-    }
-
-    /// A URL that answers 404 to everything (a typo, a retired route): the batches are held
-    /// whole and retried with backoff, then behind the circuit; nothing is halved or
-    /// dead-lettered, and a reload with the fixed URL delivers at once.
-    #[tokio::test]
-    async fn a_404_for_every_request_holds_whole_batches_until_the_url_is_fixed() {
-        let mut r = rig("batch_max_events = 4\nconcurrency = 2\ncircuit_after = 4");
-        r.add(0..8, 20);
-        let mut t = 1_000;
-        for round in 0..2 {
-            let (sent, wake) = r.dispatch(t);
-            assert_eq!(
-                sent,
-                vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]],
-                "round {round}"
-            );
-            r.reply(&sent[0], 404, t + 1);
-            r.reply(&sent[1], 404, t + 2);
-            assert!(wake.is_none() || wake > Some(r.at(t)), "round {round}");
-            t += 10_000;
-        }
-        assert_eq!(r.w.window.len(), 8);
-        assert_eq!(r.w.dead_lettered, 0);
-        assert!(r.w.window.values().all(|s| s.max_batch == usize::MAX));
-        assert_eq!(r.w.state(), "open");
-        let err = r.w.last_error.clone().unwrap_or_default();
-        assert!(
-            err.contains("HTTP 404 (not found)") && err.contains("is the sink's url right?"),
-            "{err}"
-        );
-        // The fixed URL: the probe goes at once, and its success releases the rest.
-        let mut fixed = (*r.w.cfg).clone();
-        if let SinkKind::Http { url, .. } = &mut fixed.kind {
-            *url = "http://127.0.0.1:9/fixed".into();
-        }
-        r.w.reconfigure_at(Arc::new(fixed), r.at(t));
-        let (sent, _) = r.dispatch(t);
-        assert_eq!(sent.len(), 1, "one probe: {sent:?}");
-        r.reply(&sent[0], 200, t + 1);
-        let (sent, _) = r.dispatch(t + 2);
-        assert_eq!(sent.iter().map(Vec::len).sum::<usize>(), 7, "{sent:?}");
-        for req in &sent {
-            r.reply(req, 200, t + 3);
-        }
-        assert!(r.w.window.is_empty());
-        assert_eq!((r.w.delivered, r.w.dead_lettered), (8, 0));
     }
 
     /// A 404 about one event (the service knows the URL: other events are delivered) still
