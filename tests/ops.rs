@@ -1657,3 +1657,40 @@ async fn readyz_is_not_ready_while_the_queue_refuses_events() {
     .await;
     d.stop().await;
 }
+
+/// A queue kept full with `when_full = "drop_oldest"` drops on nearly every append; the log
+/// says so once per period with the count, not once per request (it wrote a line each).
+#[tokio::test]
+async fn a_queue_kept_full_by_drop_oldest_logs_once_per_period() {
+    let dir = tempfile::tempdir().unwrap();
+    // A sink that never answers, so nothing leaves the queue but by eviction.
+    let d = Process::start(
+        dir.path(),
+        "[queue]\nmax_events = 5\nwhen_full = \"drop_oldest\"\n[sinks.down]\ntype = \"http\"\nurl = \"http://127.0.0.1:1/in\"\n",
+    );
+    let started = Instant::now();
+    for i in 0..60 {
+        let (status, body) =
+            post_json(&d.url("/v1/events"), &format!(r#"{{"model":"m{i}"}}"#)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let evicted = wait_until(DEADLINE, "the evictions counted", || async {
+        sample(
+            &get_text(&d.url("/metrics")).await,
+            "llmlogd_queue_evicted_events_total",
+        )
+        .filter(|&n| n >= 55.0)
+    })
+    .await;
+    let periods = started.elapsed().as_secs() / 10 + 1;
+    let lines: Vec<String> = d
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("dropped the oldest events"))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.len() as u64 <= periods,
+        "{evicted} events evicted in {periods} period(s) of 10 s, logged in {} lines: {lines:#?}",
+        lines.len()
+    );
+}
