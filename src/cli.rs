@@ -576,7 +576,7 @@ impl DaemonApi {
                 .map_err(|e| {
                     CliError::new(
                         EXIT_UNAVAILABLE,
-                        format!("cannot reach llmlogd at {at}: {e}"),
+                        format!("cannot reach llmlogd at {at}: {}", cause(&e)),
                     )
                 })?;
             resp.json::<Value>().await.map_err(|e| {
@@ -584,6 +584,29 @@ impl DaemonApi {
             })
         })
     }
+}
+
+/// Why a request to the daemon failed, in the words of its innermost cause: reqwest's own
+/// message ("error sending request for url (…)") repeats the URL and leaves out the reason
+/// (connection refused, no such socket, timed out), which is what the operator needs.
+fn cause(e: &reqwest::Error) -> String {
+    let mut innermost: &dyn std::error::Error = e;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    if e.is_timeout() {
+        return "no answer within 10s".into();
+    }
+    let hint = match innermost
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+    {
+        Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+            "; is it running? (--config names its config)"
+        }
+        _ => "",
+    };
+    format!("{innermost}{hint}")
 }
 
 pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {

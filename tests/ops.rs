@@ -1694,3 +1694,26 @@ async fn a_queue_kept_full_by_drop_oldest_logs_once_per_period() {
         lines.len()
     );
 }
+
+/// `llmlogd status` with no daemon says why in one line (the connection was refused), not
+/// only reqwest's "error sending request for url (…)", which names the URL a second time.
+#[test]
+fn status_without_a_daemon_says_why_in_one_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(bin())
+        .env_remove("LLMLOGD_CONFIG")
+        .args(["status", "--http-listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("Connection refused") && err.contains("is it running?"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
