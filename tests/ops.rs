@@ -1717,3 +1717,83 @@ fn status_without_a_daemon_says_why_in_one_line() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// Under journald (`JOURNAL_STREAM` names our stderr) each line starts with its syslog
+/// priority, which journald keeps as the entry's priority: without it every line was "info",
+/// and `journalctl -p warning` showed none of the daemon's warnings and errors. A
+/// `JOURNAL_STREAM` that names another stream changes nothing.
+#[test]
+fn under_journald_lines_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], journal: bool, serves: bool| -> (Option<i32>, String) {
+        let log = dir.path().join("stderr");
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let mut child = KillOnDrop(
+            Command::new(bin())
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("LISTEN_FDS")
+                .env_remove("RUST_LOG")
+                .env("JOURNAL_STREAM", stream)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(file)
+                .spawn()
+                .unwrap(),
+        );
+        if serves {
+            let deadline = Instant::now() + DEADLINE;
+            while !std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("llmlogd ready")
+            {
+                assert!(Instant::now() < deadline, "not ready");
+                assert!(
+                    child.0.try_wait().unwrap().is_none(),
+                    "exited: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        }
+        let code = child.0.wait().unwrap().code();
+        (code, std::fs::read_to_string(&log).unwrap())
+    };
+    let data = dir.path().join("data");
+    let daemon = [
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--unix-socket",
+        "",
+    ];
+    let (code, log) = run(&daemon, true, true);
+    assert_eq!(code, Some(0), "{log}");
+    let line = |text: &str| {
+        log.lines()
+            .find(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("no {text:?} line in {log}"))
+            .to_string()
+    };
+    assert!(line("no sinks configured").starts_with("<4>"), "{log}");
+    assert!(line("llmlogd ready").starts_with("<6>"), "{log}");
+    // A fatal error, printed before logging is set up, is an error too.
+    let (code, log) = run(&["run", "--http-listen", "10.1.2.3:1"], true, false);
+    assert_eq!(code, Some(64), "{log}");
+    assert!(log.starts_with("<3>llmlogd: "), "{log}");
+    // Not the journal: no prefix.
+    let (code, log) = run(&daemon, false, true);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
+}
