@@ -1797,3 +1797,49 @@ fn under_journald_lines_carry_their_priority() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
 }
+
+/// `systemctl reload` only sends SIGHUP, so it succeeds whatever the daemon makes of the file:
+/// the STATUS line `systemctl status` shows says a refused reload was refused (it said
+/// "listening on …" as after a good one), until a reload is taken.
+#[test]
+fn a_refused_reload_shows_in_the_systemd_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, notify_path) = notify_socket(dir.path());
+    let p = Process::start_with(
+        dir.path(),
+        "",
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let write_config = |text: &str| {
+        let tmp = dir.path().join("llmlogd.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.path().join("llmlogd.toml")).unwrap();
+    };
+    write_config("[queue]\nmax_evnets = 5\n");
+    p.signal(libc::SIGHUP);
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let status = seen.last().unwrap().clone();
+    assert!(
+        status.contains("reload") && status.contains("refused") && status.contains("max_evnets"),
+        "{status:?}"
+    );
+    write_config("[queue]\nmax_events = 5\n");
+    p.signal(libc::SIGHUP);
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let status = seen.last().unwrap();
+    assert!(
+        status.contains("STATUS=listening on") && !status.contains("refused"),
+        "{status:?}"
+    );
+}
