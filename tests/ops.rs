@@ -1025,6 +1025,24 @@ async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink(
         1,
         "the dead letter is still there: {out}"
     );
+    // A sequence number is per sink: --seq without --sink is refused, for purge as for
+    // replay (`purge --all --seq N` purged every letter, the --seq unheeded).
+    for seq in [
+        vec!["purge", "--all", "--seq", "999999"],
+        vec!["replay", "--seq", "1"],
+    ] {
+        let mut args = vec!["dlq", "--data-dir", data_arg];
+        args.extend(seq);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, Some(64), "{out}{err}");
+        assert!(err.contains("--seq needs --sink"), "{err}");
+    }
+    let (_, out, _) = run(&["dlq", "--data-dir", data_arg, "list", "--json"]);
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "the dead letter is still there: {out}"
+    );
 
     // A closed stdout: no panic (exit by SIGPIPE, or 0 if the output fit the pipe first).
     let mut child = Command::new(bin())
