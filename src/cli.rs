@@ -463,6 +463,19 @@ fn write_events(
             Err(e) => break Err(e),
         };
         let note = match item {
+            // The socket reads a connection whose first byte is a capital letter as HTTP (a
+            // request line), so such a first line (a text file's "Error: …", say) made the
+            // daemon answer the whole input as one bad HTTP request and close: every event
+            // was reported unanswered, "may not be stored", exit 69, and none was. It is not
+            // a JSON object, so the daemon would refuse it anyway: refused here, not sent.
+            input::Item::Send { label, line }
+                if sent_line == 0 && line.first().is_some_and(u8::is_ascii_uppercase) =>
+            {
+                Sent::Refused {
+                    label,
+                    reason: "the event must be a JSON object (one per line)".into(),
+                }
+            }
             input::Item::Send { line, label } => {
                 if w.write_all(&line)
                     .and_then(|()| w.write_all(b"\n"))
