@@ -147,20 +147,32 @@ pub async fn run(
         match signal {
             Signal::Reload => {
                 systemd::reloading();
-                match Config::load(source.path.as_deref(), &source.overrides) {
+                let refused = match Config::load(source.path.as_deref(), &source.overrides) {
                     Ok(new) => {
                         if let Err(e) = reload(&current, &new, &mut delivery, &ingest) {
                             tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                            Some(format!("{e:#}"))
                         } else {
                             current = new;
                             tracing::info!(sinks = current.sinks.len(), "configuration reloaded");
+                            None
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "new configuration refused; keeping the running one")
+                        tracing::error!(error = %e, "new configuration refused; keeping the running one");
+                        Some(e.to_string())
                     }
-                }
-                systemd::ready(&format!("listening on {listening}"));
+                };
+                // `systemctl reload` succeeds whatever the daemon made of the file (it only
+                // sends SIGHUP): the status line `systemctl status` shows says it was refused,
+                // until a reload is taken.
+                systemd::ready(&match refused {
+                    None => format!("listening on {listening}"),
+                    Some(why) => format!(
+                        "listening on {listening}; the last reload ({}) was refused, the running configuration stays: {why}",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    ),
+                });
             }
             Signal::Shutdown => break,
         }

@@ -122,7 +122,7 @@ pub enum Command {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
-    /// Inspect and act on dead letters.
+    /// Inspect and act on dead letters (the daemon must be stopped).
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
@@ -135,29 +135,41 @@ pub enum Command {
 pub enum DlqAction {
     /// List dead letters (oldest first).
     List {
+        /// Only this sink's.
         #[arg(long)]
         sink: Option<String>,
+        /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// One JSON object a line instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Show one dead letter with its event.
-    Show { sink: String, seq: u64 },
-    /// Put dead letters back into the queue for their sink.
+    /// Show one dead letter with its event (as JSON).
+    Show {
+        /// The sink it is for (as `dlq list` names it).
+        sink: String,
+        /// Its sequence number (the SEQ column of `dlq list`).
+        seq: u64,
+    },
+    /// Put dead letters back into the queue for their sink (every one, unless narrowed).
     Replay {
+        /// Only this sink's.
         #[arg(long)]
         sink: Option<String>,
+        /// Only this one (needs --sink).
         #[arg(long)]
         seq: Option<u64>,
     },
     /// Delete dead letters.
     Purge {
+        /// This sink's (every one of them, unless --seq).
         #[arg(long)]
         sink: Option<String>,
+        /// Only this one (with --sink).
         #[arg(long)]
         seq: Option<u64>,
-        /// Required when purging more than one sink's letters.
+        /// Every sink's: required when --sink is not given.
         #[arg(long)]
         all: bool,
     },
@@ -451,6 +463,19 @@ fn write_events(
             Err(e) => break Err(e),
         };
         let note = match item {
+            // The socket reads a connection whose first byte is a capital letter as HTTP (a
+            // request line), so such a first line (a text file's "Error: …", say) made the
+            // daemon answer the whole input as one bad HTTP request and close: every event
+            // was reported unanswered, "may not be stored", exit 69, and none was. It is not
+            // a JSON object, so the daemon would refuse it anyway: refused here, not sent.
+            input::Item::Send { label, line }
+                if sent_line == 0 && line.first().is_some_and(u8::is_ascii_uppercase) =>
+            {
+                Sent::Refused {
+                    label,
+                    reason: "the event must be a JSON object (one per line)".into(),
+                }
+            }
             input::Item::Send { line, label } => {
                 if w.write_all(&line)
                     .and_then(|()| w.write_all(b"\n"))
@@ -576,7 +601,7 @@ impl DaemonApi {
                 .map_err(|e| {
                     CliError::new(
                         EXIT_UNAVAILABLE,
-                        format!("cannot reach llmlogd at {at}: {e}"),
+                        format!("cannot reach llmlogd at {at}: {}", cause(&e)),
                     )
                 })?;
             resp.json::<Value>().await.map_err(|e| {
@@ -584,6 +609,29 @@ impl DaemonApi {
             })
         })
     }
+}
+
+/// Why a request to the daemon failed, in the words of its innermost cause: reqwest's own
+/// message ("error sending request for url (…)") repeats the URL and leaves out the reason
+/// (connection refused, no such socket, timed out), which is what the operator needs.
+fn cause(e: &reqwest::Error) -> String {
+    let mut innermost: &dyn std::error::Error = e;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    if e.is_timeout() {
+        return "no answer within 10s".into();
+    }
+    let hint = match innermost
+        .downcast_ref::<std::io::Error>()
+        .map(std::io::Error::kind)
+    {
+        Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+            "; is it running? (--config names its config)"
+        }
+        _ => "",
+    };
+    format!("{innermost}{hint}")
 }
 
 pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
@@ -652,6 +700,23 @@ fn age(now: u64, then: Option<u64>) -> String {
 
 /// `llmlogd dlq …`, on the data directory (the daemon must not hold it).
 pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
+    // A sequence number is per sink: `purge --all --seq N` purged every sink's letters, the
+    // --seq unheeded.
+    if let DlqAction::Replay {
+        sink: None,
+        seq: Some(_),
+    }
+    | DlqAction::Purge {
+        sink: None,
+        seq: Some(_),
+        ..
+    } = action
+    {
+        return Err(CliError::new(
+            EXIT_USAGE,
+            "--seq needs --sink (sequence numbers are per sink; `dlq list` shows both)",
+        ));
+    }
     let c = cfg.load_without_keys()?;
     let queue = open_offline(&c)?;
     let names = queue
@@ -739,9 +804,6 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
             Ok(())
         }
         DlqAction::Replay { sink, seq } => {
-            if seq.is_some() && sink.is_none() {
-                return Err(CliError::new(EXIT_USAGE, "--seq needs --sink"));
-            }
             let sink_id = sink.as_deref().map(id_of).transpose()?;
             // A sink the config no longer has would never take them: the next start would
             // drop them as records no sink needs.
@@ -906,6 +968,31 @@ fn open_offline(c: &Config) -> Result<crate::queue::Queue, CliError> {
 #[cfg(test)]
 mod send_tests {
     use super::*;
+
+    #[test]
+    fn every_option_and_argument_says_what_it_is() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "llmlogd",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 
     #[test]
     fn without_a_named_socket_send_falls_back_to_the_system_services() {

@@ -68,7 +68,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("llmlogd: {}", e.message);
+            // `<3>`: an error's priority for journald (see `init_tracing`).
+            let priority = if stderr_is_journal() { "<3>" } else { "" };
+            eprintln!("{priority}llmlogd: {}", e.message);
             ExitCode::from(e.code.clamp(1, 255) as u8)
         }
     }
@@ -102,19 +104,79 @@ fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
 }
 
 fn init_tracing(cfg: &Config) {
+    use tracing_subscriber::fmt::format;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // Under journald (JOURNAL_STREAM set) the journal stamps time itself; no colours either.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Under journald the journal stamps time itself; no colours either; and each line starts
+    // with its syslog priority (`<3>` error … `<7>` debug), which journald takes off and
+    // keeps as the entry's priority: without it every line was priority 6 ("info"), so
+    // `journalctl -p warning -u llmlogd` showed none of the daemon's warnings and errors.
+    let journald = stderr_is_journal();
+    let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
     match (cfg.log.format, journald) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Human, true) => builder.without_time().init(),
+        (LogFormat::Json, false) => builder.json().init(),
+        (LogFormat::Json, true) => builder
+            .fmt_fields(format::JsonFields::new())
+            .event_format(Prioritised(format().json()))
+            .init(),
+        (LogFormat::Human, true) => builder
+            .event_format(Prioritised(format().without_time().with_ansi(false)))
+            .init(),
         (LogFormat::Human, false) => builder.init(),
+    }
+}
+
+/// Whether stderr is the journal: `JOURNAL_STREAM` (`DEVICE:INODE`, set by systemd) names
+/// it. An inherited variable whose stream is not our stderr (a service that started us with
+/// stderr sent elsewhere) does not count, as sd_journal_stream_fd(3) says.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let stderr = std::io::stderr();
+    let Ok(meta) = std::os::fd::AsFd::as_fd(&stderr)
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+    else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// An event format that puts the syslog priority of each line before it (`<4>` for a
+/// warning), for journald (`SyslogLevelPrefix=`, on by default).
+struct Prioritised<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Prioritised<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }

@@ -1025,6 +1025,24 @@ async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink(
         1,
         "the dead letter is still there: {out}"
     );
+    // A sequence number is per sink: --seq without --sink is refused, for purge as for
+    // replay (`purge --all --seq N` purged every letter, the --seq unheeded).
+    for seq in [
+        vec!["purge", "--all", "--seq", "999999"],
+        vec!["replay", "--seq", "1"],
+    ] {
+        let mut args = vec!["dlq", "--data-dir", data_arg];
+        args.extend(seq);
+        let (code, out, err) = run(&args);
+        assert_eq!(code, Some(64), "{out}{err}");
+        assert!(err.contains("--seq needs --sink"), "{err}");
+    }
+    let (_, out, _) = run(&["dlq", "--data-dir", data_arg, "list", "--json"]);
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "the dead letter is still there: {out}"
+    );
 
     // A closed stdout: no panic (exit by SIGPIPE, or 0 if the output fit the pipe first).
     let mut child = Command::new(bin())
@@ -1656,4 +1674,190 @@ async fn readyz_is_not_ready_while_the_queue_refuses_events() {
     })
     .await;
     d.stop().await;
+}
+
+/// A queue kept full with `when_full = "drop_oldest"` drops on nearly every append; the log
+/// says so once per period with the count, not once per request (it wrote a line each).
+#[tokio::test]
+async fn a_queue_kept_full_by_drop_oldest_logs_once_per_period() {
+    let dir = tempfile::tempdir().unwrap();
+    // A sink that never answers, so nothing leaves the queue but by eviction.
+    let d = Process::start(
+        dir.path(),
+        "[queue]\nmax_events = 5\nwhen_full = \"drop_oldest\"\n[sinks.down]\ntype = \"http\"\nurl = \"http://127.0.0.1:1/in\"\n",
+    );
+    let started = Instant::now();
+    for i in 0..60 {
+        let (status, body) =
+            post_json(&d.url("/v1/events"), &format!(r#"{{"model":"m{i}"}}"#)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let evicted = wait_until(DEADLINE, "the evictions counted", || async {
+        sample(
+            &get_text(&d.url("/metrics")).await,
+            "llmlogd_queue_evicted_events_total",
+        )
+        .filter(|&n| n >= 55.0)
+    })
+    .await;
+    let periods = started.elapsed().as_secs() / 10 + 1;
+    let lines: Vec<String> = d
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("dropped the oldest events"))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.len() as u64 <= periods,
+        "{evicted} events evicted in {periods} period(s) of 10 s, logged in {} lines: {lines:#?}",
+        lines.len()
+    );
+}
+
+/// `llmlogd status` with no daemon says why in one line (the connection was refused), not
+/// only reqwest's "error sending request for url (…)", which names the URL a second time.
+#[test]
+fn status_without_a_daemon_says_why_in_one_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(bin())
+        .env_remove("LLMLOGD_CONFIG")
+        .args(["status", "--http-listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("Connection refused") && err.contains("is it running?"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// Under journald (`JOURNAL_STREAM` names our stderr) each line starts with its syslog
+/// priority, which journald keeps as the entry's priority: without it every line was "info",
+/// and `journalctl -p warning` showed none of the daemon's warnings and errors. A
+/// `JOURNAL_STREAM` that names another stream changes nothing.
+#[test]
+fn under_journald_lines_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], journal: bool, serves: bool| -> (Option<i32>, String) {
+        let log = dir.path().join("stderr");
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let mut child = KillOnDrop(
+            Command::new(bin())
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("LISTEN_FDS")
+                .env_remove("RUST_LOG")
+                .env("JOURNAL_STREAM", stream)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(file)
+                .spawn()
+                .unwrap(),
+        );
+        if serves {
+            let deadline = Instant::now() + DEADLINE;
+            while !std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("llmlogd ready")
+            {
+                assert!(Instant::now() < deadline, "not ready");
+                assert!(
+                    child.0.try_wait().unwrap().is_none(),
+                    "exited: {}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+        }
+        let code = child.0.wait().unwrap().code();
+        (code, std::fs::read_to_string(&log).unwrap())
+    };
+    let data = dir.path().join("data");
+    let daemon = [
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http-listen",
+        "127.0.0.1:0",
+        "--unix-socket",
+        "",
+    ];
+    let (code, log) = run(&daemon, true, true);
+    assert_eq!(code, Some(0), "{log}");
+    let line = |text: &str| {
+        log.lines()
+            .find(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("no {text:?} line in {log}"))
+            .to_string()
+    };
+    assert!(line("no sinks configured").starts_with("<4>"), "{log}");
+    assert!(line("llmlogd ready").starts_with("<6>"), "{log}");
+    // A fatal error, printed before logging is set up, is an error too.
+    let (code, log) = run(&["run", "--http-listen", "10.1.2.3:1"], true, false);
+    assert_eq!(code, Some(64), "{log}");
+    assert!(log.starts_with("<3>llmlogd: "), "{log}");
+    // Not the journal: no prefix.
+    let (code, log) = run(&daemon, false, true);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
+}
+
+/// `systemctl reload` only sends SIGHUP, so it succeeds whatever the daemon makes of the file:
+/// the STATUS line `systemctl status` shows says a refused reload was refused (it said
+/// "listening on …" as after a good one), until a reload is taken.
+#[test]
+fn a_refused_reload_shows_in_the_systemd_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, notify_path) = notify_socket(dir.path());
+    let p = Process::start_with(
+        dir.path(),
+        "",
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let write_config = |text: &str| {
+        let tmp = dir.path().join("llmlogd.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, dir.path().join("llmlogd.toml")).unwrap();
+    };
+    write_config("[queue]\nmax_evnets = 5\n");
+    p.signal(libc::SIGHUP);
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let status = seen.last().unwrap().clone();
+    assert!(
+        status.contains("reload") && status.contains("refused") && status.contains("max_evnets"),
+        "{status:?}"
+    );
+    write_config("[queue]\nmax_events = 5\n");
+    p.signal(libc::SIGHUP);
+    assert!(
+        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
+        "{seen:?}"
+    );
+    let status = seen.last().unwrap();
+    assert!(
+        status.contains("STATUS=listening on") && !status.contains("refused"),
+        "{status:?}"
+    );
 }

@@ -1100,6 +1100,33 @@ async fn send_stores_ndjson_and_names_each_refused_line() {
     d.stop().await;
 }
 
+/// The socket reads a connection that starts with a capital letter as HTTP. Input whose first
+/// line does (a text file's "Error: …") had the daemon answer one bad HTTP request and close:
+/// every event reported unanswered, exit 69, none stored. The line is refused, the rest sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_input_whose_first_line_starts_with_a_capital_is_still_ndjson() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let input = b"Error: not an event\n{\"after\":1}\nPOST / HTTP/1.1\n{\"after\":2}\n".to_vec();
+    let out = send_cli(sock_arg(&d.socket()), input).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("event 1 (line 1): refused: the event must be a JSON object"),
+        "{err}"
+    );
+    assert!(
+        err.contains("event 3 (line 3): refused: the event must be a JSON object"),
+        "{err}"
+    );
+    assert!(err.contains("2 of 4 events refused"), "{err}");
+    let want = [r#"{"after":1}"#.to_string(), r#"{"after":2}"#.to_string()];
+    let got = wait_arrived(&mock, &want).await;
+    assert_eq!(got, want.to_vec());
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
     let dir = tempfile::tempdir().unwrap();

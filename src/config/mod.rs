@@ -256,7 +256,7 @@ impl Config {
         keys: Keys,
     ) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(one_line(&e.to_string())))?;
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(syntax_error(text, &e)))?;
         Config::from_raw(raw, overrides, keys)
     }
 
@@ -625,9 +625,12 @@ fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig,
             (None, None) => return Err(invalid(k("url"), "missing")),
         };
         let parsed = reqwest::Url::parse(&u)
-            .map_err(|e| invalid(k("url"), format!("`{u}` is not a URL: {e}")))?;
+            .map_err(|e| invalid(k("url"), format!("`{}` is not a URL: {e}", redact_url(&u))))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(invalid(k("url"), format!("`{u}` is not an http(s) URL")));
+            return Err(invalid(
+                k("url"),
+                format!("`{}` is not an http(s) URL", redact_url(&u)),
+            ));
         }
         Ok(u.trim_end_matches('/').to_string())
     };
@@ -1025,6 +1028,65 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// A TOML error as one line that names where it is (line, column and the key written on that
+/// line) but shows no value. The toml crate's own message quotes the offending source line,
+/// and serde's quotes a string it did not expect (`invalid type: string "…"`): either can be
+/// an API key (`api_key = "sk-…` left unterminated, `headers = "Bearer …"`), and this message
+/// goes to the terminal, to `ExecStartPre`'s journal and to the daemon's log on a reload.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let message = redact_quoted(&one_line(e.message()));
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line_no = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    // The key of a `key = value` line (a key is a name, never a secret).
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.contains('"'));
+    // Under the table header above it, as the keys are written elsewhere (`sinks.pl.timeout`).
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .and_then(|l| l.strip_prefix('[')?.split(']').next())
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let key = key.map(|k| match table {
+        Some(t) => format!("{t}.{k}"),
+        None => k.to_string(),
+    });
+    match key {
+        Some(k) => format!("line {line_no}, column {column} (`{k}`): {message}"),
+        None => format!("line {line_no}, column {column}: {message}"),
+    }
+}
+
+/// `message` with every double-quoted part replaced by `"***"`.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    out.push_str(parts.next().unwrap_or(""));
+    let mut inside = true;
+    for part in parts {
+        out.push('"');
+        out.push_str(if inside { "***" } else { part });
+        inside = !inside;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1193,5 +1255,32 @@ mod tests {
         assert!(r.contains("api_key = \"***\""), "{r}");
         // What is rendered parses back (apart from the masked values).
         assert!(r.contains("[sinks.pl]") && r.contains("type = \"http\""));
+    }
+
+    #[test]
+    fn errors_name_the_place_but_never_show_a_value() {
+        let secret = "sk-live-TOPSECRET";
+        let cases = [
+            // Unterminated: the toml crate quoted the whole source line.
+            (format!("[sinks.c]\ntype = \"http\"\napi_key = \"{secret}\n"), "line 3"),
+            (format!("[sinks.c]\ntype = \"http\"\napi_key = [\"{secret}\"]\n"), "`sinks.c.api_key`"),
+            // serde quoted the string it did not expect.
+            (format!("[sinks.c]\ntype = \"http\"\nurl = \"http://x\"\nheaders = \"Bearer {secret}\"\n"), "`sinks.c.headers`"),
+            (format!("[sinks.c]\ntype = \"http\"\nurl = \"http://x\"\nheaders = {{ A = 5, B = \"{secret}\" }}\n"), "line 4"),
+            (format!("[sinks.c]\ntype = \"http\"\nurl = \"http://u:{secret}@x:99999/\"\n"), "sinks.c.url"),
+            (format!("[sinks.c]\ntype = \"http\"\nurl = \"ftp://x/?token={secret}\"\n"), "sinks.c.url"),
+        ];
+        for (toml, place) in cases {
+            let e = err(&toml);
+            assert!(!e.contains(secret), "a value shown in {e:?}");
+            assert!(e.contains(place), "{place} not named in {e:?}");
+            assert!(!e.contains('\n'), "not one line: {e:?}");
+        }
+        // Unknown keys are still named, with the keys that are known.
+        let e = err("[sinks.c]\ntype = \"http\"\nbogus = 1\n");
+        assert!(
+            e.contains("line 3") && e.contains("unknown field `bogus`"),
+            "{e}"
+        );
     }
 }

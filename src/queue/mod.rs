@@ -189,6 +189,10 @@ struct Shared {
     bytes: AtomicU64,
     syncs: AtomicU64,
     evicted: AtomicU64,
+    /// `when_full = "drop_oldest"`: one line per [`EVICT_LOG_MS`] at most, and the events
+    /// dropped since the last one. A queue kept full drops on nearly every append.
+    evict_log: crate::ops::log_throttle::LogThrottle,
+    evicted_unlogged: AtomicU64,
     /// The dead letters: how many, their bytes, and how many were dropped over their cap.
     dlq_count: AtomicU64,
     dlq_bytes: AtomicU64,
@@ -307,6 +311,8 @@ impl Queue {
             bytes: AtomicU64::new(bytes),
             syncs: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            evict_log: crate::ops::log_throttle::LogThrottle::new(EVICT_LOG_MS),
+            evicted_unlogged: AtomicU64::new(0),
             dlq_count: AtomicU64::new(dlq_count),
             dlq_bytes: AtomicU64::new(dlq_bytes),
             dlq_dropped: AtomicU64::new(0),
@@ -898,6 +904,10 @@ impl Queue {
 const STORAGE_ERROR_LOG_MS: u64 = 10_000;
 static STORAGE_ERROR_LOG: crate::ops::log_throttle::LogThrottle =
     crate::ops::log_throttle::LogThrottle::new(STORAGE_ERROR_LOG_MS);
+/// At most one "dropped the oldest events" line per this many milliseconds: with
+/// `when_full = "drop_oldest"` a queue that stays full (a sink down for long) drops on nearly
+/// every append, which wrote one line per request.
+const EVICT_LOG_MS: u64 = 10_000;
 
 /// The group-commit writer: take everything waiting, insert, flush, fdatasync, then answer.
 /// Each append is packed (and its full packs compressed) as it arrives, so while the writer
@@ -1373,11 +1383,17 @@ fn evict_for(
         dropped += n;
     }
     if dropped > 0 {
-        shared.evicted.fetch_add(dropped, Ordering::Relaxed);
-        tracing::warn!(
-            dropped,
-            "queue full: dropped the oldest events (queue.when_full = \"drop_oldest\")"
-        );
+        let total = shared.evicted.fetch_add(dropped, Ordering::Relaxed) + dropped;
+        shared
+            .evicted_unlogged
+            .fetch_add(dropped, Ordering::Relaxed);
+        if shared.evict_log.ready().is_some() {
+            tracing::warn!(
+                dropped = shared.evicted_unlogged.swap(0, Ordering::Relaxed),
+                total,
+                "queue full: dropped the oldest events (queue.when_full = \"drop_oldest\"; at most one line per 10 s, llmlogd_queue_evicted_events_total counts them)"
+            );
+        }
     }
     need_bytes == 0 && need_events == 0
 }
