@@ -133,11 +133,27 @@ pub async fn run(
     let watchdog = systemd::watchdog_interval().map(|every| {
         let q = queue.clone();
         tokio::spawn(async move {
+            let mut said = false;
             loop {
                 tokio::time::sleep(every).await;
-                // Ping only while the runtime turns and the queue answers.
+                // Ping only while the runtime turns, the queue answers and its writer moves:
+                // a writer stuck on one step for a whole `WatchdogSec` (a sync that never
+                // returns) holds every ack, and a restart is what helps.
                 let _ = q.stats();
-                systemd::watchdog_ping();
+                match q.writer_stalled(every * 2) {
+                    Some(busy) => {
+                        if !std::mem::replace(&mut said, true) {
+                            tracing::error!(
+                                busy_s = busy.as_secs(),
+                                "the queue writer has been stuck on one write for longer than WatchdogSec; no watchdog ping, so systemd restarts llmlogd"
+                            );
+                        }
+                    }
+                    None => {
+                        said = false;
+                        systemd::watchdog_ping();
+                    }
+                }
             }
         })
     });

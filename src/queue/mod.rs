@@ -203,6 +203,11 @@ struct Shared {
     closed: AtomicBool,
     last_compact_check: AtomicU64,
     last_follow_up_prune: AtomicU64,
+    /// When the writer took up the step it is on (a group commit, a compaction), in Unix ms;
+    /// 0 while it waits for work. The systemd watchdog stops pinging when a step takes too
+    /// long: a writer stuck in a sync that never returns stalls every ack, and only a restart
+    /// helps.
+    writer_busy_since: AtomicU64,
     /// The cap the last append was refused for (`when_full = "reject"`), until an append is
     /// taken or records are removed: `/readyz` reports it.
     refused_for: arc_swap::ArcSwapOption<&'static str>,
@@ -321,6 +326,7 @@ impl Queue {
             closed: AtomicBool::new(false),
             last_compact_check: AtomicU64::new(now_ms()),
             last_follow_up_prune: AtomicU64::new(0),
+            writer_busy_since: AtomicU64::new(0),
             refused_for: arc_swap::ArcSwapOption::empty(),
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
@@ -787,6 +793,14 @@ impl Queue {
         store::free_bytes(&self.shared.cfg.data_dir)
     }
 
+    /// How long the writer has been on its current step (a group commit, a compaction), when
+    /// that is more than `limit`: it is stuck, and with it every ack.
+    pub fn writer_stalled(&self, limit: std::time::Duration) -> Option<std::time::Duration> {
+        let since = self.shared.writer_busy_since.load(Ordering::Relaxed);
+        let busy = std::time::Duration::from_millis(now_ms().saturating_sub(since));
+        (since != 0 && busy > limit).then_some(busy)
+    }
+
     /// Why new events are refused right now, if they are (for `/readyz`): the store is
     /// unavailable after a storage error, the disk is full, or the last append was refused at
     /// a cap (`when_full = "reject"`) and nothing was taken or removed since.
@@ -949,6 +963,7 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
             },
         };
         let started = std::time::Instant::now();
+        shared.writer_busy_since.store(now_ms(), Ordering::Relaxed);
         if shared.trees.read().is_none() {
             reopen(&shared);
         }
@@ -1005,6 +1020,7 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
         if compact {
             run_compaction(&shared);
         }
+        shared.writer_busy_since.store(0, Ordering::Relaxed);
         if stop {
             break;
         }

@@ -1049,3 +1049,28 @@ fn follow_up_ids_older_than_their_keep_are_removed() {
     assert_eq!(q.remote_id(a, 20).unwrap(), None);
     assert!(!q.is_group(21).unwrap());
 }
+
+/// The writer's step is timed for the watchdog: idle between steps (a commit leaves it so),
+/// stalled once one step has lasted longer than the limit.
+#[test]
+fn a_writer_stuck_on_one_step_is_reported_stalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[0])]))
+        .unwrap();
+    // The ack comes before the writer clears its step: wait for that, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while q.shared.writer_busy_since.load(Ordering::Relaxed) != 0 {
+        assert!(std::time::Instant::now() < deadline, "the writer went idle");
+        std::thread::yield_now();
+    }
+    assert_eq!(q.writer_stalled(std::time::Duration::ZERO), None, "idle");
+    // A step under way for 40 s (what a sync that never returns looks like).
+    q.shared
+        .writer_busy_since
+        .store(now_ms() - 40_000, Ordering::Relaxed);
+    let limit = std::time::Duration::from_secs(30);
+    assert!(q.writer_stalled(limit).is_some_and(|b| b >= limit));
+    assert_eq!(q.writer_stalled(std::time::Duration::from_secs(60)), None);
+}
