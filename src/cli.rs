@@ -745,7 +745,7 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
             let letters = queue.dead_letters(sink_id, limit).map_err(fail)?;
             if !json {
                 println!(
-                    "{:<16} {:>10} {:>8} {:>6} {:<28} REASON",
+                    "{:<16} {:>10} {:>8} {:>6} {:<36} REASON",
                     "SINK", "SEQ", "ATTEMPTS", "STATUS", "EVENT ID"
                 );
             }
@@ -759,7 +759,7 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
                     println!("{v}");
                 } else {
                     println!(
-                        "{:<16} {:>10} {:>8} {:>6} {:<28} {}",
+                        "{:<16} {:>10} {:>8} {:>6} {:<36} {}",
                         name_of(d.sink_id),
                         d.seq,
                         d.info.attempts,
