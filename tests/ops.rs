@@ -39,23 +39,29 @@ fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
     (sock, path)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sd_notify_ready_reloading_watchdog_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sock, notify_path) = notify_socket(dir.path());
-    let p = Process::start_with(
-        dir.path(),
-        "",
-        &[
-            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "200000"),
-        ],
-    );
+/// Starts the daemon with a test `NOTIFY_SOCKET` (and `env`) and waits for its READY=1;
+/// returns it, the socket, and the messages seen so far.
+fn start_notified(
+    dir: &std::path::Path,
+    config: &str,
+    env: &[(&str, &str)],
+) -> (Process, UnixDatagram, Vec<String>) {
+    let (sock, notify_path) = notify_socket(dir);
+    let mut all = vec![("NOTIFY_SOCKET", notify_path.to_str().unwrap())];
+    all.extend_from_slice(env);
+    let p = Process::start_with(dir, config, &all);
     let mut seen = Vec::new();
     assert!(
         recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
         "{seen:?}"
     );
+    (p, sock, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_ready_reloading_watchdog_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, sock, mut seen) = start_notified(dir.path(), "", &[("WATCHDOG_USEC", "200000")]);
     // READY comes once the listener answers: it does now.
     let (s, _) = post_json(&p.url("/v1/events"), "{\"a\":1}").await;
     assert_eq!(s, 202);
@@ -85,17 +91,8 @@ async fn sd_notify_ready_reloading_watchdog_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_extends_systemds_stop_timeout_to_the_drain() {
     let dir = tempfile::tempdir().unwrap();
-    let (sock, notify_path) = notify_socket(dir.path());
-    let p = Process::start_with(
-        dir.path(),
-        "[delivery]\ndrain_timeout = \"90s\"\n",
-        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
-    );
-    let mut seen = Vec::new();
-    assert!(
-        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
-        "{seen:?}"
-    );
+    let (p, sock, mut seen) =
+        start_notified(dir.path(), "[delivery]\ndrain_timeout = \"90s\"\n", &[]);
     assert!(p.terminate().success());
     assert!(
         recv_until(&sock, &mut seen, |m| m.contains("STOPPING=1")),
@@ -1822,17 +1819,7 @@ fn under_journald_lines_carry_their_priority() {
 #[test]
 fn a_refused_reload_shows_in_the_systemd_status() {
     let dir = tempfile::tempdir().unwrap();
-    let (sock, notify_path) = notify_socket(dir.path());
-    let p = Process::start_with(
-        dir.path(),
-        "",
-        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
-    );
-    let mut seen = Vec::new();
-    assert!(
-        recv_until(&sock, &mut seen, |m| m.contains("READY=1")),
-        "{seen:?}"
-    );
+    let (p, sock, mut seen) = start_notified(dir.path(), "", &[]);
     let write_config = |text: &str| {
         let tmp = dir.path().join("llmlogd.toml.new");
         std::fs::write(&tmp, text).unwrap();

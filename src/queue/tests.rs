@@ -40,6 +40,14 @@ fn incompressible_json(len: usize, seed: u64) -> String {
     s
 }
 
+/// Appends `n` events (`{"i":0}`, …) routed to `routes`, one commit each.
+fn append_one_by_one(q: &Queue, rt: &tokio::runtime::Runtime, n: usize, routes: &[u16]) {
+    for i in 0..n {
+        let rec = q.prepare(&ev(&format!("{{\"i\":{i}}}")), routes);
+        rt.block_on(q.append(vec![rec])).unwrap();
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -100,10 +108,7 @@ fn gc_keeps_what_the_slowest_sink_needs() {
     let q = Queue::open(&cfg(dir.path())).unwrap();
     let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
     // One commit each: ten values (records packed together go only as a whole).
-    for i in 0..10 {
-        let rec = q.prepare(&ev(&format!("{{\"i\":{i}}}")), &[a, b]);
-        rt.block_on(q.append(vec![rec])).unwrap();
-    }
+    append_one_by_one(&q, &rt, 10, &[a, b]);
     q.set_cursor(a, 10).unwrap();
     q.set_cursor(b, 4).unwrap();
     assert_eq!(q.gc(&[a, b]).unwrap(), 4);
@@ -120,10 +125,7 @@ fn done_ranges_persist_beside_the_cursor() {
     {
         let q = Queue::open(&cfg(dir.path())).unwrap();
         let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
-        for i in 0..10 {
-            let rec = q.prepare(&ev(&format!("{{\"i\":{i}}}")), &[a, b]);
-            rt.block_on(q.append(vec![rec])).unwrap();
-        }
+        append_one_by_one(&q, &rt, 10, &[a, b]);
         assert_eq!(q.progress(a).unwrap(), (0, vec![]));
         q.set_progress(a, 2, &[3..5, 7..10]).unwrap();
         q.set_cursor(b, 10).unwrap();
