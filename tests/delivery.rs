@@ -95,6 +95,19 @@ impl Endpoint {
     }
 }
 
+/// An endpoint that answers 429 (no Retry-After) to its first `n` requests, then 200.
+async fn first_429s_then_ok(n: usize) -> Endpoint {
+    let seen = AtomicUsize::new(0);
+    Endpoint::start(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) < n {
+            Answer::Status(429)
+        } else {
+            ok()
+        }
+    })
+    .await
+}
+
 fn ok() -> Answer {
     Answer::Status(200)
 }
@@ -1002,16 +1015,7 @@ async fn token_bucket_paces_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_lowers_concurrency_and_rate_per_attempt() {
     let dir = tempfile::tempdir().unwrap();
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    let ep = Endpoint::start(move |_| {
-        if n2.fetch_add(1, Ordering::SeqCst) < 3 {
-            Answer::Status(429)
-        } else {
-            ok()
-        }
-    })
-    .await;
+    let ep = first_429s_then_ok(3).await;
     let cfg = sink(
         "aimd",
         &ep.url(),
@@ -1054,16 +1058,7 @@ async fn a_429_lowers_concurrency_and_rate_per_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_429s_slows_down_without_calling_the_sink_unreachable() {
     let dir = tempfile::tempdir().unwrap();
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    let ep = Endpoint::start(move |_| {
-        if n2.fetch_add(1, Ordering::SeqCst) < 8 {
-            Answer::Status(429)
-        } else {
-            ok()
-        }
-    })
-    .await;
+    let ep = first_429s_then_ok(8).await;
     let cfg = sink(
         "busy",
         &ep.url(),
