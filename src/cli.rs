@@ -27,6 +27,65 @@ pub const EXIT_NOINPUT: i32 = 66;
 /// sysexits' EX_TEMPFAIL: every refusal said "retry later" (queue full, disk full).
 pub const EXIT_TEMPFAIL: i32 = 75;
 
+/// One line from clap's rendering of a usage error (several lines: the error, what it lists,
+/// a tip, the usage, a pointer to `--help`; or the whole help when a subcommand is missing):
+/// the error with what it lists and its tip, then which `--help` to read (the usage's
+/// command, else the subcommands named in `args`). A script's log, or the journal under
+/// `ExecStartPre`, gets one line like every other error of this CLI.
+pub fn usage_error_line(rendered: &str, args: &[String]) -> String {
+    let mut what: Option<String> = None;
+    let mut listing = false;
+    let mut tips = Vec::new();
+    let mut command = None;
+    for line in rendered.lines() {
+        let trimmed = line.trim();
+        if let Some(e) = trimmed.strip_prefix("error: ") {
+            if what.is_none() {
+                listing = e.ends_with(':');
+                what = Some(e.trim_end_matches(':').to_string());
+            }
+            continue;
+        }
+        if listing && line.starts_with(' ') && !trimmed.is_empty() {
+            if let Some(w) = what.as_mut() {
+                w.push_str(if w.contains(": ") { ", " } else { ": " });
+                w.push_str(trimmed);
+            }
+            continue;
+        }
+        listing = false;
+        if let Some(t) = trimmed.strip_prefix("tip: ") {
+            tips.push(t.to_string());
+        } else if let Some(u) = trimmed.strip_prefix("Usage: ") {
+            command = Some(
+                u.split_whitespace()
+                    .take_while(|w| !w.starts_with(['[', '<', '-']))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+    }
+    let command = command.unwrap_or_else(|| command_named_in(args));
+    let what = what.unwrap_or_else(|| format!("`{command}` needs a command"));
+    let tips: String = tips.iter().map(|t| format!("; {t}")).collect();
+    format!("{what}{tips} (see `{command} --help`)")
+}
+
+/// `llmlogd` and the subcommands `args` name (`llmlogd dlq show`), options skipped.
+fn command_named_in(args: &[String]) -> String {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    let mut path = vec!["llmlogd".to_string()];
+    for a in args.iter().skip(1).filter(|a| !a.starts_with('-')) {
+        let Some(sub) = cmd.find_subcommand(a).cloned() else {
+            break;
+        };
+        path.push(a.clone());
+        cmd = sub;
+    }
+    path.join(" ")
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "llmlogd",

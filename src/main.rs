@@ -32,11 +32,18 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // `--help` and `--version` print and succeed; a usage error exits 64 (EX_USAGE)
-            // like every other usage error of this CLI, not clap's own 2.
-            let code = if e.use_stderr() { cli::EXIT_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code as u8);
+            // `--help` and `--version` print and succeed; a usage error is one line, exit 64
+            // (EX_USAGE) like every other usage error of this CLI, not clap's own 2.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let args: Vec<String> = std::env::args().collect();
+            eprintln!(
+                "llmlogd: {}",
+                cli::usage_error_line(&e.render().to_string(), &args)
+            );
+            return ExitCode::from(cli::EXIT_USAGE as u8);
         }
     };
     if matches!(

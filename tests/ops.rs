@@ -1848,3 +1848,49 @@ fn a_refused_reload_shows_in_the_systemd_status() {
         "{status:?}"
     );
 }
+
+/// A usage error is one line naming the problem and the `--help` to read, exit 64: clap's own
+/// rendering spread it over five or more lines (the error, a tip, the usage, a pointer), and a
+/// missing subcommand printed the whole help, into a script's log or the journal.
+#[test]
+fn usage_errors_are_one_line_and_help_still_prints_whole() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["run", "--foo"],
+            "unexpected argument '--foo' found (see `llmlogd run --help`)",
+        ),
+        (
+            &["sendd"],
+            "a similar subcommand exists: 'send' (see `llmlogd --help`)",
+        ),
+        (
+            &["dlq"],
+            "`llmlogd dlq` needs a command (see `llmlogd dlq --help`)",
+        ),
+        (
+            &["dlq", "show"],
+            "not provided: <SINK>, <SEQ> (see `llmlogd dlq show --help`)",
+        ),
+        (
+            &["run", "--config"],
+            "none was supplied (see `llmlogd run --help`)",
+        ),
+        (&[], "`llmlogd` needs a command (see `llmlogd --help`)"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("llmlogd: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    for args in [&["--help"][..], &["dlq", "--help"], &["--version"]] {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty() && out.stderr.is_empty(), "{args:?}");
+    }
+}
