@@ -1307,7 +1307,11 @@ async fn send_with_a_bad_option_exits_64_naming_it() {
         let out = send_cli(bad.map(String::from).to_vec(), Vec::new()).await;
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(64), "{bad:?}: {err}");
-        assert!(err.starts_with("error: ") && err.contains(bad[0]), "{err}");
+        assert!(
+            err.starts_with("llmlogd: ") && err.contains(bad[0]),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
     let out = send_cli(vec!["--help".into()], Vec::new()).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
