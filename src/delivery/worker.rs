@@ -818,12 +818,7 @@ impl Worker {
             // key may be refused (the url points at another region or deployment of the
             // service, or its auth is failing): held and retried like an outage, so that does
             // not empty the backlog into the dead letters.
-            let successes = self.successes;
-            let others_delivered = seqs
-                .iter()
-                .filter_map(|k| self.window.get(k))
-                .any(|s| successes > s.mark);
-            if others_delivered {
+            if self.delivered_since(&seqs) {
                 self.metrics.failed(&self.name, FailureClass::auth);
                 self.reachable(now);
                 let reason = format!(
@@ -904,11 +899,7 @@ impl Worker {
                 // first sent)? Then this failure is about them, not the service: strike a
                 // lone event, bisect a batch. A 429 is about the pace, never the event.
                 let successes = self.successes;
-                let evidence = !throttled
-                    && seqs
-                        .iter()
-                        .filter_map(|k| self.window.get(k))
-                        .any(|s| successes > s.mark);
+                let evidence = !throttled && self.delivered_since(&seqs);
                 let bisect = evidence && seqs.len() > 1;
                 let half = (seqs.len() / 2).max(1);
                 for k in &seqs {
@@ -1158,6 +1149,14 @@ impl Worker {
                 self.window.insert(seq, s);
             }
         }
+    }
+
+    /// Whether the sink delivered anything since any of `seqs` last failed (or was first
+    /// sent): then a failure is about these events (or their key), not the service.
+    fn delivered_since(&self, seqs: &[u64]) -> bool {
+        seqs.iter()
+            .filter_map(|k| self.window.get(k))
+            .any(|s| self.successes > s.mark)
     }
 
     /// Whether `seq` is done already (it was before the last stop: the refill skips it).

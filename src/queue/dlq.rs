@@ -95,6 +95,8 @@ impl Queue {
         if let Some(r) = info.response.as_mut() {
             truncate_utf8(r, MAX_RESPONSE);
         }
+        // The bytes its chunks take, for the counts.
+        let mut chunks = 0;
         if let Some(len) = record::chunked_len(&value) {
             let payload = super::read_chunks(&t.chunks, seq, len).unwrap_or_default();
             let mut b = sled::Batch::default();
@@ -102,13 +104,14 @@ impl Queue {
                 b.insert(&dlq_chunk_key(sink, seq, i as u32)[..], c);
             }
             t.dlq_chunks.apply_batch(b)?;
+            chunks = payload.len() as u64;
         }
         let meta = serde_json::to_vec(&info).map_err(|e| QueueError::Storage(e.to_string()))?;
         let mut v = Vec::with_capacity(4 + meta.len() + value.len());
         v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
         v.extend_from_slice(&meta);
         v.extend_from_slice(&value);
-        let (len, chunks) = (v.len() as u64, chunk_bytes(&t, sink, seq)?);
+        let len = v.len() as u64;
         let sh = &self.shared;
         match t.dlq.insert(dlq_key(sink, seq), v)? {
             // The same event given up on again (delivered again after a restart): its chunks
@@ -158,10 +161,7 @@ impl Queue {
         };
         let mut b = sled::Batch::default();
         let mut freed = old.len() as u64;
-        for kv in t
-            .dlq_chunks
-            .range(dlq_chunk_key(sink, seq, 0)..dlq_chunk_key(sink, seq, u32::MAX))
-        {
+        for kv in letter_chunks(t, sink, seq) {
             let (k, c) = kv?;
             freed += c.len() as u64;
             b.remove(k);
@@ -261,16 +261,10 @@ fn sub(a: &AtomicU64, n: u64) {
     });
 }
 
-/// Bytes already in `dlq_chunks` for one dead letter.
-fn chunk_bytes(t: &Trees, sink: u16, seq: u64) -> Result<u64, QueueError> {
-    let mut n = 0;
-    for kv in t
-        .dlq_chunks
+/// One dead letter's chunks, in order.
+fn letter_chunks(t: &Trees, sink: u16, seq: u64) -> sled::Iter {
+    t.dlq_chunks
         .range(dlq_chunk_key(sink, seq, 0)..dlq_chunk_key(sink, seq, u32::MAX))
-    {
-        n += kv?.1.len() as u64;
-    }
-    Ok(n)
 }
 
 /// The dead letter with the lowest seq over every sink, `keep` aside: the first of each sink's
@@ -342,10 +336,7 @@ fn decode_dead(t: &Trees, k: &[u8], v: &[u8]) -> DeadLetter {
     let event = match v.get(4usize.saturating_add(meta_len)..) {
         Some(rec) => record::decode(seq, rec, |len| {
             let mut out = Vec::with_capacity(len);
-            for kv in t
-                .dlq_chunks
-                .range(dlq_chunk_key(sink_id, seq, 0)..dlq_chunk_key(sink_id, seq, u32::MAX))
-            {
+            for kv in letter_chunks(t, sink_id, seq) {
                 let (_, c) = kv.map_err(|_| RecordError("chunk unreadable"))?;
                 out.extend_from_slice(&c);
             }

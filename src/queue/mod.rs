@@ -484,12 +484,7 @@ impl Queue {
     /// Moves a sink's cursor: every record below `seq` is done for it. Not synced by itself
     /// (see "After a crash").
     pub fn set_cursor(&self, sink: u16, seq: u64) -> Result<(), QueueError> {
-        self.shared
-            .trees()?
-            .cursors
-            .insert(sink.to_be_bytes(), &seq.to_be_bytes())?;
-        self.shared.cursor_moved.notify_one();
-        Ok(())
+        self.set_progress(sink, seq, &[])
     }
 
     /// Resolves after a cursor moved (at once if one moved since the last call returned).
@@ -704,6 +699,10 @@ impl Queue {
                 n += record::count_of(&v);
             }
             if n == 0 {
+                if removed > 0 {
+                    // Room was made: an append refused at a cap may be taken now.
+                    self.shared.refused_for.store(None);
+                }
                 return Ok(removed);
             }
             t.log.apply_batch(batch)?;
@@ -711,7 +710,6 @@ impl Queue {
                 remove_chunks(&t.chunks, seq)?;
             }
             self.shared.events.fetch_sub(n, Ordering::Relaxed);
-            self.shared.refused_for.store(None);
             self.shared.bytes.fetch_sub(freed, Ordering::Relaxed);
             removed += n;
         }
