@@ -239,6 +239,9 @@ pub enum DlqAction {
 pub struct CliError {
     pub code: i32,
     pub message: String,
+    /// Already written to the daemon's log (a fatal error of `run` under
+    /// `log.format = "json"`): only the exit code is left to give.
+    pub logged: bool,
 }
 
 impl CliError {
@@ -246,6 +249,7 @@ impl CliError {
         CliError {
             code,
             message: message.into(),
+            logged: false,
         }
     }
 }

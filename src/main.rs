@@ -74,6 +74,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.logged => ExitCode::from(e.code.clamp(1, 255) as u8),
         Err(e) => {
             // `<3>`: an error's priority for journald (see `init_tracing`).
             let priority = if stderr_is_journal() { "<3>" } else { "" };
@@ -97,17 +98,33 @@ fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
     })?;
     let cfg: Config = args.load()?;
     init_tracing(&cfg);
+    // From here on the log is set up: under `log.format = "json"` a fatal error is one more
+    // JSON line of it (level ERROR), so a collector reading the daemon's output as JSON
+    // lines meets no plain-text line at the end. Errors before this point (the command line,
+    // the config itself) come before the format is known and stay one plain line.
+    let json = cfg.log.format == LogFormat::Json;
+    let fatal = |code: i32, message: String| {
+        if json {
+            tracing::error!("{message}");
+            CliError {
+                logged: true,
+                ..CliError::new(code, message)
+            }
+        } else {
+            CliError::new(code, message)
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("llmlogd")
         .build()
-        .map_err(|e| CliError::new(cli::EXIT_SOFTWARE, format!("cannot start the runtime: {e}")))?;
+        .map_err(|e| fatal(cli::EXIT_SOFTWARE, format!("cannot start the runtime: {e}")))?;
     let source = llmlogd::app::ConfigSource {
         path: args.config.clone(),
         overrides: args.overrides(),
     };
     rt.block_on(llmlogd::app::run(cfg, source, signals, None))
-        .map_err(|e| CliError::new(1, format!("{e:#}")))
+        .map_err(|e| fatal(1, format!("{e:#}")))
 }
 
 fn init_tracing(cfg: &Config) {

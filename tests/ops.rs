@@ -1813,6 +1813,48 @@ fn under_journald_lines_carry_their_priority() {
     assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
 }
 
+/// Under `log.format = "json"` every line the daemon writes is JSON, the fatal error that
+/// stops it included (it was one plain `llmlogd: …` line after the JSON log lines).
+#[test]
+fn a_fatal_error_under_the_json_log_is_a_json_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // The port is taken: binding it is the fatal error, after the log is set up.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = dir.path().join("llmlogd.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttp_listen = \"{addr}\"\nunix_socket = \"\"\n\n[queue]\ndata_dir = {data:?}\n\n[log]\nformat = \"json\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("RUST_LOG")
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let last = lines.last().unwrap_or_else(|| panic!("nothing logged"));
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    let message = last["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
 /// `systemctl reload` only sends SIGHUP, so it succeeds whatever the daemon makes of the file:
 /// the STATUS line `systemctl status` shows says a refused reload was refused (it said
 /// "listening on …" as after a good one), until a reload is taken.
