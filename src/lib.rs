@@ -12,14 +12,16 @@
 //! - [`event`]: the one event type every stage shares.
 //! - [`queue`]: the sled write-ahead log: group-commit writer thread (fdatasync before ack)
 //!   that packs small events ~8 to a value, compressed together; a cursor per sink, dead
-//!   letters, byte cap. Its invariants are written at its top.
+//!   letters (with their own cap), byte and event caps, compaction, `fsck`. Its invariants
+//!   are written at its top.
 //! - [`delivery`]: one engine for all sinks: per-sink worker reading from its cursor,
 //!   batching, rate limit, retry with backoff, Retry-After, circuit, dead-lettering.
 //! - [`sinks`]: thin: build a request from a batch, classify the reply.
 //! - [`config`]: TOML → validated `Config`; secrets never print.
 //! - [`ops`]: signals, systemd notify/watchdog, metrics, status.
 //! - [`app`]: wiring: build the stages from a `Config`, run, reload, shut down in order.
-//! - [`cli`]: the command line (`run`, `send`, `status`, `check-config`, `dlq`).
+//! - [`cli`]: the command line (`run`, `send`, `status`, `check-config`, `dlq`,
+//!   `fsck`).
 
 pub mod app;
 pub mod cli;
