@@ -1578,6 +1578,91 @@ async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     assert_eq!(letters[0]["info"]["status"], 413, "{letters:?}");
 }
 
+/// A service that takes at most 20 kB per request: the first refused batch teaches the sink
+/// what fits, and every later batch is sent under it, with no 413 at all (before, each new
+/// batch started at `batch_max_bytes` again and paid two refused requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_413_later_batches_are_sent_under_what_the_service_accepts() {
+    const LIMIT: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if r.body.len() > LIMIT {
+            Answer::Status(413)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "lim",
+        &ep.url(),
+        &[
+            ("batch_max_events", "100"),
+            ("batch_max_bytes", "65536"),
+            ("concurrency", "1"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    // ~1 kB events, in one request: one commit, so the sink sees them all at once.
+    let evs: Vec<String> = (0..200).map(|i| event(i, "", 900)).collect();
+    post(&d.url("/v1/events"), &evs).await;
+    wait_for(DEADLINE, "the 200 events delivered", || {
+        (ep.delivered_set() == range_set(0..200)).then_some(())
+    })
+    .await;
+    let reqs = ep.requests();
+    let answers: Vec<String> = reqs
+        .iter()
+        .map(|(r, a)| format!("{} events {} B: {a:?}", nums(r).len(), r.body.len()))
+        .collect();
+    // Concurrency 1: requests go one after another. Once one batch was delivered, the size
+    // is known: no 413 after it.
+    let first_ok = reqs
+        .iter()
+        .position(|(_, a)| answered_ok(a))
+        .expect("a delivery");
+    let refused_later = reqs[first_ok..]
+        .iter()
+        .filter(|(_, a)| matches!(a, Answer::Status(413)))
+        .count();
+    assert_eq!(
+        refused_later, 0,
+        "413s after the size was learned: {answers:#?}"
+    );
+    assert!(
+        first_ok >= 1,
+        "the first batch was over the limit: {answers:#?}"
+    );
+    // Every event exactly once, byte for byte.
+    let mut got: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (r, a) in &reqs {
+        if answered_ok(a) {
+            for raw in r.raw_events() {
+                let v: Value = serde_json::from_str(&raw).unwrap();
+                got.entry(v["i"].as_u64().unwrap()).or_default().push(raw);
+            }
+        }
+    }
+    assert_eq!(got.len(), 200);
+    for (i, raws) in &got {
+        assert_eq!(raws, &vec![evs[*i as usize].clone()], "event {i}");
+    }
+    // The learned ceiling shows in the status and as a gauge.
+    let st = status(&base).await;
+    let s = sink_status(&st, "lim");
+    let learned = s["batch_ceiling_bytes"]
+        .as_u64()
+        .expect("batch_ceiling_bytes");
+    assert!(learned <= LIMIT as u64, "{s}");
+    assert_eq!(s["batch_ceiling_events"], 100, "{s}");
+    assert_eq!(
+        metric(&base, "llmlogd_sink_batch_ceiling_bytes{sink=\"lim\"}").await,
+        Some(learned as f64)
+    );
+    d.stop().await;
+}
+
 /// A 4xx refuses the request, not the batch-mates of the event it is about: only the refused
 /// event reaches the dead letters, with the status and body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::limits::FlowControl;
+use super::limits::{BatchCeiling, FlowControl};
 use super::retry::{self, Verdict};
 use crate::config::{SinkConfig, SinkKind};
 use crate::event::{now_ms, StoredEvent};
@@ -180,6 +180,9 @@ pub(crate) struct Worker {
     /// `done` changed since the progress was persisted.
     progress_dirty: bool,
     flow: FlowControl,
+    /// The largest request the service was seen to accept (413/431): later batches are
+    /// formed under it instead of being refused and halved again each time.
+    ceiling: BatchCeiling,
     requests: JoinSet<Done>,
     /// The events of each request task, to recover them if the task itself fails.
     flights: HashMap<tokio::task::Id, Vec<u64>>,
@@ -280,6 +283,7 @@ impl Worker {
             sink: sinks::build(&cfg),
             client: client_for(&cfg),
             flow: FlowControl::new(cfg.concurrency, cfg.rate.clone(), now),
+            ceiling: BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now),
             cfg,
             queue,
             metrics,
@@ -440,6 +444,14 @@ impl Worker {
         if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
             tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
             self.pause = None;
+        }
+        // What the old endpoint accepted says nothing about a new one, and new maxima are
+        // the operator saying what to send: start from them.
+        if cfg.batch.max_events != self.cfg.batch.max_events
+            || cfg.batch.max_bytes != self.cfg.batch.max_bytes
+            || endpoint(&cfg) != endpoint(&self.cfg)
+        {
+            self.ceiling = BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now);
         }
         self.sink = sinks::build(&cfg);
         self.client = client_for(&cfg);
@@ -604,7 +616,8 @@ impl Worker {
         }
 
         let per_request = self.sink.events_per_request().max(1);
-        let max_bytes = self.cfg.batch.max_bytes;
+        let max_bytes = self.ceiling.bytes();
+        let max_events = self.ceiling.events();
         let mut wake: Option<Instant> = None;
         let earliest = |t: Instant, wake: &mut Option<Instant>| {
             *wake = Some(wake.map_or(t, |w| w.min(t)));
@@ -626,9 +639,10 @@ impl Worker {
         let mut i = 0;
         while i < due.len() && self.in_flight < self.flow.concurrency() {
             // Form one request's worth: at most `per_request` events (and the smallest
-            // `max_batch` among them), at most `max_bytes` of body.
+            // `max_batch` among them), at most `max_bytes` of body, both within the ceiling
+            // the service taught (413/431).
             let first = &self.window[&due[i]];
-            let mut limit = per_request.min(first.max_batch).max(1);
+            let mut limit = per_request.min(max_events).min(first.max_batch).max(1);
             let mut group = vec![due[i]];
             let mut bytes = FRAMING_PER_BATCH + first.ev.payload.len() + FRAMING_PER_EVENT;
             let mut j = i + 1;
@@ -836,6 +850,8 @@ impl Worker {
         match verdict {
             Verdict::Delivered => {
                 let n = seqs.len() as u64;
+                let bytes = self.request_bytes(&seqs);
+                self.ceiling.delivered(seqs.len(), bytes, now);
                 for k in &seqs {
                     if let Some(s) = self.window.remove(k) {
                         self.window_bytes -= s.ev.payload.len();
@@ -1022,6 +1038,24 @@ impl Worker {
                 // halved again, and a single event that still is goes to the dead letters
                 // (`Reject`). Not an attempt: the batch-mates did nothing wrong.
                 self.metrics.failed(&self.name, class);
+                if class == FailureClass::too_large {
+                    let before = (self.ceiling.events(), self.ceiling.bytes());
+                    let bytes = self.request_bytes(&seqs);
+                    self.ceiling
+                        .too_large(status.unwrap_or(413), seqs.len(), bytes, now);
+                    let after = (self.ceiling.events(), self.ceiling.bytes());
+                    if after != before {
+                        tracing::info!(
+                            sink = %self.name,
+                            status = ?status,
+                            refused_events = seqs.len(),
+                            refused_bytes = bytes,
+                            max_events = after.0,
+                            max_bytes = after.1,
+                            "the service refused a batch as too large; later batches stay under what it accepts"
+                        );
+                    }
+                }
                 if class == FailureClass::rejected_4xx {
                     self.note_error(format!(
                         "HTTP {}: {} (halving the batch to find the refused events)",
@@ -1151,6 +1185,16 @@ impl Worker {
         }
     }
 
+    /// The body bytes a request of these window events counts for (`dispatch`'s measure:
+    /// payloads plus framing).
+    fn request_bytes(&self, seqs: &[u64]) -> usize {
+        seqs.iter()
+            .filter_map(|k| self.window.get(k))
+            .map(|s| s.ev.payload.len() + FRAMING_PER_EVENT)
+            .sum::<usize>()
+            + FRAMING_PER_BATCH
+    }
+
     /// Whether the sink delivered anything since any of `seqs` last failed (or was first
     /// sent): then a failure is about these events (or their key), not the service.
     fn delivered_since(&self, seqs: &[u64]) -> bool {
@@ -1267,6 +1311,8 @@ impl Worker {
         self.metrics.sink_state(&self.name, state);
         self.metrics
             .sink_limits(&self.name, self.flow.rate(), self.flow.concurrency());
+        self.metrics
+            .batch_ceiling(&self.name, self.ceiling.events(), self.ceiling.bytes());
         let head = *self.queue.head().borrow();
         let backlog = self.window.len() as u64 + head.saturating_sub(self.read_pos);
         self.metrics.backlog(&self.name, backlog);
@@ -1296,6 +1342,8 @@ impl Worker {
             s.paused_until_ms = paused_until_ms;
             s.rate_limit = self.flow.rate();
             s.concurrency = self.flow.concurrency();
+            s.batch_ceiling_events = self.ceiling.events();
+            s.batch_ceiling_bytes = self.ceiling.bytes();
         });
     }
 }
@@ -1830,21 +1878,76 @@ mod tests {
         assert_eq!(r.w.flow.concurrency(), 2, "sent after the first halving");
     }
 
+    /// A 413 halves the refused batch and teaches the sink a ceiling: later batches, of
+    /// events never refused, are formed under it instead of being refused again each time.
     #[tokio::test]
-    async fn a_413_halves_the_batch() {
-        let mut r = rig("batch_max_events = 8\nconcurrency = 1");
-        r.add(0..8, 20);
+    async fn a_413_halves_the_batch_and_later_batches_stay_under_what_was_accepted() {
+        let mut r = rig("batch_max_events = 8\nconcurrency = 1\nbatch_max_wait = \"1ms\"");
+        // 20-byte events: 21 bytes each in a JSON array, plus 1 for the batch.
+        r.add(0..24, 20);
         let (sent, _) = r.dispatch(1_000);
         assert_eq!(sent, vec![(0..8).collect::<Vec<_>>()]);
         r.reply(&sent[0], 413, 1_001);
+        assert_eq!((r.w.ceiling.events(), r.w.ceiling.bytes()), (8, 84));
+        // Halved, and within 84 bytes: three events.
+        let (sent, _) = r.dispatch(1_002);
+        assert_eq!(sent, vec![vec![0, 1, 2]]);
+        r.reply(&sent[0], 413, 1_003);
+        assert_eq!(r.w.ceiling.bytes(), 32);
+        let mut ms = 1_004;
+        let mut batches = Vec::new();
+        while !r.w.window.is_empty() {
+            let (sent, _) = r.dispatch(ms);
+            assert_eq!(sent.len(), 1, "at {ms}");
+            r.reply(&sent[0], 200, ms + 1);
+            batches.push(sent[0].clone());
+            ms += 10;
+        }
+        assert!(
+            batches.iter().all(|b| b.len() == 1),
+            "every later batch under the 32 bytes learned: {batches:?}"
+        );
+        assert_eq!(r.w.delivered, 24);
+        // An event too large on its own still goes to the dead letters, and teaches nothing.
+        r.add(24..25, 500);
+        let (sent, _) = r.dispatch(ms);
+        assert_eq!(sent, vec![vec![24]]);
+        r.reply(&sent[0], 413, ms + 1);
+        assert_eq!(r.w.dead_lettered, 1);
+        assert_eq!((r.w.ceiling.events(), r.w.ceiling.bytes()), (8, 32));
+        r.w.publish();
+        let st = r.w.board.get("s").unwrap();
+        assert_eq!((st.batch_ceiling_events, st.batch_ceiling_bytes), (8, 32));
+        // A reload that changes nothing of the batch keeps it; new maxima reset it.
+        let mut cfg = (*r.w.cfg).clone();
+        cfg.timeout = Duration::from_secs(3);
+        r.w.reconfigure(Arc::new(cfg.clone()));
+        assert_eq!(r.w.ceiling.bytes(), 32);
+        cfg.batch.max_bytes = 4096;
+        r.w.reconfigure(Arc::new(cfg));
+        assert_eq!((r.w.ceiling.events(), r.w.ceiling.bytes()), (8, 4096));
+    }
+
+    /// A 431 (headers too large: the event ids header grows with the batch) lowers the
+    /// events per request, never below one.
+    #[tokio::test]
+    async fn a_431_lowers_the_events_per_request() {
+        let mut r = rig("batch_max_events = 8\nconcurrency = 1\nbatch_max_wait = \"1ms\"");
+        r.add(0..8, 20);
+        let (sent, _) = r.dispatch(1_000);
+        r.reply(&sent[0], 431, 1_001);
         let (sent, _) = r.dispatch(1_002);
         assert_eq!(sent, vec![vec![0, 1, 2, 3]]);
-        r.reply(&sent[0], 413, 1_003);
+        r.reply(&sent[0], 431, 1_003);
         let (sent, _) = r.dispatch(1_004);
         assert_eq!(sent, vec![vec![0, 1]]);
-        r.reply(&sent[0], 200, 1_005);
+        r.reply(&sent[0], 431, 1_005);
+        assert_eq!(r.w.ceiling.events(), 1);
         let (sent, _) = r.dispatch(1_006);
-        assert_eq!(sent, vec![vec![2, 3]]);
+        assert_eq!(sent, vec![vec![0]]);
+        r.reply(&sent[0], 200, 1_007);
+        let (sent, _) = r.dispatch(1_008);
+        assert_eq!(sent, vec![vec![1]], "one event per request from now on");
     }
 
     #[tokio::test]
