@@ -972,6 +972,68 @@ async fn retry_after_pauses_the_sink_and_is_not_an_attempt() {
     );
 }
 
+/// A Retry-After outlives the daemon: stopped (gracefully, then with `kill -9`) while paused
+/// and started again, it sends nothing to the service before the time it asked for (before,
+/// the restarted daemon sent at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_pause_survives_a_restart_and_a_kill_9() {
+    const PAUSE: Duration = Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    // The first request of each round is asked to wait; the next is taken.
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            Answer::RetryAfter(429, PAUSE.as_secs().to_string())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink("ra", &ep.url(), &[("concurrency", "1")]);
+    let mut p = Process::start(dir.path(), &cfg);
+    for (round, kill) in [(0u64, false), (1, true)] {
+        post_range(&p.url("/v1/events"), round..round + 1, "").await;
+        let base = |path: &str| p.url(path);
+        wait_until(DEADLINE, "the sink paused by the Retry-After", || async {
+            (sink_status(&status(&base).await, "ra")["state"] == "paused").then_some(())
+        })
+        .await;
+        if kill {
+            p.kill9();
+        } else {
+            assert!(p.terminate().success());
+        }
+        p = Process::start(dir.path(), &cfg);
+        let asked = ep.requests()[2 * round as usize].0.at;
+        let base = |path: &str| p.url(path);
+        let st = wait_until(DEADLINE, "the sink in the status", || async {
+            let st = status(&base).await;
+            (!sink_status(&st, "ra")["state"].is_null()).then_some(st)
+        })
+        .await;
+        if Instant::now() + Duration::from_secs(1) < asked + PAUSE {
+            let s = sink_status(&st, "ra");
+            assert_eq!(s["state"], "paused", "restarted, still paused: {s}");
+            assert!(s["paused_until_ms"].is_u64(), "{s}");
+        }
+        wait_for(DEADLINE, "the event delivered after the pause", || {
+            ep.delivered_set().contains(&round).then_some(())
+        })
+        .await;
+        let reqs = ep.requests();
+        assert_eq!(reqs.len(), 2 * round as usize + 2, "{reqs:?}");
+        let gap = reqs[2 * round as usize + 1].0.at - asked;
+        assert!(
+            gap + Duration::from_millis(5) >= PAUSE,
+            "round {round} (kill -9: {kill}): a request {gap:?} after `Retry-After: {}` and a restart",
+            PAUSE.as_secs()
+        );
+    }
+    assert!(p.terminate().success());
+    assert_eq!(ep.delivered(), vec![0, 1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Rate limits: token bucket, AIMD
 // ---------------------------------------------------------------------------------------------

@@ -63,6 +63,10 @@ const MAX_WINDOW_BYTES: usize = 32 << 20;
 const MAX_RESPONSE: usize = 64 * 1024;
 /// How often an ongoing outage is summarised in the log.
 const OUTAGE_SUMMARY: Duration = Duration::from_secs(300);
+/// A Retry-After pause at least this long is persisted (`Queue::set_not_before`), so a restart
+/// honours it: the service asked for the time, and a daemon that restarts (an upgrade, a crash
+/// loop) must not answer with a request at once. Shorter ones are over before a restart is.
+const PERSIST_PAUSE_FROM: Duration = Duration::from_secs(1);
 /// How long a follow-up waits before asking again whether its log was delivered.
 const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 
@@ -267,6 +271,50 @@ fn endpoint(cfg: &SinkConfig) -> impl PartialEq + '_ {
     (cfg.kind.type_name(), url, cfg.key.as_ref(), headers)
 }
 
+/// `endpoint` as a number, stored with a persisted pause: a restart with the sink pointed
+/// elsewhere (another url or key) drops the pause, as a reload does. std's `DefaultHasher`
+/// (SipHash with fixed keys) is stable within a build; a build that hashes differently only
+/// loses a pause across that upgrade (one request sent early, as before pauses persisted).
+fn endpoint_fingerprint(cfg: &SinkConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    let (url, headers) = match &cfg.kind {
+        SinkKind::Http { url, headers, .. } => (url, Some(headers)),
+        SinkKind::Pezzo { url, .. } | SinkKind::PromptLayer { url } => (url, None),
+    };
+    (
+        cfg.kind.type_name(),
+        url,
+        cfg.key.as_ref().map(|k| k.expose()),
+        headers,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
+/// The Retry-After pause a previous run persisted for this sink, if it is not over (capped
+/// by `max_retry_after`, as a live one is) and was asked by the same endpoint.
+fn restored_pause(queue: &Queue, id: u16, cfg: &SinkConfig, now: Instant) -> Option<Pause> {
+    let (until_ms, fingerprint) = match queue.not_before(id) {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(sink = %cfg.name, error = %e, "could not read the sink's Retry-After pause from before the restart; not pausing");
+            return None;
+        }
+    };
+    let left = until_ms.saturating_sub(now_ms());
+    if left == 0 || fingerprint != endpoint_fingerprint(cfg) {
+        return None;
+    }
+    let d = Duration::from_millis(left).min(cfg.retry.max_retry_after);
+    tracing::info!(sink = %cfg.name, pause = ?d, "the service asked to wait (Retry-After) before the restart; the sink stays paused until then");
+    Some(Pause::Until(
+        now + d,
+        "Retry-After (asked before the restart)".into(),
+    ))
+}
+
 impl Worker {
     pub(crate) fn new(
         cfg: Arc<SinkConfig>,
@@ -277,6 +325,7 @@ impl Worker {
     ) -> Result<Self, crate::queue::QueueError> {
         let (cursor, done) = queue.progress(id)?;
         let now = Instant::now();
+        let pause = restored_pause(&queue, id, &cfg, now);
         Ok(Worker {
             name: cfg.name.clone(),
             id,
@@ -314,7 +363,7 @@ impl Worker {
             delivered: 0,
             dead_lettered: 0,
             circuit: None,
-            pause: None,
+            pause,
             last_error: None,
             last_error_ms: None,
             last_success_ms: None,
@@ -444,6 +493,9 @@ impl Worker {
         if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
             tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
             self.pause = None;
+            if let Err(e) = self.queue.clear_not_before(self.id) {
+                tracing::debug!(sink = %self.name, error = %e, "could not forget the persisted pause (its endpoint fingerprint no longer matches anyway)");
+            }
         }
         // What the old endpoint accepted says nothing about a new one, and new maxima are
         // the operator saying what to send: start from them.
@@ -1011,6 +1063,13 @@ impl Worker {
                         until,
                         format!("Retry-After from HTTP {}", status.unwrap_or(0)),
                     ));
+                    if d >= PERSIST_PAUSE_FROM {
+                        let until_ms = now_ms() + d.as_millis() as u64;
+                        let fingerprint = endpoint_fingerprint(&self.cfg);
+                        if let Err(e) = self.queue.set_not_before(self.id, until_ms, fingerprint) {
+                            tracing::warn!(sink = %self.name, error = %e, "could not persist the Retry-After pause (a restart would not honour it)");
+                        }
+                    }
                 }
                 self.note_error(format!(
                     "HTTP {}: Retry-After {}s",
@@ -1555,6 +1614,35 @@ mod tests {
             self.reply_gen(seqs, status, ms, self.w.generation);
         }
 
+        fn reply_retry_after(&mut self, seqs: &[u64], status: u16, after: Duration, ms: u64) {
+            let done = Done {
+                seqs: seqs.to_vec(),
+                elapsed: Duration::ZERO,
+                generation: self.w.generation,
+                app_key: false,
+                sent: self.w.sends,
+                result: Ok(Reply {
+                    status,
+                    retry_after: Some(after),
+                    location: None,
+                    body: Vec::new(),
+                }),
+            };
+            self.w.complete(done, self.at(ms));
+        }
+
+        /// A second worker for the same sink and store, as a restart would start.
+        fn restarted(&self, cfg: SinkConfig) -> Worker {
+            Worker::new(
+                Arc::new(cfg),
+                self.w.id,
+                self.w.queue.clone(),
+                Arc::new(Metrics::new()),
+                Arc::new(StatusBoard::default()),
+            )
+            .unwrap()
+        }
+
         fn reply_gen(&mut self, seqs: &[u64], status: u16, ms: u64, generation: u64) {
             let done = Done {
                 seqs: seqs.to_vec(),
@@ -1948,6 +2036,69 @@ mod tests {
         r.reply(&sent[0], 200, 1_007);
         let (sent, _) = r.dispatch(1_008);
         assert_eq!(sent, vec![vec![1]], "one event per request from now on");
+    }
+
+    /// A Retry-After pause is persisted and a restarted worker honours it (capped by
+    /// `max_retry_after`), unless the sink now points elsewhere; a reload to another endpoint
+    /// forgets it.
+    #[tokio::test]
+    async fn a_retry_after_pause_survives_a_restart_of_the_worker() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 1");
+        r.add(0..1, 20);
+        // A short pause is not persisted.
+        let (sent, _) = r.dispatch(0);
+        r.reply_retry_after(&sent[0], 503, Duration::from_millis(500), 1);
+        assert_eq!(r.w.queue.not_before(r.w.id).unwrap(), None);
+        let (sent, _) = r.dispatch(600);
+        let before = now_ms();
+        r.reply_retry_after(&sent[0], 503, Duration::from_secs(30), 601);
+        let (until, _) = r.w.queue.not_before(r.w.id).unwrap().expect("persisted");
+        assert!(
+            until >= before + 30_000 && until <= now_ms() + 30_000,
+            "{until}"
+        );
+
+        let cfg = (*r.w.cfg).clone();
+        let mut w = r.restarted(cfg.clone());
+        let now = Instant::now();
+        match &w.pause {
+            Some(Pause::Until(t, _)) => {
+                let left = t.saturating_duration_since(now);
+                assert!(
+                    left > Duration::from_secs(25) && left <= Duration::from_secs(30),
+                    "{left:?}"
+                );
+            }
+            _ => panic!("not paused after the restart"),
+        }
+        assert_eq!(
+            w.dispatch(now),
+            w.pause.as_ref().map(|p| match p {
+                Pause::Until(t, _) => *t,
+                Pause::UntilReload(_) => unreachable!(),
+            })
+        );
+        w.publish();
+        assert!(w.board.get("s").unwrap().paused_until_ms.is_some());
+
+        // Capped like a live Retry-After.
+        let mut capped = cfg.clone();
+        capped.retry.max_retry_after = Duration::from_secs(2);
+        match &r.restarted(capped).pause {
+            Some(Pause::Until(t, _)) => assert!(*t <= Instant::now() + Duration::from_secs(2)),
+            _ => panic!("not paused"),
+        }
+        // Another url: not its pause.
+        let mut moved = cfg.clone();
+        if let SinkKind::Http { url, .. } = &mut moved.kind {
+            *url = "http://127.0.0.1:9/other".into();
+        }
+        assert!(r.restarted(moved.clone()).pause.is_none());
+        // A reload to another endpoint drops the pause and forgets it.
+        r.w.reconfigure(Arc::new(moved));
+        assert!(r.w.pause.is_none());
+        assert_eq!(r.w.queue.not_before(r.w.id).unwrap(), None);
+        assert!(r.restarted(cfg).pause.is_none());
     }
 
     #[tokio::test]
