@@ -972,6 +972,68 @@ async fn retry_after_pauses_the_sink_and_is_not_an_attempt() {
     );
 }
 
+/// A Retry-After outlives the daemon: stopped (gracefully, then with `kill -9`) while paused
+/// and started again, it sends nothing to the service before the time it asked for (before,
+/// the restarted daemon sent at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_pause_survives_a_restart_and_a_kill_9() {
+    const PAUSE: Duration = Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    // The first request of each round is asked to wait; the next is taken.
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            Answer::RetryAfter(429, PAUSE.as_secs().to_string())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink("ra", &ep.url(), &[("concurrency", "1")]);
+    let mut p = Process::start(dir.path(), &cfg);
+    for (round, kill) in [(0u64, false), (1, true)] {
+        post_range(&p.url("/v1/events"), round..round + 1, "").await;
+        let base = |path: &str| p.url(path);
+        wait_until(DEADLINE, "the sink paused by the Retry-After", || async {
+            (sink_status(&status(&base).await, "ra")["state"] == "paused").then_some(())
+        })
+        .await;
+        if kill {
+            p.kill9();
+        } else {
+            assert!(p.terminate().success());
+        }
+        p = Process::start(dir.path(), &cfg);
+        let asked = ep.requests()[2 * round as usize].0.at;
+        let base = |path: &str| p.url(path);
+        let st = wait_until(DEADLINE, "the sink in the status", || async {
+            let st = status(&base).await;
+            (!sink_status(&st, "ra")["state"].is_null()).then_some(st)
+        })
+        .await;
+        if Instant::now() + Duration::from_secs(1) < asked + PAUSE {
+            let s = sink_status(&st, "ra");
+            assert_eq!(s["state"], "paused", "restarted, still paused: {s}");
+            assert!(s["paused_until_ms"].is_u64(), "{s}");
+        }
+        wait_for(DEADLINE, "the event delivered after the pause", || {
+            ep.delivered_set().contains(&round).then_some(())
+        })
+        .await;
+        let reqs = ep.requests();
+        assert_eq!(reqs.len(), 2 * round as usize + 2, "{reqs:?}");
+        let gap = reqs[2 * round as usize + 1].0.at - asked;
+        assert!(
+            gap + Duration::from_millis(5) >= PAUSE,
+            "round {round} (kill -9: {kill}): a request {gap:?} after `Retry-After: {}` and a restart",
+            PAUSE.as_secs()
+        );
+    }
+    assert!(p.terminate().success());
+    assert_eq!(ep.delivered(), vec![0, 1]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Rate limits: token bucket, AIMD
 // ---------------------------------------------------------------------------------------------
@@ -1576,6 +1638,91 @@ async fn a_413_splits_the_batch_and_a_single_huge_event_is_dead_lettered() {
     let letters = dlq_list(&dir.path().join("data"));
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["info"]["status"], 413, "{letters:?}");
+}
+
+/// A service that takes at most 20 kB per request: the first refused batch teaches the sink
+/// what fits, and every later batch is sent under it, with no 413 at all (before, each new
+/// batch started at `batch_max_bytes` again and paid two refused requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_413_later_batches_are_sent_under_what_the_service_accepts() {
+    const LIMIT: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(|r| {
+        if r.body.len() > LIMIT {
+            Answer::Status(413)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "lim",
+        &ep.url(),
+        &[
+            ("batch_max_events", "100"),
+            ("batch_max_bytes", "65536"),
+            ("concurrency", "1"),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    // ~1 kB events, in one request: one commit, so the sink sees them all at once.
+    let evs: Vec<String> = (0..200).map(|i| event(i, "", 900)).collect();
+    post(&d.url("/v1/events"), &evs).await;
+    wait_for(DEADLINE, "the 200 events delivered", || {
+        (ep.delivered_set() == range_set(0..200)).then_some(())
+    })
+    .await;
+    let reqs = ep.requests();
+    let answers: Vec<String> = reqs
+        .iter()
+        .map(|(r, a)| format!("{} events {} B: {a:?}", nums(r).len(), r.body.len()))
+        .collect();
+    // Concurrency 1: requests go one after another. Once one batch was delivered, the size
+    // is known: no 413 after it.
+    let first_ok = reqs
+        .iter()
+        .position(|(_, a)| answered_ok(a))
+        .expect("a delivery");
+    let refused_later = reqs[first_ok..]
+        .iter()
+        .filter(|(_, a)| matches!(a, Answer::Status(413)))
+        .count();
+    assert_eq!(
+        refused_later, 0,
+        "413s after the size was learned: {answers:#?}"
+    );
+    assert!(
+        first_ok >= 1,
+        "the first batch was over the limit: {answers:#?}"
+    );
+    // Every event exactly once, byte for byte.
+    let mut got: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (r, a) in &reqs {
+        if answered_ok(a) {
+            for raw in r.raw_events() {
+                let v: Value = serde_json::from_str(&raw).unwrap();
+                got.entry(v["i"].as_u64().unwrap()).or_default().push(raw);
+            }
+        }
+    }
+    assert_eq!(got.len(), 200);
+    for (i, raws) in &got {
+        assert_eq!(raws, &vec![evs[*i as usize].clone()], "event {i}");
+    }
+    // The learned ceiling shows in the status and as a gauge.
+    let st = status(&base).await;
+    let s = sink_status(&st, "lim");
+    let learned = s["batch_ceiling_bytes"]
+        .as_u64()
+        .expect("batch_ceiling_bytes");
+    assert!(learned <= LIMIT as u64, "{s}");
+    assert_eq!(s["batch_ceiling_events"], 100, "{s}");
+    assert_eq!(
+        metric(&base, "llmlogd_sink_batch_ceiling_bytes{sink=\"lim\"}").await,
+        Some(learned as f64)
+    );
+    d.stop().await;
 }
 
 /// A 4xx refuses the request, not the batch-mates of the event it is about: only the refused

@@ -6,6 +6,15 @@
 //! rate by 1 % of the configured rate), so the sink climbs back over a few round trips.
 //! With no configured rate the sink is unlimited until a 429; the rate it falls back to is
 //! half of what it was sending, and climbing back past 4x that lifts the limit again.
+//!
+//! The batch ceiling ([`BatchCeiling`]) is what the service was seen to accept in one request:
+//! a 413 (body too large) lowers its bytes, a 431 (headers too large: the http sink's
+//! `X-Llmlogd-Event-Ids` grows with the batch) its events, to half the refused request. Later
+//! batches are formed under it, so a service that takes at most 1 MB costs the refused
+//! requests once, not at every batch. It climbs back by a quarter after
+//! `CEILING_GROW_AFTER` batches delivered near it and at least `CEILING_GROW_EVERY` since it
+//! last moved, never above the configured `batch_max_*`, so a limit the service raised is found
+//! again (one refused request per step too far, a few minutes apart).
 
 use std::time::{Duration, Instant};
 
@@ -134,6 +143,87 @@ impl FlowControl {
     }
 }
 
+/// Batches delivered near the ceiling before it climbs a step.
+const CEILING_GROW_AFTER: u32 = 16;
+/// At least this long between two moves of the ceiling, so a service whose limit sits just
+/// above a step refuses a request at most once per this interval.
+const CEILING_GROW_EVERY: Duration = Duration::from_secs(60);
+
+/// The largest request a sink's service was seen to accept (see the module doc).
+#[derive(Debug, Clone)]
+pub struct BatchCeiling {
+    max_events: usize,
+    max_bytes: usize,
+    events: usize,
+    bytes: usize,
+    /// Batches delivered near the ceiling since it last moved.
+    successes: u32,
+    moved: Instant,
+}
+
+impl BatchCeiling {
+    /// No ceiling learned yet: the configured `batch_max_events` / `batch_max_bytes`.
+    pub fn new(max_events: usize, max_bytes: usize, now: Instant) -> Self {
+        BatchCeiling {
+            max_events,
+            max_bytes,
+            events: max_events,
+            bytes: max_bytes,
+            successes: 0,
+            moved: now,
+        }
+    }
+
+    /// Most events in one request now (at least one).
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    /// Most body bytes in one request now (a single event larger than this still goes, alone).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The service refused a request of `events` events and `bytes` body bytes as too large
+    /// (`status` 413 or 431). Only a batch lowers it: a lone event refused is that event's
+    /// problem (the dead letters), so the ceiling never goes below one event.
+    pub fn too_large(&mut self, status: u16, events: usize, bytes: usize, now: Instant) {
+        if events < 2 {
+            return;
+        }
+        if status == 431 {
+            self.events = self.events.min(events / 2).max(1);
+        } else {
+            self.bytes = self.bytes.min(bytes / 2).max(1);
+        }
+        self.successes = 0;
+        self.moved = now;
+    }
+
+    /// A request of `events` events and `bytes` bytes was delivered. Only a batch near the
+    /// ceiling is evidence that it holds (light traffic's small batches say nothing), and
+    /// after enough of them, slowly, the ceiling climbs a step.
+    pub fn delivered(&mut self, events: usize, bytes: usize, now: Instant) {
+        let (low_events, low_bytes) = (self.events < self.max_events, self.bytes < self.max_bytes);
+        let near =
+            (low_events && events * 2 >= self.events) || (low_bytes && bytes * 2 >= self.bytes);
+        if !near {
+            return;
+        }
+        self.successes = self.successes.saturating_add(1);
+        if self.successes < CEILING_GROW_AFTER
+            || now.saturating_duration_since(self.moved) < CEILING_GROW_EVERY
+        {
+            return;
+        }
+        let step = |v: usize, max: usize| v.saturating_add((v / 4).max(1)).min(max);
+        self.events = step(self.events, self.max_events);
+        self.bytes = step(self.bytes, self.max_bytes);
+        self.successes = 0;
+        self.moved = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +285,45 @@ mod tests {
         }
         assert_eq!(f.rate(), 0.0, "limit lifted after recovering");
         assert_eq!(f.concurrency(), 8);
+    }
+
+    #[test]
+    fn the_batch_ceiling_learns_from_413_and_431_and_climbs_back_slowly() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut c = BatchCeiling::new(100, 64_000, t0);
+        // A lone event refused: nothing learned (it goes to the dead letters).
+        c.too_large(413, 1, 50_000, at(0));
+        assert_eq!((c.events(), c.bytes()), (100, 64_000));
+        c.too_large(413, 60, 64_000, at(0));
+        assert_eq!((c.events(), c.bytes()), (100, 32_000), "413: bytes");
+        // A larger request refused later (sent before) lowers nothing further.
+        c.too_large(413, 60, 64_000, at(0));
+        assert_eq!(c.bytes(), 32_000);
+        // Small batches are no evidence; near-ceiling ones are, after a while.
+        for s in 0..1000 {
+            c.delivered(1, 100, at(1 + s));
+        }
+        assert_eq!(c.bytes(), 32_000, "small batches are no evidence");
+        for _ in 0..CEILING_GROW_AFTER {
+            c.delivered(1, 20_000, at(10));
+        }
+        assert_eq!(c.bytes(), 32_000, "not before CEILING_GROW_EVERY");
+        c.delivered(1, 20_000, at(61));
+        assert_eq!((c.events(), c.bytes()), (100, 40_000), "one step up");
+        c.too_large(431, 3, 300, at(100));
+        assert_eq!(c.events(), 1, "431: events");
+        c.too_large(431, 2, 300, at(100));
+        assert_eq!(c.events(), 1, "never below one event");
+        for k in 0..200 {
+            for _ in 0..CEILING_GROW_AFTER {
+                c.delivered(c.events(), c.bytes(), at(161 + 61 * k));
+            }
+        }
+        assert_eq!(
+            (c.events(), c.bytes()),
+            (100, 64_000),
+            "back at the maxima, not above"
+        );
     }
 }

@@ -4,8 +4,8 @@
 //! |---|---|
 //! | 2xx | delivered (unless the sink reads a refusal in the body) |
 //! | 401, 403 | pause the sink until a reload; keep every event (a refused *app's* key, in `worker.rs`: that event → dead letter while other keys work, else retried) |
-//! | 413, 431 | halve the batch; a single event → dead letter |
-//! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`); not a failed attempt |
+//! | 413, 431 | halve the batch, and lower the sink's batch ceiling (`limits::BatchCeiling`); a single event → dead letter |
+//! | 429, 503 with Retry-After | pause the sink until then (at most `max_retry_after`, at least `retry_initial`; from a second on, persisted, so a restart honours it); not a failed attempt |
 //! | 408, 429, 5xx, connect error, timeout | retry with jittered exponential backoff |
 //! | 3xx (redirects are never followed) | retry like a 5xx; the error names the Location |
 //! | other 4xx (404 included) | halve the batch (only the refused events go); a single event → dead letter, with status and body |

@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::limits::FlowControl;
+use super::limits::{BatchCeiling, FlowControl};
 use super::retry::{self, Verdict};
 use crate::config::{SinkConfig, SinkKind};
 use crate::event::{now_ms, StoredEvent};
@@ -63,6 +63,10 @@ const MAX_WINDOW_BYTES: usize = 32 << 20;
 const MAX_RESPONSE: usize = 64 * 1024;
 /// How often an ongoing outage is summarised in the log.
 const OUTAGE_SUMMARY: Duration = Duration::from_secs(300);
+/// A Retry-After pause at least this long is persisted (`Queue::set_not_before`), so a restart
+/// honours it: the service asked for the time, and a daemon that restarts (an upgrade, a crash
+/// loop) must not answer with a request at once. Shorter ones are over before a restart is.
+const PERSIST_PAUSE_FROM: Duration = Duration::from_secs(1);
 /// How long a follow-up waits before asking again whether its log was delivered.
 const DEPENDENCY_WAIT: Duration = Duration::from_millis(200);
 
@@ -180,6 +184,9 @@ pub(crate) struct Worker {
     /// `done` changed since the progress was persisted.
     progress_dirty: bool,
     flow: FlowControl,
+    /// The largest request the service was seen to accept (413/431): later batches are
+    /// formed under it instead of being refused and halved again each time.
+    ceiling: BatchCeiling,
     requests: JoinSet<Done>,
     /// The events of each request task, to recover them if the task itself fails.
     flights: HashMap<tokio::task::Id, Vec<u64>>,
@@ -264,6 +271,50 @@ fn endpoint(cfg: &SinkConfig) -> impl PartialEq + '_ {
     (cfg.kind.type_name(), url, cfg.key.as_ref(), headers)
 }
 
+/// `endpoint` as a number, stored with a persisted pause: a restart with the sink pointed
+/// elsewhere (another url or key) drops the pause, as a reload does. std's `DefaultHasher`
+/// (SipHash with fixed keys) is stable within a build; a build that hashes differently only
+/// loses a pause across that upgrade (one request sent early, as before pauses persisted).
+fn endpoint_fingerprint(cfg: &SinkConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    let (url, headers) = match &cfg.kind {
+        SinkKind::Http { url, headers, .. } => (url, Some(headers)),
+        SinkKind::Pezzo { url, .. } | SinkKind::PromptLayer { url } => (url, None),
+    };
+    (
+        cfg.kind.type_name(),
+        url,
+        cfg.key.as_ref().map(|k| k.expose()),
+        headers,
+    )
+        .hash(&mut h);
+    h.finish()
+}
+
+/// The Retry-After pause a previous run persisted for this sink, if it is not over (capped
+/// by `max_retry_after`, as a live one is) and was asked by the same endpoint.
+fn restored_pause(queue: &Queue, id: u16, cfg: &SinkConfig, now: Instant) -> Option<Pause> {
+    let (until_ms, fingerprint) = match queue.not_before(id) {
+        Ok(Some(p)) => p,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(sink = %cfg.name, error = %e, "could not read the sink's Retry-After pause from before the restart; not pausing");
+            return None;
+        }
+    };
+    let left = until_ms.saturating_sub(now_ms());
+    if left == 0 || fingerprint != endpoint_fingerprint(cfg) {
+        return None;
+    }
+    let d = Duration::from_millis(left).min(cfg.retry.max_retry_after);
+    tracing::info!(sink = %cfg.name, pause = ?d, "the service asked to wait (Retry-After) before the restart; the sink stays paused until then");
+    Some(Pause::Until(
+        now + d,
+        "Retry-After (asked before the restart)".into(),
+    ))
+}
+
 impl Worker {
     pub(crate) fn new(
         cfg: Arc<SinkConfig>,
@@ -274,12 +325,14 @@ impl Worker {
     ) -> Result<Self, crate::queue::QueueError> {
         let (cursor, done) = queue.progress(id)?;
         let now = Instant::now();
+        let pause = restored_pause(&queue, id, &cfg, now);
         Ok(Worker {
             name: cfg.name.clone(),
             id,
             sink: sinks::build(&cfg),
             client: client_for(&cfg),
             flow: FlowControl::new(cfg.concurrency, cfg.rate.clone(), now),
+            ceiling: BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now),
             cfg,
             queue,
             metrics,
@@ -310,7 +363,7 @@ impl Worker {
             delivered: 0,
             dead_lettered: 0,
             circuit: None,
-            pause: None,
+            pause,
             last_error: None,
             last_error_ms: None,
             last_success_ms: None,
@@ -440,6 +493,17 @@ impl Worker {
         if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
             tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
             self.pause = None;
+            if let Err(e) = self.queue.clear_not_before(self.id) {
+                tracing::debug!(sink = %self.name, error = %e, "could not forget the persisted pause (its endpoint fingerprint no longer matches anyway)");
+            }
+        }
+        // What the old endpoint accepted says nothing about a new one, and new maxima are
+        // the operator saying what to send: start from them.
+        if cfg.batch.max_events != self.cfg.batch.max_events
+            || cfg.batch.max_bytes != self.cfg.batch.max_bytes
+            || endpoint(&cfg) != endpoint(&self.cfg)
+        {
+            self.ceiling = BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now);
         }
         self.sink = sinks::build(&cfg);
         self.client = client_for(&cfg);
@@ -604,7 +668,8 @@ impl Worker {
         }
 
         let per_request = self.sink.events_per_request().max(1);
-        let max_bytes = self.cfg.batch.max_bytes;
+        let max_bytes = self.ceiling.bytes();
+        let max_events = self.ceiling.events();
         let mut wake: Option<Instant> = None;
         let earliest = |t: Instant, wake: &mut Option<Instant>| {
             *wake = Some(wake.map_or(t, |w| w.min(t)));
@@ -626,9 +691,10 @@ impl Worker {
         let mut i = 0;
         while i < due.len() && self.in_flight < self.flow.concurrency() {
             // Form one request's worth: at most `per_request` events (and the smallest
-            // `max_batch` among them), at most `max_bytes` of body.
+            // `max_batch` among them), at most `max_bytes` of body, both within the ceiling
+            // the service taught (413/431).
             let first = &self.window[&due[i]];
-            let mut limit = per_request.min(first.max_batch).max(1);
+            let mut limit = per_request.min(max_events).min(first.max_batch).max(1);
             let mut group = vec![due[i]];
             let mut bytes = FRAMING_PER_BATCH + first.ev.payload.len() + FRAMING_PER_EVENT;
             let mut j = i + 1;
@@ -836,6 +902,8 @@ impl Worker {
         match verdict {
             Verdict::Delivered => {
                 let n = seqs.len() as u64;
+                let bytes = self.request_bytes(&seqs);
+                self.ceiling.delivered(seqs.len(), bytes, now);
                 for k in &seqs {
                     if let Some(s) = self.window.remove(k) {
                         self.window_bytes -= s.ev.payload.len();
@@ -995,6 +1063,13 @@ impl Worker {
                         until,
                         format!("Retry-After from HTTP {}", status.unwrap_or(0)),
                     ));
+                    if d >= PERSIST_PAUSE_FROM {
+                        let until_ms = now_ms() + d.as_millis() as u64;
+                        let fingerprint = endpoint_fingerprint(&self.cfg);
+                        if let Err(e) = self.queue.set_not_before(self.id, until_ms, fingerprint) {
+                            tracing::warn!(sink = %self.name, error = %e, "could not persist the Retry-After pause (a restart would not honour it)");
+                        }
+                    }
                 }
                 self.note_error(format!(
                     "HTTP {}: Retry-After {}s",
@@ -1022,6 +1097,24 @@ impl Worker {
                 // halved again, and a single event that still is goes to the dead letters
                 // (`Reject`). Not an attempt: the batch-mates did nothing wrong.
                 self.metrics.failed(&self.name, class);
+                if class == FailureClass::too_large {
+                    let before = (self.ceiling.events(), self.ceiling.bytes());
+                    let bytes = self.request_bytes(&seqs);
+                    self.ceiling
+                        .too_large(status.unwrap_or(413), seqs.len(), bytes, now);
+                    let after = (self.ceiling.events(), self.ceiling.bytes());
+                    if after != before {
+                        tracing::info!(
+                            sink = %self.name,
+                            status = ?status,
+                            refused_events = seqs.len(),
+                            refused_bytes = bytes,
+                            max_events = after.0,
+                            max_bytes = after.1,
+                            "the service refused a batch as too large; later batches stay under what it accepts"
+                        );
+                    }
+                }
                 if class == FailureClass::rejected_4xx {
                     self.note_error(format!(
                         "HTTP {}: {} (halving the batch to find the refused events)",
@@ -1151,6 +1244,16 @@ impl Worker {
         }
     }
 
+    /// The body bytes a request of these window events counts for (`dispatch`'s measure:
+    /// payloads plus framing).
+    fn request_bytes(&self, seqs: &[u64]) -> usize {
+        seqs.iter()
+            .filter_map(|k| self.window.get(k))
+            .map(|s| s.ev.payload.len() + FRAMING_PER_EVENT)
+            .sum::<usize>()
+            + FRAMING_PER_BATCH
+    }
+
     /// Whether the sink delivered anything since any of `seqs` last failed (or was first
     /// sent): then a failure is about these events (or their key), not the service.
     fn delivered_since(&self, seqs: &[u64]) -> bool {
@@ -1267,6 +1370,8 @@ impl Worker {
         self.metrics.sink_state(&self.name, state);
         self.metrics
             .sink_limits(&self.name, self.flow.rate(), self.flow.concurrency());
+        self.metrics
+            .batch_ceiling(&self.name, self.ceiling.events(), self.ceiling.bytes());
         let head = *self.queue.head().borrow();
         let backlog = self.window.len() as u64 + head.saturating_sub(self.read_pos);
         self.metrics.backlog(&self.name, backlog);
@@ -1296,6 +1401,8 @@ impl Worker {
             s.paused_until_ms = paused_until_ms;
             s.rate_limit = self.flow.rate();
             s.concurrency = self.flow.concurrency();
+            s.batch_ceiling_events = self.ceiling.events();
+            s.batch_ceiling_bytes = self.ceiling.bytes();
         });
     }
 }
@@ -1505,6 +1612,35 @@ mod tests {
 
         fn reply(&mut self, seqs: &[u64], status: u16, ms: u64) {
             self.reply_gen(seqs, status, ms, self.w.generation);
+        }
+
+        fn reply_retry_after(&mut self, seqs: &[u64], status: u16, after: Duration, ms: u64) {
+            let done = Done {
+                seqs: seqs.to_vec(),
+                elapsed: Duration::ZERO,
+                generation: self.w.generation,
+                app_key: false,
+                sent: self.w.sends,
+                result: Ok(Reply {
+                    status,
+                    retry_after: Some(after),
+                    location: None,
+                    body: Vec::new(),
+                }),
+            };
+            self.w.complete(done, self.at(ms));
+        }
+
+        /// A second worker for the same sink and store, as a restart would start.
+        fn restarted(&self, cfg: SinkConfig) -> Worker {
+            Worker::new(
+                Arc::new(cfg),
+                self.w.id,
+                self.w.queue.clone(),
+                Arc::new(Metrics::new()),
+                Arc::new(StatusBoard::default()),
+            )
+            .unwrap()
         }
 
         fn reply_gen(&mut self, seqs: &[u64], status: u16, ms: u64, generation: u64) {
@@ -1830,21 +1966,139 @@ mod tests {
         assert_eq!(r.w.flow.concurrency(), 2, "sent after the first halving");
     }
 
+    /// A 413 halves the refused batch and teaches the sink a ceiling: later batches, of
+    /// events never refused, are formed under it instead of being refused again each time.
     #[tokio::test]
-    async fn a_413_halves_the_batch() {
-        let mut r = rig("batch_max_events = 8\nconcurrency = 1");
-        r.add(0..8, 20);
+    async fn a_413_halves_the_batch_and_later_batches_stay_under_what_was_accepted() {
+        let mut r = rig("batch_max_events = 8\nconcurrency = 1\nbatch_max_wait = \"1ms\"");
+        // 20-byte events: 21 bytes each in a JSON array, plus 1 for the batch.
+        r.add(0..24, 20);
         let (sent, _) = r.dispatch(1_000);
         assert_eq!(sent, vec![(0..8).collect::<Vec<_>>()]);
         r.reply(&sent[0], 413, 1_001);
+        assert_eq!((r.w.ceiling.events(), r.w.ceiling.bytes()), (8, 84));
+        // Halved, and within 84 bytes: three events.
+        let (sent, _) = r.dispatch(1_002);
+        assert_eq!(sent, vec![vec![0, 1, 2]]);
+        r.reply(&sent[0], 413, 1_003);
+        assert_eq!(r.w.ceiling.bytes(), 32);
+        let mut ms = 1_004;
+        let mut batches = Vec::new();
+        while !r.w.window.is_empty() {
+            let (sent, _) = r.dispatch(ms);
+            assert_eq!(sent.len(), 1, "at {ms}");
+            r.reply(&sent[0], 200, ms + 1);
+            batches.push(sent[0].clone());
+            ms += 10;
+        }
+        assert!(
+            batches.iter().all(|b| b.len() == 1),
+            "every later batch under the 32 bytes learned: {batches:?}"
+        );
+        assert_eq!(r.w.delivered, 24);
+        // An event too large on its own still goes to the dead letters, and teaches nothing.
+        r.add(24..25, 500);
+        let (sent, _) = r.dispatch(ms);
+        assert_eq!(sent, vec![vec![24]]);
+        r.reply(&sent[0], 413, ms + 1);
+        assert_eq!(r.w.dead_lettered, 1);
+        assert_eq!((r.w.ceiling.events(), r.w.ceiling.bytes()), (8, 32));
+        r.w.publish();
+        let st = r.w.board.get("s").unwrap();
+        assert_eq!((st.batch_ceiling_events, st.batch_ceiling_bytes), (8, 32));
+        // A reload that changes nothing of the batch keeps it; new maxima reset it.
+        let mut cfg = (*r.w.cfg).clone();
+        cfg.timeout = Duration::from_secs(3);
+        r.w.reconfigure(Arc::new(cfg.clone()));
+        assert_eq!(r.w.ceiling.bytes(), 32);
+        cfg.batch.max_bytes = 4096;
+        r.w.reconfigure(Arc::new(cfg));
+        assert_eq!((r.w.ceiling.events(), r.w.ceiling.bytes()), (8, 4096));
+    }
+
+    /// A 431 (headers too large: the event ids header grows with the batch) lowers the
+    /// events per request, never below one.
+    #[tokio::test]
+    async fn a_431_lowers_the_events_per_request() {
+        let mut r = rig("batch_max_events = 8\nconcurrency = 1\nbatch_max_wait = \"1ms\"");
+        r.add(0..8, 20);
+        let (sent, _) = r.dispatch(1_000);
+        r.reply(&sent[0], 431, 1_001);
         let (sent, _) = r.dispatch(1_002);
         assert_eq!(sent, vec![vec![0, 1, 2, 3]]);
-        r.reply(&sent[0], 413, 1_003);
+        r.reply(&sent[0], 431, 1_003);
         let (sent, _) = r.dispatch(1_004);
         assert_eq!(sent, vec![vec![0, 1]]);
-        r.reply(&sent[0], 200, 1_005);
+        r.reply(&sent[0], 431, 1_005);
+        assert_eq!(r.w.ceiling.events(), 1);
         let (sent, _) = r.dispatch(1_006);
-        assert_eq!(sent, vec![vec![2, 3]]);
+        assert_eq!(sent, vec![vec![0]]);
+        r.reply(&sent[0], 200, 1_007);
+        let (sent, _) = r.dispatch(1_008);
+        assert_eq!(sent, vec![vec![1]], "one event per request from now on");
+    }
+
+    /// A Retry-After pause is persisted and a restarted worker honours it (capped by
+    /// `max_retry_after`), unless the sink now points elsewhere; a reload to another endpoint
+    /// forgets it.
+    #[tokio::test]
+    async fn a_retry_after_pause_survives_a_restart_of_the_worker() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 1");
+        r.add(0..1, 20);
+        // A short pause is not persisted.
+        let (sent, _) = r.dispatch(0);
+        r.reply_retry_after(&sent[0], 503, Duration::from_millis(500), 1);
+        assert_eq!(r.w.queue.not_before(r.w.id).unwrap(), None);
+        let (sent, _) = r.dispatch(600);
+        let before = now_ms();
+        r.reply_retry_after(&sent[0], 503, Duration::from_secs(30), 601);
+        let (until, _) = r.w.queue.not_before(r.w.id).unwrap().expect("persisted");
+        assert!(
+            until >= before + 30_000 && until <= now_ms() + 30_000,
+            "{until}"
+        );
+
+        let cfg = (*r.w.cfg).clone();
+        let mut w = r.restarted(cfg.clone());
+        let now = Instant::now();
+        match &w.pause {
+            Some(Pause::Until(t, _)) => {
+                let left = t.saturating_duration_since(now);
+                assert!(
+                    left > Duration::from_secs(25) && left <= Duration::from_secs(30),
+                    "{left:?}"
+                );
+            }
+            _ => panic!("not paused after the restart"),
+        }
+        assert_eq!(
+            w.dispatch(now),
+            w.pause.as_ref().map(|p| match p {
+                Pause::Until(t, _) => *t,
+                Pause::UntilReload(_) => unreachable!(),
+            })
+        );
+        w.publish();
+        assert!(w.board.get("s").unwrap().paused_until_ms.is_some());
+
+        // Capped like a live Retry-After.
+        let mut capped = cfg.clone();
+        capped.retry.max_retry_after = Duration::from_secs(2);
+        match &r.restarted(capped).pause {
+            Some(Pause::Until(t, _)) => assert!(*t <= Instant::now() + Duration::from_secs(2)),
+            _ => panic!("not paused"),
+        }
+        // Another url: not its pause.
+        let mut moved = cfg.clone();
+        if let SinkKind::Http { url, .. } = &mut moved.kind {
+            *url = "http://127.0.0.1:9/other".into();
+        }
+        assert!(r.restarted(moved.clone()).pause.is_none());
+        // A reload to another endpoint drops the pause and forgets it.
+        r.w.reconfigure(Arc::new(moved));
+        assert!(r.w.pause.is_none());
+        assert_eq!(r.w.queue.not_before(r.w.id).unwrap(), None);
+        assert!(r.restarted(cfg).pause.is_none());
     }
 
     #[tokio::test]

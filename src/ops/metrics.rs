@@ -112,6 +112,8 @@ pub struct Metrics {
     state: Family<SinkState, Gauge>,
     rate: Family<SinkLabel, Gauge<f64, AtomicU64>>,
     concurrency: Family<SinkLabel, Gauge>,
+    ceiling_events: Family<SinkLabel, Gauge>,
+    ceiling_bytes: Family<SinkLabel, Gauge>,
     latency: Family<SinkLabel, Histogram>,
     backlog: Family<SinkLabel, Gauge>,
 }
@@ -149,6 +151,8 @@ impl Metrics {
             state: Family::default(),
             rate: Family::default(),
             concurrency: Family::default(),
+            ceiling_events: Family::default(),
+            ceiling_bytes: Family::default(),
             latency: Family::new_with_constructor(|| {
                 Histogram::new([
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -261,6 +265,16 @@ impl Metrics {
             m.concurrency.clone(),
         );
         registry.register(
+            "sink_batch_ceiling_events",
+            "Most events per request now: batch_max_events, or lower after the service refused a batch as too large (431)",
+            m.ceiling_events.clone(),
+        );
+        registry.register(
+            "sink_batch_ceiling_bytes",
+            "Most body bytes per request now: batch_max_bytes, or lower after the service refused a batch as too large (413)",
+            m.ceiling_bytes.clone(),
+        );
+        registry.register(
             "sink_delivery_latency_seconds",
             "Time from send to the service's reply, per request",
             m.latency.clone(),
@@ -314,6 +328,8 @@ impl Metrics {
         self.in_flight.remove(&l);
         self.rate.remove(&l);
         self.concurrency.remove(&l);
+        self.ceiling_events.remove(&l);
+        self.ceiling_bytes.remove(&l);
         self.latency.remove(&l);
         self.backlog.remove(&l);
         for class in FailureClass::ALL {
@@ -362,6 +378,15 @@ impl Metrics {
         self.concurrency
             .get_or_create(&label(sink))
             .set(concurrency as i64);
+    }
+
+    pub fn batch_ceiling(&self, sink: &str, events: usize, bytes: usize) {
+        self.ceiling_events
+            .get_or_create(&label(sink))
+            .set(events as i64);
+        self.ceiling_bytes
+            .get_or_create(&label(sink))
+            .set(bytes as i64);
     }
 
     pub fn latency(&self, sink: &str, seconds: f64) {

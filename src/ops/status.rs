@@ -29,6 +29,10 @@ pub struct SinkStatus {
     pub paused_until_ms: Option<u64>,
     pub rate_limit: f64,
     pub concurrency: usize,
+    /// Most events / body bytes per request now: `batch_max_events` / `batch_max_bytes`, or
+    /// lower once the service refused a batch as too large (413, 431).
+    pub batch_ceiling_events: usize,
+    pub batch_ceiling_bytes: usize,
 }
 
 #[derive(Debug, Default)]

@@ -22,7 +22,10 @@
 //!   `dlq_chunks` tree for large payloads.
 //! - `remote`: key = sink id + seq → the id the remote service gave the event (PromptLayer's
 //!   request id), so follow-ups can refer to it.
-//! - `meta`: `next_seq` high-water mark; after a clean stop, the event and byte counts.
+//! - `meta`: `next_seq` high-water mark; after a clean stop, the event and byte counts;
+//!   `not_before/` + sink id (u16 BE) → wall-clock ms (u64 BE) until which a sink's service
+//!   asked it to wait (Retry-After) + a fingerprint (u64 BE) of the endpoint that asked
+//!   (`set_not_before`).
 //!
 //! # What an ack means
 //! [`Queue::append`] returns only after the records were inserted and sled's flush had written
@@ -734,6 +737,42 @@ impl Queue {
         let t = self.shared.trees()?;
         t.meta.insert(group_key(seq), &now_ms().to_be_bytes())?;
         t.sync()
+    }
+
+    /// Records, durably, that `sink` must send nothing before `until_ms` (wall clock): a
+    /// Retry-After pause, which a restart (even `kill -9`) honours instead of sending at once.
+    /// `endpoint` fingerprints who asked (url, key), so a sink pointed elsewhere since owes it
+    /// nothing. Synced: pauses are rare, and one lost to a crash is the request it was about.
+    pub fn set_not_before(
+        &self,
+        sink: u16,
+        until_ms: u64,
+        endpoint: u64,
+    ) -> Result<(), QueueError> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&until_ms.to_be_bytes());
+        v[8..].copy_from_slice(&endpoint.to_be_bytes());
+        let t = self.shared.trees()?;
+        t.meta.insert(not_before_key(sink), &v)?;
+        t.sync()
+    }
+
+    /// A sink's pause as last recorded by [`Queue::set_not_before`]: (until_ms, endpoint).
+    pub fn not_before(&self, sink: u16) -> Result<Option<(u64, u64)>, QueueError> {
+        Ok(self
+            .shared
+            .trees()?
+            .meta
+            .get(not_before_key(sink))?
+            .filter(|v| v.len() == 16)
+            .map(|v| (key_u64(&v[..8]), key_u64(&v[8..]))))
+    }
+
+    /// Forgets a sink's pause (its endpoint changed). Not synced: a pause that comes back
+    /// after a crash is ignored for its endpoint fingerprint, or ends by itself.
+    pub fn clear_not_before(&self, sink: u16) -> Result<(), QueueError> {
+        self.shared.trees()?.meta.remove(not_before_key(sink))?;
+        Ok(())
     }
 
     /// Whether `seq` was marked a group by [`Queue::mark_group`].
@@ -1566,6 +1605,14 @@ fn time_follow_up_ids(t: &Trees) -> Result<(), QueueError> {
 }
 
 const GROUP_PREFIX: &[u8; 6] = b"group/";
+const NOT_BEFORE_PREFIX: &[u8; 11] = b"not_before/";
+
+fn not_before_key(sink: u16) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[..11].copy_from_slice(NOT_BEFORE_PREFIX);
+    k[11..].copy_from_slice(&sink.to_be_bytes());
+    k
+}
 
 fn group_key(seq: u64) -> [u8; 14] {
     let mut k = [0u8; 14];
