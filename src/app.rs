@@ -104,7 +104,7 @@ pub async fn run(
                 line_timeout: cfg.server.body_timeout,
                 idle_timeout: cfg.server.idle_timeout,
                 body_budget,
-                long_lines: crate::ingest::http::long_lines(largest),
+                long_lines: crate::ingest::http::long_lines(cfg.server.max_line_bytes, largest),
             },
             connections: Arc::new(Semaphore::new(cfg.server.max_connections)),
             shutdown: stop_serving.clone(),

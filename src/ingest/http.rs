@@ -73,15 +73,17 @@ fn budget_bytes(largest: usize) -> usize {
 }
 
 /// How many NDJSON lines may grow within a `budget` of bytes at once (`ndjson::BudgetHold`):
-/// their largest sizes leave room for one more `largest` (an HTTP body waiting for its share
-/// at the head of the budget's queue). 3 on the defaults (16 MiB lines, 64 MiB).
-pub fn long_line_slots(largest: usize, budget: usize) -> usize {
-    (budget / largest.max(1)).saturating_sub(1).max(1)
+/// a growing line holds less than `max_line`, and together they leave room for one
+/// `largest` more (an HTTP body waiting for its share at the head of the budget's queue).
+/// 3 on the defaults (16 MiB lines and bodies, 64 MiB).
+pub fn long_line_slots(max_line: usize, largest: usize, budget: usize) -> usize {
+    (budget.saturating_sub(largest) / max_line.max(1)).max(1)
 }
 
 /// The slots of [`long_line_slots`] for the budget [`body_budget`] makes for `largest`.
-pub fn long_lines(largest: usize) -> Arc<tokio::sync::Semaphore> {
+pub fn long_lines(max_line: usize, largest: usize) -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(long_line_slots(
+        max_line,
         largest,
         budget_bytes(largest),
     )))
@@ -980,6 +982,29 @@ mod tests {
                 budget.available_permits()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn growing_lines_and_one_largest_body_fit_the_budget_together() {
+        let mib = 1 << 20;
+        let largest = 16 * mib;
+        assert_eq!(long_line_slots(largest, largest, budget_bytes(largest)), 3);
+        assert_eq!(long_line_slots(mib, largest, budget_bytes(largest)), 48);
+        assert_eq!(long_line_slots(mib, mib, budget_bytes(mib)), 63);
+        for (line, body) in [
+            (mib, mib),
+            (16 * mib, mib),
+            (mib, 64 * mib),
+            (64 * mib, 64 * mib),
+        ] {
+            let largest = line.max(body);
+            let budget = budget_bytes(largest);
+            let slots = long_line_slots(line, largest, budget);
+            assert!(
+                slots >= 1 && slots * line + largest <= budget,
+                "{line} {body}"
+            );
         }
     }
 

@@ -147,7 +147,7 @@ pub struct NdjsonLimits {
 /// whole budget between them, each waiting for the others, until they all timed out (twelve
 /// 2 MiB lines on an 8 MiB budget stopped at ~680 KiB each). So only `long_lines` slots of
 /// lines grow at once: their largest sizes add up to at most the budget less one largest
-/// line (`http::long_line_slots`), so they and a waiting HTTP body always fit together.
+/// body or line (`http::long_line_slots`), so they and a waiting HTTP body always fit.
 /// Everything else that holds budget (complete lines waiting for their ack, bodies being
 /// read or stored) gives it back without taking more.
 struct BudgetHold {
@@ -702,6 +702,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             body_budget: budget.clone(),
             long_lines: Arc::new(Semaphore::new(super::super::http::long_line_slots(
+                4 << 20,
                 4 << 20,
                 BUDGET,
             ))),
