@@ -81,8 +81,8 @@ pub async fn run(
     let unix_paths = listeners.unix_paths();
     let ready = Arc::new(AtomicBool::new(false));
     // One memory budget for request bodies and NDJSON lines still arriving, on every listener.
-    let body_budget =
-        crate::ingest::http::body_budget(cfg.server.max_body_bytes.max(cfg.server.max_line_bytes));
+    let largest = cfg.server.max_body_bytes.max(cfg.server.max_line_bytes);
+    let body_budget = crate::ingest::http::body_budget(largest);
     let state = Arc::new(HttpState {
         ingest: ingest.clone(),
         max_body: cfg.server.max_body_bytes,
@@ -104,6 +104,7 @@ pub async fn run(
                 line_timeout: cfg.server.body_timeout,
                 idle_timeout: cfg.server.idle_timeout,
                 body_budget,
+                long_lines: crate::ingest::http::long_lines(cfg.server.max_line_bytes, largest),
             },
             connections: Arc::new(Semaphore::new(cfg.server.max_connections)),
             shutdown: stop_serving.clone(),

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod big_events;
 mod clients;
 mod delivery;
 mod foundation;

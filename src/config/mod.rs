@@ -313,14 +313,14 @@ impl Config {
             max_body_bytes: bytes_in(
                 "server.max_body_bytes",
                 s.max_body_bytes,
-                1 << 20,
+                DEFAULT_MAX_EVENT_BYTES,
                 1024,
                 MAX_RECORD_PAYLOAD,
             )? as usize,
             max_line_bytes: bytes_in(
                 "server.max_line_bytes",
                 s.max_line_bytes,
-                1 << 20,
+                DEFAULT_MAX_EVENT_BYTES,
                 1024,
                 MAX_RECORD_PAYLOAD,
             )? as usize,
@@ -590,6 +590,12 @@ impl Config {
 
 /// The largest request body or line the config may allow (and so the largest event payload).
 pub const MAX_RECORD_PAYLOAD: u64 = 64 << 20;
+/// Default `server.max_body_bytes` and `server.max_line_bytes`: 16 MiB. An app that logs a
+/// vision request (base64 images in the messages) sends 2-10 MB as a matter of course, and
+/// the OpenTelemetry Collector's HTTP receiver takes 20 MiB by default; at 1 MiB such an app
+/// got 413 on a default install. Memory stays bounded whatever this is: bodies and long lines
+/// hold the shared body budget (64 MiB at this default) until they are answered.
+pub const DEFAULT_MAX_EVENT_BYTES: u64 = 16 << 20;
 /// sled's page cache. 8 MiB: a larger cache bought no throughput anywhere in the bench
 /// (ingest, drain, startup: 64, 16 and 8 MiB measured alike), and with the sinks down it is
 /// what a growing backlog keeps resident. Peak RSS filling a 1 M backlog: 107 MiB at 64 MiB

@@ -52,9 +52,10 @@ pub struct HttpState {
 /// or `CONNECTION_SHARES` × the `largest` body or line if that is more. With it, memory for
 /// bodies is bounded whatever the number of connections.
 ///
-/// A connection holds at most one body or line of it at a time (HTTP/1 serves a
-/// connection's requests one after another, and an NDJSON connection takes budget only for
-/// the line still arriving), so at most `largest`: with the budget at least
+/// A connection holds at most one body or long line of it at a time (HTTP/1 serves a
+/// connection's requests one after another; an NDJSON connection takes budget for the line
+/// still arriving, and keeps it while the line waits for its ack, but stops reading once its
+/// unanswered lines reach 1 MiB), so at most about `largest`: with the budget at least
 /// `CONNECTION_SHARES` × `largest`, one connection never holds more than its share, and a
 /// legitimate request of the largest size still fits beside it. When the budget was 64 MiB
 /// whatever `largest` was, a config with `max_body_bytes = "64MiB"` let one client that
@@ -69,6 +70,23 @@ pub const CONNECTION_SHARES: usize = 4;
 
 fn budget_bytes(largest: usize) -> usize {
     largest.saturating_mul(CONNECTION_SHARES).max(64 << 20)
+}
+
+/// How many NDJSON lines may grow within a `budget` of bytes at once (`ndjson::BudgetHold`):
+/// a growing line holds less than `max_line`, and together they leave room for one
+/// `largest` more (an HTTP body waiting for its share at the head of the budget's queue).
+/// 3 on the defaults (16 MiB lines and bodies, 64 MiB).
+pub fn long_line_slots(max_line: usize, largest: usize, budget: usize) -> usize {
+    (budget.saturating_sub(largest) / max_line.max(1)).max(1)
+}
+
+/// The slots of [`long_line_slots`] for the budget [`body_budget`] makes for `largest`.
+pub fn long_lines(max_line: usize, largest: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(long_line_slots(
+        max_line,
+        largest,
+        budget_bytes(largest),
+    )))
 }
 
 type St = State<Arc<HttpState>>;
@@ -223,7 +241,15 @@ async fn read_body(
             "body_error",
             format!("could not read the request body: {e}"),
         )),
-        Ok(Ok(c)) => Ok((c.to_bytes(), permit)),
+        Ok(Ok(c)) => {
+            // A body sent without its length took the largest share while it arrived; from
+            // here to the answer it keeps only its own size.
+            let body = c.to_bytes();
+            let mut permit = permit;
+            let excess = permit.num_permits().saturating_sub(body.len().max(1));
+            drop(permit.split(excess));
+            Ok((body, permit))
+        }
     }
 }
 
@@ -374,17 +400,52 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
         Ok::<_, IngestError>((events, permit))
     }
     .await;
-    let (events, _permit) = match result {
+    let (events, permit) = match result {
         Ok(e) => e,
         Err(e) => {
             st.ingest.refused(ROUTE, &e);
             return e.into_response();
         }
     };
-    match st.ingest.admit(ROUTE, events).await {
+    match admit_holding(&st, ROUTE, events, permit).await {
         Ok(ids) => JsonText(StatusCode::ACCEPTED, accepted_reply(&ids)).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// Bodies up to this size are stored in the request's own task (see [`admit_holding`]).
+const SMALL_BODY: usize = 64 << 10;
+
+/// Stores `events` while `permit` holds their body's share of the memory budget, and gives
+/// the share back only once the queue has answered. A client that hangs up drops its
+/// request's task (hyper does not finish it), while the events still wait in the queue's
+/// channel; were the share given back then, a client sending large bodies and hanging up at
+/// once could fill memory with them while the budget read empty. So a large body's append
+/// runs as a task of its own that keeps the share to the end; small bodies (nearly all)
+/// skip the spawn: the channel's depth bounds what they can hold.
+async fn admit_holding(
+    st: &HttpState,
+    route: &'static str,
+    events: Vec<NewEvent>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Vec<crate::queue::Appended>, IngestError> {
+    if permit.num_permits() <= SMALL_BODY {
+        return st.ingest.admit(route, events).await;
+    }
+    let ingest = st.ingest.clone();
+    tokio::spawn(async move {
+        let stored = ingest.admit(route, events).await;
+        drop(permit);
+        stored
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(IngestError::new(
+            500,
+            "internal",
+            "the append did not finish",
+        ))
+    })
 }
 
 /// A single-object JSON body that is a canonical event, accepted by the fast check.
@@ -485,8 +546,8 @@ struct FastRoute {
 
 /// Parses and checks the body, stores the event durably, and answers as the service would.
 async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body) -> Response {
-    // The permit holds the body's share of the memory budget until the answer.
-    let (raw, _permit) = match json_body(st, &headers, body).await {
+    // The permit holds the body's share of the memory budget until the queue answers.
+    let (raw, permit) = match json_body(st, &headers, body).await {
         Ok(b) => b,
         Err(e) => {
             st.ingest.refused(r.name, &e);
@@ -500,7 +561,7 @@ async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body
             payload: raw,
             creds: (fast.creds)(&headers),
         };
-        return match st.ingest.admit(r.name, vec![ev]).await {
+        return match admit_holding(st, r.name, vec![ev], permit).await {
             Ok(ids) => JsonText(StatusCode::CREATED, (ok.reply)(ids[0].seq)).into_response(),
             Err(e) => e.into_response(),
         };
@@ -523,7 +584,7 @@ async fn accept(st: &HttpState, r: &ServiceRoute, headers: HeaderMap, body: Body
         payload: raw,
         creds: (r.creds)(&headers, &v),
     };
-    match st.ingest.admit(r.name, vec![ev]).await {
+    match admit_holding(st, r.name, vec![ev], permit).await {
         Ok(ids) => {
             if r.kind == EventKind::PromptLayerCreateGroup {
                 // Before the id is handed out, so a follow-up can never beat it.
@@ -868,6 +929,81 @@ mod tests {
             assert!(
                 u32::try_from(largest).is_ok(),
                 "a share is one semaphore acquire"
+            );
+        }
+    }
+
+    /// A client that sends a large body and hangs up before the ack drops its request's task
+    /// (hyper stops serving it); the event still waits in the queue's channel, so the body's
+    /// share of the budget stays taken until the queue is done with it. Before, it was given
+    /// back with the task: bodies sent and abandoned could pile up unbudgeted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_body_holds_its_share_until_stored_even_when_the_client_hangs_up() {
+        const BUDGET: usize = 64 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let ingest = super::super::test_ingest(dir.path());
+        let budget = Arc::new(tokio::sync::Semaphore::new(BUDGET));
+        let st = Arc::new(HttpState {
+            ingest: ingest.clone(),
+            max_body: 16 << 20,
+            body_timeout: Duration::from_secs(30),
+            status: Arc::new(StatusBoard::default()),
+            ready: Arc::new(AtomicBool::new(true)),
+            body_budget: budget.clone(),
+        });
+        let body = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4 << 20));
+        let len = body.len();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        let held = ingest.queue.hold_writes();
+        let request = tokio::spawn(native_events(State(st), headers, Body::from(body)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ingest.queue.writes_pending() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append never came"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The client hangs up: its request's task is dropped.
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            budget.available_permits(),
+            BUDGET - len,
+            "the body's share is held while its event waits for the queue"
+        );
+        drop(held);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while budget.available_permits() != BUDGET {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the share was not given back once stored: {} of {BUDGET}",
+                budget.available_permits()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn growing_lines_and_one_largest_body_fit_the_budget_together() {
+        let mib = 1 << 20;
+        let largest = 16 * mib;
+        assert_eq!(long_line_slots(largest, largest, budget_bytes(largest)), 3);
+        assert_eq!(long_line_slots(mib, largest, budget_bytes(largest)), 48);
+        assert_eq!(long_line_slots(mib, mib, budget_bytes(mib)), 63);
+        for (line, body) in [
+            (mib, mib),
+            (16 * mib, mib),
+            (mib, 64 * mib),
+            (64 * mib, 64 * mib),
+        ] {
+            let largest = line.max(body);
+            let budget = budget_bytes(largest);
+            let slots = long_line_slots(line, largest, budget);
+            assert!(
+                slots >= 1 && slots * line + largest <= budget,
+                "{line} {body}"
             );
         }
     }

@@ -359,6 +359,27 @@ impl Ingest {
     }
 }
 
+/// An `Ingest` over a fresh queue in `dir`, with no sinks.
+#[cfg(test)]
+pub(crate) fn test_ingest(dir: &std::path::Path) -> Arc<Ingest> {
+    let q = crate::queue::Queue::open(&crate::config::QueueConfig {
+        data_dir: dir.to_path_buf(),
+        max_bytes: 1 << 30,
+        max_events: None,
+        when_full: crate::config::WhenFull::Reject,
+        cache_bytes: 8 << 20,
+        compression: crate::config::Compression::Zstd,
+        compact_above: 1 << 30,
+        dead_letter_max_bytes: crate::config::DEFAULT_DEAD_LETTER_MAX_BYTES,
+    })
+    .unwrap();
+    Arc::new(Ingest::new(
+        q,
+        RouteTable::default(),
+        Arc::new(crate::ops::metrics::Metrics::new()),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

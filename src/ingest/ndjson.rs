@@ -14,11 +14,11 @@
 //! Bounds, so that a client can only ever slow itself down:
 //! - a line over `max_line_bytes` (not counting its line ending) is refused with one error
 //!   reply, the rest of it is skipped, and the connection goes on with the next line;
-//! - at most `MAX_PIPELINE` events, and at most `max(max_line_bytes, 1 MiB)` bytes of them,
-//!   wait for their ack per connection (the line that crosses the byte budget is the last one
-//!   taken); past that, reading pauses until acks are written. A
-//!   client that never reads its replies therefore stops being read, and once it has not taken
-//!   a reply for `body_timeout` the connection is closed (`server::WriteStall`);
+//! - at most `MAX_PIPELINE` events, and at most `PIPELINE_BYTES` (1 MiB) of them, wait for
+//!   their ack per connection (the line that crosses the byte budget is the last one taken, so
+//!   one line of any allowed size always fits); past that, reading pauses until acks are
+//!   written. A client that never reads its replies therefore stops being read, and once it
+//!   has not taken a reply for `body_timeout` the connection is closed (`server::WriteStall`);
 //! - a line must be complete `body_timeout` after its first byte arrived, however it trickles
 //!   in; otherwise the client gets a `line_timeout` error and the connection is closed;
 //! - a line still arriving may take `LINE_FREE_BYTES` of memory; beyond that, its bytes are
@@ -26,6 +26,15 @@
 //!   are read, and given back once the line is complete. So 1,000 connections each holding
 //!   a half-sent long line cannot take 1,000 × `max_line_bytes` of memory: once the budget is
 //!   spent, their lines wait (and time out); short lines never need it, so they go on;
+//! - a complete line longer than `LINE_FREE_BYTES` keeps its share of that budget (what it
+//!   took while arriving) until its reply is written; if the connection goes away first, until
+//!   the queue is done with it. The per-connection byte budget is fixed, not `max_line_bytes`:
+//!   with 16 MiB lines allowed, 1,024 connections each holding one complete line waiting for
+//!   its ack could otherwise hold 16 GiB outside any budget. A connection never waits for
+//!   budget it holds itself: what it holds for complete lines is given back by their acks,
+//!   which need no budget, and the budget has room for a quarter of it per connection
+//!   (`http::CONNECTION_SHARES`), so a line of the largest size always gets through once
+//!   other connections' lines are answered or time out;
 //! - a connection with nothing to do for `idle_timeout` is closed.
 //!
 //! A fragment without its newline when the input ends, times out, or the daemon stops is
@@ -55,9 +64,11 @@ use crate::event::NewEvent;
 
 /// Events read but not yet answered, per connection.
 const MAX_PIPELINE: usize = 1024;
-/// The floor of the per-connection byte budget for events awaiting their ack (the budget is
-/// the larger of this and `max_line_bytes`, so one line of any allowed size always fits).
-const MIN_PIPELINE_BYTES: usize = 1 << 20;
+/// The per-connection byte budget for events awaiting their ack: reading pauses once this
+/// much is unanswered (the line that crosses it is still taken, so one line of any allowed
+/// size always fits). Fixed, whatever `max_line_bytes` is: lines longer than
+/// `LINE_FREE_BYTES` are held within the shared body budget instead (see the module doc).
+const PIPELINE_BYTES: usize = 1 << 20;
 /// A UTF-8 byte order mark, skipped at the start of a line.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// How far the idle deadline may move on before its timer is re-armed.
@@ -125,12 +136,25 @@ pub struct NdjsonLimits {
     pub idle_timeout: Duration,
     /// The memory budget shared with HTTP request bodies (`http::body_budget`).
     pub body_budget: Arc<Semaphore>,
+    /// Slots for lines growing past `LINE_FREE_BYTES` (`http::long_line_slots`): a line takes
+    /// one before its first share of `body_budget` and keeps it until it is complete.
+    pub long_lines: Arc<Semaphore>,
 }
 
 /// The part of the shared body budget a connection holds for the line it is reading.
+///
+/// A line that is still arriving holds its share and waits for more, so lines could hold the
+/// whole budget between them, each waiting for the others, until they all timed out (twelve
+/// 2 MiB lines on an 8 MiB budget stopped at ~680 KiB each). So only `long_lines` slots of
+/// lines grow at once: their largest sizes add up to at most the budget less one largest
+/// body or line (`http::long_line_slots`), so they and a waiting HTTP body always fit.
+/// Everything else that holds budget (complete lines waiting for their ack, bodies being
+/// read or stored) gives it back without taking more.
 struct BudgetHold {
     budget: Arc<Semaphore>,
     permit: Option<OwnedSemaphorePermit>,
+    long_lines: Arc<Semaphore>,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl BudgetHold {
@@ -146,6 +170,9 @@ impl BudgetHold {
 
     /// Waits for what `needed` asks beyond what is held (the caller polls it only then).
     async fn grow(&mut self, needed: usize) -> Result<(), tokio::sync::AcquireError> {
+        if self.slot.is_none() {
+            self.slot = Some(self.long_lines.clone().acquire_owned().await?);
+        }
         let more = needed.saturating_sub(self.held());
         let p = self
             .budget
@@ -159,11 +186,26 @@ impl BudgetHold {
         Ok(())
     }
 
+    /// Splits off up to `n` of what is held: the share a line just completed keeps until its
+    /// reply is written. What a read buffer holds never exceeds `LINE_FREE_BYTES` plus what
+    /// is held (see `serve`), so a line of `LINE_FREE_BYTES + n` bytes finds all of `n` here.
+    fn take(&mut self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = n.min(self.held());
+        if n == 0 {
+            None
+        } else if n == self.held() {
+            self.permit.take()
+        } else {
+            self.permit.as_mut().and_then(|p| p.split(n))
+        }
+    }
+
     /// Gives back what is held beyond `needed`.
     fn shrink_to(&mut self, needed: usize) {
         let held = self.held();
         if needed == 0 {
             self.permit = None;
+            self.slot = None;
         } else if held > needed {
             drop(self.permit.as_mut().and_then(|p| p.split(held - needed)));
         }
@@ -201,11 +243,49 @@ impl Replies {
     }
 }
 
-/// Events read and not yet handed to the queue, with their reply slots.
+/// Events read and not yet handed to the queue, with their reply slots and the share of the
+/// body budget their long lines hold.
 #[derive(Default)]
 struct Lot {
     events: Vec<NewEvent>,
     slots: Vec<u64>,
+    hold: Option<OwnedSemaphorePermit>,
+}
+
+/// Adds `more` to what `held` holds of the body budget.
+fn merge(held: &mut Option<OwnedSemaphorePermit>, more: Option<OwnedSemaphorePermit>) {
+    match (held.as_mut(), more) {
+        (Some(h), Some(m)) => h.merge(m),
+        (None, m) => *held = m,
+        (_, None) => {}
+    }
+}
+
+/// What an append gives back: the queue's answer, and the budget its lines held (kept until
+/// their replies are written).
+type AppendDone = (
+    Result<Vec<crate::queue::Appended>, IngestError>,
+    Option<OwnedSemaphorePermit>,
+);
+
+/// Stores `events`. With lines that hold part of the body budget, the append runs as its own
+/// task that keeps that share until the queue is done with them: were the connection to go
+/// away first (its task dropped), the lines would still sit in the writer's channel, and a
+/// client that sends a long line and hangs up, again and again, would have filled memory
+/// while the budget read empty. Appends of short lines only (nearly all) run in place.
+async fn append_holding(
+    ingest: Arc<Ingest>,
+    events: Vec<NewEvent>,
+    hold: Option<OwnedSemaphorePermit>,
+) -> AppendDone {
+    let Some(hold) = hold else {
+        return (ingest.admit("ndjson", events).await, None);
+    };
+    let task = tokio::spawn(async move { (ingest.admit("ndjson", events).await, Some(hold)) });
+    task.await.unwrap_or_else(|_| {
+        let e = IngestError::new(500, "internal", "the append did not finish");
+        (Err(e), None)
+    })
 }
 
 /// Serves one NDJSON connection until the client is done, misbehaves past a bound, or `stop`.
@@ -223,13 +303,14 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let budget_bytes = limits.max_line.max(MIN_PIPELINE_BYTES);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     // The shared body budget this connection holds for what `buf` holds beyond
     // `LINE_FREE_BYTES` (see the module doc).
     let mut hold = BudgetHold {
         budget: limits.body_budget.clone(),
         permit: None,
+        long_lines: limits.long_lines.clone(),
+        slot: None,
     };
     // Bytes at the front of `buf` already known to hold no newline.
     let mut scanned = 0usize;
@@ -249,11 +330,17 @@ pub async fn serve<S>(
     // Bytes of the events read and not yet answered (the per-connection budget). Every such
     // event holds a reply slot, so the slots bound their number.
     let mut unanswered_bytes = 0usize;
-    let has_room = |bytes: usize, slots: usize| bytes < budget_bytes && slots < MAX_PIPELINE;
+    let has_room = |bytes: usize, slots: usize| bytes < PIPELINE_BYTES && slots < MAX_PIPELINE;
     let mut in_flight_bytes = 0usize;
     let mut in_flight_slots: Vec<u64> = Vec::new();
-    let admit = |events: Vec<NewEvent>| ingest.admit("ndjson", events);
-    let mut append = std::pin::pin!(if false { Some(admit(Vec::new())) } else { None });
+    // The budget held by lines whose replies are ready, until they are written.
+    let mut answered_hold: Option<OwnedSemaphorePermit> = None;
+    let admit = |events: Vec<NewEvent>, hold| append_holding(Arc::clone(&ingest), events, hold);
+    let mut append = std::pin::pin!(if false {
+        Some(admit(Vec::new(), None))
+    } else {
+        None
+    });
     let mut out = Vec::with_capacity(256);
     let mut stopped = std::pin::pin!(stop.cancelled());
     // The line or idle deadline. Reset only when it moves by more than `TIMER_SLACK` (the idle
@@ -277,6 +364,7 @@ pub async fn serve<S>(
             tokio::task::yield_now().await;
         }
         // Every complete line already buffered, within the budget.
+        let mut took_long = false;
         while has_room(unanswered_bytes, replies.slots.len()) {
             let Some(i) = memchr::memchr(b'\n', &buf[scanned..]) else {
                 scanned = buf.len();
@@ -289,6 +377,11 @@ pub async fn serve<S>(
             let end = scanned + i + 1;
             let line = Bytes::copy_from_slice(&buf[..end]);
             bytes::Buf::advance(&mut buf, end);
+            // A long line keeps the share of the budget it took while arriving (given back
+            // when it is refused, skipped or answered), and the buffer that held it is
+            // replaced below, so its allocation is not kept outside the budget.
+            let line_hold = hold.take(end.saturating_sub(LINE_FREE_BYTES));
+            took_long |= end > LINE_FREE_BYTES;
             scanned = 0;
             line_deadline = None;
             line_no += 1;
@@ -319,6 +412,7 @@ pub async fn serve<S>(
                 Ok(event) => {
                     waiting.slots.push(replies.push(None));
                     waiting.events.push(event);
+                    merge(&mut waiting.hold, line_hold);
                     unanswered_bytes += size;
                 }
                 Err(e) => {
@@ -338,6 +432,12 @@ pub async fn serve<S>(
             buf.clear();
             scanned = 0;
         }
+        // A long line (taken or skipped) grew the buffer; what is left moves to a small one.
+        if (took_long || skipping) && buf.capacity() > LINE_FREE_BYTES {
+            let mut small = BytesMut::with_capacity(READ_CHUNK.max(buf.len()));
+            small.extend_from_slice(&buf);
+            buf = small;
+        }
         // Lines taken (or skipped) give their bytes of the budget back.
         let needed = BudgetHold::needed(buf.len());
         hold.shrink_to(needed);
@@ -347,7 +447,7 @@ pub async fn serve<S>(
             let lot = std::mem::take(&mut waiting);
             in_flight_slots = lot.slots;
             in_flight_bytes = unanswered_bytes;
-            append.set(Some(admit(lot.events)));
+            append.set(Some(admit(lot.events, lot.hold)));
         }
 
         out.clear();
@@ -358,6 +458,9 @@ pub async fn serve<S>(
             // The client is gone or stopped reading: what is left cannot be answered.
             return;
         }
+        // Their replies are written (an append's replies are all ready once it is over, and
+        // so are all before them: appends go one at a time, refusals are answered at once).
+        drop(answered_hold.take());
         // Complete lines left in the buffer when the budget ran out: take them now that the
         // replies above made room, before waiting on the client or closing.
         if scanned < buf.len() && has_room(unanswered_bytes, replies.slots.len()) {
@@ -384,14 +487,15 @@ pub async fn serve<S>(
         }
         // Past `LINE_FREE_BYTES`, a read waits for its share of the budget, then adds at most
         // `READ_CHUNK` (what the share covers).
-        let charged = needed > 0;
         let funded = hold.held() >= needed;
+        let room = (LINE_FREE_BYTES + hold.held()).saturating_sub(buf.len());
         tokio::select! {
             biased;
-            result = async { append.as_mut().as_pin_mut().expect("in flight").await },
+            (result, held) = async { append.as_mut().as_pin_mut().expect("in flight").await },
                 if append.is_some() =>
             {
                 append.set(None);
+                merge(&mut answered_hold, held);
                 for (i, slot) in std::mem::take(&mut in_flight_slots).into_iter().enumerate() {
                     let line = match result.as_ref().map(|ids| ids.get(i)) {
                         Ok(Some(a)) => ack_line(a),
@@ -413,13 +517,10 @@ pub async fn serve<S>(
                     return;
                 }
             }
-            read = async {
-                if charged {
-                    stream.read_buf(&mut (&mut buf).limit(READ_CHUNK)).await
-                } else {
-                    stream.read_buf(&mut buf).await
-                }
-            }, if can_read && funded => match read {
+            // At most what keeps the buffer within `LINE_FREE_BYTES` plus what is held (at
+            // least `READ_CHUNK`, see `BudgetHold::needed`), so a line taken from it finds
+            // its whole share in `hold` (`BudgetHold::take`).
+            read = async { stream.read_buf(&mut (&mut buf).limit(room)).await }, if can_read && funded => match read {
                 Ok(n) if n > 0 => {
                     yield_to_the_app();
                     just_read = true;
@@ -579,6 +680,103 @@ mod tests {
             YieldGate::OPEN,
             "a fast yield after the pause clears it"
         );
+    }
+
+    /// Many connections each send a long line while the queue holds its acks back: the
+    /// complete lines waiting for their ack stay within the shared body budget (those beyond
+    /// it wait, half read), and once the acks come every line is stored and answered, and
+    /// the budget is whole again. Before, a complete line gave its share back at once and
+    /// each connection could hold `max(max_line_bytes, 1 MiB)` of lines waiting for acks:
+    /// all twelve 2 MiB lines were taken into memory with the budget untouched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_lines_waiting_for_their_ack_hold_the_body_budget() {
+        const BUDGET: usize = 8 << 20;
+        const LINE: usize = 2 << 20;
+        const CONNECTIONS: usize = 12;
+        let dir = tempfile::tempdir().unwrap();
+        let ingest = super::super::test_ingest(dir.path());
+        let budget = Arc::new(Semaphore::new(BUDGET));
+        let limits = NdjsonLimits {
+            max_line: 4 << 20,
+            line_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            body_budget: budget.clone(),
+            long_lines: Arc::new(Semaphore::new(super::super::http::long_line_slots(
+                4 << 20,
+                4 << 20,
+                BUDGET,
+            ))),
+        };
+        let held = ingest.queue.hold_writes();
+        let stop = CancellationToken::new();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for c in 0..CONNECTIONS {
+            let (client, server) = tokio::io::duplex(64 << 10);
+            tokio::spawn(serve(server, ingest.clone(), limits.clone(), stop.clone()));
+            let sent = sent.clone();
+            clients.push(tokio::spawn(async move {
+                let mut line = format!("{{\"conn\":{c},\"pad\":\"").into_bytes();
+                line.resize(LINE - 3, b'x');
+                line.extend_from_slice(b"\"}\n");
+                let (rd, mut wr) = tokio::io::split(client);
+                wr.write_all(&line).await.unwrap();
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut reply = String::new();
+                let mut rd = tokio::io::BufReader::new(rd);
+                tokio::io::AsyncBufReadExt::read_line(&mut rd, &mut reply)
+                    .await
+                    .unwrap();
+                reply
+            }));
+        }
+        // Until the budget is spent (or, before the fix, every line was taken).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+            if budget.available_permits() < READ_CHUNK || sent == CONNECTIONS {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "neither spent nor all taken: {} of the budget left, {sent} lines sent",
+                budget.available_permits()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A line the client finished sending is taken but for what the pipe holds (64 KiB).
+        let most = BUDGET / (LINE - LINE_FREE_BYTES - (64 << 10));
+        let sent_now = sent.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            sent_now <= most,
+            "{sent_now} lines of {LINE} bytes taken while their acks were held, beyond a \
+             budget of {BUDGET} (room for {most}); {} of it left",
+            budget.available_permits()
+        );
+        drop(held);
+        for c in clients {
+            let reply = tokio::time::timeout(Duration::from_secs(30), c)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "every line is answered once the acks come: {} sent, {} left",
+                        sent.load(std::sync::atomic::Ordering::SeqCst),
+                        budget.available_permits()
+                    )
+                })
+                .unwrap();
+            assert!(reply.contains("\"ok\":true"), "{reply}");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while budget.available_permits() != BUDGET {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the budget was not given back: {} of {BUDGET}",
+                budget.available_permits()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
     }
 
     #[test]

@@ -382,6 +382,19 @@ impl Queue {
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
+    /// Holds every write back (the writer waits for the store) until the guard is dropped:
+    /// tests use it to keep acks from coming while they look at what waits for them.
+    #[cfg(test)]
+    pub(crate) fn hold_writes(&self) -> impl Drop + '_ {
+        self.shared.trees.write()
+    }
+
+    /// Whether an append is waiting for the writer or being written (tests).
+    #[cfg(test)]
+    pub(crate) fn writes_pending(&self) -> bool {
+        !self.tx.is_empty() || self.shared.writer_busy_since.load(Ordering::Relaxed) != 0
+    }
+
     /// The next sequence number the writer will assign; every record below it that exists is
     /// durable. Delivery waits on changes of this.
     pub fn head(&self) -> watch::Receiver<u64> {

@@ -139,8 +139,10 @@ impl MockSink {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(MockState::default());
         let (tx, rx) = oneshot::channel::<()>();
+        // No body limit: axum's default (2 MB) would answer large events 413 itself.
         let app = axum::Router::new()
             .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
