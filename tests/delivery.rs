@@ -654,6 +654,8 @@ enum Fault {
     Silent,
     /// Read the request, answer bytes that are not HTTP, close.
     Garbage,
+    /// Read the body at this many bytes a second (a slow link), then answer a proper `200`.
+    SlowRead(usize),
     /// Read the request and answer a proper `200`.
     Ok,
 }
@@ -709,10 +711,17 @@ impl RawEndpoint {
                         let _ = conn.set_zero_linger();
                         return;
                     }
+                    let started = tokio::time::Instant::now();
                     while buf.len() < head_end + len {
                         match conn.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        if let Fault::SlowRead(rate) = fault {
+                            // Paced: what was read so far takes its time at `rate`.
+                            let read = buf.len().saturating_sub(head_end) as f64;
+                            let due = Duration::from_secs_f64(read / rate as f64);
+                            tokio::time::sleep_until(started + due).await;
                         }
                     }
                     let events: Vec<Value> =
@@ -731,7 +740,7 @@ impl RawEndpoint {
                         }
                         Fault::Silent => b"",
                         Fault::Garbage => b"SMTP ready, not HTTP\r\n\r\n",
-                        Fault::Ok | Fault::ResetMidRequest => {
+                        Fault::Ok | Fault::ResetMidRequest | Fault::SlowRead(_) => {
                             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
                         }
                     };
@@ -822,6 +831,36 @@ async fn every_kind_of_broken_connection_is_retried_until_delivered() {
     assert_eq!(sink_status(&st, "raw")["delivered"], 10, "{st}");
     let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"raw\"}").await;
     assert!(retried >= Some(faults as f64 * 5.0), "retried: {retried:?}");
+    d.stop().await;
+}
+
+/// A large event on a slow link: the sink's `timeout` is for the reply, and the body gets its
+/// upload time beside it (1 s per MiB). Held to `timeout` as a whole, a 4 MiB event read at
+/// 2 MiB/s timed out at every attempt (and would have ended in the dead letters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_event_on_a_slow_link_gets_time_to_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = RawEndpoint::start(vec![Fault::SlowRead(2 << 20)]).await;
+    let cfg = sink(
+        "slow",
+        &format!("http://{}/ingest", ep.addr),
+        &[("timeout", "\"1s\""), ("concurrency", "1")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post(&d.url("/v1/events"), &[event(0, "", 4 << 20)]).await;
+    let log = wait_for(DEADLINE, "the event delivered", || {
+        let log = ep.log();
+        log.iter()
+            .any(|(f, n)| *f != Fault::ResetMidRequest && n == &[0])
+            .then_some(log)
+    })
+    .await;
+    // Delivered by the paced request itself, the first attempt: no timeout, no retry.
+    assert_eq!(log, vec![(Fault::SlowRead(2 << 20), vec![0])]);
+    let timeouts = "llmlogd_sink_failed_attempts_total{sink=\"slow\",class=\"timeout\"}";
+    assert_eq!(metric(&base, timeouts).await.unwrap_or(0.0), 0.0);
+    assert_eq!(sink_status(&status(&base).await, "slow")["delivered"], 1);
     d.stop().await;
 }
 

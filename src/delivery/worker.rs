@@ -793,9 +793,10 @@ impl Worker {
         let app_key = req.app_key;
         let sent = self.sends;
         let task_seqs = seqs.clone();
+        let timeout = request_timeout(self.cfg.timeout, req.body.len());
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
-            let result = execute(&client, req).await;
+            let result = execute(&client, req, timeout).await;
             Done {
                 seqs: task_seqs,
                 elapsed: started.elapsed(),
@@ -1424,10 +1425,25 @@ impl BuildContext for Ctx<'_> {
     }
 }
 
-/// Sends one request; reads at most `MAX_RESPONSE` bytes of the reply.
+/// The upload rate a request's body is given time for beyond the sink's `timeout`: 1 MiB/s
+/// (~8 Mbit/s, a slow uplink).
+const UPLOAD_FLOOR_BYTES_PER_SEC: f64 = (1 << 20) as f64;
+
+/// How long one request may take: the sink's `timeout`, plus the time its body takes to go
+/// out at `UPLOAD_FLOOR_BYTES_PER_SEC`. With the whole request held to `timeout`, a 10 MB
+/// event (an image in a vision request) on an 8 Mbit/s uplink timed out at every attempt
+/// and could only end in the dead letters; a batch of ordinary size gets a fraction of a
+/// second more.
+fn request_timeout(timeout: Duration, body_bytes: usize) -> Duration {
+    timeout + Duration::from_secs_f64(body_bytes as f64 / UPLOAD_FLOOR_BYTES_PER_SEC)
+}
+
+/// Sends one request within `timeout` (see [`request_timeout`]); reads at most
+/// `MAX_RESPONSE` bytes of the reply.
 async fn execute(
     client: &reqwest::Client,
     req: SinkRequest,
+    timeout: Duration,
 ) -> Result<Reply, (FailureClass, String)> {
     let location = |resp: &reqwest::Response| {
         let loc = resp
@@ -1439,7 +1455,7 @@ async fn execute(
         // A query may carry a token (a signed URL): masked like the sink's own URL.
         Some(crate::config::redact_url(url.as_str()))
     };
-    let mut rb = client.post(&req.url).body(req.body);
+    let mut rb = client.post(&req.url).timeout(timeout).body(req.body);
     for (k, v) in req.headers {
         rb = rb.header(k, v);
     }
