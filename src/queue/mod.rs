@@ -220,6 +220,9 @@ struct Shared {
     behind_mark: Option<BehindMark>,
     /// Every loss the store was ever opened with (kept in `meta`): reported until it is gone.
     loss: Option<LossRecord>,
+    /// Tests: run once by the collector between reading a value and removing it.
+    #[cfg(test)]
+    before_remove: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     _lock: DirLock,
 }
 
@@ -334,6 +337,8 @@ impl Queue {
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
             loss,
+            #[cfg(test)]
+            before_remove: Mutex::new(None),
             _lock: lock,
         });
         let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
@@ -681,40 +686,60 @@ impl Queue {
         Ok(n)
     }
 
+    /// Removes the log values wholly below `limit`, at most `max` records (whole values).
+    ///
+    /// Each value goes by compare-and-swap against what was read, not in a batch: eviction
+    /// (`drop_oldest`, on the writer thread) takes the oldest records too, and may trim or
+    /// remove a value between this read and its removal. It has counted what it took, so a
+    /// blind removal counted the value's records and bytes a second time: the figures the
+    /// caps are checked against fell below what is stored, and could wrap round to a count
+    /// that made the next `drop_oldest` append evict the whole queue. A value that changed is
+    /// read again.
     fn remove_below(&self, limit: u64, max: u64) -> Result<u64, QueueError> {
         let t = self.shared.trees()?;
         let mut removed = 0u64;
         loop {
-            let mut batch = sled::Batch::default();
-            let mut chunk_ranges = Vec::new();
-            let mut n = 0u64;
-            let mut freed = 0u64;
+            let mut seen = 0usize;
             for kv in t.log.range(..limit.to_be_bytes()).take(1024) {
-                if removed + n >= max {
+                if removed >= max {
                     break;
                 }
                 let (k, v) = kv?;
-                if let Some(len) = record::chunked_len(&v) {
-                    chunk_ranges.push((key_u64(&k), len));
+                seen += 1;
+                #[cfg(test)]
+                if let Some(hook) = self
+                    .shared
+                    .before_remove
+                    .lock()
+                    .ok()
+                    .and_then(|mut h| h.take())
+                {
+                    hook();
                 }
-                freed += stored_len_of(&v) as u64;
-                batch.remove(k);
-                n += record::count_of(&v);
+                if t.log
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_err()
+                {
+                    // Trimmed or removed meanwhile: the next pass sees what is left.
+                    continue;
+                }
+                if record::chunked_len(&v).is_some() {
+                    remove_chunks(&t.chunks, key_u64(&k))?;
+                }
+                let n = record::count_of(&v);
+                self.shared.events.fetch_sub(n, Ordering::Relaxed);
+                self.shared
+                    .bytes
+                    .fetch_sub(stored_len_of(&v) as u64, Ordering::Relaxed);
+                removed += n;
             }
-            if n == 0 {
+            if seen == 0 || removed >= max {
                 if removed > 0 {
                     // Room was made: an append refused at a cap may be taken now.
                     self.shared.refused_for.store(None);
                 }
                 return Ok(removed);
             }
-            t.log.apply_batch(batch)?;
-            for (seq, _) in chunk_ranges {
-                remove_chunks(&t.chunks, seq)?;
-            }
-            self.shared.events.fetch_sub(n, Ordering::Relaxed);
-            self.shared.bytes.fetch_sub(freed, Ordering::Relaxed);
-            removed += n;
         }
     }
 

@@ -1076,3 +1076,45 @@ fn a_writer_stuck_on_one_step_is_reported_stalled() {
     assert!(q.writer_stalled(limit).is_some_and(|b| b >= limit));
     assert_eq!(q.writer_stalled(std::time::Duration::from_secs(60)), None);
 }
+
+/// The collector and `drop_oldest` eviction (the writer) both take the oldest records: when
+/// eviction trims a pack the collector has just read, the collector must not count the pack's
+/// records (and bytes) as its own as well. Counted twice, the figures the caps are checked
+/// against drift below what is stored (and can wrap round, which made `drop_oldest` evict the
+/// whole queue).
+#[test]
+fn the_collector_and_eviction_never_count_a_record_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.max_events = Some(8);
+    c.when_full = WhenFull::DropOldest;
+    let q = Queue::open(&c).unwrap();
+    let s = q.sink_id("s").unwrap();
+    // One pack of eight, all delivered.
+    let recs = (0..8)
+        .map(|i| q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[s]))
+        .collect();
+    rt.block_on(q.append(recs)).unwrap();
+    q.set_cursor(s, 8).unwrap();
+    // While the collector holds the pack it read, a ninth event goes over the cap: eviction
+    // trims the pack's oldest record.
+    let (q2, rec) = (q.clone(), q.prepare(&ev(r#"{"n":8}"#), &[s]));
+    *q.shared.before_remove.lock().unwrap() = Some(Box::new(move || {
+        std::thread::spawn(move || rt_block_on_append(&q2, rec))
+            .join()
+            .unwrap();
+    }));
+    q.gc(&[s]).unwrap();
+    let t = q.shared.trees().unwrap();
+    let on_disk = count_log(&t).unwrap();
+    drop(t);
+    let st = q.stats();
+    assert_eq!((st.events, st.bytes), on_disk, "counts against the log");
+    assert_eq!(on_disk.0, 1, "the ninth event is all that is left");
+    assert_eq!(st.evicted, 1);
+}
+
+fn rt_block_on_append(q: &Queue, rec: Prepared) {
+    rt().block_on(q.append(vec![rec])).unwrap();
+}
