@@ -313,6 +313,13 @@ impl Queue {
             t.sync()?;
             loss = Some(record);
         }
+        // Chunks at or above the numbering belong to no acknowledged record: a group cut
+        // short (a crash, a full disk) can leave a large event's chunks on disk without its log
+        // record or the `next_seq` that numbered it, so its number is given again now. Left
+        // there, they were read as part of the new event under that number, which then did not
+        // decode and went to the dead letters instead of its sink. Not synced: the removal
+        // reaches the disk before (with) the next commit, the first that can reuse a number.
+        remove_chunks_from(&t.chunks, next_seq)?;
         let (head, _) = watch::channel(next_seq);
         let shared = Arc::new(Shared {
             trees: RwLock::new(Some(t)),
@@ -1581,6 +1588,16 @@ fn remove_record(
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// Removes every chunk of records numbered `from` and above.
+fn remove_chunks_from(tree: &sled::Tree, from: u64) -> Result<(), QueueError> {
+    let mut batch = sled::Batch::default();
+    for k in tree.range(chunk_key(from, 0)..).keys() {
+        batch.remove(k?);
+    }
+    tree.apply_batch(batch)?;
     Ok(())
 }
 

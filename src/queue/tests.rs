@@ -1118,3 +1118,57 @@ fn the_collector_and_eviction_never_count_a_record_twice() {
 fn rt_block_on_append(q: &Queue, rec: Prepared) {
     rt().block_on(q.append(vec![rec])).unwrap();
 }
+
+/// A group cut short by a crash (or a full disk) can leave a large event's chunks on disk
+/// without its log record or the `next_seq` that numbered it, so the number is given again
+/// after the restart. The chunks left over must not be read as part of the acknowledged
+/// event that now has the number: with more of them than it has, it read as corrupt and went
+/// to the dead letters instead of being delivered.
+#[test]
+fn chunks_a_crash_left_above_the_numbering_are_not_read_into_a_new_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let s = q.sink_id("s").unwrap();
+        rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":0}"#), &[s])]))
+            .unwrap();
+        // What the torn group left: ten chunks of seq 1, nothing else.
+        let t = q.shared.trees().unwrap();
+        for i in 0..10u32 {
+            t.chunks
+                .insert(&chunk_key(1, i)[..], &[b'x'; CHUNK][..])
+                .unwrap();
+        }
+        t.sync().unwrap();
+        // The files as a crash leaves them.
+        copy_dir(dir.path(), crashed.path());
+    }
+    let q = Queue::open(&cfg(crashed.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    let big = incompressible_json(40_000, 7);
+    let ids = rt
+        .block_on(q.append(vec![q.prepare(&ev(&big), &[s])]))
+        .unwrap();
+    assert_eq!(
+        ids[0].seq, 1,
+        "the number the torn group had is given again"
+    );
+    let r = q.read(s, 1, 10, 1 << 30, 10).unwrap();
+    match &r.items[..] {
+        [ReadItem::Event(e)] => assert!(e.payload == big.as_bytes(), "payload differs"),
+        other => panic!(
+            "{:?}",
+            other
+                .iter()
+                .map(|i| match i {
+                    ReadItem::Event(e) => format!("event {} ({} bytes)", e.seq, e.payload.len()),
+                    ReadItem::Corrupt { seq, error, .. } => format!("corrupt {seq}: {error}"),
+                })
+                .collect::<Vec<_>>()
+        ),
+    }
+    let report = q.fsck(false).unwrap();
+    assert_eq!(report.orphan_chunks, 0, "{report:?}");
+}
