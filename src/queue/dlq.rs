@@ -298,16 +298,37 @@ fn oldest_dead_letter(t: &Trees, keep: [u8; 10]) -> Result<Option<(u16, u64)>, Q
 }
 
 /// Counts the dead letters and their bytes by reading them all (after a crash: a clean close
-/// leaves the counts in `meta`).
+/// leaves the counts in `meta`), and removes chunks no letter has. A letter is removed before
+/// its chunks (`remove_letter`), so a crash between the two leaves its chunks behind: counted,
+/// they inflated the bytes the cap is checked against for good (every later letter dropped
+/// others to make room for bytes that were not there), and nothing else ever removed them.
 pub(super) fn count_dead_letters(t: &Trees) -> Result<(u64, u64), QueueError> {
     let (mut count, mut bytes) = (0u64, 0u64);
     for kv in t.dlq.iter() {
         count += 1;
         bytes += kv?.1.len() as u64;
     }
+    let mut orphans = sled::Batch::default();
+    // Chunks sort by their letter's key: one lookup per letter, not per chunk.
+    let mut last: Option<(Vec<u8>, bool)> = None;
     for kv in t.dlq_chunks.iter() {
-        bytes += kv?.1.len() as u64;
+        let (k, c) = kv?;
+        let letter = k.get(..10).unwrap_or(&k[..]);
+        let has_letter = match &last {
+            Some((l, has)) if l[..] == letter[..] => *has,
+            _ => {
+                let has = k.len() == 14 && t.dlq.contains_key(letter)?;
+                last = Some((letter.to_vec(), has));
+                has
+            }
+        };
+        if has_letter {
+            bytes += c.len() as u64;
+        } else {
+            orphans.remove(k);
+        }
     }
+    t.dlq_chunks.apply_batch(orphans)?;
     Ok((count, bytes))
 }
 
