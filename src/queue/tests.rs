@@ -1211,3 +1211,42 @@ fn chunks_of_a_dead_letter_a_crash_half_removed_are_not_counted() {
 fn dlq_key_for_test(sink: u16, seq: u64) -> [u8; 10] {
     pair_key(sink, seq)
 }
+
+/// `fsck --repair` removes what does not decode from the log; the event and byte counts must
+/// follow, or the close after it leaves them in the store as they were before, and the
+/// daemon takes them from there (a drained queue reported events it did not hold, and the
+/// caps were checked against them) until a crash made it count again.
+#[test]
+fn fsck_repair_leaves_counts_that_match_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let a = q.sink_id("a").unwrap();
+        let recs = (0..3).map(|_| q.prepare(&ev("{}"), &[a])).collect();
+        rt.block_on(q.append(recs)).unwrap();
+        rt.block_on(q.append(vec![q.prepare(&ev("{\"after\":1}"), &[a])]))
+            .unwrap();
+        q.close().unwrap();
+    }
+    {
+        // The damage, on disk, found by fsck (as `llmlogd fsck --repair` runs it).
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        {
+            let t = q.shared.trees().unwrap();
+            let mut v = t.log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
+            v.truncate(v.len() - 3);
+            t.log.insert(2u64.to_be_bytes(), v).unwrap();
+        }
+        let r = q.fsck(true).unwrap();
+        assert_eq!(r.corrupt_records, vec![2]);
+        q.close().unwrap();
+    }
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let t = q.shared.trees().unwrap();
+    let on_disk = count_log(&t).unwrap();
+    drop(t);
+    assert_eq!(on_disk.0, 1);
+    let s = q.stats();
+    assert_eq!((s.events, s.bytes), on_disk);
+}
