@@ -877,6 +877,9 @@ impl Queue {
         if self.shared.trees.read().is_none() {
             return Some("the queue store is unavailable after a storage error (retrying)");
         }
+        if !store::present(&self.shared.cfg.data_dir) {
+            return Some(STORE_GONE);
+        }
         if self.free_bytes().is_some_and(|f| f < MIN_FREE_BYTES) {
             return Some("the disk holding the queue is full");
         }
@@ -1281,7 +1284,11 @@ impl<'a> Group<'a> {
                 return Err(e);
             }
             t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
-            t.sync()
+            t.sync()?;
+            if !store::present(&shared.cfg.data_dir) {
+                return Err(store_gone(&shared.cfg.data_dir));
+            }
+            Ok(())
         })();
         match result {
             Ok(()) => {
@@ -1305,6 +1312,10 @@ impl<'a> Group<'a> {
                 for (reply, _) in replies {
                     let _ = reply.send(Err(match &e {
                         QueueError::NoSpace => QueueError::NoSpace,
+                        QueueError::DataDir { path, problem } => QueueError::DataDir {
+                            path: path.clone(),
+                            problem: problem.clone(),
+                        },
                         _ => QueueError::Storage(msg.clone()),
                     }));
                 }
@@ -1314,10 +1325,26 @@ impl<'a> Group<'a> {
     }
 }
 
+/// Why appends are refused once the store's files were removed while it ran.
+const STORE_GONE: &str = "the queue's files were removed while llmlogd ran: new events are refused, as they would not survive a restart; events already stored are still delivered; restart llmlogd to start a new store";
+
+fn store_gone(dir: &Path) -> QueueError {
+    QueueError::DataDir {
+        path: dir.join("queue"),
+        problem: STORE_GONE.into(),
+    }
+}
+
 /// Drops the store and opens it again from disk (after a storage error). While that fails
 /// (the disk is still full), the store stays unavailable and appends are refused; the next
 /// group tries again.
 fn reopen(shared: &Shared) {
+    if !store::present(&shared.cfg.data_dir) && shared.trees.read().is_some() {
+        // Its files were removed while it ran: opening "again" would start an empty store
+        // with no sink names, under records numbered and routed by the old one. The old one
+        // stays, so delivery goes on from what it holds; appends are refused until a restart.
+        return;
+    }
     let mut guard = shared.trees.write();
     drop(guard.take());
     match Trees::open(&shared.cfg.data_dir, &shared.cfg) {

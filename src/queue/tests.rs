@@ -1250,3 +1250,35 @@ fn fsck_repair_leaves_counts_that_match_the_log() {
     let s = q.stats();
     assert_eq!((s.events, s.bytes), on_disk);
 }
+
+/// sled writes on to its open files after they are removed, so a data directory deleted under
+/// the running daemon (by hand, by a cleaner of `/tmp` or of the state dir) took every later
+/// event and acknowledged it, though none of it could survive a restart. Those appends are
+/// refused now, naming why, while what the store holds is still delivered.
+#[test]
+fn a_store_removed_while_running_acknowledges_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":0}"#), &[s])]))
+        .unwrap();
+    std::fs::remove_dir_all(dir.path().join("queue")).unwrap();
+    let e = rt
+        .block_on(q.append(vec![q.prepare(&ev(r#"{"n":1}"#), &[s])]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::DataDir { problem, .. } if problem.contains("removed")),
+        "{e:?}"
+    );
+    assert!(q.refusing().is_some_and(|r| r.contains("removed")));
+    // Not reopened as an empty store: what it held is still read for delivery.
+    let r = q.read(s, 0, 10, 1 << 20, 10).unwrap();
+    assert_eq!(payloads(&r), vec![r#"{"n":0}"#.to_string()]);
+    // And it stays refused (no new store appears under the old one's numbering).
+    let e = rt
+        .block_on(q.append(vec![q.prepare(&ev(r#"{"n":2}"#), &[s])]))
+        .unwrap_err();
+    assert!(matches!(e, QueueError::DataDir { .. }), "{e:?}");
+    assert!(!dir.path().join("queue").exists());
+}
