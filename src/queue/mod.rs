@@ -220,6 +220,11 @@ struct Shared {
     behind_mark: Option<BehindMark>,
     /// Every loss the store was ever opened with (kept in `meta`): reported until it is gone.
     loss: Option<LossRecord>,
+    /// Why the store could not be opened again after a storage error, unless the disk is
+    /// full: appends are refused with it meanwhile. A filesystem turned read-only, or an I/O
+    /// error, was reported to clients as a full disk (507 "no space left"), which sent
+    /// operators looking for space that was there.
+    unavailable: parking_lot::Mutex<Option<String>>,
     /// Tests: run once by the collector between reading a value and removing it.
     #[cfg(test)]
     before_remove: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -227,6 +232,25 @@ struct Shared {
 }
 
 impl Shared {
+    /// What an append is refused with while the store is unavailable (see `unavailable`).
+    fn unavailable_error(&self) -> QueueError {
+        match self.unavailable.lock().as_deref() {
+            None => QueueError::NoSpace,
+            Some(why) => QueueError::Storage(format!(
+                "the queue store cannot be opened again after a storage error: {why}"
+            )),
+        }
+    }
+
+    /// Records why the store could not be opened (`None` once it could, or when the disk is
+    /// full: that is what `NoSpace` says).
+    fn set_unavailable(&self, e: Option<&QueueError>) {
+        *self.unavailable.lock() = match e {
+            None | Some(QueueError::NoSpace) => None,
+            Some(other) => Some(other.to_string()),
+        };
+    }
+
     /// The store, for the duration of one operation.
     fn trees(&self) -> Result<MappedRwLockReadGuard<'_, Trees>, QueueError> {
         RwLockReadGuard::try_map(self.trees.read(), |t| t.as_ref()).map_err(|_| {
@@ -344,6 +368,7 @@ impl Queue {
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
             loss,
+            unavailable: parking_lot::Mutex::new(None),
             #[cfg(test)]
             before_remove: Mutex::new(None),
             _lock: lock,
@@ -1167,7 +1192,7 @@ impl<'a> Group<'a> {
         };
         self.records += records.len();
         let Some(t) = self.trees.as_deref() else {
-            let _ = reply.send(Err(QueueError::NoSpace));
+            let _ = reply.send(Err(self.shared.unavailable_error()));
             return;
         };
         if self.low_space && !records.is_empty() {
@@ -1358,9 +1383,11 @@ fn reopen(shared: &Shared) {
                 shared.dlq_bytes.store(b, Ordering::Relaxed);
             }
             *guard = Some(t);
+            shared.set_unavailable(None);
             tracing::info!("queue store reopened");
         }
         Err(e) => {
+            shared.set_unavailable(Some(&e));
             if let Some(skipped) = STORAGE_ERROR_LOG.ready() {
                 tracing::error!(error = %e, skipped, "queue store cannot be reopened yet; refusing new events until it can");
             }
@@ -1382,6 +1409,7 @@ fn run_compaction(shared: &Shared) {
     match result {
         Ok(t) => {
             *guard = Some(t);
+            shared.set_unavailable(None);
             let after = store::dir_size(&shared.cfg.data_dir);
             tracing::info!(
                 before_bytes = before,
@@ -1391,6 +1419,7 @@ fn run_compaction(shared: &Shared) {
             );
         }
         Err(e) => {
+            shared.set_unavailable(Some(&e));
             tracing::error!(error = %e, "queue store cannot be reopened after compaction; retrying");
         }
     }

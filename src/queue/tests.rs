@@ -1282,3 +1282,30 @@ fn a_store_removed_while_running_acknowledges_nothing_more() {
     assert!(matches!(e, QueueError::DataDir { .. }), "{e:?}");
     assert!(!dir.path().join("queue").exists());
 }
+
+/// While the store cannot be opened again after a storage error, appends are refused with
+/// the reason: only a full disk is reported as one (507). A filesystem turned read-only or a
+/// broken file was answered "no space left on the device" too.
+#[test]
+fn a_store_that_cannot_be_reopened_says_why_instead_of_disk_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[s])]))
+        .unwrap();
+    q.take_store_for_test();
+    // Something other than space stops it from opening: its log file is now a directory.
+    let db = dir.path().join("queue").join("db");
+    std::fs::remove_file(&db).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    q.reopen_store_for_test();
+    assert!(q.refusing().is_some());
+    let e = rt
+        .block_on(q.append(vec![q.prepare(&ev("{}"), &[s])]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::Storage(m) if m.contains("opened again")),
+        "{e:?}"
+    );
+}
