@@ -899,11 +899,16 @@ impl Queue {
     /// unavailable after a storage error, the disk is full, or the last append was refused at
     /// a cap (`when_full = "reject"`) and nothing was taken or removed since.
     pub fn refusing(&self) -> Option<&'static str> {
-        if self.shared.trees.read().is_none() {
-            return Some("the queue store is unavailable after a storage error (retrying)");
-        }
-        if !store::present(&self.shared.cfg.data_dir) {
-            return Some(STORE_GONE);
+        {
+            // Held while looking for the files: compaction (which takes the write lock) moves
+            // them, and must not be taken for their removal.
+            let store = self.shared.trees.read();
+            if store.is_none() {
+                return Some("the queue store is unavailable after a storage error (retrying)");
+            }
+            if !store::present(&self.shared.cfg.data_dir) {
+                return Some(STORE_GONE);
+            }
         }
         if self.free_bytes().is_some_and(|f| f < MIN_FREE_BYTES) {
             return Some("the disk holding the queue is full");
