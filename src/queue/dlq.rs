@@ -10,13 +10,13 @@
 //! would otherwise fill the disk with dead letters until ingest itself ran out of space. The
 //! counts are kept in `meta` at a clean close and counted again after a crash, like the log's.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use super::record::{self, CHUNK};
 use super::store::Trees;
-use super::{key_u64, Queue, QueueError, RecordError};
+use super::{key_u64, sub, Queue, QueueError, RecordError};
 use crate::event::{now_ms, StoredEvent};
 use crate::ops::log_throttle::LogThrottle;
 
@@ -252,13 +252,6 @@ impl Queue {
         }
         Ok(n)
     }
-}
-
-/// Lowers a count, never below 0.
-fn sub(a: &AtomicU64, n: u64) {
-    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-        Some(v.saturating_sub(n))
-    });
 }
 
 /// One dead letter's chunks, in order.

@@ -759,10 +759,8 @@ impl Queue {
                     remove_chunks(&t.chunks, key_u64(&k))?;
                 }
                 let n = record::count_of(&v);
-                self.shared.events.fetch_sub(n, Ordering::Relaxed);
-                self.shared
-                    .bytes
-                    .fetch_sub(stored_len_of(&v) as u64, Ordering::Relaxed);
+                sub(&self.shared.events, n);
+                sub(&self.shared.bytes, stored_len_of(&v) as u64);
                 removed += n;
             }
             if seen == 0 || removed >= max {
@@ -1379,9 +1377,12 @@ fn reopen(shared: &Shared) {
     drop(guard.take());
     match Trees::open(&shared.cfg.data_dir, &shared.cfg) {
         Ok(t) => {
-            let (events, bytes) = count_log(&t).unwrap_or((0, 0));
-            shared.events.store(events, Ordering::Relaxed);
-            shared.bytes.store(bytes, Ordering::Relaxed);
+            // A recount that fails keeps the counts as they were: 0 would let the caps admit a
+            // whole cap's worth above what is stored.
+            if let Ok((events, bytes)) = count_log(&t) {
+                shared.events.store(events, Ordering::Relaxed);
+                shared.bytes.store(bytes, Ordering::Relaxed);
+            }
             // What the failed writes left of the dead letters is what is on disk now.
             if let Ok((n, b)) = dlq::count_dead_letters(&t) {
                 shared.dlq_count.store(n, Ordering::Relaxed);
@@ -1459,6 +1460,15 @@ fn count_log(t: &Trees) -> Result<(u64, u64), QueueError> {
     Ok((events, bytes))
 }
 
+/// Lowers a count, never below 0. The counts go down only by what was removed, but should one
+/// ever fall behind the log, a wrapped count (~2^64) was "over the cap" by that much: every
+/// append refused, or with `drop_oldest` every record evicted.
+fn sub(a: &AtomicU64, n: u64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
 fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> {
     if bytes > cfg.max_bytes {
         return Some("max_bytes reached");
@@ -1502,8 +1512,8 @@ fn evict_for(
                 match t.log.compare_and_swap(&k, Some(&v), Some(tail)) {
                     Ok(Ok(())) => {
                         let freed = len.saturating_sub(tail_len);
-                        shared.events.fetch_sub(want, Ordering::Relaxed);
-                        shared.bytes.fetch_sub(freed, Ordering::Relaxed);
+                        sub(&shared.events, want);
+                        sub(&shared.bytes, freed);
                         need_bytes = need_bytes.saturating_sub(freed);
                         need_events = need_events.saturating_sub(want);
                         dropped += want;
@@ -1522,8 +1532,8 @@ fn evict_for(
         if record::chunked_len(&v).is_some() {
             let _ = remove_chunks(&t.chunks, key_u64(&k));
         }
-        shared.events.fetch_sub(n, Ordering::Relaxed);
-        shared.bytes.fetch_sub(len, Ordering::Relaxed);
+        sub(&shared.events, n);
+        sub(&shared.bytes, len);
         need_bytes = need_bytes.saturating_sub(len);
         need_events = need_events.saturating_sub(n);
         dropped += n;

@@ -1309,3 +1309,33 @@ fn a_store_that_cannot_be_reopened_says_why_instead_of_disk_full() {
         "{e:?}"
     );
 }
+
+/// The event and byte counts only ever go down by what was removed, but if they ever fall
+/// behind the log (a recount that failed after a storage error set them to 0), a removal
+/// must stop them at 0: wrapped round to ~2^64, the next `drop_oldest` append found the
+/// queue "over its cap" by that much and evicted every record it held.
+#[test]
+fn counts_behind_the_log_stop_at_zero_and_evict_nothing_extra() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.max_events = Some(100);
+    c.when_full = WhenFull::DropOldest;
+    let q = Queue::open(&c).unwrap();
+    let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
+    append_one_by_one(&q, &rt, 10, &[a, b]);
+    // The counts fell behind what the log holds.
+    q.shared.events.store(2, Ordering::Relaxed);
+    q.shared.bytes.store(10, Ordering::Relaxed);
+    q.set_cursor(a, 5).unwrap();
+    q.set_cursor(b, 5).unwrap();
+    assert_eq!(q.gc(&[a, b]).unwrap(), 5);
+    let s = q.stats();
+    assert_eq!((s.events, s.bytes), (0, 0), "stopped at 0");
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"new":1}"#), &[a, b])]))
+        .unwrap();
+    let s = q.stats();
+    assert_eq!(s.evicted, 0, "nothing evicted under a cap of 100");
+    let r = q.read(a, 5, 100, 1 << 20, 100).unwrap();
+    assert_eq!(r.items.len(), 6, "{:?}", payloads(&r));
+}
