@@ -10,13 +10,13 @@
 //! would otherwise fill the disk with dead letters until ingest itself ran out of space. The
 //! counts are kept in `meta` at a clean close and counted again after a crash, like the log's.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use super::record::{self, CHUNK};
 use super::store::Trees;
-use super::{key_u64, Queue, QueueError, RecordError};
+use super::{key_u64, sub, Queue, QueueError, RecordError};
 use crate::event::{now_ms, StoredEvent};
 use crate::ops::log_throttle::LogThrottle;
 
@@ -254,13 +254,6 @@ impl Queue {
     }
 }
 
-/// Lowers a count, never below 0.
-fn sub(a: &AtomicU64, n: u64) {
-    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-        Some(v.saturating_sub(n))
-    });
-}
-
 /// One dead letter's chunks, in order.
 fn letter_chunks(t: &Trees, sink: u16, seq: u64) -> sled::Iter {
     t.dlq_chunks
@@ -298,16 +291,37 @@ fn oldest_dead_letter(t: &Trees, keep: [u8; 10]) -> Result<Option<(u16, u64)>, Q
 }
 
 /// Counts the dead letters and their bytes by reading them all (after a crash: a clean close
-/// leaves the counts in `meta`).
+/// leaves the counts in `meta`), and removes chunks no letter has. A letter is removed before
+/// its chunks (`remove_letter`), so a crash between the two leaves its chunks behind: counted,
+/// they inflated the bytes the cap is checked against for good (every later letter dropped
+/// others to make room for bytes that were not there), and nothing else ever removed them.
 pub(super) fn count_dead_letters(t: &Trees) -> Result<(u64, u64), QueueError> {
     let (mut count, mut bytes) = (0u64, 0u64);
     for kv in t.dlq.iter() {
         count += 1;
         bytes += kv?.1.len() as u64;
     }
+    let mut orphans = sled::Batch::default();
+    // Chunks sort by their letter's key: one lookup per letter, not per chunk.
+    let mut last: Option<(Vec<u8>, bool)> = None;
     for kv in t.dlq_chunks.iter() {
-        bytes += kv?.1.len() as u64;
+        let (k, c) = kv?;
+        let letter = k.get(..10).unwrap_or(&k[..]);
+        let has_letter = match &last {
+            Some((l, has)) if l[..] == letter[..] => *has,
+            _ => {
+                let has = k.len() == 14 && t.dlq.contains_key(letter)?;
+                last = Some((letter.to_vec(), has));
+                has
+            }
+        };
+        if has_letter {
+            bytes += c.len() as u64;
+        } else {
+            orphans.remove(k);
+        }
     }
+    t.dlq_chunks.apply_batch(orphans)?;
     Ok((count, bytes))
 }
 

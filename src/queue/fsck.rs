@@ -13,6 +13,8 @@
 //! Nothing acknowledged is deleted: a corrupt record becomes a dead letter, where an operator
 //! can still look at its bytes.
 
+use std::sync::atomic::Ordering;
+
 use serde::Serialize;
 
 use super::dlq::DeadLetterInfo;
@@ -148,7 +150,13 @@ impl Queue {
                 let t = self.shared.trees()?;
                 super::remove_record(&t, seq, self.shared.cfg.compression)?;
             }
-            self.shared.trees()?.sync()?;
+            let t = self.shared.trees()?;
+            // What was removed leaves the counts: the close after a repair keeps them in the
+            // store for the daemon's next open, which takes them instead of counting.
+            let (events, bytes) = super::count_log(&t)?;
+            self.shared.events.store(events, Ordering::Relaxed);
+            self.shared.bytes.store(bytes, Ordering::Relaxed);
+            t.sync()?;
         }
         Ok(r)
     }

@@ -220,10 +220,37 @@ struct Shared {
     behind_mark: Option<BehindMark>,
     /// Every loss the store was ever opened with (kept in `meta`): reported until it is gone.
     loss: Option<LossRecord>,
+    /// Why the store could not be opened again after a storage error, unless the disk is
+    /// full: appends are refused with it meanwhile. A filesystem turned read-only, or an I/O
+    /// error, was reported to clients as a full disk (507 "no space left"), which sent
+    /// operators looking for space that was there.
+    unavailable: parking_lot::Mutex<Option<String>>,
+    /// Tests: run once by the collector between reading a value and removing it.
+    #[cfg(test)]
+    before_remove: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     _lock: DirLock,
 }
 
 impl Shared {
+    /// What an append is refused with while the store is unavailable (see `unavailable`).
+    fn unavailable_error(&self) -> QueueError {
+        match self.unavailable.lock().as_deref() {
+            None => QueueError::NoSpace,
+            Some(why) => QueueError::Storage(format!(
+                "the queue store cannot be opened again after a storage error: {why}"
+            )),
+        }
+    }
+
+    /// Records why the store could not be opened (`None` once it could, or when the disk is
+    /// full: that is what `NoSpace` says).
+    fn set_unavailable(&self, e: Option<&QueueError>) {
+        *self.unavailable.lock() = match e {
+            None | Some(QueueError::NoSpace) => None,
+            Some(other) => Some(other.to_string()),
+        };
+    }
+
     /// The store, for the duration of one operation.
     fn trees(&self) -> Result<MappedRwLockReadGuard<'_, Trees>, QueueError> {
         RwLockReadGuard::try_map(self.trees.read(), |t| t.as_ref()).map_err(|_| {
@@ -310,6 +337,13 @@ impl Queue {
             t.sync()?;
             loss = Some(record);
         }
+        // Chunks at or above the numbering belong to no acknowledged record: a group cut
+        // short (a crash, a full disk) can leave a large event's chunks on disk without its log
+        // record or the `next_seq` that numbered it, so its number is given again now. Left
+        // there, they were read as part of the new event under that number, which then did not
+        // decode and went to the dead letters instead of its sink. Not synced: the removal
+        // reaches the disk before (with) the next commit, the first that can reuse a number.
+        remove_chunks_from(&t.chunks, next_seq)?;
         let (head, _) = watch::channel(next_seq);
         let shared = Arc::new(Shared {
             trees: RwLock::new(Some(t)),
@@ -334,6 +368,9 @@ impl Queue {
             live_at_last_check: AtomicU64::new(bytes),
             behind_mark,
             loss,
+            unavailable: parking_lot::Mutex::new(None),
+            #[cfg(test)]
+            before_remove: Mutex::new(None),
             _lock: lock,
         });
         let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
@@ -694,40 +731,58 @@ impl Queue {
         Ok(n)
     }
 
+    /// Removes the log values wholly below `limit`, at most `max` records (whole values).
+    ///
+    /// Each value goes by compare-and-swap against what was read, not in a batch: eviction
+    /// (`drop_oldest`, on the writer thread) takes the oldest records too, and may trim or
+    /// remove a value between this read and its removal. It has counted what it took, so a
+    /// blind removal counted the value's records and bytes a second time: the figures the
+    /// caps are checked against fell below what is stored, and could wrap round to a count
+    /// that made the next `drop_oldest` append evict the whole queue. A value that changed is
+    /// read again.
     fn remove_below(&self, limit: u64, max: u64) -> Result<u64, QueueError> {
         let t = self.shared.trees()?;
         let mut removed = 0u64;
         loop {
-            let mut batch = sled::Batch::default();
-            let mut chunk_ranges = Vec::new();
-            let mut n = 0u64;
-            let mut freed = 0u64;
+            let mut seen = 0usize;
             for kv in t.log.range(..limit.to_be_bytes()).take(1024) {
-                if removed + n >= max {
+                if removed >= max {
                     break;
                 }
                 let (k, v) = kv?;
-                if let Some(len) = record::chunked_len(&v) {
-                    chunk_ranges.push((key_u64(&k), len));
+                seen += 1;
+                #[cfg(test)]
+                if let Some(hook) = self
+                    .shared
+                    .before_remove
+                    .lock()
+                    .ok()
+                    .and_then(|mut h| h.take())
+                {
+                    hook();
                 }
-                freed += stored_len_of(&v) as u64;
-                batch.remove(k);
-                n += record::count_of(&v);
+                if t.log
+                    .compare_and_swap(&k, Some(&v), None as Option<&[u8]>)?
+                    .is_err()
+                {
+                    // Trimmed or removed meanwhile: the next pass sees what is left.
+                    continue;
+                }
+                if record::chunked_len(&v).is_some() {
+                    remove_chunks(&t.chunks, key_u64(&k))?;
+                }
+                let n = record::count_of(&v);
+                sub(&self.shared.events, n);
+                sub(&self.shared.bytes, stored_len_of(&v) as u64);
+                removed += n;
             }
-            if n == 0 {
+            if seen == 0 || removed >= max {
                 if removed > 0 {
                     // Room was made: an append refused at a cap may be taken now.
                     self.shared.refused_for.store(None);
                 }
                 return Ok(removed);
             }
-            t.log.apply_batch(batch)?;
-            for (seq, _) in chunk_ranges {
-                remove_chunks(&t.chunks, seq)?;
-            }
-            self.shared.events.fetch_sub(n, Ordering::Relaxed);
-            self.shared.bytes.fetch_sub(freed, Ordering::Relaxed);
-            removed += n;
         }
     }
 
@@ -855,8 +910,16 @@ impl Queue {
     /// unavailable after a storage error, the disk is full, or the last append was refused at
     /// a cap (`when_full = "reject"`) and nothing was taken or removed since.
     pub fn refusing(&self) -> Option<&'static str> {
-        if self.shared.trees.read().is_none() {
-            return Some("the queue store is unavailable after a storage error (retrying)");
+        {
+            // Held while looking for the files: compaction (which takes the write lock) moves
+            // them, and must not be taken for their removal.
+            let store = self.shared.trees.read();
+            if store.is_none() {
+                return Some("the queue store is unavailable after a storage error (retrying)");
+            }
+            if !store::present(&self.shared.cfg.data_dir) {
+                return Some(STORE_GONE);
+            }
         }
         if self.free_bytes().is_some_and(|f| f < MIN_FREE_BYTES) {
             return Some("the disk holding the queue is full");
@@ -1145,7 +1208,7 @@ impl<'a> Group<'a> {
         };
         self.records += records.len();
         let Some(t) = self.trees.as_deref() else {
-            let _ = reply.send(Err(QueueError::NoSpace));
+            let _ = reply.send(Err(self.shared.unavailable_error()));
             return;
         };
         if self.low_space && !records.is_empty() {
@@ -1262,7 +1325,11 @@ impl<'a> Group<'a> {
                 return Err(e);
             }
             t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
-            t.sync()
+            t.sync()?;
+            if !store::present(&shared.cfg.data_dir) {
+                return Err(store_gone(&shared.cfg.data_dir));
+            }
+            Ok(())
         })();
         match result {
             Ok(()) => {
@@ -1286,6 +1353,10 @@ impl<'a> Group<'a> {
                 for (reply, _) in replies {
                     let _ = reply.send(Err(match &e {
                         QueueError::NoSpace => QueueError::NoSpace,
+                        QueueError::DataDir { path, problem } => QueueError::DataDir {
+                            path: path.clone(),
+                            problem: problem.clone(),
+                        },
                         _ => QueueError::Storage(msg.clone()),
                     }));
                 }
@@ -1295,26 +1366,47 @@ impl<'a> Group<'a> {
     }
 }
 
+/// Why appends are refused once the store's files were removed while it ran.
+const STORE_GONE: &str = "the queue's files were removed while llmlogd ran: new events are refused, as they would not survive a restart; events already stored are still delivered; restart llmlogd to start a new store";
+
+fn store_gone(dir: &Path) -> QueueError {
+    QueueError::DataDir {
+        path: dir.join("queue"),
+        problem: STORE_GONE.into(),
+    }
+}
+
 /// Drops the store and opens it again from disk (after a storage error). While that fails
 /// (the disk is still full), the store stays unavailable and appends are refused; the next
 /// group tries again.
 fn reopen(shared: &Shared) {
+    if !store::present(&shared.cfg.data_dir) && shared.trees.read().is_some() {
+        // Its files were removed while it ran: opening "again" would start an empty store
+        // with no sink names, under records numbered and routed by the old one. The old one
+        // stays, so delivery goes on from what it holds; appends are refused until a restart.
+        return;
+    }
     let mut guard = shared.trees.write();
     drop(guard.take());
     match Trees::open(&shared.cfg.data_dir, &shared.cfg) {
         Ok(t) => {
-            let (events, bytes) = count_log(&t).unwrap_or((0, 0));
-            shared.events.store(events, Ordering::Relaxed);
-            shared.bytes.store(bytes, Ordering::Relaxed);
+            // A recount that fails keeps the counts as they were: 0 would let the caps admit a
+            // whole cap's worth above what is stored.
+            if let Ok((events, bytes)) = count_log(&t) {
+                shared.events.store(events, Ordering::Relaxed);
+                shared.bytes.store(bytes, Ordering::Relaxed);
+            }
             // What the failed writes left of the dead letters is what is on disk now.
             if let Ok((n, b)) = dlq::count_dead_letters(&t) {
                 shared.dlq_count.store(n, Ordering::Relaxed);
                 shared.dlq_bytes.store(b, Ordering::Relaxed);
             }
             *guard = Some(t);
+            shared.set_unavailable(None);
             tracing::info!("queue store reopened");
         }
         Err(e) => {
+            shared.set_unavailable(Some(&e));
             if let Some(skipped) = STORAGE_ERROR_LOG.ready() {
                 tracing::error!(error = %e, skipped, "queue store cannot be reopened yet; refusing new events until it can");
             }
@@ -1336,6 +1428,7 @@ fn run_compaction(shared: &Shared) {
     match result {
         Ok(t) => {
             *guard = Some(t);
+            shared.set_unavailable(None);
             let after = store::dir_size(&shared.cfg.data_dir);
             tracing::info!(
                 before_bytes = before,
@@ -1345,6 +1438,7 @@ fn run_compaction(shared: &Shared) {
             );
         }
         Err(e) => {
+            shared.set_unavailable(Some(&e));
             tracing::error!(error = %e, "queue store cannot be reopened after compaction; retrying");
         }
     }
@@ -1377,6 +1471,15 @@ fn count_log(t: &Trees) -> Result<(u64, u64), QueueError> {
         bytes += stored_len_of(&v) as u64;
     }
     Ok((events, bytes))
+}
+
+/// Lowers a count, never below 0. The counts go down only by what was removed, but should one
+/// ever fall behind the log, a wrapped count (~2^64) was "over the cap" by that much: every
+/// append refused, or with `drop_oldest` every record evicted.
+fn sub(a: &AtomicU64, n: u64) {
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
 }
 
 fn over_cap(cfg: &QueueConfig, events: u64, bytes: u64) -> Option<&'static str> {
@@ -1422,8 +1525,8 @@ fn evict_for(
                 match t.log.compare_and_swap(&k, Some(&v), Some(tail)) {
                     Ok(Ok(())) => {
                         let freed = len.saturating_sub(tail_len);
-                        shared.events.fetch_sub(want, Ordering::Relaxed);
-                        shared.bytes.fetch_sub(freed, Ordering::Relaxed);
+                        sub(&shared.events, want);
+                        sub(&shared.bytes, freed);
                         need_bytes = need_bytes.saturating_sub(freed);
                         need_events = need_events.saturating_sub(want);
                         dropped += want;
@@ -1442,8 +1545,8 @@ fn evict_for(
         if record::chunked_len(&v).is_some() {
             let _ = remove_chunks(&t.chunks, key_u64(&k));
         }
-        shared.events.fetch_sub(n, Ordering::Relaxed);
-        shared.bytes.fetch_sub(len, Ordering::Relaxed);
+        sub(&shared.events, n);
+        sub(&shared.bytes, len);
         need_bytes = need_bytes.saturating_sub(len);
         need_events = need_events.saturating_sub(n);
         dropped += n;
@@ -1569,6 +1672,16 @@ fn remove_record(
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// Removes every chunk of records numbered `from` and above.
+fn remove_chunks_from(tree: &sled::Tree, from: u64) -> Result<(), QueueError> {
+    let mut batch = sled::Batch::default();
+    for k in tree.range(chunk_key(from, 0)..).keys() {
+        batch.remove(k?);
+    }
+    tree.apply_batch(batch)?;
     Ok(())
 }
 

@@ -245,6 +245,15 @@ pub(crate) fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
+/// Whether the open store's files are still where it was opened: sled keeps writing to its
+/// open files after they are removed (the data directory deleted, or a cleaner emptying it),
+/// and a sync of a removed file survives no restart. Checked after each group commit's sync,
+/// before the acks (one `stat`, beside a sync that costs ~250 µs). Only the writer thread
+/// moves these files (compaction), so it never sees them mid-rename.
+pub(crate) fn present(dir: &Path) -> bool {
+    paths(dir).0.join("db").exists()
+}
+
 /// Whether `dir` holds a store (or one mid-compaction), before [`Trees::open`] creates one.
 pub(crate) fn exists(dir: &Path) -> bool {
     let (live, fresh, old) = paths(dir);

@@ -1076,3 +1076,266 @@ fn a_writer_stuck_on_one_step_is_reported_stalled() {
     assert!(q.writer_stalled(limit).is_some_and(|b| b >= limit));
     assert_eq!(q.writer_stalled(std::time::Duration::from_secs(60)), None);
 }
+
+/// The collector and `drop_oldest` eviction (the writer) both take the oldest records: when
+/// eviction trims a pack the collector has just read, the collector must not count the pack's
+/// records (and bytes) as its own as well. Counted twice, the figures the caps are checked
+/// against drift below what is stored (and can wrap round, which made `drop_oldest` evict the
+/// whole queue).
+#[test]
+fn the_collector_and_eviction_never_count_a_record_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.max_events = Some(8);
+    c.when_full = WhenFull::DropOldest;
+    let q = Queue::open(&c).unwrap();
+    let s = q.sink_id("s").unwrap();
+    // One pack of eight, all delivered.
+    let recs = (0..8)
+        .map(|i| q.prepare(&ev(&format!("{{\"n\":{i}}}")), &[s]))
+        .collect();
+    rt.block_on(q.append(recs)).unwrap();
+    q.set_cursor(s, 8).unwrap();
+    // While the collector holds the pack it read, a ninth event goes over the cap: eviction
+    // trims the pack's oldest record.
+    let (q2, rec) = (q.clone(), q.prepare(&ev(r#"{"n":8}"#), &[s]));
+    *q.shared.before_remove.lock().unwrap() = Some(Box::new(move || {
+        std::thread::spawn(move || rt_block_on_append(&q2, rec))
+            .join()
+            .unwrap();
+    }));
+    q.gc(&[s]).unwrap();
+    let t = q.shared.trees().unwrap();
+    let on_disk = count_log(&t).unwrap();
+    drop(t);
+    let st = q.stats();
+    assert_eq!((st.events, st.bytes), on_disk, "counts against the log");
+    assert_eq!(on_disk.0, 1, "the ninth event is all that is left");
+    assert_eq!(st.evicted, 1);
+}
+
+fn rt_block_on_append(q: &Queue, rec: Prepared) {
+    rt().block_on(q.append(vec![rec])).unwrap();
+}
+
+/// A group cut short by a crash (or a full disk) can leave a large event's chunks on disk
+/// without its log record or the `next_seq` that numbered it, so the number is given again
+/// after the restart. The chunks left over must not be read as part of the acknowledged
+/// event that now has the number: with more of them than it has, it read as corrupt and went
+/// to the dead letters instead of being delivered.
+#[test]
+fn chunks_a_crash_left_above_the_numbering_are_not_read_into_a_new_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let s = q.sink_id("s").unwrap();
+        rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":0}"#), &[s])]))
+            .unwrap();
+        // What the torn group left: ten chunks of seq 1, nothing else.
+        let t = q.shared.trees().unwrap();
+        for i in 0..10u32 {
+            t.chunks
+                .insert(&chunk_key(1, i)[..], &[b'x'; CHUNK][..])
+                .unwrap();
+        }
+        t.sync().unwrap();
+        // The files as a crash leaves them.
+        copy_dir(dir.path(), crashed.path());
+    }
+    let q = Queue::open(&cfg(crashed.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    let big = incompressible_json(40_000, 7);
+    let ids = rt
+        .block_on(q.append(vec![q.prepare(&ev(&big), &[s])]))
+        .unwrap();
+    assert_eq!(
+        ids[0].seq, 1,
+        "the number the torn group had is given again"
+    );
+    let r = q.read(s, 1, 10, 1 << 30, 10).unwrap();
+    match &r.items[..] {
+        [ReadItem::Event(e)] => assert!(e.payload == big.as_bytes(), "payload differs"),
+        other => panic!(
+            "{:?}",
+            other
+                .iter()
+                .map(|i| match i {
+                    ReadItem::Event(e) => format!("event {} ({} bytes)", e.seq, e.payload.len()),
+                    ReadItem::Corrupt { seq, error, .. } => format!("corrupt {seq}: {error}"),
+                })
+                .collect::<Vec<_>>()
+        ),
+    }
+    let report = q.fsck(false).unwrap();
+    assert_eq!(report.orphan_chunks, 0, "{report:?}");
+}
+
+/// A dead letter is removed before its chunks (so no letter points at missing chunks); a
+/// crash between the two leaves chunks of no letter. After the restart they must neither
+/// count as dead-letter bytes (which the cap is checked against: a few orphaned large events
+/// made every later letter look over it) nor stay on disk.
+#[test]
+fn chunks_of_a_dead_letter_a_crash_half_removed_are_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let s = q.sink_id("s").unwrap();
+        let big = incompressible_json(100_000, 3);
+        let ids = rt
+            .block_on(q.append(vec![q.prepare(&ev(&big), &[s])]))
+            .unwrap();
+        q.dead_letter(s, ids[0].seq, DeadLetterInfo::new("s", "test"))
+            .unwrap();
+        assert!(q.dead_letter_bytes() > 50_000, "{}", q.dead_letter_bytes());
+        // `remove_letter`'s first step, then the crash.
+        let t = q.shared.trees().unwrap();
+        t.dlq.remove(dlq_key_for_test(s, ids[0].seq)).unwrap();
+        t.sync().unwrap();
+        copy_dir(dir.path(), crashed.path());
+    }
+    let q = Queue::open(&cfg(crashed.path())).unwrap();
+    assert_eq!(
+        (q.dead_letter_count(), q.dead_letter_bytes()),
+        (0, 0),
+        "counted after the crash"
+    );
+    let t = q.shared.trees().unwrap();
+    assert_eq!(t.dlq_chunks.len(), 0, "orphaned chunks left on disk");
+}
+
+fn dlq_key_for_test(sink: u16, seq: u64) -> [u8; 10] {
+    pair_key(sink, seq)
+}
+
+/// `fsck --repair` removes what does not decode from the log; the event and byte counts must
+/// follow, or the close after it leaves them in the store as they were before, and the
+/// daemon takes them from there (a drained queue reported events it did not hold, and the
+/// caps were checked against them) until a crash made it count again.
+#[test]
+fn fsck_repair_leaves_counts_that_match_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let a = q.sink_id("a").unwrap();
+        let recs = (0..3).map(|_| q.prepare(&ev("{}"), &[a])).collect();
+        rt.block_on(q.append(recs)).unwrap();
+        rt.block_on(q.append(vec![q.prepare(&ev("{\"after\":1}"), &[a])]))
+            .unwrap();
+        q.close().unwrap();
+    }
+    {
+        // The damage, on disk, found by fsck (as `llmlogd fsck --repair` runs it).
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        {
+            let t = q.shared.trees().unwrap();
+            let mut v = t.log.get(2u64.to_be_bytes()).unwrap().unwrap().to_vec();
+            v.truncate(v.len() - 3);
+            t.log.insert(2u64.to_be_bytes(), v).unwrap();
+        }
+        let r = q.fsck(true).unwrap();
+        assert_eq!(r.corrupt_records, vec![2]);
+        q.close().unwrap();
+    }
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let t = q.shared.trees().unwrap();
+    let on_disk = count_log(&t).unwrap();
+    drop(t);
+    assert_eq!(on_disk.0, 1);
+    let s = q.stats();
+    assert_eq!((s.events, s.bytes), on_disk);
+}
+
+/// sled writes on to its open files after they are removed, so a data directory deleted under
+/// the running daemon (by hand, by a cleaner of `/tmp` or of the state dir) took every later
+/// event and acknowledged it, though none of it could survive a restart. Those appends are
+/// refused now, naming why, while what the store holds is still delivered.
+#[test]
+fn a_store_removed_while_running_acknowledges_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":0}"#), &[s])]))
+        .unwrap();
+    std::fs::remove_dir_all(dir.path().join("queue")).unwrap();
+    let e = rt
+        .block_on(q.append(vec![q.prepare(&ev(r#"{"n":1}"#), &[s])]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::DataDir { problem, .. } if problem.contains("removed")),
+        "{e:?}"
+    );
+    assert!(q.refusing().is_some_and(|r| r.contains("removed")));
+    // Not reopened as an empty store: what it held is still read for delivery.
+    let r = q.read(s, 0, 10, 1 << 20, 10).unwrap();
+    assert_eq!(payloads(&r), vec![r#"{"n":0}"#.to_string()]);
+    // And it stays refused (no new store appears under the old one's numbering).
+    let e = rt
+        .block_on(q.append(vec![q.prepare(&ev(r#"{"n":2}"#), &[s])]))
+        .unwrap_err();
+    assert!(matches!(e, QueueError::DataDir { .. }), "{e:?}");
+    assert!(!dir.path().join("queue").exists());
+}
+
+/// While the store cannot be opened again after a storage error, appends are refused with
+/// the reason: only a full disk is reported as one (507). A filesystem turned read-only or a
+/// broken file was answered "no space left on the device" too.
+#[test]
+fn a_store_that_cannot_be_reopened_says_why_instead_of_disk_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev("{}"), &[s])]))
+        .unwrap();
+    q.take_store_for_test();
+    // Something other than space stops it from opening: its log file is now a directory.
+    let db = dir.path().join("queue").join("db");
+    std::fs::remove_file(&db).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    q.reopen_store_for_test();
+    assert!(q.refusing().is_some());
+    let e = rt
+        .block_on(q.append(vec![q.prepare(&ev("{}"), &[s])]))
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::Storage(m) if m.contains("opened again")),
+        "{e:?}"
+    );
+}
+
+/// The event and byte counts only ever go down by what was removed, but if they ever fall
+/// behind the log (a recount that failed after a storage error set them to 0), a removal
+/// must stop them at 0: wrapped round to ~2^64, the next `drop_oldest` append found the
+/// queue "over its cap" by that much and evicted every record it held.
+#[test]
+fn counts_behind_the_log_stop_at_zero_and_evict_nothing_extra() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut c = cfg(dir.path());
+    c.max_events = Some(100);
+    c.when_full = WhenFull::DropOldest;
+    let q = Queue::open(&c).unwrap();
+    let (a, b) = (q.sink_id("a").unwrap(), q.sink_id("b").unwrap());
+    append_one_by_one(&q, &rt, 10, &[a, b]);
+    // The counts fell behind what the log holds.
+    q.shared.events.store(2, Ordering::Relaxed);
+    q.shared.bytes.store(10, Ordering::Relaxed);
+    q.set_cursor(a, 5).unwrap();
+    q.set_cursor(b, 5).unwrap();
+    assert_eq!(q.gc(&[a, b]).unwrap(), 5);
+    let s = q.stats();
+    assert_eq!((s.events, s.bytes), (0, 0), "stopped at 0");
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"new":1}"#), &[a, b])]))
+        .unwrap();
+    let s = q.stats();
+    assert_eq!(s.evicted, 0, "nothing evicted under a cap of 100");
+    let r = q.read(a, 5, 100, 1 << 20, 100).unwrap();
+    assert_eq!(r.items.len(), 6, "{:?}", payloads(&r));
+}
