@@ -183,6 +183,8 @@ pub(crate) struct Worker {
     persisted_done: Vec<std::ops::Range<u64>>,
     /// `done` changed since the progress was persisted.
     progress_dirty: bool,
+    /// The queue's store epoch the progress above was read at (`Queue::store_epoch`).
+    store_epoch: u64,
     flow: FlowControl,
     /// The largest request the service was seen to accept (413/431): later batches are
     /// formed under it instead of being refused and halved again each time.
@@ -323,6 +325,7 @@ impl Worker {
         metrics: Arc<Metrics>,
         board: Arc<StatusBoard>,
     ) -> Result<Self, crate::queue::QueueError> {
+        let store_epoch = queue.store_epoch();
         let (cursor, done) = queue.progress(id)?;
         let now = Instant::now();
         let pause = restored_pause(&queue, id, &cfg, now);
@@ -344,6 +347,7 @@ impl Worker {
             done: done.iter().map(|r| (r.start, r.end)).collect(),
             persisted_done: done,
             progress_dirty: false,
+            store_epoch,
             requests: JoinSet::new(),
             flights: HashMap::new(),
             in_flight: 0,
@@ -384,6 +388,9 @@ impl Worker {
         self.metrics.sink_state(&self.name, "ok");
         loop {
             let now = Instant::now();
+            if self.queue.store_epoch() != self.store_epoch {
+                self.resync();
+            }
             // Expired events leave first, so the refill takes their room at once.
             self.sweep_expired(now);
             self.log_held_dead_letters();
@@ -566,7 +573,9 @@ impl Worker {
                     ReadItem::Event(ev) => ev.seq,
                     ReadItem::Corrupt { seq, .. } => *seq,
                 };
-                if self.done_before(seq) {
+                // Already held: an event still in flight when the progress was read again
+                // (`resync`).
+                if self.done_before(seq) || self.window.contains_key(&seq) {
                     continue;
                 }
                 match item {
@@ -1308,6 +1317,42 @@ impl Worker {
             .collect()
     }
 
+    /// Takes up the progress the store holds after it was opened again following a storage
+    /// error. The store then holds only what was synced: a dead letter, a PromptLayer id or
+    /// the progress written just before the error may be gone, while this worker counts those
+    /// events as done. Had it written its cursor on, such an event would be lost: neither
+    /// delivered nor in the dead letters. So it reads the cursor and done runs back, and
+    /// reads the log from there again: what was done since the store's last sync is done
+    /// again (at-least-once: deliveries may repeat). Events in flight stay, so their replies
+    /// still count; the others are read again.
+    fn resync(&mut self) {
+        let epoch = self.queue.store_epoch();
+        let (cursor, done) = match self.queue.progress(self.id) {
+            Ok(p) => p,
+            Err(e) => {
+                // Tried again at the next pass, before anything is written.
+                self.note_error(format!(
+                    "reading the progress after the store reopened: {e}"
+                ));
+                return;
+            }
+        };
+        tracing::warn!(
+            sink = %self.name,
+            cursor,
+            was = self.persisted_cursor,
+            "the queue store was opened again after a storage error: delivery goes on from the progress it holds (events done since its last sync are sent again)"
+        );
+        self.store_epoch = epoch;
+        self.window.retain(|_, s| s.in_flight);
+        self.window_bytes = self.window.values().map(|s| s.ev.payload.len()).sum();
+        self.read_pos = cursor;
+        self.persisted_cursor = cursor;
+        self.done = done.iter().map(|r| (r.start, r.end)).collect();
+        self.persisted_done = done;
+        self.progress_dirty = false;
+    }
+
     /// Persists the cursor (the lowest seq in the window, or the read position), and with it
     /// which events above it are done already: the cursor alone stops at the first event still
     /// waiting, and a restart would send everything after it again, dead letters too (a purged
@@ -1328,7 +1373,10 @@ impl Worker {
             self.progress_dirty = false;
             return;
         }
-        match self.queue.set_progress(self.id, cursor, &done) {
+        match self
+            .queue
+            .set_progress_at(self.store_epoch, self.id, cursor, &done)
+        {
             Ok(()) => {
                 self.persisted_cursor = cursor;
                 self.persisted_done = done;
@@ -1338,6 +1386,7 @@ impl Worker {
                     tracing::info!(sink = %self.name, skipped, "the cursor is persisted again");
                 }
             }
+            Err(crate::queue::QueueError::Reopened) => self.resync(),
             Err(e) => {
                 self.cursor_failing = true;
                 // One line, then at most one per period carrying how many were held
@@ -1549,7 +1598,7 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, Overrides};
-    use crate::event::EventKind;
+    use crate::event::{EventKind, NewEvent};
     use std::sync::atomic::Ordering;
 
     struct Rig {
@@ -1747,6 +1796,9 @@ mod tests {
         }
         assert_eq!(logs.lines(failing).len(), 2);
         r.w.queue.reopen_store_for_test();
+        // The store was opened again: the worker first reads its progress back from it.
+        r.w.advance_cursor();
+        assert_eq!((r.w.read_pos, r.w.persisted_cursor), (0, 0));
         r.w.read_pos = 9;
         r.w.advance_cursor();
         assert_eq!(r.w.persisted_cursor, 9);
@@ -1962,6 +2014,63 @@ mod tests {
         r.w.advance_cursor();
         assert_eq!(r.w.queue.progress(r.w.id).unwrap(), (11, vec![]));
         assert!(r.w.done.is_empty());
+    }
+
+    /// After a storage error the store is opened again and holds only what was synced: here
+    /// a dead letter and the progress written after the last sync are gone. The worker, which
+    /// counted the event done, must not write its cursor past it into the new store (the
+    /// event would be neither delivered nor a dead letter); it reads its progress back and
+    /// the event again. Before, the cursor went to 3 and event 1 was lost.
+    #[tokio::test]
+    async fn after_the_store_reopens_the_worker_reads_its_progress_back_and_loses_nothing() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 3");
+        let q = r.w.queue.clone();
+        let records = (0..3)
+            .map(|i| {
+                let ev = NewEvent {
+                    kind: EventKind::Native,
+                    payload: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
+                    attrs: Default::default(),
+                    creds: Default::default(),
+                };
+                q.prepare(&ev, &[r.w.id])
+            })
+            .collect();
+        q.append(records).await.unwrap();
+        r.w.refill().unwrap();
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent, vec![vec![0], vec![1], vec![2]]);
+        r.reply(&[0], 200, 1_001);
+        r.reply(&[1], 422, 1_002);
+        assert_eq!(q.dead_letter_count(), 1);
+        // The storage error: the store is opened again, without what was not synced.
+        q.reopen_store_for_test();
+        assert!(q.dead_letter_remove(r.w.id, 1).unwrap());
+        q.set_progress(r.w.id, 0, &[]).unwrap();
+        // Event 2 is still in flight; events 0 and 1 count as done in memory.
+        r.w.advance_cursor();
+        assert_eq!(
+            q.progress(r.w.id).unwrap(),
+            (0, vec![]),
+            "nothing written past event 1"
+        );
+        r.w.refill().unwrap();
+        assert_eq!(
+            r.w.window.keys().copied().collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(
+            r.w.window[&2].in_flight,
+            "the request in flight still counts"
+        );
+        r.reply(&[2], 200, 1_003);
+        let (sent, _) = r.dispatch(2_000);
+        assert_eq!(sent, vec![vec![0], vec![1]], "sent again: at-least-once");
+        r.reply(&[0], 200, 2_001);
+        r.reply(&[1], 422, 2_002);
+        r.w.advance_cursor();
+        assert_eq!(q.progress(r.w.id).unwrap(), (3, vec![]));
+        assert!(q.dead_letter_get(r.w.id, 1).unwrap().is_some());
     }
 
     /// The 429s of requests in flight together lower the limits once; a 429 to a request sent

@@ -26,6 +26,11 @@ pub enum QueueError {
     /// Too many writes are waiting for the disk.
     #[error("queue is busy; retry later")]
     Busy,
+    /// The store was opened again after a storage error since the caller read its state:
+    /// writes it had not synced may be gone, so what the caller holds in memory may be ahead
+    /// of the store (see [`super::Queue::store_epoch`]).
+    #[error("the queue store was opened again after a storage error; read its state again")]
+    Reopened,
     #[error("data directory {path}: {problem}")]
     DataDir { path: PathBuf, problem: String },
     #[error("data directory {path} is in use by another llmlogd{holder}")]

@@ -200,6 +200,9 @@ struct Shared {
     dlq_count: AtomicU64,
     dlq_bytes: AtomicU64,
     dlq_dropped: AtomicU64,
+    /// Bumped (under the store's write lock) each time the store is opened again after a
+    /// storage error ([`Queue::store_epoch`]).
+    store_epoch: AtomicU64,
     head: watch::Sender<u64>,
     /// Woken when a sink's cursor moves: there may be records to remove.
     cursor_moved: tokio::sync::Notify,
@@ -358,6 +361,7 @@ impl Queue {
             dlq_count: AtomicU64::new(dlq_count),
             dlq_bytes: AtomicU64::new(dlq_bytes),
             dlq_dropped: AtomicU64::new(0),
+            store_epoch: AtomicU64::new(0),
             head,
             cursor_moved: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
@@ -522,16 +526,56 @@ impl Queue {
         cursor: u64,
         done: &[std::ops::Range<u64>],
     ) -> Result<(), QueueError> {
+        self.write_progress(None, sink, cursor, done)
+    }
+
+    /// [`Queue::set_progress`] for a caller whose progress was read at store epoch `epoch`
+    /// ([`Queue::store_epoch`]): refused with [`QueueError::Reopened`] if the store was opened
+    /// again since. The delivery worker keeps its progress in memory and writes it now and
+    /// then; after a storage error the reopened store holds only what was synced, and a dead
+    /// letter or a delivery mark written just before may be gone. Writing the worker's
+    /// cursor past such an event would lose it (neither delivered nor a dead letter).
+    pub fn set_progress_at(
+        &self,
+        epoch: u64,
+        sink: u16,
+        cursor: u64,
+        done: &[std::ops::Range<u64>],
+    ) -> Result<(), QueueError> {
+        self.write_progress(Some(epoch), sink, cursor, done)
+    }
+
+    fn write_progress(
+        &self,
+        epoch: Option<u64>,
+        sink: u16,
+        cursor: u64,
+        done: &[std::ops::Range<u64>],
+    ) -> Result<(), QueueError> {
         let mut v = Vec::with_capacity(8 + 16 * done.len());
         v.extend_from_slice(&cursor.to_be_bytes());
         for r in done {
             v.extend_from_slice(&r.start.to_be_bytes());
             v.extend_from_slice(&r.end.to_be_bytes());
         }
+        // The epoch is read under the store's read lock, and a reopen bumps it under the
+        // write lock: this write goes to the store the caller's progress came from, or none.
+        let t = self.shared.trees()?;
+        if epoch.is_some_and(|e| e != self.shared.store_epoch.load(Ordering::SeqCst)) {
+            return Err(QueueError::Reopened);
+        }
         // One value: after a crash the cursor and its ranges are the same write's.
-        self.shared.trees()?.cursors.insert(sink.to_be_bytes(), v)?;
+        t.cursors.insert(sink.to_be_bytes(), v)?;
+        drop(t);
         self.shared.cursor_moved.notify_one();
         Ok(())
+    }
+
+    /// How many times the store was opened again after a storage error. Read it before
+    /// reading state to keep in memory (a sink's progress), and write that state back with
+    /// [`Queue::set_progress_at`].
+    pub fn store_epoch(&self) -> u64 {
+        self.shared.store_epoch.load(Ordering::SeqCst)
     }
 
     /// Moves a sink's cursor: every record below `seq` is done for it. Not synced by itself
@@ -1401,6 +1445,8 @@ fn reopen(shared: &Shared) {
                 shared.dlq_count.store(n, Ordering::Relaxed);
                 shared.dlq_bytes.store(b, Ordering::Relaxed);
             }
+            // Under the write lock: no progress write can be between the old store and this.
+            shared.store_epoch.fetch_add(1, Ordering::SeqCst);
             *guard = Some(t);
             shared.set_unavailable(None);
             tracing::info!("queue store reopened");
