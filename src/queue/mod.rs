@@ -290,7 +290,11 @@ impl Queue {
         // since, or they are gone and the log is counted again.
         let (events, bytes) = match t.meta.remove(COUNTS_AT_CLOSE)? {
             Some(v) if v.len() == 16 => (key_u64(&v[..8]), key_u64(&v[8..])),
-            _ => count_log(&t)?,
+            _ => {
+                // After a crash only: a clean stop leaves no removal half done.
+                remove_orphan_chunks(&t)?;
+                count_log(&t)?
+            }
         };
         let (dlq_count, dlq_bytes) = match t.meta.remove(dlq::DLQ_COUNTS_AT_CLOSE)? {
             Some(v) if v.len() == 16 => (key_u64(&v[..8]), key_u64(&v[8..])),
@@ -1719,6 +1723,33 @@ fn remove_record(
         _ => {}
     }
     Ok(())
+}
+
+/// Removes the chunks whose log record is gone. The collector and eviction remove a large
+/// record, then its chunks; a crash between the two left the chunks on disk for good (and
+/// every compaction copied them). One step per large record: each looks up the first chunk
+/// at or after a number, then that number's record.
+fn remove_orphan_chunks(t: &Trees) -> Result<u64, QueueError> {
+    let mut from = 0u64;
+    let mut removed = 0u64;
+    while let Some(k) = t.chunks.range(chunk_key(from, 0)..).keys().next() {
+        let seq = key_u64(&k?[..8]);
+        if !t.log.contains_key(seq.to_be_bytes())? {
+            remove_chunks(&t.chunks, seq)?;
+            removed += 1;
+        }
+        let Some(next) = seq.checked_add(1) else {
+            break;
+        };
+        from = next;
+    }
+    if removed > 0 {
+        tracing::info!(
+            records = removed,
+            "removed the chunks of large records a crash left without their record"
+        );
+    }
+    Ok(removed)
 }
 
 /// Removes every chunk of records numbered `from` and above.

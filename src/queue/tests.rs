@@ -1208,6 +1208,50 @@ fn chunks_of_a_dead_letter_a_crash_half_removed_are_not_counted() {
     assert_eq!(t.dlq_chunks.len(), 0, "orphaned chunks left on disk");
 }
 
+/// The collector removes a large record, then its chunks: a crash between the two left the
+/// chunks on disk for good (compaction copied them along). An open after a crash removes
+/// chunks whose record is gone, and keeps those of records still there.
+#[test]
+fn chunks_a_crash_left_without_their_record_are_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (gone, kept) = {
+        let q = Queue::open(&cfg(dir.path())).unwrap();
+        let s = q.sink_id("s").unwrap();
+        let recs = (0..2)
+            .map(|i| q.prepare(&ev(&incompressible_json(100_000, 7 + i)), &[s]))
+            .collect();
+        let ids = rt.block_on(q.append(recs)).unwrap();
+        let t = q.shared.trees().unwrap();
+        // The collector's first step for the first record, then the crash.
+        t.log.remove(ids[0].seq.to_be_bytes()).unwrap();
+        t.sync().unwrap();
+        copy_dir(dir.path(), crashed.path());
+        (ids[0].seq, ids[1].seq)
+    };
+    let q = Queue::open(&cfg(crashed.path())).unwrap();
+    let t = q.shared.trees().unwrap();
+    let seqs_with_chunks: std::collections::BTreeSet<u64> = t
+        .chunks
+        .iter()
+        .keys()
+        .map(|k| key_u64(&k.unwrap()[..8]))
+        .collect();
+    assert!(
+        !seqs_with_chunks.contains(&gone),
+        "orphaned chunks left on disk"
+    );
+    assert!(
+        seqs_with_chunks.contains(&kept),
+        "a live record's chunks removed"
+    );
+    drop(t);
+    let batch = q.read(0, 0, 10, 10 << 20, 100).unwrap();
+    assert_eq!(batch.items.len(), 1);
+    assert!(matches!(&batch.items[0], ReadItem::Event(e) if e.seq == kept));
+}
+
 fn dlq_key_for_test(sink: u16, seq: u64) -> [u8; 10] {
     pair_key(sink, seq)
 }
