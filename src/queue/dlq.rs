@@ -131,7 +131,7 @@ impl Queue {
     /// Drops the oldest dead letters (lowest seq, whichever sink) while they take more than
     /// `dead_letter_max_bytes`; the one just added (`keep`) is never dropped, so one letter
     /// larger than the cap stays alone.
-    fn trim_dead_letters(&self, t: &Trees, keep: [u8; 10]) -> Result<(), QueueError> {
+    pub(super) fn trim_dead_letters(&self, t: &Trees, keep: [u8; 10]) -> Result<(), QueueError> {
         let cap = self.shared.caps.load().dead_letter_max_bytes;
         while self.shared.dlq_bytes.load(Ordering::Relaxed) > cap {
             let Some((sink, seq)) = oldest_dead_letter(t, keep)? else {

@@ -932,6 +932,18 @@ impl Queue {
     pub fn set_caps(&self, cfg: &QueueConfig) {
         self.shared.caps.store(Arc::new(cfg.clone()));
         self.shared.refused_for.store(None);
+        // A lowered dead-letter cap applies now, not at the next dead letter (which may be
+        // weeks away): the oldest go until they fit. No letter is kept aside here (a key no
+        // letter has), so a cap below a single letter's size leaves none.
+        if self.dead_letter_bytes() > cfg.dead_letter_max_bytes {
+            let trimmed = self
+                .shared
+                .trees()
+                .and_then(|t| self.trim_dead_letters(&t, [0xFF; 10]));
+            if let Err(e) = trimmed {
+                tracing::warn!(error = %e, "could not bring the dead letters under the new queue.dead_letter_max_bytes; the next dead letter tries again");
+            }
+        }
     }
 
     /// Bytes sled's files take on disk.

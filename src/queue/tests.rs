@@ -1252,6 +1252,36 @@ fn chunks_a_crash_left_without_their_record_are_removed_at_open() {
     assert!(matches!(&batch.items[0], ReadItem::Event(e) if e.seq == kept));
 }
 
+/// A reload that lowers `dead_letter_max_bytes` applies it at once: the oldest letters go
+/// until the rest fit (before, nothing changed until the next dead letter).
+#[test]
+fn a_lowered_dead_letter_cap_applies_at_the_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let c = cfg(dir.path());
+    let q = Queue::open(&c).unwrap();
+    let s = q.sink_id("s").unwrap();
+    let recs = (0..3)
+        .map(|i| q.prepare(&ev(&incompressible_json(20_000, 11 + i)), &[s]))
+        .collect();
+    let ids = rt.block_on(q.append(recs)).unwrap();
+    for a in &ids {
+        q.dead_letter(s, a.seq, DeadLetterInfo::new("s", "test"))
+            .unwrap();
+    }
+    let each = q.dead_letter_bytes() / 3;
+    assert!(each > 10_000, "{each}");
+    let mut lower = c.clone();
+    lower.dead_letter_max_bytes = each * 3 / 2;
+    q.set_caps(&lower);
+    assert_eq!(q.dead_letter_count(), 1);
+    assert!(q.dead_letter_bytes() <= lower.dead_letter_max_bytes);
+    assert_eq!(q.dead_letters_dropped(), 2);
+    let left = q.dead_letters(None, 10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].seq, ids[2].seq, "the newest is kept");
+}
+
 fn dlq_key_for_test(sink: u16, seq: u64) -> [u8; 10] {
     pair_key(sink, seq)
 }
