@@ -185,6 +185,8 @@ pub(crate) struct Worker {
     progress_dirty: bool,
     /// The queue's store epoch the progress above was read at (`Queue::store_epoch`).
     store_epoch: u64,
+    /// The end of the Retry-After pause last persisted (`Queue::set_not_before`), Unix ms.
+    persisted_not_before_ms: u64,
     flow: FlowControl,
     /// The largest request the service was seen to accept (413/431): later batches are
     /// formed under it instead of being refused and halved again each time.
@@ -348,6 +350,7 @@ impl Worker {
             persisted_done: done,
             progress_dirty: false,
             store_epoch,
+            persisted_not_before_ms: 0,
             requests: JoinSet::new(),
             flights: HashMap::new(),
             in_flight: 0,
@@ -500,6 +503,7 @@ impl Worker {
         if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
             tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
             self.pause = None;
+            self.persisted_not_before_ms = 0;
             if let Err(e) = self.queue.clear_not_before(self.id) {
                 tracing::debug!(sink = %self.name, error = %e, "could not forget the persisted pause (its endpoint fingerprint no longer matches anyway)");
             }
@@ -1073,11 +1077,20 @@ impl Worker {
                         until,
                         format!("Retry-After from HTTP {}", status.unwrap_or(0)),
                     ));
-                    if d >= PERSIST_PAUSE_FROM {
-                        let until_ms = now_ms() + d.as_millis() as u64;
+                    let until_ms = now_ms() + d.as_millis() as u64;
+                    // Written (and synced) when it moves the stored end by a second or more:
+                    // the 429s of a round of requests in flight each extend the pause by a
+                    // few milliseconds, and need not each cost a sync on this task.
+                    if d >= PERSIST_PAUSE_FROM
+                        && until_ms
+                            >= self.persisted_not_before_ms + PERSIST_PAUSE_FROM.as_millis() as u64
+                    {
                         let fingerprint = endpoint_fingerprint(&self.cfg);
-                        if let Err(e) = self.queue.set_not_before(self.id, until_ms, fingerprint) {
-                            tracing::warn!(sink = %self.name, error = %e, "could not persist the Retry-After pause (a restart would not honour it)");
+                        match self.queue.set_not_before(self.id, until_ms, fingerprint) {
+                            Ok(()) => self.persisted_not_before_ms = until_ms,
+                            Err(e) => {
+                                tracing::warn!(sink = %self.name, error = %e, "could not persist the Retry-After pause (a restart would not honour it)");
+                            }
                         }
                     }
                 }
