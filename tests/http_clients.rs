@@ -1,0 +1,106 @@
+//! Ingest as an HTTP server meeting real (and sloppy) clients: half-closed connections,
+//! compressed bodies, byte order marks, and refusals in requests of many events that must
+//! say which event is wrong. Each test sends raw bytes, so it sees exactly what a client sees.
+
+use std::path::Path;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::util::*;
+
+fn sink(mock: &MockSink) -> String {
+    format!(
+        "[sinks.mock]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\n",
+        mock.url("/in")
+    )
+}
+
+/// Every event that reached the mock, as the exact bytes it forwarded.
+fn arrived(mock: &MockSink) -> Vec<String> {
+    mock.received()
+        .iter()
+        .flat_map(|r| r.raw_events())
+        .collect()
+}
+
+async fn wait_arrived(mock: &MockSink, events: &[&str]) -> Vec<String> {
+    wait_for(
+        DEADLINE,
+        &format!("{} events at the mock", events.len()),
+        || {
+            let all = arrived(mock);
+            events
+                .iter()
+                .all(|e| all.iter().any(|a| a == e))
+                .then_some(all)
+        },
+    )
+    .await
+}
+
+/// One request written by hand: `head` is the request line and headers (without the blank
+/// line), a `Content-Length` is added. With `half_close` the client shuts its write side once
+/// the request is sent. Returns (status, body) of the reply, read to the end of the
+/// connection.
+async fn exchange<S>(mut s: S, head: &str, body: &[u8], half_close: bool) -> (u16, String)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut req = format!("{head}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("the connection ends in time")
+        .expect("read the reply");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no reply: got {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn tcp(d: &InProcess) -> TcpStream {
+    TcpStream::connect(d.started.http.unwrap()).await.unwrap()
+}
+
+async fn unix(path: &Path) -> UnixStream {
+    UnixStream::connect(path).await.unwrap()
+}
+
+/// A client that shuts down its write side once its request is sent (`nc -N`, `socat`, a
+/// script piping a request into the socket) waits for the reply. hyper took that end of input
+/// for a vanished client and closed the connection unanswered, though the event was stored:
+/// stored and never acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_the_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let over_tcp = r#"{"model":"gpt-4o","input":"half-closed over tcp"}"#;
+    let over_socket = r#"{"model":"gpt-4o","input":"half-closed over the socket"}"#;
+    let head = "POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
+    let (status, body) = exchange(tcp(&d).await, head, over_tcp.as_bytes(), true).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) =
+        exchange(unix(&d.socket()).await, head, over_socket.as_bytes(), true).await;
+    assert_eq!(status, 202, "{body}");
+    // HTTP/1.0, which closes after one request anyway.
+    let old = r#"{"model":"gpt-4o","input":"half-closed, HTTP/1.0"}"#;
+    let head10 = "POST /v1/events HTTP/1.0\r\nContent-Type: application/json";
+    let (status, body) = exchange(unix(&d.socket()).await, head10, old.as_bytes(), true).await;
+    assert_eq!(status, 202, "{body}");
+    wait_arrived(&mock, &[over_tcp, over_socket, old]).await;
+    d.stop().await;
+}
