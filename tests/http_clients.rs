@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -79,6 +80,33 @@ async fn unix(path: &Path) -> UnixStream {
     UnixStream::connect(path).await.unwrap()
 }
 
+/// POSTs `body` to `path` over TCP with `headers` (each "Name: value"), `Connection: close`.
+async fn post(d: &InProcess, path: &str, headers: &[&str], body: &[u8]) -> (u16, Value) {
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close");
+    for h in headers {
+        head.push_str("\r\n");
+        head.push_str(h);
+    }
+    let (status, text) = exchange(tcp(d).await, &head, body, false).await;
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status} reply {text:?} is not JSON: {e}"));
+    (status, v)
+}
+
+/// The next sequence number: stores one event and returns its seq, so every event stored
+/// before it has a smaller one.
+async fn next_seq(d: &InProcess) -> u64 {
+    let (s, v) = post(
+        d,
+        "/v1/events",
+        &["Content-Type: application/json"],
+        br#"{"sentinel":true}"#,
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    v["seqs"][0].as_u64().expect("a seq")
+}
+
 /// A client that shuts down its write side once its request is sent (`nc -N`, `socat`, a
 /// script piping a request into the socket) waits for the reply. hyper took that end of input
 /// for a vanished client and closed the connection unanswered, though the event was stored:
@@ -102,5 +130,57 @@ async fn a_client_that_half_closes_after_its_request_gets_the_reply() {
     let (status, body) = exchange(unix(&d.socket()).await, head10, old.as_bytes(), true).await;
     assert_eq!(status, 202, "{body}");
     wait_arrived(&mock, &[over_tcp, over_socket, old]).await;
+    d.stop().await;
+}
+
+/// A compressed body is refused with a 415 naming `Content-Encoding`, and nothing is stored.
+/// Before, a gzip body got "not valid JSON" and a plain JSON body labelled `br` was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_with_a_content_encoding_is_refused_naming_the_header() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let event = br#"{"model":"gpt-4o","input":"compressed"}"#;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(event).unwrap();
+    let gzipped = gz.finish().unwrap();
+    let pezzo = r#"{"metadata":{"provider":"OpenAI","client":"c","clientVersion":"1","environment":"Production"},"request":{"timestamp":"2024-11-22T03:30:35.400Z","body":{"model":"gpt-4o"}},"response":{"timestamp":"2024-11-22T03:30:36.100Z","body":{},"status":200}}"#;
+    let before = next_seq(&d).await;
+    for (path, encoding, body) in [
+        ("/v1/events", "gzip", &gzipped[..]),
+        ("/v1/events", "br", &event[..]),
+        ("/v1/events", "identity, deflate", &event[..]),
+        ("/api/reporting/v2/request", "gzip", pezzo.as_bytes()),
+        ("/log-request", "deflate", &event[..]),
+    ] {
+        let (status, v) = post(
+            &d,
+            path,
+            &[
+                "Content-Type: application/json",
+                &format!("Content-Encoding: {encoding}"),
+                "x-pezzo-api-key: k",
+                "x-pezzo-project-id: p",
+            ],
+            body,
+        )
+        .await;
+        assert_eq!(status, 415, "{path} {encoding}: {v}");
+        assert_eq!(v["error"]["code"], "unsupported_encoding", "{v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains("Content-Encoding"), "{msg}");
+    }
+    assert_eq!(next_seq(&d).await, before + 1, "nothing refused was stored");
+    // `identity` is no encoding at all.
+    let (status, v) = post(
+        &d,
+        "/v1/events",
+        &["Content-Encoding: identity"],
+        br#"{"plain":"identity"}"#,
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    wait_arrived(&mock, &[r#"{"plain":"identity"}"#]).await;
     d.stop().await;
 }

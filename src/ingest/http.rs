@@ -261,6 +261,7 @@ pub(crate) enum Framing {
 }
 
 fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
+    identity_encoding(headers)?;
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(Framing::Json);
     };
@@ -279,6 +280,31 @@ fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
             ),
         )),
     }
+}
+
+/// Request bodies are taken as sent: a `Content-Encoding` other than `identity` is refused
+/// with a 415 naming the header. Without this check a gzip body got "not valid JSON" (its
+/// client left wondering what was wrong with its JSON), and a body labelled with an encoding
+/// it did not have (`br` on plain JSON) was stored as if the label were not there.
+fn identity_encoding(headers: &HeaderMap) -> Result<(), IngestError> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = value.to_str().unwrap_or("?");
+        let coded = text
+            .split(',')
+            .map(str::trim)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"));
+        if coded {
+            return Err(IngestError::new(
+                415,
+                "unsupported_encoding",
+                format!(
+                    "Content-Encoding `{}` is not accepted; send the body uncompressed (no Content-Encoding header)",
+                    text.trim()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn json_error(e: &serde_json::Error, what: &str) -> IngestError {
