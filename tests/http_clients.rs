@@ -184,3 +184,49 @@ async fn a_body_with_a_content_encoding_is_refused_naming_the_header() {
     wait_arrived(&mock, &[r#"{"plain":"identity"}"#]).await;
     d.stop().await;
 }
+
+/// A request of many events is stored whole or not at all; a refusal names the event (its
+/// index in an array, its line in NDJSON) and the field, with the field's path in the body.
+/// Before, it named the field only (`tags[0]`): the client could not tell which event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_event_among_good_ones_is_named_by_its_place_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let good = r#"{"model":"gpt-4o","input":"good"}"#;
+    let bad = r#"{"schema":"llmlogd.llm/v1","provider":"openai","model":"gpt-4o","tags":[1]}"#;
+    let before = next_seq(&d).await;
+
+    let array = format!("[{good},{bad},{good}]");
+    let (status, v) = post(
+        &d,
+        "/v1/events",
+        &["Content-Type: application/json"],
+        array.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_field", "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.starts_with("event [1]: tags[0]"), "{msg}");
+    assert_eq!(v["error"]["fields"][0]["field"], "[1].tags[0]", "{v}");
+
+    let lines = format!("{good}\n\n{bad}\n{good}\n");
+    let (status, v) = post(
+        &d,
+        "/v1/events",
+        &["Content-Type: application/x-ndjson"],
+        lines.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.starts_with("line 3: tags[0]"), "{msg}");
+
+    assert_eq!(
+        next_seq(&d).await,
+        before + 1,
+        "no event of a refused request was stored"
+    );
+    d.stop().await;
+}

@@ -324,8 +324,47 @@ fn not_object(what: &str) -> IngestError {
     IngestError::new(400, "invalid_json", format!("{what} must be a JSON object"))
 }
 
-/// Splits a native body into raw event slices, each a JSON object, exactly as sent.
-pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>, IngestError> {
+/// Where an event sits in a native body, to name it in a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// The body is the event.
+    Whole,
+    /// Element `i` (from 0) of a JSON array.
+    Index(usize),
+    /// Line `n` (from 1, blank lines counted) of an NDJSON body.
+    Line(usize),
+}
+
+impl Place {
+    /// `err`, about the event at this place, made to say which event it is about: in an array
+    /// `event [1]: tags[0]: …` with the field's path from the body (`[1].tags[0]`), on a line
+    /// `line 2: …` as the socket's NDJSON says it. Before, a refusal of a request of many events
+    /// named the field only, and the client could not tell which event to fix.
+    pub(crate) fn locate(self, mut err: IngestError) -> IngestError {
+        match self {
+            Place::Whole => {}
+            Place::Index(i) => {
+                err.message = format!("event [{i}]: {}", err.message);
+                for f in &mut err.fields {
+                    f.field = match f.field.as_str() {
+                        "$" => format!("[{i}]"),
+                        p if p.starts_with('[') => format!("[{i}]{p}"),
+                        p => format!("[{i}].{p}"),
+                    };
+                }
+            }
+            Place::Line(n) => err.message = format!("line {n}: {}", err.message),
+        }
+        err
+    }
+}
+
+/// Splits a native body into raw event slices, each a JSON object, exactly as sent, each with
+/// its place in the body.
+pub(crate) fn split_native(
+    body: &Bytes,
+    framing: Framing,
+) -> Result<Vec<(Bytes, Place)>, IngestError> {
     let trimmed = trim_ascii(body);
     match framing {
         Framing::Json if trimmed.first() == Some(&b'[') => {
@@ -341,7 +380,7 @@ pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>,
                     if !raw.get().starts_with('{') {
                         return Err(not_object(&format!("event [{i}]")));
                     }
-                    Ok(body.slice_ref(raw.get().as_bytes()))
+                    Ok((body.slice_ref(raw.get().as_bytes()), Place::Index(i)))
                 })
                 .collect()
         }
@@ -351,7 +390,7 @@ pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>,
             if !raw.get().starts_with('{') {
                 return Err(not_object("the event"));
             }
-            Ok(vec![body.slice_ref(trimmed)])
+            Ok(vec![(body.slice_ref(trimmed), Place::Whole)])
         }
         Framing::Ndjson => {
             let mut out = Vec::new();
@@ -366,7 +405,7 @@ pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>,
                 if !raw.get().starts_with('{') {
                     return Err(not_object(&what));
                 }
-                out.push(body.slice_ref(line));
+                out.push((body.slice_ref(line), Place::Line(i + 1)));
             }
             if out.is_empty() {
                 return Err(IngestError::new(400, "empty", "the body holds no event"));
@@ -421,7 +460,7 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
         }
         let events = split_native(&body, framing)?
             .into_iter()
-            .map(native_event)
+            .map(|(raw, place)| native_event(raw).map_err(|e| place.locate(e)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok::<_, IngestError>((events, permit))
     }
@@ -1065,7 +1104,7 @@ mod tests {
         let body = Bytes::from(format!(" \n{event}\r\n"));
         let fast = one_canonical_event(&body, Framing::Json).expect("canonical");
         let split = split_native(&body, Framing::Json).unwrap();
-        let slow = native_event(split[0].clone()).unwrap();
+        let slow = native_event(split[0].0.clone()).unwrap();
         assert_eq!(fast.payload, slow.payload);
         assert_eq!(&fast.payload[..], event.as_bytes());
         assert_eq!(fast.attrs, slow.attrs);
@@ -1089,7 +1128,7 @@ mod tests {
         let b = Bytes::copy_from_slice(body.as_bytes());
         split_native(&b, f).map(|v| {
             v.iter()
-                .map(|x| String::from_utf8(x.to_vec()).unwrap())
+                .map(|(x, _)| String::from_utf8(x.to_vec()).unwrap())
                 .collect()
         })
     }
@@ -1259,7 +1298,7 @@ mod tests {
                 let body = Bytes::from(bytes);
                 for f in [Framing::Json, Framing::Ndjson] {
                     if let Ok(events) = split_native(&body, f) {
-                        for e in events {
+                        for (e, _) in events {
                             let v: Value = serde_json::from_slice(&e).expect("each slice is JSON");
                             prop_assert!(v.is_object());
                         }
@@ -1274,7 +1313,7 @@ mod tests {
                 let lines = vec![one.clone(); n].join("\n");
                 let got = split_native(&Bytes::from(lines), Framing::Ndjson).unwrap();
                 prop_assert_eq!(got.len(), n);
-                prop_assert_eq!(&got[0][..], one.as_bytes());
+                prop_assert_eq!(&got[0].0[..], one.as_bytes());
             }
         }
     }
