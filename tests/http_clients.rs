@@ -230,3 +230,42 @@ async fn a_bad_event_among_good_ones_is_named_by_its_place_and_nothing_is_stored
     );
     d.stop().await;
 }
+
+/// A body saved as "UTF-8 with BOM" (`curl -d @file.json` of a file from a Windows editor) is
+/// taken, as the socket's NDJSON and `llmlogd send` take it, and stored without the mark.
+/// Before, it was refused "not valid JSON: expected value at line 1 column 1". An empty body
+/// is refused as empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_starting_with_a_byte_order_mark_is_stored_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let one = r#"{"model":"gpt-4o","input":"saved with a BOM"}"#;
+    let two = r#"{"model":"gpt-4o","input":"an array with a BOM"}"#;
+    let three = r#"{"model":"gpt-4o","input":"NDJSON with a BOM"}"#;
+    for (ct, body) in [
+        ("application/json", format!("\u{feff}{one}\n")),
+        ("application/json", format!("\u{feff}[{two}]")),
+        ("application/x-ndjson", format!("\u{feff}{three}\n")),
+    ] {
+        let (status, v) = post(
+            &d,
+            "/v1/events",
+            &[&format!("Content-Type: {ct}")],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 202, "{ct} {body:?}: {v}");
+    }
+    let got = wait_arrived(&mock, &[one, two, three]).await;
+    assert!(
+        got.iter().all(|e| !e.contains('\u{feff}')),
+        "stored without the mark: {got:?}"
+    );
+    for path in ["/v1/events", "/log-request"] {
+        let (status, v) = post(&d, path, &["Content-Type: application/json"], b"  \n").await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "empty", "{path}: {v}");
+    }
+    d.stop().await;
+}

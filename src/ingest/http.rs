@@ -359,14 +359,33 @@ impl Place {
     }
 }
 
+/// A body's JSON text: without a UTF-8 byte order mark at its start (what a Windows tool writes
+/// first, "UTF-8 with BOM"; RFC 8259 lets a parser ignore it, and the socket's NDJSON and
+/// `llmlogd send` always did), and without the whitespace around it. The mark is not stored.
+/// Before, such a body was refused "not valid JSON: expected value at line 1 column 1".
+pub(crate) fn json_text(b: &[u8]) -> &[u8] {
+    trim_ascii(b.strip_prefix(UTF8_BOM).unwrap_or(b))
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+fn empty_body() -> IngestError {
+    IngestError::new(
+        400,
+        "empty",
+        "the request body is empty; send a JSON object",
+    )
+}
+
 /// Splits a native body into raw event slices, each a JSON object, exactly as sent, each with
 /// its place in the body.
 pub(crate) fn split_native(
     body: &Bytes,
     framing: Framing,
 ) -> Result<Vec<(Bytes, Place)>, IngestError> {
-    let trimmed = trim_ascii(body);
+    let trimmed = json_text(body);
     match framing {
+        Framing::Json if trimmed.is_empty() => Err(empty_body()),
         Framing::Json if trimmed.first() == Some(&b'[') => {
             let items: Vec<&serde_json::value::RawValue> =
                 serde_json::from_slice(trimmed).map_err(|e| json_error(&e, "the body"))?;
@@ -395,7 +414,7 @@ pub(crate) fn split_native(
         Framing::Ndjson => {
             let mut out = Vec::new();
             for (i, line) in body.split(|b| *b == b'\n').enumerate() {
-                let line = trim_ascii(line);
+                let line = json_text(trim_ascii(line));
                 if line.is_empty() {
                     continue;
                 }
@@ -515,7 +534,7 @@ async fn admit_holding(
 
 /// A single-object JSON body that is a canonical event, accepted by the fast check.
 fn one_canonical_event(body: &Bytes, framing: Framing) -> Option<NewEvent> {
-    let trimmed = trim_ascii(body);
+    let trimmed = json_text(body);
     if framing != Framing::Json || trimmed.first() != Some(&b'{') {
         return None;
     }
@@ -570,7 +589,11 @@ async fn json_body(
         ));
     }
     let (body, permit) = read_body(st, headers, body).await?;
-    Ok((body.slice_ref(trim_ascii(&body)), permit))
+    let text = json_text(&body);
+    if text.is_empty() {
+        return Err(empty_body());
+    }
+    Ok((body.slice_ref(text), permit))
 }
 
 fn object_value(raw: &[u8]) -> Result<Value, IngestError> {
