@@ -269,3 +269,95 @@ async fn a_body_starting_with_a_byte_order_mark_is_stored_without_it() {
     }
     d.stop().await;
 }
+
+/// Reads one reply from a kept-alive connection: (status, head in lower case, body).
+async fn one_reply<S: AsyncRead + Unpin>(s: &mut S) -> (u16, String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut byte))
+            .await
+            .expect("a reply in time")
+            .expect("read");
+        assert!(
+            n == 1,
+            "the connection ended before a reply: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut body))
+        .await
+        .expect("the body in time")
+        .unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, String::from_utf8(body).unwrap())
+}
+
+/// A request refused before its body was read leaves the connection unusable (hyper closes
+/// it), so the reply says `Connection: close`. Without it, a keep-alive client (Python's
+/// http.client, requests.Session, Node's agent) sent its next request on the closed
+/// connection and got "Remote end closed connection without response". A refusal after the
+/// body was read keeps the connection, and the next request on it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_leaves_the_body_unread_says_connection_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let d = InProcess::start(
+        dir.path(),
+        &format!("[server]\nmax_body_bytes = \"64KiB\"\n{}", sink(&mock)),
+    )
+    .await;
+    let big = format!(r#"{{"model":"gpt-4o","input":"{}"}}"#, "x".repeat(200_000));
+    let event = r#"{"model":"gpt-4o","input":"kept alive"}"#;
+    for (what, headers, body) in [
+        (
+            "a wrong Content-Type",
+            "Content-Type: text/plain",
+            big.as_str(),
+        ),
+        ("a Content-Encoding", "Content-Encoding: gzip", event),
+        (
+            "a body over max_body_bytes",
+            "Content-Type: application/json",
+            big.as_str(),
+        ),
+    ] {
+        let mut s = tcp(&d).await;
+        let req = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: localhost\r\n{headers}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // Only the head, as a client waiting for `100 Continue` sends it: each refusal is
+        // decided from the headers, and a body left unread in the daemon's socket at its close
+        // would make it reset the connection, which may discard the reply before it is read.
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, reply) = one_reply(&mut s).await;
+        assert!(status >= 400, "{what}: {status} {reply}");
+        assert!(
+            head.contains("\r\nconnection: close\r\n"),
+            "{what}: the reply says the connection closes: {head}"
+        );
+    }
+    // Read, then refused: the connection goes on.
+    let mut s = tcp(&d).await;
+    for (body, want) in [(r#"{"model":"#, 400), (event, 202)] {
+        let req = format!(
+            "POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, reply) = one_reply(&mut s).await;
+        assert_eq!(status, want, "{reply}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    wait_arrived(&mock, &[event]).await;
+    d.stop().await;
+}

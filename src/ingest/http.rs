@@ -162,6 +162,10 @@ impl IntoResponse for IngestError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if self.closes {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -181,8 +185,19 @@ async fn not_found(uri: axum::http::Uri) -> IngestError {
 }
 
 /// Reads the body within the size, time and memory limits. The permit returned holds the
-/// body's share of the memory budget until the request is answered.
+/// body's share of the memory budget until the request is answered. Every refusal here leaves
+/// the body unread or read in part, so it closes the connection.
 async fn read_body(
+    st: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), IngestError> {
+    read_body_within_limits(st, headers, body)
+        .await
+        .map_err(IngestError::unread_body)
+}
+
+async fn read_body_within_limits(
     st: &HttpState,
     headers: &HeaderMap,
     body: Body,
@@ -260,7 +275,13 @@ pub(crate) enum Framing {
     Ndjson,
 }
 
+/// The framing a request's headers give its body; a refusal here is made before the body is
+/// read, so it closes the connection.
 fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
+    framing_of(headers).map_err(IngestError::unread_body)
+}
+
+fn framing_of(headers: &HeaderMap) -> Result<Framing, IngestError> {
     identity_encoding(headers)?;
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(Framing::Json);
@@ -586,7 +607,8 @@ async fn json_body(
             415,
             "unsupported_media_type",
             "this route takes one JSON object (application/json)",
-        ));
+        )
+        .unread_body());
     }
     let (body, permit) = read_body(st, headers, body).await?;
     let text = json_text(&body);
@@ -1203,7 +1225,8 @@ mod tests {
         );
         assert_eq!(framing(&h).unwrap(), Framing::Json);
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        assert_eq!(framing(&h).unwrap_err().status, 415);
+        let e = framing(&h).unwrap_err();
+        assert_eq!((e.status, e.closes), (415, true));
     }
 
     /// Fuzzing on stable: random JSON shaped like the services' bodies (known field names
