@@ -332,12 +332,11 @@ async fn a_refusal_that_leaves_the_body_unread_says_connection_close() {
     ] {
         let mut s = tcp(&d).await;
         let req = format!(
-            "POST /v1/events HTTP/1.1\r\nHost: localhost\r\n{headers}\r\nContent-Length: {}\r\n\r\n",
+            "POST /v1/events HTTP/1.1\r\nHost: localhost\r\n{headers}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        // Only the head, as a client waiting for `100 Continue` sends it: each refusal is
-        // decided from the headers, and a body left unread in the daemon's socket at its close
-        // would make it reset the connection, which may discard the reply before it is read.
+        // Only the head, waiting for `100 Continue` as curl does: each refusal is decided
+        // from the headers, and the body is never sent.
         s.write_all(req.as_bytes()).await.unwrap();
         let (status, head, reply) = one_reply(&mut s).await;
         assert!(status >= 400, "{what}: {status} {reply}");
@@ -359,5 +358,41 @@ async fn a_refusal_that_leaves_the_body_unread_says_connection_close() {
         assert!(!head.contains("connection: close"), "{head}");
     }
     wait_arrived(&mock, &[event]).await;
+    d.stop().await;
+}
+
+/// Python's http.client and requests (the PromptLayer and Pezzo Python SDKs) send the whole
+/// body before reading the reply. When a request was refused from its headers (too large,
+/// wrong Content-Type) the daemon closed with the body unread, and such a client got a broken
+/// pipe or a reset: an error that reads as transient, to retry, instead of the 413 that says
+/// not to. The body is now read and dropped first (bounded), so the client gets the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_whole_body_before_reading_gets_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "[server]\nmax_body_bytes = \"64KiB\"\n").await;
+    // Far more than the sockets' buffers hold, so the daemon must read it for the write to end.
+    let big = format!(r#"{{"model":"gpt-4o","input":"{}"}}"#, "x".repeat(8 << 20));
+    for (path, content_type, want) in [
+        ("/v1/events", "application/json", 413),
+        ("/v1/events", "text/plain", 415),
+        ("/log-request", "application/x-ndjson", 415),
+    ] {
+        let mut s = tcp(&d).await;
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(big.as_bytes());
+        tokio::time::timeout(DEADLINE, s.write_all(&req))
+            .await
+            .expect("the body is taken in time")
+            .unwrap_or_else(|e| panic!("{path} {content_type}: sending the body failed: {e}"));
+        let (status, head, reply) = one_reply(&mut s).await;
+        assert_eq!(status, want, "{path} {content_type}: {reply}");
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
     d.stop().await;
 }

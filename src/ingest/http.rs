@@ -217,6 +217,7 @@ async fn read_body_within_limits(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > st.max_body) {
+        discard_body(st, headers, body);
         return Err(too_large());
     }
     let share = declared.unwrap_or(st.max_body).max(1) as u32;
@@ -266,6 +267,40 @@ async fn read_body_within_limits(
             Ok((body, permit))
         }
     }
+}
+
+/// Reads and drops the body of a request refused from its headers, on a task of its own while
+/// the reply goes out, so the client gets the reply: Python's `http.client` and `requests`
+/// (the PromptLayer and Pezzo Python SDKs) send the whole body before they read anything, and
+/// when the daemon closed with the body unread they got a broken pipe or a reset instead of
+/// the 413 or 415 that says not to retry, which reads as a transient failure to retry. hyper
+/// goes on reading the body into this task after the reply, then closes (the reply says
+/// `Connection: close`). Bounded: at most `CONNECTION_SHARES` × `max_body` (64 MiB at least)
+/// within `body_timeout`, as any body is; nothing is kept. Not when the client asked
+/// `Expect: 100-continue`: it waits for the reply and sends no body after a refusal.
+fn discard_body(st: &HttpState, headers: &HeaderMap, body: Body) {
+    if headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let cap = budget_bytes(st.max_body);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > cap {
+                return;
+            }
+        }
+    });
 }
 
 /// How a request body is framed, from its Content-Type.
@@ -490,7 +525,13 @@ pub(crate) fn native_event(raw: Bytes) -> Result<NewEvent, IngestError> {
 async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Response {
     const ROUTE: &str = "native";
     let result = async {
-        let framing = framing(&headers)?;
+        let framing = match framing(&headers) {
+            Ok(f) => f,
+            Err(e) => {
+                discard_body(&st, &headers, body);
+                return Err(e);
+            }
+        };
         let (body, permit) = read_body(&st, &headers, body).await?;
         // One canonical event (nearly every app's request): the fast check parses the whole
         // body, so it is the one valid object `split_native` would have found; any other body
@@ -602,13 +643,21 @@ async fn json_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), IngestError> {
-    if framing(headers)? != Framing::Json {
-        return Err(IngestError::new(
-            415,
-            "unsupported_media_type",
-            "this route takes one JSON object (application/json)",
-        )
-        .unread_body());
+    let refused = match framing(headers) {
+        Ok(Framing::Json) => None,
+        Ok(Framing::Ndjson) => Some(
+            IngestError::new(
+                415,
+                "unsupported_media_type",
+                "this route takes one JSON object (application/json)",
+            )
+            .unread_body(),
+        ),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = refused {
+        discard_body(st, headers, body);
+        return Err(e);
     }
     let (body, permit) = read_body(st, headers, body).await?;
     let text = json_text(&body);
