@@ -6,6 +6,7 @@ mod big_events;
 mod clients;
 mod delivery;
 mod foundation;
+mod http_clients;
 mod ops;
 mod reliability;
 mod socket;

@@ -34,6 +34,29 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
+/// The longest path a Unix socket can be bound at: `sun_path` holds 108 bytes on Linux,
+/// the path's terminating NUL included.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// A socket path the kernel cannot bind is a bad value like any other: refused with the key's
+/// name (exit 64, by `check-config` too) before anything is created. Before, `check-config`
+/// passed it and `run` created the socket's directory, then failed with exit 1 and the
+/// standard library's "path must be shorter than SUN_LEN".
+fn check_socket_path(path: &std::path::Path) -> Result<(), ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let len = path.as_os_str().as_bytes().len();
+    if len > MAX_SOCKET_PATH_BYTES {
+        return Err(invalid(
+            "server.unix_socket",
+            format!(
+                "`{}` is {len} bytes long; a Unix socket path can be at most {MAX_SOCKET_PATH_BYTES} bytes (choose a shorter one)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -293,6 +316,9 @@ impl Config {
             Some(t) => Some(PathBuf::from(t)),
             None => Some(default_socket_path()),
         };
+        if let Some(path) = &unix_socket {
+            check_socket_path(path)?;
+        }
         let socket_mode = match s.socket_mode {
             None => 0o660,
             Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
@@ -1236,6 +1262,38 @@ mod tests {
         assert_eq!(c.queue.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.server.http_listen.unwrap().port(), 9);
         assert!(c.server.unix_socket.is_none());
+    }
+
+    /// `sun_path` holds 107 bytes and a NUL: a longer socket path is a bad value, named.
+    #[test]
+    fn a_socket_path_the_kernel_cannot_bind_is_refused_by_name() {
+        let at = |len: usize| {
+            let path = format!("/tmp/{}", "s".repeat(len - 5));
+            assert_eq!(path.len(), len);
+            let ov = Overrides {
+                unix_socket: Some(path),
+                ..Overrides::default()
+            };
+            Config::parse("", &ov)
+        };
+        assert!(at(MAX_SOCKET_PATH_BYTES).is_ok());
+        let e = at(MAX_SOCKET_PATH_BYTES + 1).unwrap_err().to_string();
+        assert!(e.contains("server.unix_socket"), "{e}");
+        assert!(e.contains("at most 107 bytes"), "{e}");
+        let long = format!("[server]\nunix_socket = \"/tmp/{}\"\n", "d".repeat(120));
+        let e = Config::parse(&long, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.unix_socket"), "{e}");
+        // A bound socket of the longest length, so the limit is the kernel's, not ours.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().display().to_string();
+        if let Some(n) = MAX_SOCKET_PATH_BYTES.checked_sub(base.len() + 1) {
+            let path = format!("{base}/{}", "k".repeat(n));
+            assert_eq!(path.len(), MAX_SOCKET_PATH_BYTES);
+            std::os::unix::net::UnixListener::bind(&path).expect("107 bytes bind");
+            assert!(std::os::unix::net::UnixListener::bind(format!("{path}x")).is_err());
+        }
     }
 
     #[test]

@@ -162,6 +162,10 @@ impl IntoResponse for IngestError {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if self.closes {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -181,8 +185,19 @@ async fn not_found(uri: axum::http::Uri) -> IngestError {
 }
 
 /// Reads the body within the size, time and memory limits. The permit returned holds the
-/// body's share of the memory budget until the request is answered.
+/// body's share of the memory budget until the request is answered. Every refusal here leaves
+/// the body unread or read in part, so it closes the connection.
 async fn read_body(
+    st: &HttpState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), IngestError> {
+    read_body_within_limits(st, headers, body)
+        .await
+        .map_err(IngestError::unread_body)
+}
+
+async fn read_body_within_limits(
     st: &HttpState,
     headers: &HeaderMap,
     body: Body,
@@ -202,6 +217,7 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > st.max_body) {
+        discard_body(st, headers, body);
         return Err(too_large());
     }
     let share = declared.unwrap_or(st.max_body).max(1) as u32;
@@ -253,6 +269,40 @@ async fn read_body(
     }
 }
 
+/// Reads and drops the body of a request refused from its headers, on a task of its own while
+/// the reply goes out, so the client gets the reply: Python's `http.client` and `requests`
+/// (the PromptLayer and Pezzo Python SDKs) send the whole body before they read anything, and
+/// when the daemon closed with the body unread they got a broken pipe or a reset instead of
+/// the 413 or 415 that says not to retry, which reads as a transient failure to retry. hyper
+/// goes on reading the body into this task after the reply, then closes (the reply says
+/// `Connection: close`). Bounded: at most `CONNECTION_SHARES` × `max_body` (64 MiB at least)
+/// within `body_timeout`, as any body is; nothing is kept. Not when the client asked
+/// `Expect: 100-continue`: it waits for the reply and sends no body after a refusal.
+fn discard_body(st: &HttpState, headers: &HeaderMap, body: Body) {
+    if headers.contains_key(header::EXPECT) {
+        return;
+    }
+    let cap = budget_bytes(st.max_body);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + st.body_timeout;
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > cap {
+                return;
+            }
+        }
+    });
+}
+
 /// How a request body is framed, from its Content-Type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
@@ -260,7 +310,14 @@ pub(crate) enum Framing {
     Ndjson,
 }
 
+/// The framing a request's headers give its body; a refusal here is made before the body is
+/// read, so it closes the connection.
 fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
+    framing_of(headers).map_err(IngestError::unread_body)
+}
+
+fn framing_of(headers: &HeaderMap) -> Result<Framing, IngestError> {
+    identity_encoding(headers)?;
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(Framing::Json);
     };
@@ -281,6 +338,31 @@ fn framing(headers: &HeaderMap) -> Result<Framing, IngestError> {
     }
 }
 
+/// Request bodies are taken as sent: a `Content-Encoding` other than `identity` is refused
+/// with a 415 naming the header. Without this check a gzip body got "not valid JSON" (its
+/// client left wondering what was wrong with its JSON), and a body labelled with an encoding
+/// it did not have (`br` on plain JSON) was stored as if the label were not there.
+fn identity_encoding(headers: &HeaderMap) -> Result<(), IngestError> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = value.to_str().unwrap_or("?");
+        let coded = text
+            .split(',')
+            .map(str::trim)
+            .any(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"));
+        if coded {
+            return Err(IngestError::new(
+                415,
+                "unsupported_encoding",
+                format!(
+                    "Content-Encoding `{}` is not accepted; send the body uncompressed (no Content-Encoding header)",
+                    text.trim()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn json_error(e: &serde_json::Error, what: &str) -> IngestError {
     let problem = if e.is_eof() {
         "unexpected end of input".to_string()
@@ -298,10 +380,68 @@ fn not_object(what: &str) -> IngestError {
     IngestError::new(400, "invalid_json", format!("{what} must be a JSON object"))
 }
 
-/// Splits a native body into raw event slices, each a JSON object, exactly as sent.
-pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>, IngestError> {
-    let trimmed = trim_ascii(body);
+/// Where an event sits in a native body, to name it in a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// The body is the event.
+    Whole,
+    /// Element `i` (from 0) of a JSON array.
+    Index(usize),
+    /// Line `n` (from 1, blank lines counted) of an NDJSON body.
+    Line(usize),
+}
+
+impl Place {
+    /// `err`, about the event at this place, made to say which event it is about: in an array
+    /// `event [1]: tags[0]: …` with the field's path from the body (`[1].tags[0]`), on a line
+    /// `line 2: …` as the socket's NDJSON says it. Before, a refusal of a request of many events
+    /// named the field only, and the client could not tell which event to fix.
+    pub(crate) fn locate(self, mut err: IngestError) -> IngestError {
+        match self {
+            Place::Whole => {}
+            Place::Index(i) => {
+                err.message = format!("event [{i}]: {}", err.message);
+                for f in &mut err.fields {
+                    f.field = match f.field.as_str() {
+                        "$" => format!("[{i}]"),
+                        p if p.starts_with('[') => format!("[{i}]{p}"),
+                        p => format!("[{i}].{p}"),
+                    };
+                }
+            }
+            Place::Line(n) => err.message = format!("line {n}: {}", err.message),
+        }
+        err
+    }
+}
+
+/// A body's JSON text: without a UTF-8 byte order mark at its start (what a Windows tool writes
+/// first, "UTF-8 with BOM"; RFC 8259 lets a parser ignore it, and the socket's NDJSON and
+/// `llmlogd send` always did), and without the whitespace around it. The mark is not stored.
+/// Before, such a body was refused "not valid JSON: expected value at line 1 column 1".
+pub(crate) fn json_text(b: &[u8]) -> &[u8] {
+    trim_ascii(b.strip_prefix(UTF8_BOM).unwrap_or(b))
+}
+
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+fn empty_body() -> IngestError {
+    IngestError::new(
+        400,
+        "empty",
+        "the request body is empty; send a JSON object",
+    )
+}
+
+/// Splits a native body into raw event slices, each a JSON object, exactly as sent, each with
+/// its place in the body.
+pub(crate) fn split_native(
+    body: &Bytes,
+    framing: Framing,
+) -> Result<Vec<(Bytes, Place)>, IngestError> {
+    let trimmed = json_text(body);
     match framing {
+        Framing::Json if trimmed.is_empty() => Err(empty_body()),
         Framing::Json if trimmed.first() == Some(&b'[') => {
             let items: Vec<&serde_json::value::RawValue> =
                 serde_json::from_slice(trimmed).map_err(|e| json_error(&e, "the body"))?;
@@ -315,7 +455,7 @@ pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>,
                     if !raw.get().starts_with('{') {
                         return Err(not_object(&format!("event [{i}]")));
                     }
-                    Ok(body.slice_ref(raw.get().as_bytes()))
+                    Ok((body.slice_ref(raw.get().as_bytes()), Place::Index(i)))
                 })
                 .collect()
         }
@@ -325,12 +465,12 @@ pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>,
             if !raw.get().starts_with('{') {
                 return Err(not_object("the event"));
             }
-            Ok(vec![body.slice_ref(trimmed)])
+            Ok(vec![(body.slice_ref(trimmed), Place::Whole)])
         }
         Framing::Ndjson => {
             let mut out = Vec::new();
             for (i, line) in body.split(|b| *b == b'\n').enumerate() {
-                let line = trim_ascii(line);
+                let line = json_text(trim_ascii(line));
                 if line.is_empty() {
                     continue;
                 }
@@ -340,7 +480,7 @@ pub(crate) fn split_native(body: &Bytes, framing: Framing) -> Result<Vec<Bytes>,
                 if !raw.get().starts_with('{') {
                     return Err(not_object(&what));
                 }
-                out.push(body.slice_ref(line));
+                out.push((body.slice_ref(line), Place::Line(i + 1)));
             }
             if out.is_empty() {
                 return Err(IngestError::new(400, "empty", "the body holds no event"));
@@ -385,7 +525,13 @@ pub(crate) fn native_event(raw: Bytes) -> Result<NewEvent, IngestError> {
 async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Response {
     const ROUTE: &str = "native";
     let result = async {
-        let framing = framing(&headers)?;
+        let framing = match framing(&headers) {
+            Ok(f) => f,
+            Err(e) => {
+                discard_body(&st, &headers, body);
+                return Err(e);
+            }
+        };
         let (body, permit) = read_body(&st, &headers, body).await?;
         // One canonical event (nearly every app's request): the fast check parses the whole
         // body, so it is the one valid object `split_native` would have found; any other body
@@ -395,7 +541,7 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
         }
         let events = split_native(&body, framing)?
             .into_iter()
-            .map(native_event)
+            .map(|(raw, place)| native_event(raw).map_err(|e| place.locate(e)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok::<_, IngestError>((events, permit))
     }
@@ -450,7 +596,7 @@ async fn admit_holding(
 
 /// A single-object JSON body that is a canonical event, accepted by the fast check.
 fn one_canonical_event(body: &Bytes, framing: Framing) -> Option<NewEvent> {
-    let trimmed = trim_ascii(body);
+    let trimmed = json_text(body);
     if framing != Framing::Json || trimmed.first() != Some(&b'{') {
         return None;
     }
@@ -497,15 +643,28 @@ async fn json_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), IngestError> {
-    if framing(headers)? != Framing::Json {
-        return Err(IngestError::new(
-            415,
-            "unsupported_media_type",
-            "this route takes one JSON object (application/json)",
-        ));
+    let refused = match framing(headers) {
+        Ok(Framing::Json) => None,
+        Ok(Framing::Ndjson) => Some(
+            IngestError::new(
+                415,
+                "unsupported_media_type",
+                "this route takes one JSON object (application/json)",
+            )
+            .unread_body(),
+        ),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = refused {
+        discard_body(st, headers, body);
+        return Err(e);
     }
     let (body, permit) = read_body(st, headers, body).await?;
-    Ok((body.slice_ref(trim_ascii(&body)), permit))
+    let text = json_text(&body);
+    if text.is_empty() {
+        return Err(empty_body());
+    }
+    Ok((body.slice_ref(text), permit))
 }
 
 fn object_value(raw: &[u8]) -> Result<Value, IngestError> {
@@ -1039,7 +1198,7 @@ mod tests {
         let body = Bytes::from(format!(" \n{event}\r\n"));
         let fast = one_canonical_event(&body, Framing::Json).expect("canonical");
         let split = split_native(&body, Framing::Json).unwrap();
-        let slow = native_event(split[0].clone()).unwrap();
+        let slow = native_event(split[0].0.clone()).unwrap();
         assert_eq!(fast.payload, slow.payload);
         assert_eq!(&fast.payload[..], event.as_bytes());
         assert_eq!(fast.attrs, slow.attrs);
@@ -1063,7 +1222,7 @@ mod tests {
         let b = Bytes::copy_from_slice(body.as_bytes());
         split_native(&b, f).map(|v| {
             v.iter()
-                .map(|x| String::from_utf8(x.to_vec()).unwrap())
+                .map(|(x, _)| String::from_utf8(x.to_vec()).unwrap())
                 .collect()
         })
     }
@@ -1115,7 +1274,8 @@ mod tests {
         );
         assert_eq!(framing(&h).unwrap(), Framing::Json);
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-        assert_eq!(framing(&h).unwrap_err().status, 415);
+        let e = framing(&h).unwrap_err();
+        assert_eq!((e.status, e.closes), (415, true));
     }
 
     /// Fuzzing on stable: random JSON shaped like the services' bodies (known field names
@@ -1233,7 +1393,7 @@ mod tests {
                 let body = Bytes::from(bytes);
                 for f in [Framing::Json, Framing::Ndjson] {
                     if let Ok(events) = split_native(&body, f) {
-                        for e in events {
+                        for (e, _) in events {
                             let v: Value = serde_json::from_slice(&e).expect("each slice is JSON");
                             prop_assert!(v.is_object());
                         }
@@ -1248,7 +1408,7 @@ mod tests {
                 let lines = vec![one.clone(); n].join("\n");
                 let got = split_native(&Bytes::from(lines), Framing::Ndjson).unwrap();
                 prop_assert_eq!(got.len(), n);
-                prop_assert_eq!(&got[0][..], one.as_bytes());
+                prop_assert_eq!(&got[0].0[..], one.as_bytes());
             }
         }
     }

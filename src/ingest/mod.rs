@@ -201,6 +201,10 @@ pub struct IngestError {
     /// Seconds after which a retry may succeed (queue full, busy).
     #[serde(skip)]
     pub retry_after: Option<u64>,
+    /// Refused before the request body was read (HTTP): the connection cannot carry another
+    /// request, so the reply says `Connection: close` (see [`IngestError::unread_body`]).
+    #[serde(skip)]
+    pub closes: bool,
 }
 
 impl IngestError {
@@ -211,7 +215,18 @@ impl IngestError {
             message: message.into(),
             fields: Vec::new(),
             retry_after: None,
+            closes: false,
         }
+    }
+
+    /// This refusal leaves the request's body unread (or read in part), so hyper closes the
+    /// connection after the reply. The reply must say so: without `Connection: close`, a
+    /// keep-alive client (Python's `http.client` and `requests.Session`, Node's agent, undici)
+    /// sent its next request on the closed connection and got "Remote end closed connection
+    /// without response" or a broken pipe, with no way to know whether it was stored.
+    pub fn unread_body(mut self) -> Self {
+        self.closes = true;
+        self
     }
 
     /// A 400 naming every bad field. The message names them too (the first

@@ -344,6 +344,13 @@ where
         .header_read_timeout(ctx.header_timeout)
         .max_buf_size(HTTP_READ_BUFFER)
         .keep_alive(true)
+        // A client may shut down its write side once its request is sent (`nc -N`, `socat`,
+        // a shell script piping a request into the socket) and wait for the reply. Without
+        // this hyper took that end of input for a vanished client and closed the connection
+        // unanswered, while the event it had read was stored anyway: an event stored and
+        // never acknowledged. A client that hangs up for good still stops the connection: the
+        // reply cannot be written.
+        .half_close(true)
         .serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
