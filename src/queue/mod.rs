@@ -100,6 +100,12 @@ const MAX_COMMIT_DELAY: std::time::Duration = std::time::Duration::from_micros(6
 const DELAY_FROM_GROUP: usize = 8;
 /// Groups this large already spread the sync's cost thin: no delay.
 const DELAY_UNTIL_GROUP: usize = 256;
+/// How often (ms) a group commit looks for the store's files before its acks
+/// (`store::present`): one `stat` after each sync cost 20-35 µs of CPU per commit on the
+/// project's VM, 10-15 % of the one-client ingest cells (BENCHMARKS.md, fourteenth session).
+/// So the writes acknowledged in the last 50 ms before the data directory is deleted may be
+/// lost with it at the next restart; from then on every append is refused.
+const PRESENT_CHECK_MS: u64 = 50;
 /// `meta` key of the event and byte counts a clean stop leaves for the next open.
 const COUNTS_AT_CLOSE: &str = "counts_at_close";
 /// How long the ids follow-ups refer to are kept: a PromptLayer log's id at the service (one
@@ -209,6 +215,8 @@ struct Shared {
     closed: AtomicBool,
     last_compact_check: AtomicU64,
     last_follow_up_prune: AtomicU64,
+    /// When the writer last looked for the store's files after a commit (`store::present`).
+    present_checked: AtomicU64,
     /// When the writer took up the step it is on (a group commit, a compaction), in Unix ms;
     /// 0 while it waits for work. The systemd watchdog stops pinging when a step takes too
     /// long: a writer stuck in a sync that never returns stalls every ack, and only a restart
@@ -371,6 +379,7 @@ impl Queue {
             closed: AtomicBool::new(false),
             last_compact_check: AtomicU64::new(now_ms()),
             last_follow_up_prune: AtomicU64::new(0),
+            present_checked: AtomicU64::new(0),
             writer_busy_since: AtomicU64::new(0),
             refused_for: arc_swap::ArcSwapOption::empty(),
             live_at_last_check: AtomicU64::new(bytes),
@@ -1386,8 +1395,13 @@ impl<'a> Group<'a> {
             }
             t.meta.insert("next_seq", &next_seq.to_be_bytes())?;
             t.sync()?;
-            if !store::present(&shared.cfg.data_dir) {
-                return Err(store_gone(&shared.cfg.data_dir));
+            let now = now_ms();
+            // Once they are gone, every commit looks (and is refused).
+            if now >= shared.present_checked.load(Ordering::Relaxed) + PRESENT_CHECK_MS {
+                if !store::present(&shared.cfg.data_dir) {
+                    return Err(store_gone(&shared.cfg.data_dir));
+                }
+                shared.present_checked.store(now, Ordering::Relaxed);
             }
             Ok(())
         })();

@@ -247,8 +247,8 @@ pub(crate) fn dir_size(p: &Path) -> u64 {
 
 /// Whether the open store's files are still where it was opened: sled keeps writing to its
 /// open files after they are removed (the data directory deleted, or a cleaner emptying it),
-/// and a sync of a removed file survives no restart. Checked after each group commit's sync,
-/// before the acks (one `stat`, beside a sync that costs ~250 µs). Only the writer thread
+/// and a sync of a removed file survives no restart. The writer checks after a group commit's
+/// sync, before its acks, at most every `PRESENT_CHECK_MS` (see there). Only the writer thread
 /// moves these files (compaction), so it never sees them mid-rename.
 pub(crate) fn present(dir: &Path) -> bool {
     paths(dir).0.join("db").exists()
