@@ -10,36 +10,6 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::util::*;
 
-fn sink(mock: &MockSink) -> String {
-    format!(
-        "[sinks.mock]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\n",
-        mock.url("/in")
-    )
-}
-
-/// Every event that reached the mock, as the exact bytes it forwarded.
-fn arrived(mock: &MockSink) -> Vec<String> {
-    mock.received()
-        .iter()
-        .flat_map(|r| r.raw_events())
-        .collect()
-}
-
-async fn wait_arrived(mock: &MockSink, events: &[&str]) -> Vec<String> {
-    wait_for(
-        DEADLINE,
-        &format!("{} events at the mock", events.len()),
-        || {
-            let all = arrived(mock);
-            events
-                .iter()
-                .all(|e| all.iter().any(|a| a == e))
-                .then_some(all)
-        },
-    )
-    .await
-}
-
 /// One request written by hand: `head` is the request line and headers (without the blank
 /// line), a `Content-Length` is added. With `half_close` the client shuts its write side once
 /// the request is sent. Returns (status, body) of the reply, read to the end of the
@@ -115,7 +85,7 @@ async fn next_seq(d: &InProcess) -> u64 {
 async fn a_client_that_half_closes_after_its_request_gets_the_reply() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let over_tcp = r#"{"model":"gpt-4o","input":"half-closed over tcp"}"#;
     let over_socket = r#"{"model":"gpt-4o","input":"half-closed over the socket"}"#;
     let head = "POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
@@ -129,7 +99,7 @@ async fn a_client_that_half_closes_after_its_request_gets_the_reply() {
     let head10 = "POST /v1/events HTTP/1.0\r\nContent-Type: application/json";
     let (status, body) = exchange(unix(&d.socket()).await, head10, old.as_bytes(), true).await;
     assert_eq!(status, 202, "{body}");
-    wait_arrived(&mock, &[over_tcp, over_socket, old]).await;
+    mock.wait_arrived(&[over_tcp, over_socket, old]).await;
     d.stop().await;
 }
 
@@ -140,7 +110,7 @@ async fn a_body_with_a_content_encoding_is_refused_naming_the_header() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let event = br#"{"model":"gpt-4o","input":"compressed"}"#;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(event).unwrap();
@@ -181,7 +151,7 @@ async fn a_body_with_a_content_encoding_is_refused_naming_the_header() {
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    wait_arrived(&mock, &[r#"{"plain":"identity"}"#]).await;
+    mock.wait_arrived(&[r#"{"plain":"identity"}"#]).await;
     d.stop().await;
 }
 
@@ -192,7 +162,7 @@ async fn a_body_with_a_content_encoding_is_refused_naming_the_header() {
 async fn a_bad_event_among_good_ones_is_named_by_its_place_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let good = r#"{"model":"gpt-4o","input":"good"}"#;
     let bad = r#"{"schema":"llmlogd.llm/v1","provider":"openai","model":"gpt-4o","tags":[1]}"#;
     let before = next_seq(&d).await;
@@ -239,7 +209,7 @@ async fn a_bad_event_among_good_ones_is_named_by_its_place_and_nothing_is_stored
 async fn a_body_starting_with_a_byte_order_mark_is_stored_without_it() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let one = r#"{"model":"gpt-4o","input":"saved with a BOM"}"#;
     let two = r#"{"model":"gpt-4o","input":"an array with a BOM"}"#;
     let three = r#"{"model":"gpt-4o","input":"NDJSON with a BOM"}"#;
@@ -257,7 +227,7 @@ async fn a_body_starting_with_a_byte_order_mark_is_stored_without_it() {
         .await;
         assert_eq!(status, 202, "{ct} {body:?}: {v}");
     }
-    let got = wait_arrived(&mock, &[one, two, three]).await;
+    let got = mock.wait_arrived(&[one, two, three]).await;
     assert!(
         got.iter().all(|e| !e.contains('\u{feff}')),
         "stored without the mark: {got:?}"
@@ -312,7 +282,10 @@ async fn a_refusal_that_leaves_the_body_unread_says_connection_close() {
     let mock = MockSink::start().await;
     let d = InProcess::start(
         dir.path(),
-        &format!("[server]\nmax_body_bytes = \"64KiB\"\n{}", sink(&mock)),
+        &format!(
+            "[server]\nmax_body_bytes = \"64KiB\"\n{}",
+            mock.sink_config()
+        ),
     )
     .await;
     let big = format!(r#"{{"model":"gpt-4o","input":"{}"}}"#, "x".repeat(200_000));
@@ -357,7 +330,7 @@ async fn a_refusal_that_leaves_the_body_unread_says_connection_close() {
         assert_eq!(status, want, "{reply}");
         assert!(!head.contains("connection: close"), "{head}");
     }
-    wait_arrived(&mock, &[event]).await;
+    mock.wait_arrived(&[event]).await;
     d.stop().await;
 }
 

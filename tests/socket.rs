@@ -20,34 +20,6 @@ use crate::util::*;
 /// tests, so a daemon that waited on them would fail.
 const PROMPT: Duration = Duration::from_secs(20);
 
-fn sink(mock: &MockSink) -> String {
-    format!(
-        "[sinks.mock]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\n",
-        mock.url("/in")
-    )
-}
-
-/// Every event that reached the mock, as the exact bytes it forwarded.
-fn arrived(mock: &MockSink) -> Vec<String> {
-    mock.received()
-        .iter()
-        .flat_map(|r| r.raw_events())
-        .collect()
-}
-
-/// Waits until the mock holds every one of `events`, then returns all it holds.
-async fn wait_arrived(mock: &MockSink, events: &[String]) -> Vec<String> {
-    wait_for(
-        DEADLINE,
-        &format!("{} events at the mock", events.len()),
-        || {
-            let all = arrived(mock);
-            events.iter().all(|e| all.contains(e)).then_some(all)
-        },
-    )
-    .await
-}
-
 /// An NDJSON client on the socket.
 struct Nd {
     lines: Lines<BufReader<OwnedReadHalf>>,
@@ -164,7 +136,7 @@ async fn sentinel(socket: &Path, text: &str) -> u64 {
 async fn ndjson_answers_each_line_in_order_and_events_arrive_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let mut c = Nd::connect(&d.socket()).await;
     // Odd spacing, escapes, numbers serde would rewrite, CRLF, blank lines; some lines refused.
     let good = [
@@ -198,7 +170,7 @@ async fn ndjson_answers_each_line_in_order_and_events_arrive_byte_identical() {
     assert_refused(&r[3], "invalid_json", "line 5");
     assert_refused(&r[4], "invalid_json", "line 6");
     assert_refused(&r[6], "invalid_json", "line 9");
-    let got = wait_arrived(&mock, &good.map(String::from)).await;
+    let got = mock.wait_arrived(&good.map(String::from)).await;
     assert_eq!(
         got,
         good.map(String::from).to_vec(),
@@ -211,7 +183,7 @@ async fn ndjson_answers_each_line_in_order_and_events_arrive_byte_identical() {
 async fn a_line_starting_with_a_byte_order_mark_is_stored_without_it() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let mut c = Nd::connect(&d.socket()).await;
     // What a Windows tool writes first ("UTF-8 with BOM"), then a BOM on a later line too.
     let first = r#"{"model":"gpt-4o","input":"from windows"}"#;
@@ -221,7 +193,7 @@ async fn a_line_starting_with_a_byte_order_mark_is_stored_without_it() {
     assert_ok(&c.reply().await);
     assert_ok(&c.reply().await);
     let want = [first.to_string(), later.to_string()];
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got, want, "the events as sent, without the byte order mark");
     d.stop().await;
 }
@@ -230,7 +202,7 @@ async fn a_line_starting_with_a_byte_order_mark_is_stored_without_it() {
 async fn http_on_the_socket_serves_the_loopback_routes() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let sock = d.socket();
     let json_ct = [("Content-Type", "application/json")];
 
@@ -330,7 +302,7 @@ async fn http_on_the_socket_serves_the_loopback_routes() {
     if which("curl").is_some() {
         want.push(r#"{"via":"curl"}"#.into());
     }
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got.len(), want.len(), "nothing else arrived: {got:?}");
     d.stop().await;
 }
@@ -339,7 +311,7 @@ async fn http_on_the_socket_serves_the_loopback_routes() {
 async fn both_protocols_at_once_from_many_clients() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let sock = d.socket();
     let mut tasks = Vec::new();
     for c in 0..8 {
@@ -364,7 +336,7 @@ async fn both_protocols_at_once_from_many_clients() {
     for t in tasks {
         want.extend(t.await.unwrap());
     }
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got.len(), want.len());
     d.stop().await;
 }
@@ -642,7 +614,7 @@ async fn clients_that_never_read_replies_or_stall_mid_line_stall_only_themselves
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
     // The misbehaving clients' timeouts are far longer than the good clients may wait.
-    let d = InProcess::start(dir.path(), &format!("{PATIENT}{}", sink(&mock))).await;
+    let d = InProcess::start(dir.path(), &format!("{PATIENT}{}", mock.sink_config())).await;
     let sock = d.socket();
     let mut hogs = Vec::new();
     for h in 0..3 {
@@ -668,7 +640,7 @@ async fn clients_that_never_read_replies_or_stall_mid_line_stall_only_themselves
 
     let (sent, slowest) = good_clients(&sock, "busy", 4, 10).await;
     println!("slowest ack among good clients beside 3 hogs and 4 stalled clients: {slowest:?}");
-    wait_arrived(&mock, &sent).await;
+    mock.wait_arrived(&sent).await;
     for h in &hogs {
         assert!(
             !h.is_finished(),
@@ -676,7 +648,7 @@ async fn clients_that_never_read_replies_or_stall_mid_line_stall_only_themselves
         );
     }
     // Nothing of the half line was stored.
-    assert!(!arrived(&mock).iter().any(|e| e.contains("half a li")));
+    assert!(!mock.arrived().iter().any(|e| e.contains("half a li")));
 
     // Stopping is not held up by them either.
     let t = Instant::now();
@@ -721,7 +693,7 @@ async fn a_client_that_never_reads_its_replies_is_disconnected_after_body_timeou
 async fn a_line_must_complete_within_body_timeout_even_when_dripped() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &format!("{IMPATIENT}{}", sink(&mock))).await;
+    let d = InProcess::start(dir.path(), &format!("{IMPATIENT}{}", mock.sink_config())).await;
     let sock = d.socket();
 
     // Stalled: half a line, then nothing.
@@ -754,7 +726,7 @@ async fn a_line_must_complete_within_body_timeout_even_when_dripped() {
 
     // Neither was stored: the next event is the first one.
     assert_eq!(sentinel(&sock, "{\"sentinel\":1}").await, 0);
-    let got = wait_arrived(&mock, &["{\"sentinel\":1}".to_string()]).await;
+    let got = mock.wait_arrived(&["{\"sentinel\":1}".to_string()]).await;
     assert_eq!(got, vec!["{\"sentinel\":1}".to_string()]);
     d.stop().await;
 }
@@ -763,7 +735,7 @@ async fn a_line_must_complete_within_body_timeout_even_when_dripped() {
 async fn a_half_line_at_disconnect_is_never_stored() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let sock = d.socket();
 
     // Half-close after half a line: the complete line is acked, the half one refused.
@@ -785,7 +757,7 @@ async fn a_half_line_at_disconnect_is_never_stored() {
     drop(c);
 
     let firsts = ["{\"n\":1}".to_string(), "{\"n\":3}".to_string()];
-    wait_arrived(&mock, &firsts).await;
+    mock.wait_arrived(&firsts).await;
     assert_eq!(
         sentinel(&sock, "{\"sentinel\":1}").await,
         2,
@@ -793,7 +765,7 @@ async fn a_half_line_at_disconnect_is_never_stored() {
     );
     let mut want = firsts.to_vec();
     want.push("{\"sentinel\":1}".into());
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got, want);
     d.stop().await;
 }
@@ -804,7 +776,10 @@ async fn over_long_lines_are_refused_once_and_the_connection_goes_on() {
     let mock = MockSink::start().await;
     let d = InProcess::start(
         dir.path(),
-        &format!("[server]\nmax_line_bytes = \"1KiB\"\n{}", sink(&mock)),
+        &format!(
+            "[server]\nmax_line_bytes = \"1KiB\"\n{}",
+            mock.sink_config()
+        ),
     )
     .await;
     let mut c = Nd::connect(&d.socket()).await;
@@ -829,7 +804,7 @@ async fn over_long_lines_are_refused_once_and_the_connection_goes_on() {
     assert_ok(&v);
     assert_eq!(v["seq"], 1);
     let want = [sized(1024), "{\"next\":1}".to_string()];
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got, want.to_vec());
     d.stop().await;
 }
@@ -841,7 +816,7 @@ async fn an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not()
     let idle = Duration::from_secs(1);
     let d = InProcess::start(
         dir.path(),
-        &format!("[server]\nidle_timeout = \"1s\"\n{}", sink(&mock)),
+        &format!("[server]\nidle_timeout = \"1s\"\n{}", mock.sink_config()),
     )
     .await;
     let sock = d.socket();
@@ -865,7 +840,7 @@ async fn an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not()
     // The busy one is still served.
     assert_ok(&busy.send("{\"busy\":\"last\"}").await);
     want.push("{\"busy\":\"last\"}".into());
-    let mut got = wait_arrived(&mock, &want).await;
+    let mut got = mock.wait_arrived(&want).await;
     got.sort();
     want.sort();
     assert_eq!(got, want);
@@ -884,7 +859,7 @@ async fn a_new_connection_waits_idle_timeout_for_its_first_line_not_header_timeo
         dir.path(),
         &format!(
             "[server]\nheader_timeout = \"1s\"\nidle_timeout = \"3s\"\n{}",
-            sink(&mock)
+            mock.sink_config()
         ),
     )
     .await;
@@ -901,7 +876,8 @@ async fn a_new_connection_waits_idle_timeout_for_its_first_line_not_header_timeo
         .await
         .expect("the silent connection is closed");
     assert!(since.elapsed() >= idle, "closed before idle_timeout");
-    wait_arrived(&mock, &["{\"first\":\"late\"}".to_string()]).await;
+    mock.wait_arrived(&["{\"first\":\"late\"}".to_string()])
+        .await;
     d.stop().await;
 }
 
@@ -913,7 +889,10 @@ async fn a_pipelined_burst_past_the_reply_budget_is_answered_whole_and_in_order(
     // and more bytes waiting behind those than one line may have.
     let d = InProcess::start(
         dir.path(),
-        &format!("[server]\nmax_line_bytes = \"1KiB\"\n{}", sink(&mock)),
+        &format!(
+            "[server]\nmax_line_bytes = \"1KiB\"\n{}",
+            mock.sink_config()
+        ),
     )
     .await;
     let mut c = Nd::connect(&d.socket()).await;
@@ -936,7 +915,7 @@ async fn a_pipelined_burst_past_the_reply_budget_is_answered_whole_and_in_order(
     c.closed().await.expect("closed after the last reply");
     // Stored in line order (the seqs above); delivered in concurrent batches, so compared as
     // a set.
-    let mut got = wait_arrived(&mock, &lines).await;
+    let mut got = mock.wait_arrived(&lines).await;
     got.sort();
     let mut want = lines.clone();
     want.sort();
@@ -971,7 +950,7 @@ async fn max_connections_bounds_the_socket_and_waiting_clients_get_in_when_one_l
 async fn a_stop_mid_stream_answers_what_was_read_and_every_ack_is_durable() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let s = UnixStream::connect(d.socket()).await.unwrap();
     let (rd, mut wr) = s.into_split();
     let line = |i: usize| format!("{{\"stream\":{i}}}");
@@ -1015,8 +994,8 @@ async fn a_stop_mid_stream_answers_what_was_read_and_every_ack_is_durable() {
         acked.len()
     );
     // Every ack was durable: after a restart, all of them arrive.
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
-    wait_arrived(&mock, &acked).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
+    mock.wait_arrived(&acked).await;
     d.stop().await;
 }
 
@@ -1066,7 +1045,7 @@ fn stderr(o: &Output) -> String {
 async fn send_stores_ndjson_and_names_each_refused_line() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let good = [
         r#"{"model":"gpt-4o", "cost":1.50,"s":"\u00e9"}"#,
         r#"{"second":true}"#,
@@ -1086,7 +1065,7 @@ async fn send_stores_ndjson_and_names_each_refused_line() {
     );
     assert!(err.contains("2 of 5 events refused"), "{err}");
     let want = good.map(String::from);
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got, want.to_vec(), "the good lines, byte for byte");
 
     // All good: exit 0.
@@ -1107,7 +1086,7 @@ async fn send_stores_ndjson_and_names_each_refused_line() {
 async fn send_input_whose_first_line_starts_with_a_capital_is_still_ndjson() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let input = b"Error: not an event\n{\"after\":1}\nPOST / HTTP/1.1\n{\"after\":2}\n".to_vec();
     let out = send_cli(sock_arg(&d.socket()), input).await;
     let err = stderr(&out);
@@ -1122,7 +1101,7 @@ async fn send_input_whose_first_line_starts_with_a_capital_is_still_ndjson() {
     );
     assert!(err.contains("2 of 4 events refused"), "{err}");
     let want = [r#"{"after":1}"#.to_string(), r#"{"after":2}"#.to_string()];
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got, want.to_vec());
     d.stop().await;
 }
@@ -1131,7 +1110,7 @@ async fn send_input_whose_first_line_starts_with_a_capital_is_still_ndjson() {
 async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     // A pretty-printed array: numbers and escapes as written; only the newlines go.
     let file = dir.path().join("events.json");
     std::fs::write(
@@ -1147,7 +1126,7 @@ async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
         "{\"a\": 1.50, \"s\": \"caf\\u00e9\"}".to_string(),
         "{    \"b\": [1e3, 2]  }".to_string(),
     ];
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(got, want.to_vec());
 
     // One object; "-" is stdin.
@@ -1155,7 +1134,8 @@ async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
     args.push("-".into());
     let out = send_cli(args, b"  {\"one\": \"object\"}  \n".to_vec()).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_arrived(&mock, &["{\"one\": \"object\"}".to_string()]).await;
+    mock.wait_arrived(&["{\"one\": \"object\"}".to_string()])
+        .await;
 
     // Nothing to send is a usage error.
     let out = send_cli(sock_arg(&d.socket()), b"\n  \n".to_vec()).await;
@@ -1170,7 +1150,7 @@ async fn send_takes_a_json_document_from_a_file_and_keeps_its_bytes() {
 async fn send_refuses_a_broken_document_whole_and_takes_documents_one_after_another() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let file = dir.path().join("broken.json");
     // A comma missing between the elements; the `{}` on its own line is part of the first.
     std::fs::write(
@@ -1198,7 +1178,7 @@ async fn send_refuses_a_broken_document_whole_and_takes_documents_one_after_anot
         "{  \"jq\": 1,  \"t\": [    {}  ]}".to_string(),
         "{  \"jq\": 2}".to_string(),
     ];
-    let got = wait_arrived(&mock, &want).await;
+    let got = mock.wait_arrived(&want).await;
     assert_eq!(
         got,
         want.to_vec(),
@@ -1538,7 +1518,7 @@ fn run_snippet(s: &Snippet, socket: &Path, scratch: &Path) -> Output {
 async fn snippets_log_their_events_through_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let d = InProcess::start(dir.path(), &sink(&mock)).await;
+    let d = InProcess::start(dir.path(), &mock.sink_config()).await;
     let snippets = runnable_snippets();
     for s in &snippets {
         let (sock, scratch) = (d.socket(), dir.path().to_path_buf());
@@ -1566,7 +1546,8 @@ async fn snippets_log_their_events_through_the_socket() {
         }
     }
     let got = wait_for(DEADLINE, "the snippets' events", || {
-        let all: Vec<Value> = arrived(&mock)
+        let all: Vec<Value> = mock
+            .arrived()
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())
             .collect();

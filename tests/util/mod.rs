@@ -123,6 +123,38 @@ pub struct MockSink {
 }
 
 impl MockSink {
+    /// A `[sinks.mock]` table: an `http` sink to this mock's `/in`, batches sent after 20 ms.
+    pub fn sink_config(&self) -> String {
+        format!(
+            "[sinks.mock]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\n",
+            self.url("/in")
+        )
+    }
+
+    /// Every event that reached the mock, as the exact bytes it forwarded.
+    pub fn arrived(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .flat_map(|r| r.raw_events())
+            .collect()
+    }
+
+    /// Waits until the mock holds every one of `events`, then returns all it holds.
+    pub async fn wait_arrived(&self, events: &[impl AsRef<str>]) -> Vec<String> {
+        wait_for(
+            DEADLINE,
+            &format!("{} events at the mock", events.len()),
+            || {
+                let all = self.arrived();
+                events
+                    .iter()
+                    .all(|e| all.iter().any(|a| a == e.as_ref()))
+                    .then_some(all)
+            },
+        )
+        .await
+    }
+
     /// Starts on a free loopback port.
     pub async fn start() -> MockSink {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
