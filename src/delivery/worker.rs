@@ -268,11 +268,15 @@ pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
 /// What a Retry-After applies to: where requests go and with what credentials (the sink's
 /// type, URL and key; for the `http` sink its headers, which carry its key).
 fn endpoint(cfg: &SinkConfig) -> impl PartialEq + '_ {
-    let (url, headers) = match &cfg.kind {
+    let (url, headers) = url_and_headers(cfg);
+    (cfg.kind.type_name(), url, cfg.key.as_ref(), headers)
+}
+
+fn url_and_headers(cfg: &SinkConfig) -> (&String, Option<&BTreeMap<String, String>>) {
+    match &cfg.kind {
         SinkKind::Http { url, headers, .. } => (url, Some(headers)),
         SinkKind::Pezzo { url, .. } | SinkKind::PromptLayer { url } => (url, None),
-    };
-    (cfg.kind.type_name(), url, cfg.key.as_ref(), headers)
+    }
 }
 
 /// `endpoint` as a number, stored with a persisted pause: a restart with the sink pointed
@@ -282,17 +286,9 @@ fn endpoint(cfg: &SinkConfig) -> impl PartialEq + '_ {
 fn endpoint_fingerprint(cfg: &SinkConfig) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
-    let (url, headers) = match &cfg.kind {
-        SinkKind::Http { url, headers, .. } => (url, Some(headers)),
-        SinkKind::Pezzo { url, .. } | SinkKind::PromptLayer { url } => (url, None),
-    };
-    (
-        cfg.kind.type_name(),
-        url,
-        cfg.key.as_ref().map(|k| k.expose()),
-        headers,
-    )
-        .hash(&mut h);
+    let (url, headers) = url_and_headers(cfg);
+    let key = cfg.key.as_ref().map(|k| k.expose());
+    (cfg.kind.type_name(), url, key, headers).hash(&mut h);
     h.finish()
 }
 
