@@ -729,7 +729,7 @@ fn tools_run_on_the_services_config_without_its_keys() {
             "[server]\nhttp_listen = \"127.0.0.1:9\"\nunix_socket = \"{sock}\"\n[queue]\ndata_dir = \"{data}\"\n\
              [sinks.pl]\ntype = \"promptlayer\"\napi_key_credential = \"promptlayer\"\n\
              [sinks.pz]\ntype = \"pezzo\"\napi_key_file = \"/nonexistent/pezzo.key\"\nproject_id = \"p\"\n\
-             [sinks.c]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\napi_key_env = \"LLMLOGD_TEST_UNSET_KEY\"\n",
+             [sinks.c]\ntype = \"promptlayer\"\nurl = \"http://127.0.0.1:9/x\"\napi_key_env = \"LLMLOGD_TEST_UNSET_KEY\"\n",
             sock = dir.path().join("s.sock").display(),
             data = data.display(),
         ),

@@ -579,12 +579,15 @@ impl Config {
                     let _ = writeln!(o, "url = {:?}", redact_url(url));
                 }
             }
-            let _ = writeln!(
-                o,
-                "api_key = {:?}  # from {}",
-                if sink.key.is_some() { "***" } else { "" },
-                sink.key_source
-            );
+            // An http sink takes no key (its credentials are headers).
+            if !matches!(sink.kind, SinkKind::Http { .. }) {
+                let _ = writeln!(
+                    o,
+                    "api_key = {:?}  # from {}",
+                    if sink.key.is_some() { "***" } else { "" },
+                    sink.key_source
+                );
+            }
             let _ = writeln!(o, "batch_max_events = {}", sink.batch.max_events);
             let _ = writeln!(o, "batch_max_bytes = {}", sink.batch.max_bytes);
             let _ = writeln!(o, "batch_max_wait = {:?}", fmt_dur(sink.batch.max_wait));
@@ -728,6 +731,22 @@ fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig,
             k("project_id"),
             "only pezzo sinks take a project_id",
         ));
+    }
+    // The http sink sends no key: one configured there was accepted and never sent, so the
+    // collector answered 401 and the sink held every event as if the key had been refused.
+    if matches!(kind, SinkKind::Http { .. }) {
+        let given = [
+            ("api_key", rs.api_key.is_some()),
+            ("api_key_env", rs.api_key_env.is_some()),
+            ("api_key_file", rs.api_key_file.is_some()),
+            ("api_key_credential", rs.api_key_credential.is_some()),
+        ];
+        if let Some((field, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                k(field),
+                "http sinks send no API key; give the collector's credentials as a header: headers = { Authorization = \"Bearer ...\" }",
+            ));
+        }
     }
     if !matches!(kind, SinkKind::Http { .. })
         && (rs.encoding.is_some() || rs.gzip.is_some() || rs.headers.is_some())
@@ -1319,6 +1338,32 @@ mod tests {
         assert!(r.contains("api_key = \"***\""), "{r}");
         // What is rendered parses back (apart from the masked values).
         assert!(r.contains("[sinks.pl]") && r.contains("type = \"http\""));
+    }
+
+    #[test]
+    fn an_http_sink_refuses_an_api_key_instead_of_never_sending_it() {
+        let secret = "tok_SECRET_9q";
+        for field in [
+            "api_key",
+            "api_key_env",
+            "api_key_file",
+            "api_key_credential",
+        ] {
+            let e = err(&format!(
+                "[sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n{field} = \"{secret}\"\n"
+            ));
+            assert!(
+                e.contains(&format!("`sinks.h.{field}`")) && e.contains("headers = {"),
+                "{field}: {e}"
+            );
+            assert!(!e.contains(secret), "{e}");
+        }
+        // Its credentials are headers, and check-config shows no key line for it.
+        let c = parse(
+            "[sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\nheaders = { Authorization = \"Bearer t\" }\n",
+        )
+        .unwrap();
+        assert!(!c.render().contains("api_key"), "{}", c.render());
     }
 
     #[test]
