@@ -101,6 +101,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// `None` when HTTP is switched off (`http_listen = ""`).
     pub http_listen: Option<SocketAddr>,
+    /// `server.allow_non_loopback`: kept so that `check-config` prints it, and what it prints
+    /// for a non-loopback `http_listen` is a config that loads.
+    pub allow_non_loopback: bool,
     /// `None` when the Unix socket is switched off (`unix_socket = ""`).
     pub unix_socket: Option<PathBuf>,
     pub socket_mode: u32,
@@ -333,6 +336,7 @@ impl Config {
         };
         let server = ServerConfig {
             http_listen,
+            allow_non_loopback,
             unix_socket,
             socket_mode,
             socket_group: s.socket_group.filter(|g| !g.is_empty()),
@@ -488,6 +492,7 @@ impl Config {
             "http_listen = {:?}",
             s.http_listen.map(|a| a.to_string()).unwrap_or_default()
         );
+        let _ = writeln!(o, "allow_non_loopback = {}", s.allow_non_loopback);
         let _ = writeln!(
             o,
             "unix_socket = {:?}",
@@ -1364,6 +1369,20 @@ mod tests {
         )
         .unwrap();
         assert!(!c.render().contains("api_key"), "{}", c.render());
+    }
+
+    #[test]
+    fn the_rendered_config_keeps_allow_non_loopback_and_loads() {
+        let c =
+            parse("[server]\nhttp_listen = \"0.0.0.0:8411\"\nallow_non_loopback = true\n").unwrap();
+        let r = c.render();
+        assert!(r.contains("allow_non_loopback = true"), "{r}");
+        let again = parse(&r).unwrap();
+        assert_eq!(again.render(), r);
+        assert!(parse("")
+            .unwrap()
+            .render()
+            .contains("allow_non_loopback = false"));
     }
 
     #[test]
