@@ -379,8 +379,12 @@ impl Ingest {
     /// Narrows a follow-up's `routes` to the sinks its log (`request_id`) was routed to: at
     /// any other PromptLayer sink there is no request to attach it to (it would only be
     /// dead-lettered there). The log's record names its sinks while it is queued; once it is
-    /// gone, a sink took it if it holds the service's id for it. On a storage error the
-    /// routes stay as they are (delivery then decides, with a dead letter that says why).
+    /// gone, a sink took it if it holds the service's id for it, or the log's dead letter:
+    /// there the follow-up goes to the dead letters too, saying why. (A follow-up that came
+    /// after its log was dead-lettered was routed to no sink: acknowledged, then discarded
+    /// without a trace, where one that came a moment earlier became a dead letter.) On a
+    /// storage error the routes stay as they are (delivery then decides, with a dead letter
+    /// that says why).
     fn keep_the_logs_sinks(&self, ev: &NewEvent, routes: &mut Vec<u16>) {
         let local = serde_json::from_slice::<serde_json::Value>(&ev.payload)
             .ok()
@@ -390,7 +394,10 @@ impl Ingest {
         };
         match self.queue.get(local) {
             Ok(Some(ReadItem::Event(log))) => routes.retain(|s| log.routes.contains(s)),
-            Ok(None) => routes.retain(|s| matches!(self.queue.remote_id(*s, local), Ok(Some(_)))),
+            Ok(None) => routes.retain(|s| {
+                matches!(self.queue.remote_id(*s, local), Ok(Some(_)))
+                    || matches!(self.queue.dead_letter_get(*s, local), Ok(Some(_)))
+            }),
             Ok(Some(ReadItem::Corrupt { .. })) | Err(_) => {}
         }
     }
