@@ -264,6 +264,110 @@ async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401()
     d.stop().await;
 }
 
+/// A native event without the canonical schema marker converts to no service. Where only a
+/// Pezzo or PromptLayer sink would take it, it is refused (400, naming the `schema` field and
+/// the sink), over HTTP and on the socket line by line; it used to be acknowledged and then
+/// discarded, so an app posting the README's event to a PromptLayer-only host lost them all.
+/// Canonical events beside it go on; an `http` sink takes it as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_event_no_sink_can_send_is_refused_not_acknowledged_and_dropped() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let pl = promptlayer_mock(1).await;
+    let cfg = format!(
+        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\nbatch_max_wait = \"10ms\"\n",
+        pl.url("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let readme = r#"{"model":"gpt-4o","input":"hello","output":"hi!"}"#;
+    let canonical = json!({
+        "schema": "llmlogd.llm/v1",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "request": {
+            "start_time": "2024-11-22T01:46:40.100Z",
+            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
+        },
+        "response": {
+            "end_time": "2024-11-22T01:46:41.300Z",
+            "body": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi!"}, "finish_reason": "stop"}]}
+        }
+    })
+    .to_string();
+
+    let (st, e) = post_json(&d.url("/v1/events"), readme).await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["code"], "invalid_field", "{e}");
+    assert_eq!(e["error"]["fields"][0]["field"], "schema", "{e}");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("sink \"pl\"") && msg.contains("llmlogd.llm/v1"),
+        "{msg}"
+    );
+    let (st, e) = post_json(&d.url("/v1/events"), &format!("[{canonical},{readme}]")).await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["fields"][0]["field"], "[1].schema", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("event [1]: "),
+        "{e}"
+    );
+
+    // On the socket the refused line is answered on its own; the lines beside it are stored.
+    let s = tokio::net::UnixStream::connect(d.socket()).await.unwrap();
+    let (rd, mut wr) = s.into_split();
+    wr.write_all(format!("{canonical}\n{readme}\n{canonical}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(rd).lines();
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .expect("a reply line");
+        replies.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    assert_eq!(replies[0]["ok"], true, "{replies:?}");
+    assert_eq!(replies[1]["ok"], false, "{replies:?}");
+    assert_eq!(replies[1]["code"], "invalid_field", "{replies:?}");
+    assert_eq!(replies[1]["status"], 400, "{replies:?}");
+    assert!(
+        replies[1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 2: schema: "),
+        "{replies:?}"
+    );
+    assert_eq!(replies[2]["ok"], true, "{replies:?}");
+    // The two canonical events reach PromptLayer; nothing else was stored.
+    wait_for(DEADLINE, "two logs at PromptLayer", || {
+        (pl.received()
+            .iter()
+            .filter(|r| r.path == "/log-request")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let status = get_json(&d.url("/v1/status")).await;
+    assert_eq!(status["queue"]["next_seq"], 2, "{status:#}");
+
+    // With an http sink beside it, the same event is taken and arrives as it was sent.
+    let raw = MockSink::start().await;
+    d.reload(&format!("{cfg}{}", raw.sink_config())).await;
+    wait_until(DEADLINE, "the http sink in the routes", || async {
+        let (st, _) = post_json(&d.url("/v1/events"), readme).await;
+        (st == 202).then_some(())
+    })
+    .await;
+    raw.wait_arrived(&[readme]).await;
+    d.stop().await;
+}
+
 /// Follow-ups must name the right kind of local id (logs and groups are separate id spaces
 /// at PromptLayer), and an integral float id (`3.0`, which the checks take as 3) is translated
 /// like an integer, not sent on as llmlogd's local id.

@@ -101,6 +101,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// `None` when HTTP is switched off (`http_listen = ""`).
     pub http_listen: Option<SocketAddr>,
+    /// `server.allow_non_loopback`: kept so that `check-config` prints it, and what it prints
+    /// for a non-loopback `http_listen` is a config that loads.
+    pub allow_non_loopback: bool,
     /// `None` when the Unix socket is switched off (`unix_socket = ""`).
     pub unix_socket: Option<PathBuf>,
     pub socket_mode: u32,
@@ -333,6 +336,7 @@ impl Config {
         };
         let server = ServerConfig {
             http_listen,
+            allow_non_loopback,
             unix_socket,
             socket_mode,
             socket_group: s.socket_group.filter(|g| !g.is_empty()),
@@ -488,6 +492,7 @@ impl Config {
             "http_listen = {:?}",
             s.http_listen.map(|a| a.to_string()).unwrap_or_default()
         );
+        let _ = writeln!(o, "allow_non_loopback = {}", s.allow_non_loopback);
         let _ = writeln!(
             o,
             "unix_socket = {:?}",
@@ -579,12 +584,15 @@ impl Config {
                     let _ = writeln!(o, "url = {:?}", redact_url(url));
                 }
             }
-            let _ = writeln!(
-                o,
-                "api_key = {:?}  # from {}",
-                if sink.key.is_some() { "***" } else { "" },
-                sink.key_source
-            );
+            // An http sink takes no key (its credentials are headers).
+            if !matches!(sink.kind, SinkKind::Http { .. }) {
+                let _ = writeln!(
+                    o,
+                    "api_key = {:?}  # from {}",
+                    if sink.key.is_some() { "***" } else { "" },
+                    sink.key_source
+                );
+            }
             let _ = writeln!(o, "batch_max_events = {}", sink.batch.max_events);
             let _ = writeln!(o, "batch_max_bytes = {}", sink.batch.max_bytes);
             let _ = writeln!(o, "batch_max_wait = {:?}", fmt_dur(sink.batch.max_wait));
@@ -728,6 +736,22 @@ fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig,
             k("project_id"),
             "only pezzo sinks take a project_id",
         ));
+    }
+    // The http sink sends no key: one configured there was accepted and never sent, so the
+    // collector answered 401 and the sink held every event as if the key had been refused.
+    if matches!(kind, SinkKind::Http { .. }) {
+        let given = [
+            ("api_key", rs.api_key.is_some()),
+            ("api_key_env", rs.api_key_env.is_some()),
+            ("api_key_file", rs.api_key_file.is_some()),
+            ("api_key_credential", rs.api_key_credential.is_some()),
+        ];
+        if let Some((field, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                k(field),
+                "http sinks send no API key; give the collector's credentials as a header: headers = { Authorization = \"Bearer ...\" }",
+            ));
+        }
     }
     if !matches!(kind, SinkKind::Http { .. })
         && (rs.encoding.is_some() || rs.gzip.is_some() || rs.headers.is_some())
@@ -1319,6 +1343,46 @@ mod tests {
         assert!(r.contains("api_key = \"***\""), "{r}");
         // What is rendered parses back (apart from the masked values).
         assert!(r.contains("[sinks.pl]") && r.contains("type = \"http\""));
+    }
+
+    #[test]
+    fn an_http_sink_refuses_an_api_key_instead_of_never_sending_it() {
+        let secret = "tok_SECRET_9q";
+        for field in [
+            "api_key",
+            "api_key_env",
+            "api_key_file",
+            "api_key_credential",
+        ] {
+            let e = err(&format!(
+                "[sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n{field} = \"{secret}\"\n"
+            ));
+            assert!(
+                e.contains(&format!("`sinks.h.{field}`")) && e.contains("headers = {"),
+                "{field}: {e}"
+            );
+            assert!(!e.contains(secret), "{e}");
+        }
+        // Its credentials are headers, and check-config shows no key line for it.
+        let c = parse(
+            "[sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\nheaders = { Authorization = \"Bearer t\" }\n",
+        )
+        .unwrap();
+        assert!(!c.render().contains("api_key"), "{}", c.render());
+    }
+
+    #[test]
+    fn the_rendered_config_keeps_allow_non_loopback_and_loads() {
+        let c =
+            parse("[server]\nhttp_listen = \"0.0.0.0:8411\"\nallow_non_loopback = true\n").unwrap();
+        let r = c.render();
+        assert!(r.contains("allow_non_loopback = true"), "{r}");
+        let again = parse(&r).unwrap();
+        assert_eq!(again.render(), r);
+        assert!(parse("")
+            .unwrap()
+            .render()
+            .contains("allow_non_loopback = false"));
     }
 
     #[test]

@@ -541,7 +541,11 @@ async fn native_events(State(st): St, headers: HeaderMap, body: Body) -> Respons
         }
         let events = split_native(&body, framing)?
             .into_iter()
-            .map(|(raw, place)| native_event(raw).map_err(|e| place.locate(e)))
+            .map(|(raw, place)| {
+                native_event(raw)
+                    .and_then(|ev| st.ingest.deliverable(ev))
+                    .map_err(|e| place.locate(e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok::<_, IngestError>((events, permit))
     }

@@ -159,6 +159,33 @@ impl RouteTable {
                 })
             })
     }
+
+    /// Why a native event without the canonical schema marker would be stored for nothing:
+    /// a Pezzo or PromptLayer sink's route takes it and could send it if only it converted,
+    /// and no sink takes it (no `http` sink does). Such an event was acknowledged and then
+    /// discarded: an app that posted the README's `{"model":…,"input":…,"output":…}` to a host
+    /// with only a PromptLayer sink lost every event without a word. A route that leaves the
+    /// event out on purpose (its formats, environments or tags) is not this.
+    pub fn unconvertible(&self, ev: &NewEvent) -> Option<FieldError> {
+        if ev.kind != EventKind::Native || ev.attrs.canonical || !self.routes_for(ev).is_empty() {
+            return None;
+        }
+        let e = self.entries.iter().find(|e| {
+            e.kind != SinkType::Http && e.missing(ev).is_none() && route_matches(&e.route, ev)
+        })?;
+        let service = match e.kind {
+            SinkType::Pezzo => "pezzo",
+            _ => "promptlayer",
+        };
+        Some(FieldError {
+            field: "schema".into(),
+            problem: format!(
+                "sink {:?} ({service}) takes a native event only in llmlogd's canonical shape (\"schema\": \"{}\"), and no other sink takes this one: stored, it would never be delivered; log it in the service's format (/log-request, /api/reporting/v2/request) or add an http sink",
+                e.name,
+                crate::formats::canonical::SCHEMA,
+            ),
+        })
+    }
 }
 
 /// Whether a sink's route takes `ev`.
@@ -352,8 +379,12 @@ impl Ingest {
     /// Narrows a follow-up's `routes` to the sinks its log (`request_id`) was routed to: at
     /// any other PromptLayer sink there is no request to attach it to (it would only be
     /// dead-lettered there). The log's record names its sinks while it is queued; once it is
-    /// gone, a sink took it if it holds the service's id for it. On a storage error the
-    /// routes stay as they are (delivery then decides, with a dead letter that says why).
+    /// gone, a sink took it if it holds the service's id for it, or the log's dead letter:
+    /// there the follow-up goes to the dead letters too, saying why. (A follow-up that came
+    /// after its log was dead-lettered was routed to no sink: acknowledged, then discarded
+    /// without a trace, where one that came a moment earlier became a dead letter.) On a
+    /// storage error the routes stay as they are (delivery then decides, with a dead letter
+    /// that says why).
     fn keep_the_logs_sinks(&self, ev: &NewEvent, routes: &mut Vec<u16>) {
         let local = serde_json::from_slice::<serde_json::Value>(&ev.payload)
             .ok()
@@ -363,8 +394,26 @@ impl Ingest {
         };
         match self.queue.get(local) {
             Ok(Some(ReadItem::Event(log))) => routes.retain(|s| log.routes.contains(s)),
-            Ok(None) => routes.retain(|s| matches!(self.queue.remote_id(*s, local), Ok(Some(_)))),
+            Ok(None) => routes.retain(|s| {
+                matches!(self.queue.remote_id(*s, local), Ok(Some(_)))
+                    || matches!(self.queue.dead_letter_get(*s, local), Ok(Some(_)))
+            }),
             Ok(Some(ReadItem::Corrupt { .. })) | Err(_) => {}
+        }
+    }
+
+    /// `ev`, unless it is a native event no sink could ever send
+    /// ([`RouteTable::unconvertible`]): refused as a bad `schema` field (400), before anything
+    /// is stored. Checked per event where native events are parsed (`/v1/events`, the
+    /// socket's NDJSON), so a refusal names the event's place and an NDJSON line is refused
+    /// on its own.
+    pub fn deliverable(&self, ev: NewEvent) -> Result<NewEvent, IngestError> {
+        match self.routes.load().unconvertible(&ev) {
+            None => Ok(ev),
+            Some(f) => Err(IngestError {
+                fields: vec![f.clone()],
+                ..IngestError::new(400, "invalid_field", f.to_string())
+            }),
         }
     }
 
@@ -463,6 +512,39 @@ mod tests {
         assert_eq!(
             IngestError::invalid(vec![f("score")]).message,
             "score: is required"
+        );
+    }
+
+    #[test]
+    fn only_a_native_event_that_no_sink_could_send_is_unconvertible() {
+        let opaque = ev(EventKind::Native, Some("prod"), &[], false);
+        let pl = "[sinks.pl]\ntype = \"promptlayer\"\napi_key = \"k\"\n";
+        let f = table(pl).unconvertible(&opaque).expect("refused");
+        assert_eq!(f.field, "schema");
+        assert!(
+            f.problem.contains("sink \"pl\" (promptlayer)"),
+            "{}",
+            f.problem
+        );
+        // Canonical, or taken by an http sink: it goes somewhere.
+        assert_eq!(
+            table(pl).unconvertible(&ev(EventKind::Native, Some("prod"), &[], true)),
+            None
+        );
+        let with_http = format!("{pl}[sinks.raw]\ntype = \"http\"\nurl = \"http://127.0.0.1:1\"\n");
+        assert_eq!(table(&with_http).unconvertible(&opaque), None);
+        // A route that leaves it out on purpose, and a key-less sink that takes only its own
+        // service's events, are no reason to refuse it; nor are other formats' events.
+        for cfg in [
+            "[sinks.pl]\ntype = \"promptlayer\"\napi_key = \"k\"\nroute.formats = [\"promptlayer\"]\n",
+            "[sinks.pl]\ntype = \"promptlayer\"\napi_key = \"k\"\nroute.environments = [\"dev\"]\n",
+            "[sinks.pz]\ntype = \"pezzo\"\n",
+        ] {
+            assert_eq!(table(cfg).unconvertible(&opaque), None, "{cfg}");
+        }
+        assert_eq!(
+            table(pl).unconvertible(&ev(EventKind::Pezzo, None, &[], true)),
+            None
         );
     }
 

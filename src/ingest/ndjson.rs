@@ -408,7 +408,15 @@ pub async fn serve<S>(
                 continue;
             }
             let size = body.len();
-            match parse_line(body, line_no) {
+            // A line no sink could ever send is refused on its own; the lines around it go
+            // on to one append together.
+            let parsed = parse_line(body, line_no).and_then(|event| {
+                ingest.deliverable(event).map_err(|mut e| {
+                    e.message = format!("line {line_no}: {}", e.message);
+                    e
+                })
+            });
+            match parsed {
                 Ok(event) => {
                     waiting.slots.push(replies.push(None));
                     waiting.events.push(event);
