@@ -117,6 +117,9 @@ pub async fn run(
     if cfg.sinks.is_empty() {
         tracing::warn!("no sinks configured: events are accepted, stored, and then discarded");
     }
+    for n in cfg.notes() {
+        tracing::warn!("{n}");
+    }
     tracing::info!(
         listening = %listening,
         data_dir = %cfg.queue.data_dir.display(),
@@ -291,6 +294,9 @@ fn reload(
         }
     }
     delivery.apply(&new.sinks)?;
+    for n in new.notes() {
+        tracing::warn!("{n}");
+    }
     ingest
         .routes
         .store(Arc::new(route_table(delivery, &new.sinks)));

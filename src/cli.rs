@@ -280,6 +280,9 @@ pub fn check_config(file: Option<PathBuf>, cfg: &ConfigArgs) -> Result<(), CliEr
             );
         }
     }
+    for n in c.notes() {
+        eprintln!("note: {n}");
+    }
     // What `run` would only find out when it binds (and the unit's ExecStartPre should catch).
     if let Some(g) = &c.server.socket_group {
         let name = std::ffi::CString::new(g.as_str()).unwrap_or_default();

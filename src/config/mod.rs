@@ -482,6 +482,28 @@ impl Config {
         })
     }
 
+    /// What a valid configuration does that its author may not expect, one line each:
+    /// logged as warnings by `run` (at start and at each reload) and printed as notes by
+    /// `check-config`.
+    ///
+    /// A Pezzo sink with its own key and no `project_id` sends only Pezzo reports that carry
+    /// the app's `x-pezzo-project-id`: the canonical native events and PromptLayer logs its
+    /// route takes are routed elsewhere or, with no other sink for them, acknowledged and
+    /// discarded, because a report without a project cannot be sent. A key is what makes a
+    /// sink take converted events, so such a sink looks as if it would.
+    pub fn notes(&self) -> Vec<String> {
+        self.sinks
+            .iter()
+            .filter_map(|s| match &s.kind {
+                SinkKind::Pezzo { project_id: None, .. } if !matches!(s.key_source, KeySource::None) => Some(format!(
+                    "sinks.{}: a pezzo sink with its own api_key but no project_id sends only Pezzo reports that carry x-pezzo-project-id; native events and PromptLayer logs are not sent to it: set project_id",
+                    s.name
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The effective configuration as TOML-like text, secrets masked (`check-config`).
     pub fn render(&self) -> String {
         let mut o = String::new();
@@ -1327,6 +1349,25 @@ mod tests {
         assert_eq!(parse_bytes("12"), Some(12));
         assert_eq!(parse_bytes("1.5KiB"), Some(1536));
         assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn a_pezzo_sink_with_a_key_and_no_project_gets_a_note() {
+        let load = |sink: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, format!("[sinks.pz]\ntype = \"pezzo\"\n{sink}")).unwrap();
+            Config::load(Some(&p), &Overrides::default()).unwrap()
+        };
+        let notes = load("api_key = \"pez_secret\"\n").notes();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("sinks.pz: ") && notes[0].contains("set project_id"));
+        assert!(!notes[0].contains("pez_secret"));
+        assert!(load("api_key = \"k\"\nproject_id = \"p\"\n")
+            .notes()
+            .is_empty());
+        // Keyless: it sends each app's reports with the app's key and project, as documented.
+        assert!(load("").notes().is_empty());
     }
 
     #[test]
