@@ -920,6 +920,39 @@ async fn a_redirect_is_not_followed_and_its_events_wait_for_the_fixed_url() {
     d.stop().await;
 }
 
+/// A proxy in the daemon's environment (`HTTP_PROXY`, set to reach a remote service from
+/// behind a corporate proxy) is not used for a sink on this host, nor by `llmlogd status`:
+/// a proxy cannot reach our loopback. reqwest bypasses loopback only when `NO_PROXY` lists
+/// it, so a local collector had every request refused by the proxy (held for good), and
+/// `status` called the running daemon unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_in_the_environment_is_not_used_for_this_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    // A proxy that refuses every connection: whatever goes through it fails.
+    let proxy = format!("http://{}", closed_addr().await);
+    let env = [
+        ("HTTP_PROXY", proxy.as_str()),
+        ("http_proxy", proxy.as_str()),
+    ];
+    let d = Process::start_with(dir.path(), &mock.sink_config(), &env);
+    let ev = event(0, "", 0);
+    post(&d.url("/v1/events"), std::slice::from_ref(&ev)).await;
+    assert_eq!(mock.wait_arrived(&[&ev]).await, vec![ev]);
+    let out = Command::new(bin())
+        .args(["status", "--json", "--http-listen", &d.http.to_string()])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status through the proxy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(sink_status(&st, "mock")["delivered"], 1, "{st}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Retry-After
 // ---------------------------------------------------------------------------------------------

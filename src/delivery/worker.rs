@@ -248,21 +248,44 @@ fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
     (events, bytes)
 }
 
-/// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
-/// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
+/// Builds the HTTP client for a sink: its timeout, bounded idle pool, and the proxy the
+/// environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, read as curl
+/// reads them), except for a sink on this host: a proxy cannot reach our loopback, and
+/// reqwest, unlike Go's and Python's clients, sends `127.0.0.1` through it unless `NO_PROXY`
+/// lists it, so a local collector got every request refused by the proxy.
 ///
 /// Redirects are never followed: on 301/302/303 a client re-sends a POST as a GET without
 /// its body, and the GET's 200 would count the batch as delivered. A 3xx is a failed
 /// attempt instead (`retry::classify`), reported with its Location.
 pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
         .pool_max_idle_per_host(cfg.concurrency)
-        .user_agent(concat!("llmlogd/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+        .user_agent(concat!("llmlogd/", env!("CARGO_PKG_VERSION")));
+    if is_loopback(url_and_headers(cfg).0) {
+        b = b.no_proxy();
+    }
+    b.build().unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Whether `url` names this host: `localhost` (or a name under it), 127.0.0.0/8 or `::1`.
+pub(crate) fn is_loopback(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => {
+            let h = host.trim_end_matches('.').to_ascii_lowercase();
+            h == "localhost" || h.ends_with(".localhost")
+        }
+    }
 }
 
 /// What a Retry-After applies to: where requests go and with what credentials (the sink's
@@ -1609,6 +1632,30 @@ mod tests {
     use crate::config::{Config, Overrides};
     use crate::event::{EventKind, NewEvent};
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn loopback_urls_are_told_apart() {
+        for u in [
+            "http://127.0.0.1:9000/in",
+            "http://127.8.9.1/in",
+            "http://localhost:9000",
+            "https://LOCALHOST./x",
+            "http://collector.localhost/in",
+            "http://[::1]:9000/in",
+            "http://[::ffff:127.0.0.1]/in",
+        ] {
+            assert!(is_loopback(u), "{u}");
+        }
+        for u in [
+            "https://api.promptlayer.com",
+            "http://10.0.0.1/in",
+            "http://[2001:db8::1]/in",
+            "http://localhost.example.com/in",
+            "not a url",
+        ] {
+            assert!(!is_loopback(u), "{u}");
+        }
+    }
 
     struct Rig {
         w: Worker,
