@@ -660,6 +660,30 @@ enum Fault {
     Ok,
 }
 
+/// Reads a request's line and headers into `buf` (which may already hold some of it), on a
+/// raw connection; returns where the body starts and its `Content-Length`. `None` when the
+/// client closed.
+async fn read_head(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<(usize, usize)> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a content-length");
+    Some((head_end, len))
+}
+
 /// Each request the raw endpoint read: the fault it met, and its events.
 type FaultLog = Arc<Mutex<Vec<(Fault, Vec<u64>)>>>;
 
@@ -688,24 +712,11 @@ impl RawEndpoint {
                 let fault = script.lock().unwrap().pop_front().unwrap_or(Fault::Ok);
                 let log = l2.clone();
                 tokio::spawn(async move {
-                    // The request line and headers, and how long the body is.
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 8192];
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    let Some((head_end, len)) = read_head(&mut conn, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .expect("a content-length");
                     if fault == Fault::ResetMidRequest {
                         log.lock().unwrap().push((fault, Vec::new()));
                         let _ = conn.set_zero_linger();
@@ -766,6 +777,122 @@ impl RawEndpoint {
     fn log(&self) -> Vec<(Fault, Vec<u64>)> {
         self.log.lock().unwrap().clone()
     }
+}
+
+/// An HTTP/1.1 server on a raw listener that keeps connections alive, and can close the idle
+/// ones the way a server's idle timeout does when it fires as the client reuses the
+/// connection: once `close_idle` is set, a connection opened before then that has served a
+/// request resets on its next one, unanswered.
+#[derive(Clone)]
+struct KeepAliveEndpoint {
+    addr: SocketAddr,
+    close_idle: Arc<AtomicBool>,
+    /// Requests answered 200: each one's events.
+    delivered: Arc<Mutex<Vec<Vec<u64>>>>,
+    /// Requests met with a reset.
+    resets: Arc<AtomicUsize>,
+}
+
+impl KeepAliveEndpoint {
+    async fn start() -> KeepAliveEndpoint {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = KeepAliveEndpoint {
+            addr: listener.local_addr().unwrap(),
+            close_idle: Arc::default(),
+            delivered: Arc::default(),
+            resets: Arc::default(),
+        };
+        let e = ep.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let e = e.clone();
+                let opened_after = e.close_idle.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut buf, mut chunk, mut served) = (Vec::new(), [0u8; 8192], 0);
+                    while let Some((head_end, len)) = read_head(&mut conn, &mut buf).await {
+                        if served > 0 && !opened_after && e.close_idle.load(Ordering::SeqCst) {
+                            e.resets.fetch_add(1, Ordering::SeqCst);
+                            let _ = conn.set_zero_linger();
+                            return;
+                        }
+                        while buf.len() < head_end + len {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let events: Vec<Value> =
+                            serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+                        let nums = events.iter().map(|v| v["i"].as_u64().unwrap()).collect();
+                        e.delivered.lock().unwrap().push(nums);
+                        buf.drain(..head_end + len);
+                        served += 1;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if conn.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        ep
+    }
+
+    fn delivered(&self) -> BTreeSet<u64> {
+        self.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// The service closes its idle keep-alive connections (its idle timeout) just as llmlogd
+/// reuses them: each such request is sent again at once on a new connection. Counted as a
+/// failed attempt, each waited out a backoff, and eight at once opened the circuit, logging
+/// the sink unreachable (and reachable again a moment later) for a service that was up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_closed_as_it_is_reused_is_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = KeepAliveEndpoint::start().await;
+    let cfg = sink(
+        "ka",
+        &format!("http://{}/ingest", ep.addr),
+        &[("batch_max_events", "1"), ("concurrency", "8")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    // Warm up: up to eight connections, idle in the pool once these are delivered.
+    post_range(&d.url("/v1/events"), 0..32, "").await;
+    wait_for(DEADLINE, "the first 32 delivered", || {
+        (ep.delivered() == range_set(0..32)).then_some(())
+    })
+    .await;
+    ep.close_idle.store(true, Ordering::SeqCst);
+    post_range(&d.url("/v1/events"), 32..64, "").await;
+    wait_for(DEADLINE, "all 64 delivered", || {
+        (ep.delivered() == range_set(0..64)).then_some(())
+    })
+    .await;
+    assert!(
+        ep.resets.load(Ordering::SeqCst) >= 1,
+        "no idle connection was reused"
+    );
+    let text = get_text(&base("/metrics")).await;
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("llmlogd_sink_failed_attempts_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(failed.is_empty(), "failed attempts: {failed:?}");
+    let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"ka\"}").await;
+    assert_eq!(retried.unwrap_or(0.0), 0.0);
+    let st = status(&base).await;
+    assert_eq!(sink_status(&st, "ka")["delivered"], 64, "{st}");
+    assert_eq!(sink_status(&st, "ka")["last_error"], Value::Null, "{st}");
+    d.stop().await;
 }
 
 /// The network failing in each way a real one does, one after another: a connection reset

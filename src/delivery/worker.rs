@@ -167,6 +167,9 @@ pub(crate) struct Worker {
     cfg: Arc<SinkConfig>,
     sink: Box<dyn Sink>,
     client: reqwest::Client,
+    /// The same, keeping no idle connection: for the one immediate resend of a request whose
+    /// pooled connection the server closed as it went out (`execute`).
+    fresh_client: reqwest::Client,
     queue: Queue,
     metrics: Arc<Metrics>,
     board: Arc<StatusBoard>,
@@ -257,12 +260,14 @@ fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
 /// Redirects are never followed: on 301/302/303 a client re-sends a POST as a GET without
 /// its body, and the GET's 200 would count the batch as delivered. A 3xx is a failed
 /// attempt instead (`retry::classify`), reported with its Location.
-pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
+///
+/// `pooled = false` builds one that keeps no idle connection, so each request opens its own.
+pub(crate) fn client_for(cfg: &SinkConfig, pooled: bool) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
-        .pool_max_idle_per_host(cfg.concurrency)
+        .pool_max_idle_per_host(if pooled { cfg.concurrency } else { 0 })
         .user_agent(concat!("llmlogd/", env!("CARGO_PKG_VERSION")));
     if is_loopback(url_and_headers(cfg).0) {
         b = b.no_proxy();
@@ -354,7 +359,8 @@ impl Worker {
             name: cfg.name.clone(),
             id,
             sink: sinks::build(&cfg),
-            client: client_for(&cfg),
+            client: client_for(&cfg, true),
+            fresh_client: client_for(&cfg, false),
             flow: FlowControl::new(cfg.concurrency, cfg.rate.clone(), now),
             ceiling: BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now),
             cfg,
@@ -536,7 +542,8 @@ impl Worker {
             self.ceiling = BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now);
         }
         self.sink = sinks::build(&cfg);
-        self.client = client_for(&cfg);
+        self.client = client_for(&cfg, true);
+        self.fresh_client = client_for(&cfg, false);
         self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
         for s in self.window.values_mut() {
             if !s.in_flight {
@@ -820,7 +827,7 @@ impl Worker {
         }
         self.in_flight += 1;
         self.metrics.in_flight(&self.name, 1);
-        let client = self.client.clone();
+        let (client, fresh) = (self.client.clone(), self.fresh_client.clone());
         let generation = self.generation;
         let app_key = req.app_key;
         let sent = self.sends;
@@ -828,7 +835,7 @@ impl Worker {
         let timeout = request_timeout(self.cfg.timeout, req.body.len());
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
-            let result = execute(&client, req, timeout).await;
+            let result = execute(&client, &fresh, req, timeout).await;
             Done {
                 seqs: task_seqs,
                 elapsed: started.elapsed(),
@@ -1521,8 +1528,19 @@ fn request_timeout(timeout: Duration, body_bytes: usize) -> Duration {
 
 /// Sends one request within `timeout` (see [`request_timeout`]); reads at most
 /// `MAX_RESPONSE` bytes of the reply.
+///
+/// A request whose connection is closed or reset before any reply is sent once more at
+/// once, on a new connection (`fresh`). That is what a server closing an idle keep-alive
+/// connection (its own idle timeout: 5 s in Node, uvicorn and Apache) looks like when the
+/// request went out on it at that moment: nothing is wrong with the service, and counted as
+/// a failed attempt each such request waited out a backoff, and at a concurrency of 8 or more
+/// opened the circuit, logging the sink unreachable (and reachable again at once). Requests
+/// are idempotent (event ids), as Go's client requires before it resends on a reused
+/// connection; since reqwest does not say whether the connection was reused, a fresh one
+/// failing that way is sent twice too: at most one more request per attempt.
 async fn execute(
     client: &reqwest::Client,
+    fresh: &reqwest::Client,
     req: SinkRequest,
     timeout: Duration,
 ) -> Result<Reply, (FailureClass, String)> {
@@ -1536,11 +1554,21 @@ async fn execute(
         // A query may carry a token (a signed URL): masked like the sink's own URL.
         Some(crate::config::redact_url(url.as_str()))
     };
-    let mut rb = client.post(&req.url).timeout(timeout).body(req.body);
-    for (k, v) in req.headers {
-        rb = rb.header(k, v);
-    }
-    let mut resp = rb.send().await.map_err(transport_error)?;
+    let send = |client: &reqwest::Client| {
+        let mut rb = client
+            .post(&req.url)
+            .timeout(timeout)
+            .body(req.body.clone());
+        for (k, v) in &req.headers {
+            rb = rb.header(k, v);
+        }
+        rb.send()
+    };
+    let mut resp = match send(client).await {
+        Ok(r) => r,
+        Err(e) if closed_before_reply(&e) => send(fresh).await.map_err(transport_error)?,
+        Err(e) => return Err(transport_error(e)),
+    };
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
@@ -1575,6 +1603,31 @@ async fn execute(
         location,
         body,
     })
+}
+
+/// Whether the connection was closed or reset under a request before any reply came (not a
+/// refused connection, not a timeout).
+fn closed_before_reply(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() {
+        return false;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        src = s.source();
+    }
+    false
 }
 
 fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
