@@ -1233,6 +1233,79 @@ async fn a_retry_after_pause_survives_a_restart_and_a_kill_9() {
     assert_eq!(ep.delivered(), vec![0, 1]);
 }
 
+/// The url is changed by a reload while a request to the old one is out, and the old
+/// service then answers it `429 Retry-After: 600`. That pause was the old endpoint's, which
+/// the reload dropped: the sink goes on delivering to the new url. Before, the late answer
+/// paused the new endpoint for `max_retry_after` (and persisted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_from_the_url_before_a_reload_does_not_pause_the_new_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    // The old service: reads the request, holds it until `answer`, then asks for 10 minutes.
+    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old_addr = old.local_addr().unwrap();
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let (got, a) = (Arc::new(AtomicBool::new(false)), answer.clone());
+    let g = got.clone();
+    tokio::spawn(async move {
+        let (mut conn, _) = old.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let (head_end, len) = read_head(&mut conn, &mut buf).await.unwrap();
+        let mut chunk = [0u8; 8192];
+        while buf.len() < head_end + len {
+            let n = conn.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        g.store(true, Ordering::SeqCst);
+        a.notified().await;
+        let reply =
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 600\r\ncontent-length: 0\r\n\r\n";
+        conn.write_all(reply.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    });
+    let new = Endpoint::start(|_| ok()).await;
+    let cfg = |url: &str| {
+        sink(
+            "moved",
+            url,
+            &[("batch_max_events", "1"), ("timeout", "\"30s\"")],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(&format!("http://{old_addr}/ingest"))).await;
+    let events = d.url("/v1/events");
+    post_range(&events, 0..1, "").await;
+    wait_for(DEADLINE, "event 0 at the old url", || {
+        got.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    d.reload(&cfg(&new.url())).await;
+    // Event 1 at the new url: the reload is applied.
+    post_range(&events, 1..2, "").await;
+    wait_for(DEADLINE, "event 1 at the new url", || {
+        new.delivered_set().contains(&1).then_some(())
+    })
+    .await;
+    answer.notify_one();
+    let base = |p: &str| d.url(p);
+    let late = "llmlogd_sink_failed_attempts_total{sink=\"moved\",class=\"status_429\"}";
+    wait_until(DEADLINE, "the old url's 429 answered", || async {
+        (metric(&base, late).await >= Some(1.0)).then_some(())
+    })
+    .await;
+    post_range(&events, 2..3, "").await;
+    wait_for(DEADLINE, "every event at the new url", || {
+        (new.delivered_set() == range_set(0..3)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(
+        sink_status(&st, "moved")["paused_until_ms"],
+        Value::Null,
+        "{st}"
+    );
+    d.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Rate limits: token bucket, AIMD
 // ---------------------------------------------------------------------------------------------

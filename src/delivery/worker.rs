@@ -200,6 +200,9 @@ pub(crate) struct Worker {
     in_flight: usize,
     /// Bumped by every reload.
     generation: u64,
+    /// The generation since which the sink's endpoint (url, key) is the one it has now: a
+    /// request sent before then went to another.
+    endpoint_since: u64,
     /// Requests sent so far (orders `Slot::last_sent`).
     sends: u64,
     /// `sends` when a 429 last lowered the limits: a 429 to a request sent before then
@@ -380,6 +383,7 @@ impl Worker {
             flights: HashMap::new(),
             in_flight: 0,
             generation: 0,
+            endpoint_since: 0,
             sends: 0,
             throttled_at: 0,
             pause_logged: false,
@@ -522,6 +526,9 @@ impl Worker {
         }
         if *cfg == *self.cfg {
             return;
+        }
+        if endpoint(&cfg) != endpoint(&self.cfg) {
+            self.endpoint_since = self.generation;
         }
         // A Retry-After was the old endpoint's (or the old key's) request: a different one
         // owes it nothing. Kept when only other settings changed.
@@ -914,6 +921,16 @@ impl Worker {
             // current key. Send again (not an attempt).
             self.metrics.failed(&self.name, FailureClass::auth);
             return;
+        }
+        if let Verdict::PauseFor(_, class) = verdict {
+            if done.generation < self.endpoint_since {
+                // The Retry-After of the endpoint (or key) the sink had before a reload: the
+                // reload dropped that endpoint's pause, and its late answers must not pause
+                // the new one (up to `max_retry_after`, persisted). Send again (not an
+                // attempt).
+                self.metrics.failed(&self.name, class);
+                return;
+            }
         }
         let mut verdict = verdict;
         if verdict == Verdict::PauseAuth && done.app_key {
