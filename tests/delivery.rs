@@ -437,6 +437,43 @@ async fn a_sink_removed_and_added_back_by_reload_never_runs_twice() {
     d.stop().await;
 }
 
+/// A sink removed (or renamed: a new name is a new sink) by a reload drops the events it had
+/// not delivered, acknowledged ones: the operator is told how many, as a warning. Before, an
+/// info line said only that they were "no longer kept".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_removed_with_a_backlog_warns_how_many_events_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let down = format!("http://{}/ingest", closed_addr().await);
+    let d = Process::start(dir.path(), &sink("old", &down, &[]));
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..5, "").await;
+    wait_until(DEADLINE, "a backlog of 5", || async {
+        (sink_status(&status(&base).await, "old")["backlog"] == 5).then_some(())
+    })
+    .await;
+    // Renamed, as config tools write: a new file put in place, then SIGHUP.
+    let cfg = dir.path().join("llmlogd.toml");
+    std::fs::write(
+        cfg.with_extension("tmp"),
+        sink("new", &mock.url("/in"), &[]),
+    )
+    .unwrap();
+    std::fs::rename(cfg.with_extension("tmp"), &cfg).unwrap();
+    d.signal(libc::SIGHUP);
+    let line = wait_for(DEADLINE, "the removal logged", || {
+        d.log()
+            .into_iter()
+            .find(|l| l.contains("sink removed from the config"))
+    })
+    .await;
+    assert!(
+        line.contains("WARN") && line.contains("undelivered=5") && line.contains("sink=old"),
+        "{line}"
+    );
+    d.kill9();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Batching and concurrency
 // ---------------------------------------------------------------------------------------------
