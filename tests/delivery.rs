@@ -721,6 +721,20 @@ async fn read_head(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Optio
     Some((head_end, len))
 }
 
+/// Reads on until `buf` holds `end` bytes (a request's body, after `read_head`); `false` when
+/// the client closed first.
+async fn read_to(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, end: usize) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 8192];
+    while buf.len() < end {
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// Each request the raw endpoint read: the fault it met, and its events.
 type FaultLog = Arc<Mutex<Vec<(Fault, Vec<u64>)>>>;
 
@@ -832,7 +846,7 @@ struct KeepAliveEndpoint {
 
 impl KeepAliveEndpoint {
     async fn start() -> KeepAliveEndpoint {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ep = KeepAliveEndpoint {
             addr: listener.local_addr().unwrap(),
@@ -846,18 +860,15 @@ impl KeepAliveEndpoint {
                 let e = e.clone();
                 let opened_after = e.close_idle.load(Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let (mut buf, mut chunk, mut served) = (Vec::new(), [0u8; 8192], 0);
+                    let (mut buf, mut served) = (Vec::new(), 0);
                     while let Some((head_end, len)) = read_head(&mut conn, &mut buf).await {
                         if served > 0 && !opened_after && e.close_idle.load(Ordering::SeqCst) {
                             e.resets.fetch_add(1, Ordering::SeqCst);
                             let _ = conn.set_zero_linger();
                             return;
                         }
-                        while buf.len() < head_end + len {
-                            match conn.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        if !read_to(&mut conn, &mut buf, head_end + len).await {
+                            return;
                         }
                         let events: Vec<Value> =
                             serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
@@ -1276,7 +1287,7 @@ async fn a_retry_after_pause_survives_a_restart_and_a_kill_9() {
 /// paused the new endpoint for `max_retry_after` (and persisted it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_from_the_url_before_a_reload_does_not_pause_the_new_one() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     // The old service: reads the request, holds it until `answer`, then asks for 10 minutes.
     let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1288,11 +1299,7 @@ async fn a_retry_after_from_the_url_before_a_reload_does_not_pause_the_new_one()
         let (mut conn, _) = old.accept().await.unwrap();
         let mut buf = Vec::new();
         let (head_end, len) = read_head(&mut conn, &mut buf).await.unwrap();
-        let mut chunk = [0u8; 8192];
-        while buf.len() < head_end + len {
-            let n = conn.read(&mut chunk).await.unwrap();
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        assert!(read_to(&mut conn, &mut buf, head_end + len).await);
         g.store(true, Ordering::SeqCst);
         a.notified().await;
         let reply =
