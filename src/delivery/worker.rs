@@ -198,6 +198,9 @@ pub(crate) struct Worker {
     /// The events of each request task, to recover them if the task itself fails.
     flights: HashMap<tokio::task::Id, Vec<u64>>,
     in_flight: usize,
+    /// Of those, the requests sent since the last reload: an open circuit waits for these
+    /// before its next probe, not for one sent before the reload (to the old url, say).
+    in_flight_since_reload: usize,
     /// Bumped by every reload.
     generation: u64,
     /// The generation since which the sink's endpoint (url, key) is the one it has now: a
@@ -382,6 +385,7 @@ impl Worker {
             requests: JoinSet::new(),
             flights: HashMap::new(),
             in_flight: 0,
+            in_flight_since_reload: 0,
             generation: 0,
             endpoint_since: 0,
             sends: 0,
@@ -516,6 +520,7 @@ impl Worker {
     fn reconfigure_at(&mut self, cfg: Arc<SinkConfig>, now: Instant) {
         // A 401 still in flight answers for the time before the reload: ignored.
         self.generation += 1;
+        self.in_flight_since_reload = 0;
         self.redirect_warned = false;
         if matches!(self.pause, Some(Pause::UntilReload(_))) {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
@@ -687,9 +692,12 @@ impl Worker {
                     "sink still unreachable"
                 );
             }
-            if self.in_flight > 0 {
+            if self.in_flight_since_reload > 0 {
                 // A probe (or a request sent before the circuit opened) is out: its reply
-                // wakes us. Never return a time already past, or the loop would spin.
+                // wakes us. Never return a time already past, or the loop would spin. One
+                // sent before the last reload is not waited for: the reload is the operator
+                // saying "fixed, try now", and that probe may hang on the old url for its
+                // whole timeout.
                 return None;
             }
             if now < c.next_probe {
@@ -833,6 +841,7 @@ impl Worker {
             }
         }
         self.in_flight += 1;
+        self.in_flight_since_reload += 1;
         self.metrics.in_flight(&self.name, 1);
         let (client, fresh) = (self.client.clone(), self.fresh_client.clone());
         let generation = self.generation;
@@ -859,6 +868,9 @@ impl Worker {
     /// Applies what came back for one request.
     fn complete(&mut self, done: Done, now: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if done.generation == self.generation {
+            self.in_flight_since_reload = self.in_flight_since_reload.saturating_sub(1);
+        }
         self.metrics.in_flight(&self.name, -1);
         for k in &done.seqs {
             if let Some(s) = self.window.get_mut(k) {
@@ -1961,6 +1973,14 @@ mod tests {
                 r.at(ms) - wake.unwrap()
             );
         }
+        // A reload (the url fixed, say) probes at once, without waiting for the probe that
+        // hangs (on the old url); then waits for its own.
+        let cfg = r.w.cfg.clone();
+        r.w.reconfigure_at(cfg, r.at(61_000));
+        let (sent, _) = r.dispatch(61_000);
+        assert_eq!(sent.len(), 1, "a probe at once after the reload");
+        let (sent, wake) = r.dispatch(61_001);
+        assert!(sent.is_empty() && wake.is_none(), "{sent:?} {wake:?}");
     }
 
     #[tokio::test]
