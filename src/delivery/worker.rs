@@ -201,6 +201,10 @@ pub(crate) struct Worker {
     /// Of those, the requests sent since the last reload: an open circuit waits for these
     /// before its next probe, not for one sent before the reload (to the old url, say).
     in_flight_since_reload: usize,
+    /// Of those, the requests sent to the endpoint the sink has now (since `endpoint_since`):
+    /// what `concurrency` limits. Requests still out to the url before a reload load that
+    /// one, not this, and may hang there for their whole timeout.
+    in_flight_to_endpoint: usize,
     /// Bumped by every reload.
     generation: u64,
     /// The generation since which the sink's endpoint (url, key) is the one it has now: a
@@ -386,6 +390,7 @@ impl Worker {
             flights: HashMap::new(),
             in_flight: 0,
             in_flight_since_reload: 0,
+            in_flight_to_endpoint: 0,
             generation: 0,
             endpoint_since: 0,
             sends: 0,
@@ -534,6 +539,7 @@ impl Worker {
         }
         if endpoint(&cfg) != endpoint(&self.cfg) {
             self.endpoint_since = self.generation;
+            self.in_flight_to_endpoint = 0;
         }
         // A Retry-After was the old endpoint's (or the old key's) request: a different one
         // owes it nothing. Kept when only other settings changed.
@@ -743,7 +749,7 @@ impl Worker {
             .collect();
         let caught_up = self.read_pos >= *self.queue.head().borrow();
         let mut i = 0;
-        while i < due.len() && self.in_flight < self.flow.concurrency() {
+        while i < due.len() && self.in_flight_to_endpoint < self.flow.concurrency() {
             // Form one request's worth: at most `per_request` events (and the smallest
             // `max_batch` among them), at most `max_bytes` of body, both within the ceiling
             // the service taught (413/431).
@@ -842,6 +848,7 @@ impl Worker {
         }
         self.in_flight += 1;
         self.in_flight_since_reload += 1;
+        self.in_flight_to_endpoint += 1;
         self.metrics.in_flight(&self.name, 1);
         let (client, fresh) = (self.client.clone(), self.fresh_client.clone());
         let generation = self.generation;
@@ -870,6 +877,9 @@ impl Worker {
         self.in_flight = self.in_flight.saturating_sub(1);
         if done.generation == self.generation {
             self.in_flight_since_reload = self.in_flight_since_reload.saturating_sub(1);
+        }
+        if done.generation >= self.endpoint_since {
+            self.in_flight_to_endpoint = self.in_flight_to_endpoint.saturating_sub(1);
         }
         self.metrics.in_flight(&self.name, -1);
         for k in &done.seqs {
@@ -1981,6 +1991,39 @@ mod tests {
         assert_eq!(sent.len(), 1, "a probe at once after the reload");
         let (sent, wake) = r.dispatch(61_001);
         assert!(sent.is_empty() && wake.is_none(), "{sent:?} {wake:?}");
+    }
+
+    /// The url fixed by a reload while the requests to the old one hang: the new url gets its
+    /// `concurrency` at once, instead of waiting for those to time out.
+    #[tokio::test]
+    async fn requests_hanging_on_the_url_before_a_reload_leave_the_new_one_its_concurrency() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2");
+        r.add(0..6, 20);
+        assert_eq!(r.dispatch(0).0, vec![vec![0], vec![1]]);
+        assert!(r.dispatch(10).0.is_empty(), "two in flight");
+        // A reload that changes nothing else still waits for them (same endpoint).
+        let same = r.w.cfg.clone();
+        r.w.reconfigure_at(same, r.at(15));
+        assert!(r.dispatch(15).0.is_empty(), "same url: still two in flight");
+        let mut cfg = (*r.w.cfg).clone();
+        if let SinkKind::Http { url, .. } = &mut cfg.kind {
+            *url = "http://127.0.0.1:10/fixed".into();
+        }
+        r.w.reconfigure_at(Arc::new(cfg), r.at(20));
+        assert_eq!(
+            r.dispatch(20).0,
+            vec![vec![2], vec![3]],
+            "the new url's two"
+        );
+        assert!(r.dispatch(30).0.is_empty(), "and no more");
+        // The old url's answers come back later: the new url's count stays.
+        r.reply_gen(&[0], 503, 40, 0);
+        assert!(
+            r.dispatch(40).0.is_empty(),
+            "still the new url's two in flight"
+        );
+        r.reply(&[2], 200, 50);
+        assert_eq!(r.dispatch(50).0.len(), 1);
     }
 
     #[tokio::test]
