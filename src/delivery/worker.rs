@@ -944,15 +944,22 @@ impl Worker {
             self.metrics.failed(&self.name, FailureClass::auth);
             return;
         }
-        if let Verdict::PauseFor(_, class) = verdict {
-            if done.generation < self.endpoint_since {
-                // The Retry-After of the endpoint (or key) the sink had before a reload: the
-                // reload dropped that endpoint's pause, and its late answers must not pause
-                // the new one (up to `max_retry_after`, persisted). Send again (not an
-                // attempt).
-                self.metrics.failed(&self.name, class);
-                return;
-            }
+        if verdict != Verdict::Delivered && done.generation < self.endpoint_since {
+            // An answer from the endpoint (url or key) the sink had before a reload says
+            // nothing about the one it has now: its Retry-After must not pause the new one (up
+            // to `max_retry_after`, persisted; the reload dropped the old one's pause), its
+            // timeouts must not open the new one's circuit, and its 404s (the url the reload
+            // fixed) must not dead-letter events the new one would take. Send again at once
+            // (not an attempt).
+            let class = match verdict {
+                Verdict::Retry(c)
+                | Verdict::PauseFor(_, c)
+                | Verdict::Split(c)
+                | Verdict::Reject(c) => c,
+                Verdict::PauseAuth | Verdict::Delivered => FailureClass::auth,
+            };
+            self.metrics.failed(&self.name, class);
+            return;
         }
         let mut verdict = verdict;
         if verdict == Verdict::PauseAuth && done.app_key {
@@ -2024,6 +2031,38 @@ mod tests {
         );
         r.reply(&[2], 200, 50);
         assert_eq!(r.dispatch(50).0.len(), 1);
+    }
+
+    /// Answers from the url a reload replaced (the wrong one: 404; a timeout) neither
+    /// dead-letter their events nor count as attempts: they are sent to the new url at once.
+    #[tokio::test]
+    async fn answers_from_the_url_before_a_reload_do_not_count_for_the_new_one() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 4\ncircuit_after = 2");
+        r.add(0..3, 20);
+        assert_eq!(r.dispatch(0).0, vec![vec![0], vec![1], vec![2]]);
+        let old = r.w.generation;
+        let mut cfg = (*r.w.cfg).clone();
+        if let SinkKind::Http { url, .. } = &mut cfg.kind {
+            *url = "http://127.0.0.1:10/fixed".into();
+        }
+        r.w.reconfigure_at(Arc::new(cfg), r.at(10));
+        r.reply_gen(&[0], 404, 20, old);
+        r.reply_gen(&[1], 503, 20, old);
+        r.reply_gen(&[2], 504, 20, old);
+        assert_eq!(
+            r.w.dead_lettered, 0,
+            "the old url's 404 dead-lettered an event"
+        );
+        assert!(
+            r.w.circuit.is_none(),
+            "the old url's failures opened the circuit"
+        );
+        assert!(r.w.window.values().all(|s| s.attempts == 0), "not attempts");
+        assert_eq!(
+            r.dispatch(20).0,
+            vec![vec![0], vec![1], vec![2]],
+            "sent again at once"
+        );
     }
 
     #[tokio::test]
