@@ -651,7 +651,10 @@ impl DaemonApi {
             .enable_all()
             .build()
             .map_err(|e| CliError::new(EXIT_SOFTWARE, e.to_string()))?;
-        let mut client = reqwest::Client::builder();
+        // The daemon is on this host: an `HTTP_PROXY` in the operator's shell must not send
+        // the request for 127.0.0.1 to the proxy (reqwest bypasses loopback only when
+        // `NO_PROXY` says so), which answered "cannot reach llmlogd" with the daemon up.
+        let mut client = reqwest::Client::builder().no_proxy();
         if let Some(socket) = &self.socket {
             client = client.unix_socket(socket.as_path());
         }

@@ -437,6 +437,43 @@ async fn a_sink_removed_and_added_back_by_reload_never_runs_twice() {
     d.stop().await;
 }
 
+/// A sink removed (or renamed: a new name is a new sink) by a reload drops the events it had
+/// not delivered, acknowledged ones: the operator is told how many, as a warning. Before, an
+/// info line said only that they were "no longer kept".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_removed_with_a_backlog_warns_how_many_events_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let down = format!("http://{}/ingest", closed_addr().await);
+    let d = Process::start(dir.path(), &sink("old", &down, &[]));
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..5, "").await;
+    wait_until(DEADLINE, "a backlog of 5", || async {
+        (sink_status(&status(&base).await, "old")["backlog"] == 5).then_some(())
+    })
+    .await;
+    // Renamed, as config tools write: a new file put in place, then SIGHUP.
+    let cfg = dir.path().join("llmlogd.toml");
+    std::fs::write(
+        cfg.with_extension("tmp"),
+        sink("new", &mock.url("/in"), &[]),
+    )
+    .unwrap();
+    std::fs::rename(cfg.with_extension("tmp"), &cfg).unwrap();
+    d.signal(libc::SIGHUP);
+    let line = wait_for(DEADLINE, "the removal logged", || {
+        d.log()
+            .into_iter()
+            .find(|l| l.contains("sink removed from the config"))
+    })
+    .await;
+    assert!(
+        line.contains("WARN") && line.contains("undelivered=5") && line.contains("sink=old"),
+        "{line}"
+    );
+    d.kill9();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Batching and concurrency
 // ---------------------------------------------------------------------------------------------
@@ -660,6 +697,44 @@ enum Fault {
     Ok,
 }
 
+/// Reads a request's line and headers into `buf` (which may already hold some of it), on a
+/// raw connection; returns where the body starts and its `Content-Length`. `None` when the
+/// client closed.
+async fn read_head(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<(usize, usize)> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a content-length");
+    Some((head_end, len))
+}
+
+/// Reads on until `buf` holds `end` bytes (a request's body, after `read_head`); `false` when
+/// the client closed first.
+async fn read_to(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, end: usize) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 8192];
+    while buf.len() < end {
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// Each request the raw endpoint read: the fault it met, and its events.
 type FaultLog = Arc<Mutex<Vec<(Fault, Vec<u64>)>>>;
 
@@ -688,24 +763,11 @@ impl RawEndpoint {
                 let fault = script.lock().unwrap().pop_front().unwrap_or(Fault::Ok);
                 let log = l2.clone();
                 tokio::spawn(async move {
-                    // The request line and headers, and how long the body is.
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 8192];
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    let Some((head_end, len)) = read_head(&mut conn, &mut buf).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .expect("a content-length");
                     if fault == Fault::ResetMidRequest {
                         log.lock().unwrap().push((fault, Vec::new()));
                         let _ = conn.set_zero_linger();
@@ -766,6 +828,120 @@ impl RawEndpoint {
     fn log(&self) -> Vec<(Fault, Vec<u64>)> {
         self.log.lock().unwrap().clone()
     }
+}
+
+/// An HTTP/1.1 server on a raw listener that keeps connections alive, and can close the idle
+/// ones the way a server's idle timeout does when it fires as the client reuses the
+/// connection: once `close_idle` is set, a connection opened before then that has served a
+/// request resets on its next one, unanswered.
+#[derive(Clone)]
+struct KeepAliveEndpoint {
+    addr: SocketAddr,
+    close_idle: Arc<AtomicBool>,
+    /// Requests answered 200: each one's events.
+    delivered: Arc<Mutex<Vec<Vec<u64>>>>,
+    /// Requests met with a reset.
+    resets: Arc<AtomicUsize>,
+}
+
+impl KeepAliveEndpoint {
+    async fn start() -> KeepAliveEndpoint {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep = KeepAliveEndpoint {
+            addr: listener.local_addr().unwrap(),
+            close_idle: Arc::default(),
+            delivered: Arc::default(),
+            resets: Arc::default(),
+        };
+        let e = ep.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let e = e.clone();
+                let opened_after = e.close_idle.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut buf, mut served) = (Vec::new(), 0);
+                    while let Some((head_end, len)) = read_head(&mut conn, &mut buf).await {
+                        if served > 0 && !opened_after && e.close_idle.load(Ordering::SeqCst) {
+                            e.resets.fetch_add(1, Ordering::SeqCst);
+                            let _ = conn.set_zero_linger();
+                            return;
+                        }
+                        if !read_to(&mut conn, &mut buf, head_end + len).await {
+                            return;
+                        }
+                        let events: Vec<Value> =
+                            serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+                        let nums = events.iter().map(|v| v["i"].as_u64().unwrap()).collect();
+                        buf.drain(..head_end + len);
+                        served += 1;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if conn.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        // Counted once answered: the warm-up's connections are idle then.
+                        e.delivered.lock().unwrap().push(nums);
+                    }
+                });
+            }
+        });
+        ep
+    }
+
+    fn delivered(&self) -> BTreeSet<u64> {
+        self.delivered
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
+/// The service closes its idle keep-alive connections (its idle timeout) just as llmlogd
+/// reuses them: each such request is sent again at once on a new connection. Counted as a
+/// failed attempt, each waited out a backoff, and eight at once opened the circuit, logging
+/// the sink unreachable (and reachable again a moment later) for a service that was up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_closed_as_it_is_reused_is_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = KeepAliveEndpoint::start().await;
+    let cfg = sink(
+        "ka",
+        &format!("http://{}/ingest", ep.addr),
+        &[("batch_max_events", "1"), ("concurrency", "8")],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    // Warm up: up to eight connections, idle in the pool once these are delivered.
+    post_range(&d.url("/v1/events"), 0..32, "").await;
+    wait_for(DEADLINE, "the first 32 delivered", || {
+        (ep.delivered() == range_set(0..32)).then_some(())
+    })
+    .await;
+    ep.close_idle.store(true, Ordering::SeqCst);
+    post_range(&d.url("/v1/events"), 32..64, "").await;
+    wait_for(DEADLINE, "all 64 delivered", || {
+        (ep.delivered() == range_set(0..64)).then_some(())
+    })
+    .await;
+    assert!(
+        ep.resets.load(Ordering::SeqCst) >= 1,
+        "no idle connection was reused"
+    );
+    let text = get_text(&base("/metrics")).await;
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("llmlogd_sink_failed_attempts_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(failed.is_empty(), "failed attempts: {failed:?}");
+    let retried = metric(&base, "llmlogd_sink_retried_events_total{sink=\"ka\"}").await;
+    assert_eq!(retried.unwrap_or(0.0), 0.0);
+    let st = status(&base).await;
+    assert_eq!(sink_status(&st, "ka")["delivered"], 64, "{st}");
+    assert_eq!(sink_status(&st, "ka")["last_error"], Value::Null, "{st}");
+    d.stop().await;
 }
 
 /// The network failing in each way a real one does, one after another: a connection reset
@@ -920,6 +1096,39 @@ async fn a_redirect_is_not_followed_and_its_events_wait_for_the_fixed_url() {
     d.stop().await;
 }
 
+/// A proxy in the daemon's environment (`HTTP_PROXY`, set to reach a remote service from
+/// behind a corporate proxy) is not used for a sink on this host, nor by `llmlogd status`:
+/// a proxy cannot reach our loopback. reqwest bypasses loopback only when `NO_PROXY` lists
+/// it, so a local collector had every request refused by the proxy (held for good), and
+/// `status` called the running daemon unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_in_the_environment_is_not_used_for_this_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    // A proxy that refuses every connection: whatever goes through it fails.
+    let proxy = format!("http://{}", closed_addr().await);
+    let env = [
+        ("HTTP_PROXY", proxy.as_str()),
+        ("http_proxy", proxy.as_str()),
+    ];
+    let d = Process::start_with(dir.path(), &mock.sink_config(), &env);
+    let ev = event(0, "", 0);
+    post(&d.url("/v1/events"), std::slice::from_ref(&ev)).await;
+    assert_eq!(mock.wait_arrived(&[&ev]).await, vec![ev]);
+    let out = Command::new(bin())
+        .args(["status", "--json", "--http-listen", &d.http.to_string()])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status through the proxy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(sink_status(&st, "mock")["delivered"], 1, "{st}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Retry-After
 // ---------------------------------------------------------------------------------------------
@@ -1071,6 +1280,75 @@ async fn a_retry_after_pause_survives_a_restart_and_a_kill_9() {
     }
     assert!(p.terminate().success());
     assert_eq!(ep.delivered(), vec![0, 1]);
+}
+
+/// The url is changed by a reload while a request to the old one is out, and the old
+/// service then answers it `429 Retry-After: 600`. That pause was the old endpoint's, which
+/// the reload dropped: the sink goes on delivering to the new url. Before, the late answer
+/// paused the new endpoint for `max_retry_after` (and persisted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_from_the_url_before_a_reload_does_not_pause_the_new_one() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The old service: reads the request, holds it until `answer`, then asks for 10 minutes.
+    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old_addr = old.local_addr().unwrap();
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let (got, a) = (Arc::new(AtomicBool::new(false)), answer.clone());
+    let g = got.clone();
+    tokio::spawn(async move {
+        let (mut conn, _) = old.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let (head_end, len) = read_head(&mut conn, &mut buf).await.unwrap();
+        assert!(read_to(&mut conn, &mut buf, head_end + len).await);
+        g.store(true, Ordering::SeqCst);
+        a.notified().await;
+        let reply =
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 600\r\ncontent-length: 0\r\n\r\n";
+        conn.write_all(reply.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    });
+    let new = Endpoint::start(|_| ok()).await;
+    let cfg = |url: &str| {
+        sink(
+            "moved",
+            url,
+            &[("batch_max_events", "1"), ("timeout", "\"30s\"")],
+        )
+    };
+    let d = InProcess::start(dir.path(), &cfg(&format!("http://{old_addr}/ingest"))).await;
+    let events = d.url("/v1/events");
+    post_range(&events, 0..1, "").await;
+    wait_for(DEADLINE, "event 0 at the old url", || {
+        got.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    d.reload(&cfg(&new.url())).await;
+    // Event 1 at the new url: the reload is applied.
+    post_range(&events, 1..2, "").await;
+    wait_for(DEADLINE, "event 1 at the new url", || {
+        new.delivered_set().contains(&1).then_some(())
+    })
+    .await;
+    answer.notify_one();
+    let base = |p: &str| d.url(p);
+    let late = "llmlogd_sink_failed_attempts_total{sink=\"moved\",class=\"status_429\"}";
+    wait_until(DEADLINE, "the old url's 429 answered", || async {
+        (metric(&base, late).await >= Some(1.0)).then_some(())
+    })
+    .await;
+    post_range(&events, 2..3, "").await;
+    wait_for(DEADLINE, "every event at the new url", || {
+        (new.delivered_set() == range_set(0..3)).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(
+        sink_status(&st, "moved")["paused_until_ms"],
+        Value::Null,
+        "{st}"
+    );
+    d.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -959,8 +959,10 @@ fn duration(
     Ok(d)
 }
 
-/// `url` with what may be a credential masked: the password of `user:password@`, and every
-/// query value (`?token=…`). For logs, errors, status and `check-config`.
+/// `url` with what may be a credential masked: the password of `user:password@`, a user
+/// name alone (`https://TOKEN@host`, the way Sentry DSNs and many webhooks carry their key:
+/// it goes out as the Basic auth user), and every query value (`?token=…`). For logs,
+/// errors, status and `check-config`.
 pub fn redact_url(url: &str) -> String {
     let (head, query) = match url.split_once('?') {
         Some((h, q)) => (h, Some(q)),
@@ -972,7 +974,7 @@ pub fn redact_url(url: &str) -> String {
             let authority = match authority.rsplit_once('@') {
                 Some((userinfo, host)) => match userinfo.split_once(':') {
                     Some((user, _)) => format!("{user}:***@{host}"),
-                    None => format!("{userinfo}@{host}"),
+                    None => format!("***@{host}"),
                 },
                 None => authority.to_string(),
             };
@@ -1220,7 +1222,7 @@ mod tests {
             "http://user:***@127.0.0.1:9/ingest?api_key=***&x=***#f"
         );
         assert_eq!(redact_url("https://api.pezzo.ai"), "https://api.pezzo.ai");
-        assert_eq!(redact_url("http://tok@h/p"), "http://tok@h/p");
+        assert_eq!(redact_url("http://tok@h/p"), "http://***@h/p");
         let c = parse(
             "[sinks.a]\ntype = \"http\"\nurl = \"http://u:PASSWORD@127.0.0.1:9/i?token=TOKEN\"\n",
         )

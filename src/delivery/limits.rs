@@ -56,10 +56,21 @@ impl FlowControl {
     }
 
     /// Applies a new config (reload), keeping what was learned where it still fits.
+    /// A limit at its configured value (nothing lowered it) takes the new value at once, a
+    /// raised one too: an operator who raises `concurrency` or `rate_limit` to drain a
+    /// backlog got the old value, climbing a little per success (from 2 to 16 requests in
+    /// flight, some 120 deliveries).
     pub fn reconfigure(&mut self, max_concurrency: usize, rate: Option<RateConfig>) {
+        let at_max = self.concurrency >= self.max_concurrency as f64;
         self.max_concurrency = max_concurrency;
-        self.concurrency = self.concurrency.min(max_concurrency as f64).max(1.0);
+        self.concurrency = if at_max {
+            max_concurrency as f64
+        } else {
+            self.concurrency.min(max_concurrency as f64).max(1.0)
+        };
+        let was = self.configured.as_ref().map(|c| c.per_second);
         self.rate = match (&rate, self.rate) {
+            (Some(r), Some(cur)) if Some(cur) == was => Some(r.per_second),
             (Some(r), Some(cur)) => Some(cur.min(r.per_second)),
             (Some(r), None) => Some(r.per_second),
             (None, cur) => cur.filter(|_| self.configured.is_none()),
@@ -268,6 +279,29 @@ mod tests {
             f.on_success();
         }
         assert_eq!((f.concurrency(), f.rate()), (16, 100.0));
+    }
+
+    #[test]
+    fn a_reload_raising_the_limits_applies_them_at_once_unless_a_429_lowered_them() {
+        let t0 = Instant::now();
+        let rate = |per_second| {
+            Some(RateConfig {
+                per_second,
+                burst: 10,
+            })
+        };
+        let mut f = FlowControl::new(2, rate(5.0), t0);
+        f.reconfigure(16, rate(50.0));
+        assert_eq!((f.concurrency(), f.rate()), (16, 50.0), "raised at once");
+        f.reconfigure(4, rate(20.0));
+        assert_eq!((f.concurrency(), f.rate()), (4, 20.0), "lowered at once");
+        f.on_throttle();
+        f.reconfigure(16, rate(50.0));
+        assert_eq!(
+            (f.concurrency(), f.rate()),
+            (2, 10.0),
+            "what the 429 taught stays"
+        );
     }
 
     #[test]

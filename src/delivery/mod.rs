@@ -138,7 +138,17 @@ impl Delivery {
         self.retiring.retain(|_, t| !t.is_finished());
         for name in gone {
             if let Some(w) = self.workers.remove(&name) {
-                tracing::info!(sink = %name, "sink removed from the config; its undelivered events are no longer kept for it");
+                // Acknowledged events dropped by the operator's edit: said with their number,
+                // as a warning, since a sink renamed in the file is this too (a new name is a
+                // new sink, which gets only events that arrive from now on).
+                match self.board.get(&name).map_or(0, |s| s.backlog) {
+                    0 => tracing::info!(sink = %name, "sink removed from the config"),
+                    undelivered => tracing::warn!(
+                        sink = %name,
+                        undelivered,
+                        "sink removed from the config; its undelivered events are dropped (a renamed sink starts with new events only)"
+                    ),
+                }
                 w.stop.cancel();
                 self.board.remove(&name);
                 self.retiring.insert(name, w.task);

@@ -167,6 +167,9 @@ pub(crate) struct Worker {
     cfg: Arc<SinkConfig>,
     sink: Box<dyn Sink>,
     client: reqwest::Client,
+    /// The same, keeping no idle connection: for the one immediate resend of a request whose
+    /// pooled connection the server closed as it went out (`execute`).
+    fresh_client: reqwest::Client,
     queue: Queue,
     metrics: Arc<Metrics>,
     board: Arc<StatusBoard>,
@@ -195,8 +198,18 @@ pub(crate) struct Worker {
     /// The events of each request task, to recover them if the task itself fails.
     flights: HashMap<tokio::task::Id, Vec<u64>>,
     in_flight: usize,
+    /// Of those, the requests sent since the last reload: an open circuit waits for these
+    /// before its next probe, not for one sent before the reload (to the old url, say).
+    in_flight_since_reload: usize,
+    /// Of those, the requests sent to the endpoint the sink has now (since `endpoint_since`):
+    /// what `concurrency` limits. Requests still out to the url before a reload load that
+    /// one, not this, and may hang there for their whole timeout.
+    in_flight_to_endpoint: usize,
     /// Bumped by every reload.
     generation: u64,
+    /// The generation since which the sink's endpoint (url, key) is the one it has now: a
+    /// request sent before then went to another.
+    endpoint_since: u64,
     /// Requests sent so far (orders `Slot::last_sent`).
     sends: u64,
     /// `sends` when a 429 last lowered the limits: a 429 to a request sent before then
@@ -248,21 +261,46 @@ fn window_caps(cfg: &SinkConfig) -> (usize, usize) {
     (events, bytes)
 }
 
-/// Builds the HTTP client for a sink: its timeout, bounded idle pool, no proxies from the
-/// environment surprises (reqwest honours HTTP(S)_PROXY, which operators expect).
+/// Builds the HTTP client for a sink: its timeout, bounded idle pool, and the proxy the
+/// environment names (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`, read as curl
+/// reads them), except for a sink on this host: a proxy cannot reach our loopback, and
+/// reqwest, unlike Go's and Python's clients, sends `127.0.0.1` through it unless `NO_PROXY`
+/// lists it, so a local collector got every request refused by the proxy.
 ///
 /// Redirects are never followed: on 301/302/303 a client re-sends a POST as a GET without
 /// its body, and the GET's 200 would count the batch as delivered. A 3xx is a failed
 /// attempt instead (`retry::classify`), reported with its Location.
-pub(crate) fn client_for(cfg: &SinkConfig) -> reqwest::Client {
-    reqwest::Client::builder()
+///
+/// `pooled = false` builds one that keeps no idle connection, so each request opens its own.
+pub(crate) fn client_for(cfg: &SinkConfig, pooled: bool) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
-        .pool_max_idle_per_host(cfg.concurrency)
-        .user_agent(concat!("llmlogd/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
+        .pool_max_idle_per_host(if pooled { cfg.concurrency } else { 0 })
+        .user_agent(concat!("llmlogd/", env!("CARGO_PKG_VERSION")));
+    if is_loopback(url_and_headers(cfg).0) {
+        b = b.no_proxy();
+    }
+    b.build().unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Whether `url` names this host: `localhost` (or a name under it), 127.0.0.0/8 or `::1`.
+pub(crate) fn is_loopback(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else {
+        return false;
+    };
+    let Some(host) = u.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => {
+            let h = host.trim_end_matches('.').to_ascii_lowercase();
+            h == "localhost" || h.ends_with(".localhost")
+        }
+    }
 }
 
 /// What a Retry-After applies to: where requests go and with what credentials (the sink's
@@ -331,7 +369,8 @@ impl Worker {
             name: cfg.name.clone(),
             id,
             sink: sinks::build(&cfg),
-            client: client_for(&cfg),
+            client: client_for(&cfg, true),
+            fresh_client: client_for(&cfg, false),
             flow: FlowControl::new(cfg.concurrency, cfg.rate.clone(), now),
             ceiling: BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now),
             cfg,
@@ -350,7 +389,10 @@ impl Worker {
             requests: JoinSet::new(),
             flights: HashMap::new(),
             in_flight: 0,
+            in_flight_since_reload: 0,
+            in_flight_to_endpoint: 0,
             generation: 0,
+            endpoint_since: 0,
             sends: 0,
             throttled_at: 0,
             pause_logged: false,
@@ -483,6 +525,7 @@ impl Worker {
     fn reconfigure_at(&mut self, cfg: Arc<SinkConfig>, now: Instant) {
         // A 401 still in flight answers for the time before the reload: ignored.
         self.generation += 1;
+        self.in_flight_since_reload = 0;
         self.redirect_warned = false;
         if matches!(self.pause, Some(Pause::UntilReload(_))) {
             tracing::info!(sink = %self.name, "config reloaded; resuming the sink paused for its key");
@@ -493,6 +536,10 @@ impl Worker {
         }
         if *cfg == *self.cfg {
             return;
+        }
+        if endpoint(&cfg) != endpoint(&self.cfg) {
+            self.endpoint_since = self.generation;
+            self.in_flight_to_endpoint = 0;
         }
         // A Retry-After was the old endpoint's (or the old key's) request: a different one
         // owes it nothing. Kept when only other settings changed.
@@ -513,7 +560,8 @@ impl Worker {
             self.ceiling = BatchCeiling::new(cfg.batch.max_events, cfg.batch.max_bytes, now);
         }
         self.sink = sinks::build(&cfg);
-        self.client = client_for(&cfg);
+        self.client = client_for(&cfg, true);
+        self.fresh_client = client_for(&cfg, false);
         self.flow.reconfigure(cfg.concurrency, cfg.rate.clone());
         for s in self.window.values_mut() {
             if !s.in_flight {
@@ -650,9 +698,12 @@ impl Worker {
                     "sink still unreachable"
                 );
             }
-            if self.in_flight > 0 {
+            if self.in_flight_since_reload > 0 {
                 // A probe (or a request sent before the circuit opened) is out: its reply
-                // wakes us. Never return a time already past, or the loop would spin.
+                // wakes us. Never return a time already past, or the loop would spin. One
+                // sent before the last reload is not waited for: the reload is the operator
+                // saying "fixed, try now", and that probe may hang on the old url for its
+                // whole timeout.
                 return None;
             }
             if now < c.next_probe {
@@ -698,7 +749,7 @@ impl Worker {
             .collect();
         let caught_up = self.read_pos >= *self.queue.head().borrow();
         let mut i = 0;
-        while i < due.len() && self.in_flight < self.flow.concurrency() {
+        while i < due.len() && self.in_flight_to_endpoint < self.flow.concurrency() {
             // Form one request's worth: at most `per_request` events (and the smallest
             // `max_batch` among them), at most `max_bytes` of body, both within the ceiling
             // the service taught (413/431).
@@ -796,8 +847,10 @@ impl Worker {
             }
         }
         self.in_flight += 1;
+        self.in_flight_since_reload += 1;
+        self.in_flight_to_endpoint += 1;
         self.metrics.in_flight(&self.name, 1);
-        let client = self.client.clone();
+        let (client, fresh) = (self.client.clone(), self.fresh_client.clone());
         let generation = self.generation;
         let app_key = req.app_key;
         let sent = self.sends;
@@ -805,7 +858,7 @@ impl Worker {
         let timeout = request_timeout(self.cfg.timeout, req.body.len());
         let handle = self.requests.spawn(async move {
             let started = Instant::now();
-            let result = execute(&client, req, timeout).await;
+            let result = execute(&client, &fresh, req, timeout).await;
             Done {
                 seqs: task_seqs,
                 elapsed: started.elapsed(),
@@ -822,6 +875,12 @@ impl Worker {
     /// Applies what came back for one request.
     fn complete(&mut self, done: Done, now: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        if done.generation == self.generation {
+            self.in_flight_since_reload = self.in_flight_since_reload.saturating_sub(1);
+        }
+        if done.generation >= self.endpoint_since {
+            self.in_flight_to_endpoint = self.in_flight_to_endpoint.saturating_sub(1);
+        }
         self.metrics.in_flight(&self.name, -1);
         for k in &done.seqs {
             if let Some(s) = self.window.get_mut(k) {
@@ -883,6 +942,23 @@ impl Worker {
             // Sent with the key of a config that was reloaded since: says nothing about the
             // current key. Send again (not an attempt).
             self.metrics.failed(&self.name, FailureClass::auth);
+            return;
+        }
+        if verdict != Verdict::Delivered && done.generation < self.endpoint_since {
+            // An answer from the endpoint (url or key) the sink had before a reload says
+            // nothing about the one it has now: its Retry-After must not pause the new one (up
+            // to `max_retry_after`, persisted; the reload dropped the old one's pause), its
+            // timeouts must not open the new one's circuit, and its 404s (the url the reload
+            // fixed) must not dead-letter events the new one would take. Send again at once
+            // (not an attempt).
+            let class = match verdict {
+                Verdict::Retry(c)
+                | Verdict::PauseFor(_, c)
+                | Verdict::Split(c)
+                | Verdict::Reject(c) => c,
+                Verdict::PauseAuth | Verdict::Delivered => FailureClass::auth,
+            };
+            self.metrics.failed(&self.name, class);
             return;
         }
         let mut verdict = verdict;
@@ -1498,8 +1574,19 @@ fn request_timeout(timeout: Duration, body_bytes: usize) -> Duration {
 
 /// Sends one request within `timeout` (see [`request_timeout`]); reads at most
 /// `MAX_RESPONSE` bytes of the reply.
+///
+/// A request whose connection is closed or reset before any reply is sent once more at
+/// once, on a new connection (`fresh`). That is what a server closing an idle keep-alive
+/// connection (its own idle timeout: 5 s in Node, uvicorn and Apache) looks like when the
+/// request went out on it at that moment: nothing is wrong with the service, and counted as
+/// a failed attempt each such request waited out a backoff, and at a concurrency of 8 or more
+/// opened the circuit, logging the sink unreachable (and reachable again at once). Requests
+/// are idempotent (event ids), as Go's client requires before it resends on a reused
+/// connection; since reqwest does not say whether the connection was reused, a fresh one
+/// failing that way is sent twice too: at most one more request per attempt.
 async fn execute(
     client: &reqwest::Client,
+    fresh: &reqwest::Client,
     req: SinkRequest,
     timeout: Duration,
 ) -> Result<Reply, (FailureClass, String)> {
@@ -1513,11 +1600,21 @@ async fn execute(
         // A query may carry a token (a signed URL): masked like the sink's own URL.
         Some(crate::config::redact_url(url.as_str()))
     };
-    let mut rb = client.post(&req.url).timeout(timeout).body(req.body);
-    for (k, v) in req.headers {
-        rb = rb.header(k, v);
-    }
-    let mut resp = rb.send().await.map_err(transport_error)?;
+    let send = |client: &reqwest::Client| {
+        let mut rb = client
+            .post(&req.url)
+            .timeout(timeout)
+            .body(req.body.clone());
+        for (k, v) in &req.headers {
+            rb = rb.header(k, v);
+        }
+        rb.send()
+    };
+    let mut resp = match send(client).await {
+        Ok(r) => r,
+        Err(e) if closed_before_reply(&e) => send(fresh).await.map_err(transport_error)?,
+        Err(e) => return Err(transport_error(e)),
+    };
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
@@ -1552,6 +1649,31 @@ async fn execute(
         location,
         body,
     })
+}
+
+/// Whether the connection was closed or reset under a request before any reply came (not a
+/// refused connection, not a timeout).
+fn closed_before_reply(e: &reqwest::Error) -> bool {
+    if e.is_connect() || e.is_timeout() {
+        return false;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        src = s.source();
+    }
+    false
 }
 
 fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
@@ -1609,6 +1731,30 @@ mod tests {
     use crate::config::{Config, Overrides};
     use crate::event::{EventKind, NewEvent};
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn loopback_urls_are_told_apart() {
+        for u in [
+            "http://127.0.0.1:9000/in",
+            "http://127.8.9.1/in",
+            "http://localhost:9000",
+            "https://LOCALHOST./x",
+            "http://collector.localhost/in",
+            "http://[::1]:9000/in",
+            "http://[::ffff:127.0.0.1]/in",
+        ] {
+            assert!(is_loopback(u), "{u}");
+        }
+        for u in [
+            "https://api.promptlayer.com",
+            "http://10.0.0.1/in",
+            "http://[2001:db8::1]/in",
+            "http://localhost.example.com/in",
+            "not a url",
+        ] {
+            assert!(!is_loopback(u), "{u}");
+        }
+    }
 
     struct Rig {
         w: Worker,
@@ -1844,6 +1990,79 @@ mod tests {
                 r.at(ms) - wake.unwrap()
             );
         }
+        // A reload (the url fixed, say) probes at once, without waiting for the probe that
+        // hangs (on the old url); then waits for its own.
+        let cfg = r.w.cfg.clone();
+        r.w.reconfigure_at(cfg, r.at(61_000));
+        let (sent, _) = r.dispatch(61_000);
+        assert_eq!(sent.len(), 1, "a probe at once after the reload");
+        let (sent, wake) = r.dispatch(61_001);
+        assert!(sent.is_empty() && wake.is_none(), "{sent:?} {wake:?}");
+    }
+
+    /// The url fixed by a reload while the requests to the old one hang: the new url gets its
+    /// `concurrency` at once, instead of waiting for those to time out.
+    #[tokio::test]
+    async fn requests_hanging_on_the_url_before_a_reload_leave_the_new_one_its_concurrency() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2");
+        r.add(0..6, 20);
+        assert_eq!(r.dispatch(0).0, vec![vec![0], vec![1]]);
+        assert!(r.dispatch(10).0.is_empty(), "two in flight");
+        // A reload that changes nothing else still waits for them (same endpoint).
+        let same = r.w.cfg.clone();
+        r.w.reconfigure_at(same, r.at(15));
+        assert!(r.dispatch(15).0.is_empty(), "same url: still two in flight");
+        let mut cfg = (*r.w.cfg).clone();
+        if let SinkKind::Http { url, .. } = &mut cfg.kind {
+            *url = "http://127.0.0.1:10/fixed".into();
+        }
+        r.w.reconfigure_at(Arc::new(cfg), r.at(20));
+        assert_eq!(
+            r.dispatch(20).0,
+            vec![vec![2], vec![3]],
+            "the new url's two"
+        );
+        assert!(r.dispatch(30).0.is_empty(), "and no more");
+        // The old url's answers come back later: the new url's count stays.
+        r.reply_gen(&[0], 503, 40, 0);
+        assert!(
+            r.dispatch(40).0.is_empty(),
+            "still the new url's two in flight"
+        );
+        r.reply(&[2], 200, 50);
+        assert_eq!(r.dispatch(50).0.len(), 1);
+    }
+
+    /// Answers from the url a reload replaced (the wrong one: 404; a timeout) neither
+    /// dead-letter their events nor count as attempts: they are sent to the new url at once.
+    #[tokio::test]
+    async fn answers_from_the_url_before_a_reload_do_not_count_for_the_new_one() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 4\ncircuit_after = 2");
+        r.add(0..3, 20);
+        assert_eq!(r.dispatch(0).0, vec![vec![0], vec![1], vec![2]]);
+        let old = r.w.generation;
+        let mut cfg = (*r.w.cfg).clone();
+        if let SinkKind::Http { url, .. } = &mut cfg.kind {
+            *url = "http://127.0.0.1:10/fixed".into();
+        }
+        r.w.reconfigure_at(Arc::new(cfg), r.at(10));
+        r.reply_gen(&[0], 404, 20, old);
+        r.reply_gen(&[1], 503, 20, old);
+        r.reply_gen(&[2], 504, 20, old);
+        assert_eq!(
+            r.w.dead_lettered, 0,
+            "the old url's 404 dead-lettered an event"
+        );
+        assert!(
+            r.w.circuit.is_none(),
+            "the old url's failures opened the circuit"
+        );
+        assert!(r.w.window.values().all(|s| s.attempts == 0), "not attempts");
+        assert_eq!(
+            r.dispatch(20).0,
+            vec![vec![0], vec![1], vec![2]],
+            "sent again at once"
+        );
     }
 
     #[tokio::test]
