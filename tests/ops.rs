@@ -1054,24 +1054,22 @@ async fn offline_commands_refuse_a_missing_queue_and_a_replay_to_a_removed_sink(
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// `dlq show` never prints an app's key: PromptLayer follow-ups carry it in their body.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_show_masks_the_key_a_follow_up_carries() {
-    let dir = tempfile::tempdir().unwrap();
+/// A daemon with one PromptLayer sink whose service refuses every log (422), and the local id
+/// of one log posted to it (on its way to the dead letters).
+async fn a_log_the_service_refuses(dir: &std::path::Path) -> (MockSink, InProcess, u64) {
     let pl = MockSink::start().await;
     pl.ok_answer(422, "{\"success\":false,\"message\":\"no\"}");
     let cfg = format!(
         "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n",
         pl.url("")
     );
-    let d = InProcess::start(dir.path(), &cfg).await;
-    let http = client();
+    let d = InProcess::start(dir, &cfg).await;
     let log = serde_json::json!({
         "provider": "openai", "model": "gpt-4o",
         "input": {"type": "chat", "messages": []}, "output": {"type": "chat", "messages": []},
         "request_start_time": 1_700_000_000.0, "request_end_time": 1_700_000_001.0
     });
-    let r = http
+    let r = client()
         .post(d.url("/log-request"))
         .json(&log)
         .send()
@@ -1081,6 +1079,15 @@ async fn dlq_show_masks_the_key_a_follow_up_carries() {
     let id = r.json::<serde_json::Value>().await.unwrap()["id"]
         .as_u64()
         .unwrap();
+    (pl, d, id)
+}
+
+/// `dlq show` never prints an app's key: PromptLayer follow-ups carry it in their body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_show_masks_the_key_a_follow_up_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pl, d, id) = a_log_the_service_refuses(dir.path()).await;
+    let http = client();
     let r = http
         .post(d.url("/library-track-score"))
         .json(&serde_json::json!({"api_key": "pl_APPSECRET", "request_id": id, "score": 5}))
@@ -1129,29 +1136,8 @@ async fn dlq_show_masks_the_key_a_follow_up_carries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_up_to_a_dead_lettered_log_is_a_dead_letter_not_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let pl = MockSink::start().await;
-    pl.ok_answer(422, "{\"success\":false,\"message\":\"no\"}");
-    let cfg = format!(
-        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n",
-        pl.url("")
-    );
-    let d = InProcess::start(dir.path(), &cfg).await;
+    let (pl, d, id) = a_log_the_service_refuses(dir.path()).await;
     let http = client();
-    let log = serde_json::json!({
-        "provider": "openai", "model": "gpt-4o",
-        "input": {"type": "chat", "messages": []}, "output": {"type": "chat", "messages": []},
-        "request_start_time": 1_700_000_000.0, "request_end_time": 1_700_000_001.0
-    });
-    let r = http
-        .post(d.url("/log-request"))
-        .json(&log)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_u64()
-        .unwrap();
     // The log is refused (422) and leaves the queue for the dead letters...
     let status = d.url("/v1/status");
     wait_until(DEADLINE, "the log dead-lettered and gone", || async {
