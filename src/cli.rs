@@ -616,19 +616,25 @@ fn strip_line_prefix(err: &str, line: usize) -> &str {
 struct DaemonApi {
     base: String,
     socket: Option<PathBuf>,
+    /// The config's socket, asked when nothing listens at its HTTP address: a daemon started
+    /// with another `--http-listen` (or by socket activation) still has the socket `status`
+    /// would name, and `llmlogd status` with no flags answered "cannot reach llmlogd".
+    fallback: Option<PathBuf>,
 }
 
 impl DaemonApi {
     fn from_config(cfg: &ConfigArgs) -> Result<DaemonApi, CliError> {
         let c = cfg.load_without_keys()?;
         match (c.server.http_listen, c.server.unix_socket) {
-            (Some(addr), _) => Ok(DaemonApi {
+            (Some(addr), socket) => Ok(DaemonApi {
                 base: format!("http://{addr}"),
                 socket: None,
+                fallback: socket,
             }),
             (None, Some(path)) => Ok(DaemonApi {
                 base: "http://localhost".into(),
                 socket: Some(path),
+                fallback: None,
             }),
             (None, None) => Err(CliError::new(
                 EXIT_USAGE,
@@ -646,6 +652,23 @@ impl DaemonApi {
     }
 
     fn get_json(&self, path: &str) -> Result<Value, CliError> {
+        let first = self.get_json_once(path);
+        match (&first, &self.fallback) {
+            (Err(e), Some(socket)) if e.code == EXIT_UNAVAILABLE && is_socket(socket) => {
+                let on_socket = DaemonApi {
+                    base: "http://localhost".into(),
+                    socket: Some(socket.clone()),
+                    fallback: None,
+                };
+                // Nobody at the HTTP address: the daemon's socket answers for it, or the
+                // error stays the one about the address the config names.
+                on_socket.get_json_once(path).or(first)
+            }
+            _ => first,
+        }
+    }
+
+    fn get_json_once(&self, path: &str) -> Result<Value, CliError> {
         let at = self.describe(path);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -678,6 +701,11 @@ impl DaemonApi {
             })
         })
     }
+}
+
+fn is_socket(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// Why a request to the daemon failed, in the words of its innermost cause: reqwest's own

@@ -492,6 +492,45 @@ async fn status_cli_uses_the_socket_when_http_is_off() {
     assert!(err.contains(socket.to_str().unwrap()), "{err}");
 }
 
+/// A daemon that is not at the HTTP address `status` reads from the config (started with
+/// another `--http-listen`) is found on the config's socket: `llmlogd status` with no flags
+/// said "cannot reach llmlogd … is it running?" with the daemon up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_cli_finds_the_daemon_on_its_socket_when_its_http_address_is_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let p = Process::start(dir.path(), &http_sink("collector", &mock));
+    let socket = dir.path().join("llmlogd.sock");
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let status = || {
+        Command::new(bin())
+            .env_remove("LLMLOGD_CONFIG")
+            .args(["status", "--json", "--http-listen", &nobody.to_string()])
+            .arg("--unix-socket")
+            .arg(&socket)
+            .output()
+            .unwrap()
+    };
+    let out = status();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pid"], p.child.id());
+    drop(p);
+    // No daemon at all: the error is about the address the config names, one line, exit 69.
+    let out = status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains(&nobody.to_string()), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_cli_shows_sinks_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
