@@ -1698,6 +1698,15 @@ fn transport_error(e: reqwest::Error) -> (FailureClass, String) {
         msg.push_str(&s.to_string());
         src = s.source();
     }
+    // The two ways a scheme that does not match the port reads, in the words of rustls and
+    // hyper, which do not say what is wrong.
+    if msg.contains("InvalidContentType") {
+        msg.push_str(
+            " (the endpoint answered without TLS: should the sink's url start with http://?)",
+        );
+    } else if msg.contains("invalid HTTP version") {
+        msg.push_str(" (the endpoint did not answer in HTTP: if it expects TLS, the sink's url should start with https://)");
+    }
     (class, msg)
 }
 
@@ -1731,6 +1740,44 @@ mod tests {
     use crate::config::{Config, Overrides};
     use crate::event::{EventKind, NewEvent};
     use std::sync::atomic::Ordering;
+
+    /// A scheme that does not match the port gets a hint, not only rustls's "received corrupt
+    /// message of type InvalidContentType" or hyper's "invalid HTTP version parsed".
+    #[tokio::test]
+    async fn a_scheme_that_does_not_match_the_port_says_so() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        // A plain HTTP server, and one that answers like a TLS server (a handshake alert).
+        let serve = |answer: &'static [u8]| async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut c, _)) = l.accept().await {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.read(&mut buf).await;
+                    let _ = c.write_all(answer).await;
+                }
+            });
+            addr
+        };
+        let plain = serve(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+        let tls = serve(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46]).await;
+        let send = |url: String| async move {
+            let e = reqwest::Client::new()
+                .post(url)
+                .body("[]")
+                .send()
+                .await
+                .expect_err("refused");
+            transport_error(e).1
+        };
+        let msg = send(format!("https://{plain}/in")).await;
+        assert!(
+            msg.contains("should the sink's url start with http://?"),
+            "{msg}"
+        );
+        let msg = send(format!("http://{tls}/in")).await;
+        assert!(msg.contains("should start with https://"), "{msg}");
+    }
 
     #[test]
     fn loopback_urls_are_told_apart() {
