@@ -764,11 +764,17 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
             last["mark"],
         );
     }
+    let sinks = v["sinks"].as_array().cloned().unwrap_or_default();
+    if sinks.is_empty() {
+        // A header over nothing read like a table that failed to load.
+        println!("no sinks configured: events are stored, then discarded");
+        return Ok(());
+    }
     println!(
         "{:<16} {:<12} {:<8} {:>8} {:>10} {:>8} {:<14} {:<14} LAST ERROR",
         "SINK", "TYPE", "STATE", "BACKLOG", "DELIVERED", "DEAD", "OLDEST", "LAST OK"
     );
-    for s in v["sinks"].as_array().cloned().unwrap_or_default() {
+    for s in sinks {
         println!(
             "{:<16} {:<12} {:<8} {:>8} {:>10} {:>8} {:<14} {:<14} {}",
             s["name"].as_str().unwrap_or(""),

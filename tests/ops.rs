@@ -531,6 +531,26 @@ async fn status_cli_finds_the_daemon_on_its_socket_when_its_http_address_is_else
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
+/// With no sinks, the table says so instead of printing its header over nothing.
+#[test]
+fn status_cli_says_when_no_sinks_are_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Process::start(dir.path(), "");
+    let out = Command::new(bin())
+        .env_remove("LLMLOGD_CONFIG")
+        .args(["status", "--http-listen", &p.http.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("no sinks configured"), "{text}");
+    assert!(!text.contains("LAST ERROR"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_cli_shows_sinks_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
