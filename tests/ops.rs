@@ -459,17 +459,24 @@ fn futures_lite_block(
     rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default()
 }
 
-/// With HTTP switched off (`http_listen = ""`, a socket-only host), `llmlogd status` asks the
-/// same route on the Unix socket.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_cli_uses_the_socket_when_http_is_off() {
+/// Runs `llmlogd status --json --http-listen <http_listen> --unix-socket <its socket>` against
+/// a daemon (which listens on its own HTTP port) and checks it answered; then again once the
+/// daemon is gone, and returns that error (checked: exit 69, one line).
+async fn status_then_gone(http_listen: &str) -> (std::path::PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
     let p = Process::start(dir.path(), &http_sink("collector", &mock));
     let socket = dir.path().join("llmlogd.sock");
     let status = || {
         Command::new(bin())
-            .args(["status", "--json", "--http-listen", "", "--unix-socket"])
+            .env_remove("LLMLOGD_CONFIG")
+            .args([
+                "status",
+                "--json",
+                "--http-listen",
+                http_listen,
+                "--unix-socket",
+            ])
             .arg(&socket)
             .output()
             .unwrap()
@@ -484,51 +491,34 @@ async fn status_cli_uses_the_socket_when_http_is_off() {
     assert_eq!(v["sinks"][0]["name"], "collector");
     assert_eq!(v["pid"], p.child.id());
     drop(p);
-    // Daemon gone: a one-line error naming the socket, exit 69.
     let out = status();
-    assert_eq!(out.status.code(), Some(69));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(69), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+    (socket, err)
+}
+
+/// With HTTP switched off (`http_listen = ""`, a socket-only host), `llmlogd status` asks the
+/// same route on the Unix socket; with the daemon gone, the error names the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_cli_uses_the_socket_when_http_is_off() {
+    let (socket, err) = status_then_gone("").await;
     assert!(err.contains(socket.to_str().unwrap()), "{err}");
 }
 
 /// A daemon that is not at the HTTP address `status` reads from the config (started with
 /// another `--http-listen`) is found on the config's socket: `llmlogd status` with no flags
-/// said "cannot reach llmlogd … is it running?" with the daemon up.
+/// said "cannot reach llmlogd … is it running?" with the daemon up. With no daemon at all,
+/// the error is about the address the config names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_cli_finds_the_daemon_on_its_socket_when_its_http_address_is_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockSink::start().await;
-    let p = Process::start(dir.path(), &http_sink("collector", &mock));
-    let socket = dir.path().join("llmlogd.sock");
     let nobody = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
-        .unwrap();
-    let status = || {
-        Command::new(bin())
-            .env_remove("LLMLOGD_CONFIG")
-            .args(["status", "--json", "--http-listen", &nobody.to_string()])
-            .arg("--unix-socket")
-            .arg(&socket)
-            .output()
-            .unwrap()
-    };
-    let out = status();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["pid"], p.child.id());
-    drop(p);
-    // No daemon at all: the error is about the address the config names, one line, exit 69.
-    let out = status();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(69), "{err}");
-    assert!(err.contains(&nobody.to_string()), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
+        .unwrap()
+        .to_string();
+    let (_, err) = status_then_gone(&nobody).await;
+    assert!(err.contains(&nobody), "{err}");
 }
 
 /// With no sinks, the table says so instead of printing its header over nothing.
