@@ -367,7 +367,11 @@ fn json_error(e: &serde_json::Error, what: &str) -> IngestError {
     let problem = if e.is_eof() {
         "unexpected end of input".to_string()
     } else {
+        // serde_json's two words for a lone surrogate escape ("\ud800" alone, or a low one
+        // first) say nothing of what is wrong with the text.
         e.to_string()
+            .replace("unexpected end of hex escape", LONE_SURROGATE)
+            .replace("lone leading surrogate in hex escape", LONE_SURROGATE)
     };
     IngestError::new(
         400,
@@ -375,6 +379,8 @@ fn json_error(e: &serde_json::Error, what: &str) -> IngestError {
         format!("{what} is not valid JSON: {problem}"),
     )
 }
+
+const LONE_SURROGATE: &str = "a \\u escape names a lone UTF-16 surrogate, which is not Unicode text (\\uD800-\\uDBFF must be followed by \\uDC00-\\uDFFF)";
 
 fn not_object(what: &str) -> IngestError {
     IngestError::new(400, "invalid_json", format!("{what} must be a JSON object"))
@@ -1079,6 +1085,32 @@ async fn status(State(st): St) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lone surrogate escape is refused in words that say so; serde_json's own were
+    /// "unexpected end of hex escape" and "lone leading surrogate in hex escape" (for a low
+    /// one, too).
+    #[test]
+    fn a_lone_surrogate_escape_is_named_as_such() {
+        for body in [
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\ud800x"}"#,
+            r#"{"a":"\udc00"}"#,
+            r#"{"a":"\ud800\u0041"}"#,
+        ] {
+            let e = serde_json::from_str::<Value>(body).unwrap_err();
+            let msg = json_error(&e, "the event").message;
+            assert!(
+                msg.starts_with(
+                    "the event is not valid JSON: a \\u escape names a lone UTF-16 surrogate"
+                ) && msg.contains(" at line 1 column "),
+                "{body}: {msg}"
+            );
+        }
+        // A pair is text, and other escape errors keep serde_json's words.
+        assert!(serde_json::from_str::<Value>(r#"{"a":"\ud83d\ude00"}"#).is_ok());
+        let e = serde_json::from_str::<Value>(r#"{"a":"\uZZZZ"}"#).unwrap_err();
+        assert!(!json_error(&e, "the event").message.contains("surrogate"));
+    }
 
     #[test]
     fn one_connection_never_holds_more_than_a_quarter_of_the_body_budget() {
