@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -248,54 +247,6 @@ async fn traffic_until_dead_lettered(
 
 fn range_set(r: std::ops::Range<u64>) -> BTreeSet<u64> {
     r.collect()
-}
-
-/// Runs `llmlogd dlq --data-dir DIR ARGS…`; returns (exit code, stdout, stderr).
-///
-/// A daemon stopped in this process may still look like the data dir's holder for a moment:
-/// its lock's file descriptor lives on in a child another test is forking (until that child
-/// execs). Then the command is run again, up to the deadline.
-fn dlq(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let held_by_us = format!("in use by another llmlogd (pid {})", std::process::id());
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let out = dlq_once(data_dir, args);
-        if out.0 == 0 || !out.2.contains(&held_by_us) || Instant::now() > deadline {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn dlq_once(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(bin());
-    cmd.arg("dlq");
-    // The daemon's config (the test daemons keep it beside their data dir), as an operator
-    // would give it: `replay` checks the sinks against it.
-    let config = data_dir.parent().map(|p| p.join("llmlogd.toml"));
-    if let Some(c) = config.filter(|c| c.exists()) {
-        cmd.arg("--config").arg(c);
-    }
-    let out = cmd
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env_remove("LLMLOGD_CONFIG")
-        .output()
-        .expect("run llmlogd dlq");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn dlq_list(data_dir: &Path) -> Vec<Value> {
-    let (code, out, err) = dlq(data_dir, &["list", "--json", "--limit", "100000"]);
-    assert_eq!(code, 0, "dlq list: {err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
-        .collect()
 }
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.

@@ -1151,25 +1151,11 @@ async fn dlq_show_masks_the_key_a_follow_up_carries() {
     })
     .await;
     d.stop().await;
-    let data = dir.path().join("data");
-    let out = Command::new(bin())
-        .args([
-            "dlq",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "show",
-            "pl",
-            &(id + 1).to_string(),
-        ])
-        .env_remove("LLMLOGD_CONFIG")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (code, text, err) = dlq(
+        &dir.path().join("data"),
+        &["show", "pl", &(id + 1).to_string()],
     );
+    assert_eq!(code, 0, "{err}");
     assert!(
         text.contains("library") || text.contains("score"),
         "the follow-up: {text}"
@@ -1207,24 +1193,11 @@ async fn a_follow_up_to_a_dead_lettered_log_is_a_dead_letter_not_dropped() {
     })
     .await;
     d.stop().await;
-    let out = Command::new(bin())
-        .args(["dlq", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["list", "--json"])
-        .env_remove("LLMLOGD_CONFIG")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let follow_up = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let letters = dlq_list(&dir.path().join("data"));
+    let follow_up = letters
+        .iter()
         .find(|l| l["seq"] == id + 1)
-        .unwrap_or_else(|| panic!("no dead letter for the follow-up: {text}"));
+        .unwrap_or_else(|| panic!("no dead letter for the follow-up: {letters:?}"));
     let reason = follow_up["info"]["reason"].as_str().unwrap();
     assert!(reason.contains("nothing to refer to"), "{reason}");
     // Only the log was ever sent.
