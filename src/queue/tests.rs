@@ -831,16 +831,31 @@ fn a_loss_is_counted_once_and_losses_add_up() {
 }
 
 /// A copy of a data directory as it is now: what a crash at this instant leaves on disk.
+/// sled's flusher may replace a snapshot file while the directory is read; a file gone between
+/// the listing and its copy starts the copy over, as one listing must describe one instant.
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    for _ in 0..100 {
+        let _ = std::fs::remove_dir_all(to);
+        match try_copy_dir(from, to) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("copying {}: {e}", from.display()),
         }
     }
+    panic!("{} kept changing while it was copied", from.display());
+}
+
+fn try_copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            try_copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The mark never runs ahead of what was synced: the files as a crash leaves them (copied
