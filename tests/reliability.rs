@@ -237,20 +237,32 @@ async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
 }
 
 /// Waits until every event in `acked` has reached `mock`.
-async fn wait_all_delivered(mock: &MockSink, acked: &[String]) {
-    wait_for(
-        Duration::from_secs(120),
-        "every acknowledged event delivered",
-        || {
-            let got: HashSet<String> = mock
-                .received()
-                .iter()
-                .flat_map(|r| r.raw_events())
-                .collect();
-            acked.iter().all(|a| got.contains(a)).then_some(())
-        },
-    )
-    .await;
+async fn wait_all_delivered(p: &Process, mock: &MockSink, acked: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got: HashSet<String> = mock
+            .received()
+            .iter()
+            .flat_map(|r| r.raw_events())
+            .collect();
+        let missing = acked.iter().filter(|a| !got.contains(*a)).count();
+        if missing == 0 {
+            return;
+        }
+        if Instant::now() > deadline {
+            let status = get_json(&p.url("/v1/status")).await;
+            let log = p.log();
+            let tail = &log[log.len().saturating_sub(40)..];
+            panic!(
+                "timed out after 120 s: {missing} of {} acknowledged events not delivered \
+                 ({} received)\nstatus: {status}\nlog:\n{}",
+                acked.len(),
+                got.len(),
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Mounts a small tmpfs, or says why it cannot (not root, no mount permission).
@@ -359,7 +371,7 @@ async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
     acked.push(after);
     // Nothing acknowledged was lost.
     let mock = MockSink::start_at(addr).await;
-    wait_all_delivered(&mock, &acked).await;
+    wait_all_delivered(&p, &mock, &acked).await;
     assert!(p.terminate().success());
     drop(fs);
 }
@@ -731,7 +743,7 @@ async fn a_backlog_that_fills_the_disk_drains_and_ingest_resumes_by_itself() {
     assert_eq!(status, 507, "{v}");
     assert_eq!(v["error"]["code"], "no_space", "{v}");
     let mock = MockSink::start_at(addr).await;
-    wait_all_delivered(&mock, &acked).await;
+    wait_all_delivered(&p, &mock, &acked).await;
     let url = p.url("/v1/events");
     wait_until(Duration::from_secs(60), "ingest to resume", || async {
         let (s, _) = post_json(&url, "{\"after\":\"drained\"}").await;

@@ -306,31 +306,52 @@ pub struct InProcess {
 
 impl InProcess {
     /// Starts with `toml` (written to a file so reload can re-read it) in `dir`.
+    ///
+    /// A daemon this process stopped in the same dir may still look like its holder for a
+    /// moment (see [`dlq`]): then the start is tried again, up to the deadline.
     pub async fn start(dir: &Path, toml: &str) -> InProcess {
         let config_path = dir.join("llmlogd.toml");
         std::fs::write(&config_path, toml).unwrap();
-        let overrides = Overrides {
-            data_dir: Some(dir.join("data")),
-            http_listen: Some("127.0.0.1:0".into()),
-            unix_socket: Some(dir.join("llmlogd.sock").display().to_string()),
-        };
-        let cfg = Config::load(Some(&config_path), &overrides).expect("valid test config");
-        let (control, rx) = mpsc::channel(4);
-        let (tx, started) = oneshot::channel();
-        let source = ConfigSource {
-            path: Some(config_path.clone()),
-            overrides,
-        };
-        let task = tokio::spawn(llmlogd::app::run(cfg, source, rx, Some(tx)));
-        let started = tokio::time::timeout(DEADLINE, started)
-            .await
-            .expect("daemon started in time")
-            .expect("daemon started");
-        InProcess {
-            started,
-            control,
-            task,
-            config_path,
+        let held_by_us = format!("in use by another llmlogd (pid {})", std::process::id());
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let overrides = Overrides {
+                data_dir: Some(dir.join("data")),
+                http_listen: Some("127.0.0.1:0".into()),
+                unix_socket: Some(dir.join("llmlogd.sock").display().to_string()),
+            };
+            let cfg = Config::load(Some(&config_path), &overrides).expect("valid test config");
+            let (control, rx) = mpsc::channel(4);
+            let (tx, started) = oneshot::channel();
+            let source = ConfigSource {
+                path: Some(config_path.clone()),
+                overrides,
+            };
+            let mut task = tokio::spawn(llmlogd::app::run(cfg, source, rx, Some(tx)));
+            match tokio::time::timeout(DEADLINE, started)
+                .await
+                .expect("daemon started in time")
+            {
+                Ok(started) => {
+                    return InProcess {
+                        started,
+                        control,
+                        task,
+                        config_path,
+                    };
+                }
+                // It gave up before it was ready: say why, or try again.
+                Err(_) => {
+                    let why = tokio::time::timeout(DEADLINE, &mut task)
+                        .await
+                        .expect("a daemon that did not start exits");
+                    let held = matches!(&why, Ok(Err(e)) if format!("{e:#}").contains(&held_by_us));
+                    if !held || Instant::now() > deadline {
+                        panic!("daemon did not start: {why:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
     }
 
