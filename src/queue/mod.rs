@@ -133,6 +133,12 @@ const COMPACT_SMALL_LIVE_BYTES: u64 = 8 << 20;
 /// sink came back, until an operator freed space elsewhere.
 const MIN_FREE_BYTES: u64 = 16 << 20;
 
+/// While the store is unavailable (it could not be opened again after a storage error or a
+/// compaction), the writer tries to open it again this often even when no append arrives to
+/// make it try: delivery reads from the store, so a backlog whose disk filled up, with its
+/// clients refused and quiet, waited for the next append to drain at all.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A record encoded by ingest (off the writer thread), ready to append.
 pub struct Prepared {
     enc: Encoded,
@@ -239,10 +245,22 @@ struct Shared {
     /// Tests: run once by the collector between reading a value and removing it.
     #[cfg(test)]
     before_remove: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Tests: the store was taken away by the test, which decides when it comes back.
+    #[cfg(test)]
+    taken_by_test: AtomicBool,
     _lock: DirLock,
 }
 
 impl Shared {
+    /// The store is unavailable and the writer opens it again on its own (`REOPEN_EVERY`).
+    fn reopen_by_itself(&self) -> bool {
+        #[cfg(test)]
+        if self.taken_by_test.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.trees.read().is_none()
+    }
+
     /// What an append is refused with while the store is unavailable (see `unavailable`).
     fn unavailable_error(&self) -> QueueError {
         match self.unavailable.lock().as_deref() {
@@ -388,6 +406,8 @@ impl Queue {
             unavailable: parking_lot::Mutex::new(None),
             #[cfg(test)]
             before_remove: Mutex::new(None),
+            #[cfg(test)]
+            taken_by_test: AtomicBool::new(false),
             _lock: lock,
         });
         let (tx, rx) = crossbeam_channel::bounded(WRITE_QUEUE_DEPTH);
@@ -1121,28 +1141,43 @@ fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteOp>, mut next_seq: u64) {
     loop {
         let first = match pending.take() {
             Some(op) => op,
-            // Synced events the mark does not cover yet (the last commit came within
-            // `MARK_EVERY` of the previous mark): if nothing arrives meanwhile, the mark
-            // catches up once the interval is over, so a burst's tail is not left out of it
-            // until the next event or the close.
-            None if synced > marked_seq => {
-                let due = marked.map_or(std::time::Duration::ZERO, |t| {
-                    mark::MARK_EVERY.saturating_sub(t.elapsed())
+            None => {
+                // Synced events the mark does not cover yet (the last commit came within
+                // `MARK_EVERY` of the previous mark): if nothing arrives meanwhile, the mark
+                // catches up once the interval is over, so a burst's tail is not left out of
+                // it until the next event or the close.
+                let mark_due = (synced > marked_seq).then(|| {
+                    marked.map_or(std::time::Duration::ZERO, |t| {
+                        mark::MARK_EVERY.saturating_sub(t.elapsed())
+                    })
                 });
-                match rx.recv_timeout(due) {
+                // An unavailable store is opened again without waiting for an append.
+                let reopen_due = shared.reopen_by_itself().then_some(REOPEN_EVERY);
+                let wait = match (mark_due, reopen_due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let received = match wait {
+                    None => rx
+                        .recv()
+                        .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+                    Some(wait) => rx.recv_timeout(wait),
+                };
+                match received {
                     Ok(op) => op,
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        write_mark(&shared, synced);
-                        (marked, marked_seq) = (Some(std::time::Instant::now()), synced);
+                        if mark_due == wait {
+                            write_mark(&shared, synced);
+                            (marked, marked_seq) = (Some(std::time::Instant::now()), synced);
+                        }
+                        if reopen_due == wait && shared.reopen_by_itself() {
+                            reopen(&shared);
+                        }
                         continue;
                     }
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
             }
-            None => match rx.recv() {
-                Ok(op) => op,
-                Err(_) => break,
-            },
         };
         let started = std::time::Instant::now();
         shared.writer_busy_since.store(now_ms(), Ordering::Relaxed);
@@ -1924,12 +1959,15 @@ impl Queue {
     /// Takes the store away, as a storage error does until it can be reopened: every
     /// operation fails with `Storage` meanwhile (tests of what other stages do then).
     pub(crate) fn take_store_for_test(&self) {
+        self.shared.taken_by_test.store(true, Ordering::Relaxed);
         drop(self.shared.trees.write().take());
     }
 
-    /// Opens the store again, as the writer does after a storage error.
+    /// Opens the store again, as the writer does after a storage error; from then on the
+    /// writer does so by itself as in the daemon.
     pub(crate) fn reopen_store_for_test(&self) {
         reopen(&self.shared);
+        self.shared.taken_by_test.store(false, Ordering::Relaxed);
     }
 }
 

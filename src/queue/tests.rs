@@ -1409,6 +1409,45 @@ fn a_store_that_cannot_be_reopened_says_why_instead_of_disk_full() {
     );
 }
 
+/// A store that could not be opened again after a storage error comes back by itself once it
+/// can, with no append to make the writer try: delivery reads from it, and a backlog whose
+/// clients were refused (a full disk) and went quiet waited for the next append to drain.
+#[test]
+fn an_unavailable_store_comes_back_without_an_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let q = Queue::open(&cfg(dir.path())).unwrap();
+    let s = q.sink_id("s").unwrap();
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":1}"#), &[s])]))
+        .unwrap();
+    q.take_store_for_test();
+    // It cannot be opened for now: its log file is out of the way.
+    let db = dir.path().join("queue").join("db");
+    let aside = dir.path().join("db.aside");
+    std::fs::rename(&db, &aside).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    q.reopen_store_for_test();
+    assert!(q.read(s, 0, 10, 1 << 20, 10).is_err());
+    // The writer tried at that append; nothing else is sent to it from here on.
+    rt.block_on(q.append(vec![q.prepare(&ev(r#"{"n":2}"#), &[s])]))
+        .unwrap_err();
+    std::fs::remove_dir(&db).unwrap();
+    std::fs::rename(&aside, &db).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let r = loop {
+        if let Ok(r) = q.read(s, 0, 10, 1 << 20, 10) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store did not come back within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(payloads(&r), vec![r#"{"n":1}"#.to_string()]);
+    assert!(q.refusing().is_none(), "{:?}", q.refusing());
+}
+
 /// The event and byte counts only ever go down by what was removed, but if they ever fall
 /// behind the log (a recount that failed after a storage error set them to 0), a removal
 /// must stop them at 0: wrapped round to ~2^64, the next `drop_oldest` append found the
