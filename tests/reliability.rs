@@ -721,6 +721,98 @@ async fn long_request_headers_are_bounded_per_connection() {
     assert_eq!(s, 202, "{v}");
 }
 
+/// What the daemon wrote before it closed the connection. A request it stopped reading
+/// (headers over its buffer) is closed with input unread, which resets the connection after
+/// the reply: what arrived before the reset is the reply.
+fn read_until_closed(s: &mut impl Read) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("reading the reply: {e}"),
+        }
+    }
+}
+
+/// Requests hyper cannot parse are answered by hyper itself, before any handler: those replies
+/// carry a JSON body naming the problem like every other refusal (they had an empty one), over
+/// TCP and the socket, on a fresh connection and after a good request on a kept-alive one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_cannot_parse_get_a_json_error_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "").await;
+    let (addr, sock) = (d.started.http.unwrap(), d.socket());
+    let good = "POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            format!("POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "y".repeat(64 << 10)),
+            431,
+            "headers_too_large",
+        ),
+        ("POST /v1/events HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".into(), 400, "bad_request"),
+        ("POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}".into(), 400, "bad_request"),
+        ("GET / HTTP/9.9\r\nHost: x\r\n\r\n".into(), 400, "bad_request"),
+    ];
+    for (request, status, code) in &cases {
+        for after_good in [false, true] {
+            let send = if after_good {
+                format!("{good}{request}")
+            } else {
+                request.clone()
+            };
+            let replies = tokio::task::spawn_blocking({
+                let sock = sock.clone();
+                let send = send.clone();
+                move || {
+                    let tcp = {
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        s.set_read_timeout(Some(DEADLINE)).unwrap();
+                        s.write_all(send.as_bytes()).unwrap();
+                        read_until_closed(&mut s)
+                    };
+                    let unix = {
+                        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+                        s.set_read_timeout(Some(DEADLINE)).unwrap();
+                        s.write_all(send.as_bytes()).unwrap();
+                        read_until_closed(&mut s)
+                    };
+                    [tcp, unix]
+                }
+            })
+            .await
+            .unwrap();
+            for reply in replies {
+                let mut text = String::from_utf8(reply).unwrap();
+                if after_good {
+                    assert!(text.starts_with("HTTP/1.1 202 "), "{text}");
+                    let at = text.find("}HTTP/1.1 ").expect("a second reply") + 1;
+                    text = text[at..].to_string();
+                }
+                let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+                assert!(
+                    head.starts_with(&format!("HTTP/1.1 {status} ")),
+                    "{request:.80}: {head}\n{body}"
+                );
+                assert!(
+                    head.contains("\r\ncontent-type: application/json\r\n"),
+                    "{head}"
+                );
+                assert!(
+                    head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+                    "{head}\n{body}"
+                );
+                let v: serde_json::Value = serde_json::from_str(body).expect(body);
+                assert_eq!(v["error"]["code"], *code, "{v}");
+                assert_eq!(v["success"], false, "{v}");
+            }
+        }
+    }
+    d.stop().await;
+}
+
 /// The sink is down and its backlog fills the disk. Ingest stops (507) while some space is
 /// still free, so when the sink comes back the backlog drains, the store gives its space
 /// back, and ingest resumes, by itself. (Ingest used to take the last byte: the store could

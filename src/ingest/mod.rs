@@ -12,6 +12,7 @@
 
 pub mod http;
 pub mod ndjson;
+mod parse_errors;
 pub mod server;
 mod unix_stream;
 

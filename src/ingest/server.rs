@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ndjson::{self, NdjsonLimits};
+use super::parse_errors::JsonParseErrors;
 use super::unix_stream::LeanUnix;
 use super::Ingest;
 use crate::config::ServerConfig;
@@ -260,9 +261,10 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Largest read buffer of one HTTP connection, so the most its request headers may take.
 /// hyper's default (~400 KiB) let 1,000 connections trickling in long headers hold ~470 MiB;
 /// at 16 KiB the 1,024 connections allowed hold at most 16 MiB. Real clients send well under
-/// 4 KiB of headers; a request with more gets hyper's `431`. Bodies are read through it in
-/// parts, and held within the shared body budget (`http::body_budget`).
-const HTTP_READ_BUFFER: usize = 16 << 10;
+/// 4 KiB of headers; a request with more than this gets hyper's `431` (with a JSON body, see
+/// `parse_errors`). Bodies are read through it in parts, and held within the shared body
+/// budget (`http::body_budget`).
+pub(crate) const HTTP_READ_BUFFER: usize = 16 << 10;
 
 enum Conn {
     Tcp(tokio::net::TcpStream),
@@ -351,7 +353,7 @@ where
         // never acknowledged. A client that hangs up for good still stops the connection: the
         // reply cannot be written.
         .half_close(true)
-        .serve_connection(TokioIo::new(io), svc);
+        .serve_connection(TokioIo::new(JsonParseErrors::new(io)), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
