@@ -1256,10 +1256,9 @@ mod tests {
         );
         // Uncommented, every example sink is valid too.
         std::env::set_var("PROMPTLAYER_API_KEY", "pl_test");
-        let creds = std::env::temp_dir().join(format!("llmlogd-creds-{}", std::process::id()));
-        std::fs::create_dir_all(&creds).unwrap();
-        std::fs::write(creds.join("pezzo"), "pz").unwrap();
-        std::env::set_var("CREDENTIALS_DIRECTORY", &creds);
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join("pezzo"), "pz").unwrap();
+        std::env::set_var("CREDENTIALS_DIRECTORY", creds.path());
         let sinks_at = text.find("#[sinks.").unwrap();
         let uncommented: String = text[sinks_at..]
             .lines()
