@@ -81,6 +81,16 @@ impl<S> JsonParseErrors<S> {
 }
 
 impl<S: AsyncWrite + Unpin> JsonParseErrors<S> {
+    /// Whether a rewritten reply is being written, starting one if `buf` (one write, whole)
+    /// is hyper's head: then [`Self::poll_pending`] writes it instead of `buf`.
+    fn take(&mut self, buf: &[u8]) -> bool {
+        // Only a write that begins with an error status line is looked at.
+        if self.pending.is_none() && buf.starts_with(b"HTTP/1.1 4") {
+            self.pending = rewrite(buf).map(|ours| (ours, 0, buf.len()));
+        }
+        self.pending.is_some()
+    }
+
     /// Writes what is pending; `Ok(n)` (hyper's length) once all of it is out.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let Some((bytes, written, theirs)) = &mut self.pending else {
@@ -115,15 +125,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.pending.is_none() {
-            // Only a write that begins with an error status line is looked at.
-            if buf.starts_with(b"HTTP/1.1 4") {
-                if let Some(ours) = rewrite(buf) {
-                    self.pending = Some((ours, 0, buf.len()));
-                }
-            }
-        }
-        if self.pending.is_some() {
+        if self.take(buf) {
             return self.poll_pending(cx);
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
@@ -134,17 +136,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.pending.is_none() {
-            let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
-            if let (Some(first), None) = (nonempty.next(), nonempty.next()) {
-                if first.starts_with(b"HTTP/1.1 4") {
-                    if let Some(ours) = rewrite(first) {
-                        self.pending = Some((ours, 0, first.len()));
-                    }
-                }
-            }
-        }
-        if self.pending.is_some() {
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        let whole = match (nonempty.next(), nonempty.next()) {
+            (Some(first), None) => &first[..],
+            _ => &[],
+        };
+        if self.take(whole) {
             return self.poll_pending(cx);
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
