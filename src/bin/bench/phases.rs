@@ -345,13 +345,15 @@ impl Bench {
             Ok::<_, anyhow::Error>((o?, syncs, cpu))
         })?;
         let what = format!("{transport} {format} × {clients}");
-        // Where the daemon's peak RSS grew: one line per cell on stderr.
+        // Where the daemon's peak RSS grew: one line per cell on stderr (`status_kb` and
+        // `peak_rss` give bytes).
+        const MIB: f64 = (1u64 << 20) as f64;
         eprintln!(
             "    {:.0} events/s; peak RSS so far {:.1} MiB (now anon {:.1}, file {:.1})",
             outcome.acked as f64 / w.len().as_secs_f64(),
-            server.peak_rss() as f64 / 1024.0,
-            sys::status_kb(pid, "RssAnon").unwrap_or(0) as f64 / 1024.0,
-            sys::status_kb(pid, "RssFile").unwrap_or(0) as f64 / 1024.0,
+            server.peak_rss() as f64 / MIB,
+            sys::status_kb(pid, "RssAnon").unwrap_or(0) as f64 / MIB,
+            sys::status_kb(pid, "RssFile").unwrap_or(0) as f64 / MIB,
         );
         self.check(&what, &outcome);
         let mut latencies = outcome.latencies;
