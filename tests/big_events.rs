@@ -321,24 +321,11 @@ async fn a_large_event_refused_with_413_is_dead_lettered_and_replayed_whole() {
     );
     d.stop().await;
     let data = dir.path().join("data");
-    let config = dir.path().join("llmlogd.toml");
+    // With the daemon's config (beside the data dir), as an operator would run it.
     let dlq = |args: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .arg("dlq")
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(args)
-            .env_remove("LLMLOGD_CONFIG")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (code, out, err) = dlq(&data, args);
+        assert_eq!(code, 0, "{err}");
+        out
     };
     let letters: Vec<Value> = dlq(&["list", "--json"])
         .lines()

@@ -385,16 +385,8 @@ async fn lost_events_show_in_the_metrics_and_fsck_says_repair_cannot_bring_them_
         if repair {
             args.push("--repair");
         }
-        let out = Command::new(bin())
-            .args(&args)
-            .env_remove("LLMLOGD_CONFIG")
-            .env_remove("LLMLOGD_DATA_DIR")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, _, err) = offline(&args);
+        (Some(code), err)
     };
     // Found once (the open above took the numbering past the mark), kept on record.
     let (code, err) = fsck(false);
@@ -1681,23 +1673,18 @@ async fn dead_letters_stay_under_their_cap_and_the_metrics_say_so() {
     d.stop().await;
     // The newest are the ones kept (give or take the few in flight at once: letters come in
     // the order their requests end).
-    let out = Command::new(bin())
-        .args([
-            "dlq",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-        ])
-        .args(["list", "--json", "--limit", "10000"])
-        .env_remove("LLMLOGD_CONFIG")
-        .env_remove("LLMLOGD_DATA_DIR")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seqs: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+    let data = dir.path().join("data");
+    let (code, out, err) = offline(&[
+        "dlq",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "list",
+        "--json",
+        "--limit",
+        "10000",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let seqs: Vec<u64> = out
         .lines()
         .map(|l| {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]

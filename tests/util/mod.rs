@@ -393,12 +393,36 @@ pub struct Process {
 ///
 /// A daemon stopped in this process may still look like the data dir's holder for a moment:
 /// its lock's file descriptor lives on in a child another test is forking (until that child
-/// execs). Then the command is run again, up to the deadline.
+/// execs). Then the command is run again, up to the deadline (see [`while_held_by_us`]).
 pub fn dlq(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    while_held_by_us(|| dlq_once(data_dir, args))
+}
+
+/// Runs `llmlogd ARGS…` (a command that opens a data dir, as `fsck` does) with no config or
+/// data dir from the environment, as [`dlq`] does: again while this process holds the dir.
+pub fn offline(args: &[&str]) -> (i32, String, String) {
+    while_held_by_us(|| {
+        let out = Command::new(bin())
+            .args(args)
+            .env_remove("LLMLOGD_CONFIG")
+            .env_remove("LLMLOGD_DATA_DIR")
+            .output()
+            .expect("run llmlogd");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+}
+
+/// Runs `run` again, up to the deadline, while it fails because this process (a daemon it
+/// stopped, through a forked child's copy of the lock) still holds the data dir.
+fn while_held_by_us(mut run: impl FnMut() -> (i32, String, String)) -> (i32, String, String) {
     let held_by_us = format!("in use by another llmlogd (pid {})", std::process::id());
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let out = dlq_once(data_dir, args);
+        let out = run();
         if out.0 == 0 || !out.2.contains(&held_by_us) || Instant::now() > deadline {
             return out;
         }
