@@ -312,7 +312,7 @@ impl InProcess {
     pub async fn start(dir: &Path, toml: &str) -> InProcess {
         let config_path = dir.join("llmlogd.toml");
         std::fs::write(&config_path, toml).unwrap();
-        let held_by_us = format!("in use by another llmlogd (pid {})", std::process::id());
+        let held_by_us = held_by_us();
         let deadline = Instant::now() + DEADLINE;
         loop {
             let overrides = Overrides {
@@ -402,24 +402,33 @@ pub fn dlq(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
 /// data dir from the environment, as [`dlq`] does: again while this process holds the dir.
 pub fn offline(args: &[&str]) -> (i32, String, String) {
     while_held_by_us(|| {
-        let out = Command::new(bin())
-            .args(args)
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
             .env_remove("LLMLOGD_CONFIG")
-            .env_remove("LLMLOGD_DATA_DIR")
-            .output()
-            .expect("run llmlogd");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+            .env_remove("LLMLOGD_DATA_DIR");
+        outcome(cmd)
     })
+}
+
+/// (exit code, stdout, stderr) of `cmd`, run to its end.
+fn outcome(mut cmd: Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run llmlogd");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// How a command or a start is refused while this process holds the data dir.
+fn held_by_us() -> String {
+    format!("in use by another llmlogd (pid {})", std::process::id())
 }
 
 /// Runs `run` again, up to the deadline, while it fails because this process (a daemon it
 /// stopped, through a forked child's copy of the lock) still holds the data dir.
 fn while_held_by_us(mut run: impl FnMut() -> (i32, String, String)) -> (i32, String, String) {
-    let held_by_us = format!("in use by another llmlogd (pid {})", std::process::id());
+    let held_by_us = held_by_us();
     let deadline = Instant::now() + DEADLINE;
     loop {
         let out = run();
@@ -439,18 +448,11 @@ pub fn dlq_once(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
     if let Some(c) = config.filter(|c| c.exists()) {
         cmd.arg("--config").arg(c);
     }
-    let out = cmd
-        .arg("--data-dir")
+    cmd.arg("--data-dir")
         .arg(data_dir)
         .args(args)
-        .env_remove("LLMLOGD_CONFIG")
-        .output()
-        .expect("run llmlogd dlq");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .env_remove("LLMLOGD_CONFIG");
+    outcome(cmd)
 }
 
 pub fn dlq_list(data_dir: &Path) -> Vec<serde_json::Value> {
