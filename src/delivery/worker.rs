@@ -1643,6 +1643,9 @@ async fn execute(
             Err(_) => break,
         }
     }
+    // What the reply says goes to status, the logs and the dead letters: never with the key
+    // the request carried, should the service quote it back.
+    let body = crate::sinks::mask_secrets(body, &req.secrets());
     Ok(Reply {
         status,
         retry_after,

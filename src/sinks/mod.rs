@@ -30,6 +30,79 @@ pub struct SinkRequest {
     pub app_key: bool,
 }
 
+impl SinkRequest {
+    /// What in this request may be a credential, as bytes to mask wherever the service's reply
+    /// quotes it: the value of every header that is not plainly about the content (an
+    /// `Authorization` value also without its scheme, `Bearer …`), and the URL's user info and
+    /// query values. Values shorter than [`MIN_SECRET`] are left out: masking them would
+    /// garble replies, and a credential is longer.
+    pub fn secrets(&self) -> Vec<Vec<u8>> {
+        const NOT_SECRET: [&str; 7] = [
+            "content-type",
+            "content-encoding",
+            "content-length",
+            "accept",
+            "user-agent",
+            "idempotency-key",
+            "x-llmlogd-event-ids",
+        ];
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut add = |v: &[u8]| {
+            let v = v.trim_ascii();
+            if v.len() >= MIN_SECRET && !out.iter().any(|o| o == v) {
+                out.push(v.to_vec());
+            }
+        };
+        for (name, value) in &self.headers {
+            if NOT_SECRET.contains(&name.as_str()) {
+                continue;
+            }
+            let v = value.as_bytes();
+            add(v);
+            if let Some(at) = v.iter().position(|b| *b == b' ') {
+                add(&v[at + 1..]);
+            }
+        }
+        if let Ok(url) = reqwest::Url::parse(&self.url) {
+            if let Some(p) = url.password() {
+                add(p.as_bytes());
+            }
+            add(url.username().as_bytes());
+            for (_, v) in url.query_pairs() {
+                add(v.as_bytes());
+            }
+        }
+        // Longest first, so a token is not half masked by a shorter value inside it.
+        out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        out
+    }
+}
+
+/// The shortest header or URL value [`SinkRequest::secrets`] counts as a possible credential.
+pub const MIN_SECRET: usize = 8;
+
+/// `body` with every occurrence of each of `secrets` replaced by `***`: a service's error reply
+/// may quote the key it was sent ("invalid key pl_…"), and replies reach `llmlogd status`,
+/// the logs and the dead letters.
+pub fn mask_secrets(body: Vec<u8>, secrets: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = body;
+    for s in secrets {
+        if memchr::memmem::find(&body, s).is_none() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(body.len());
+        let mut rest = &body[..];
+        while let Some(at) = memchr::memmem::find(rest, s) {
+            out.extend_from_slice(&rest[..at]);
+            out.extend_from_slice(b"***");
+            rest = &rest[at + s.len()..];
+        }
+        out.extend_from_slice(rest);
+        body = out;
+    }
+    body
+}
+
 /// Why a sink cannot build a request for an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildError {
@@ -137,4 +210,53 @@ pub(crate) fn json_content_type() -> (HeaderName, HeaderValue) {
         reqwest::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(url: &str, headers: &[(&'static str, &str)]) -> SinkRequest {
+        SinkRequest {
+            url: url.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        HeaderName::from_static(k),
+                        HeaderValue::from_str(v).unwrap(),
+                    )
+                })
+                .collect(),
+            body: Bytes::new(),
+            app_key: false,
+        }
+    }
+
+    #[test]
+    fn what_a_request_carries_is_masked_in_a_reply() {
+        let req = request(
+            "https://user:hunter2pass@example.com/in?token=querytoken1&x=1",
+            &[
+                ("authorization", "Bearer sk-abcdefgh12345"),
+                ("x-api-key", "pl_0123456789"),
+                ("content-type", "application/json"),
+                ("idempotency-key", "0123456789abcdef0123456789abcdef"),
+                ("x-short", "prod"),
+            ],
+        );
+        let secrets = req.secrets();
+        let reply = b"bad key pl_0123456789 / sk-abcdefgh12345 (Bearer sk-abcdefgh12345), \
+                      pw hunter2pass, q querytoken1, id 0123456789abcdef0123456789abcdef, \
+                      application/json, env prod, x=1";
+        let masked = String::from_utf8(mask_secrets(reply.to_vec(), &secrets)).unwrap();
+        assert_eq!(
+            masked,
+            "bad key *** / *** (***), pw ***, q ***, id 0123456789abcdef0123456789abcdef, \
+             application/json, env prod, x=1"
+        );
+        // Nothing to mask: the same bytes.
+        let plain = b"{\"success\":true,\"id\":7}".to_vec();
+        assert_eq!(mask_secrets(plain.clone(), &secrets), plain);
+    }
 }
