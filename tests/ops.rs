@@ -1196,6 +1196,101 @@ async fn a_follow_up_to_a_dead_lettered_log_is_a_dead_letter_not_dropped() {
     assert_eq!(pl.received().len(), 1);
 }
 
+/// A service that quotes the key it was sent in its error reply ("invalid key pl_…") does not
+/// get it shown: the reply reaches status, the logs and the dead letters with every credential
+/// the request carried masked: a sink's own key, the app's key it passed on, an http sink's
+/// header and URL token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_service_quotes_back_is_masked_in_status_and_dead_letters() {
+    const OWN: &str = "pl_OWNKEY_quoted_1";
+    const APP: &str = "pl_APPKEY_quoted_2";
+    const HEADER: &str = "tok_HEADERKEY_quoted_3";
+    const IN_URL: &str = "URLKEY_quoted_4";
+    let quoting = |what: &str| format!("{{\"success\":false,\"message\":\"invalid key {what}\"}}");
+    let own = MockSink::start().await;
+    let app = MockSink::start().await;
+    let col = MockSink::start().await;
+    own.ok_answer(422, &quoting(OWN));
+    app.ok_answer(422, &quoting(APP));
+    col.ok_answer(422, &quoting(&format!("Bearer {HEADER} ?token={IN_URL}")));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!(
+        "[sinks.own]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"{OWN}\"\n\
+         [sinks.app]\ntype = \"promptlayer\"\nurl = \"{}\"\n\
+         [sinks.col]\ntype = \"http\"\nurl = \"{}?token={IN_URL}\"\n\
+         headers = {{ Authorization = \"Bearer {HEADER}\" }}\n",
+        own.url(""),
+        app.url(""),
+        col.url("/in"),
+    );
+    let d = Process::start(dir.path(), &cfg);
+    let log = serde_json::json!({
+        "provider": "openai", "model": "gpt-4o",
+        "input": {"type": "chat", "messages": []}, "output": {"type": "chat", "messages": []},
+        "request_start_time": 1_700_000_000.0, "request_end_time": 1_700_000_001.0
+    });
+    let r = client()
+        .post(d.url("/log-request"))
+        .header("x-api-key", APP)
+        .json(&log)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let status_url = d.url("/v1/status");
+    let status = wait_until(DEADLINE, "three dead letters", || async {
+        let s = get_json(&status_url).await;
+        (s["queue"]["dead_letters"] == 3).then_some(s)
+    })
+    .await;
+    // Each service was sent its credential, and quoted it back.
+    assert_eq!(own.received()[0].header("x-api-key").as_deref(), Some(OWN));
+    assert_eq!(app.received()[0].header("x-api-key").as_deref(), Some(APP));
+    let metrics = client()
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let log = d.log().join("\n");
+    assert!(d.terminate().success());
+    let list = serde_json::Value::from(dlq_list(&dir.path().join("data"))).to_string();
+    let status = status.to_string();
+    for (what, text) in [
+        ("status", &status),
+        ("dlq list", &list),
+        ("metrics", &metrics),
+        ("log", &log),
+    ] {
+        for key in [OWN, APP, HEADER, IN_URL] {
+            assert!(!text.contains(key), "{what} shows {key}: {text}");
+        }
+    }
+    for (name, masked) in [
+        ("own", "invalid key ***"),
+        ("app", "invalid key ***"),
+        ("col", "invalid key *** ?token=***"),
+    ] {
+        let e = status_of(&status, name);
+        assert!(e.contains(masked), "{name}: {e}");
+    }
+    assert_eq!(list.matches("invalid key ***").count(), 3, "{list}");
+}
+
+/// The `last_error` of sink `name` in a `/v1/status` reply.
+fn status_of(status: &str, name: &str) -> String {
+    let s: serde_json::Value = serde_json::from_str(status).unwrap();
+    s["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .map(|x| x["last_error"].to_string())
+        .unwrap_or_default()
+}
+
 /// A token in a sink's URL never shows in its errors (status, metrics, logs share the text).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_in_a_sink_url_is_masked_in_its_errors() {
