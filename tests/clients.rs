@@ -835,9 +835,25 @@ batch_max_wait = "10ms"
     // Pezzo: reports arrive with the app's key and project, valid, provider OpenAI.
     let reports = wait_for(DEADLINE, "Pezzo reports", || {
         let r = pezzo.received();
-        (r.len() >= 6).then_some(r)
+        (r.len() >= 8).then_some(r)
     })
     .await;
+    // The calls whose provider could not be reached (one per client) came without a response
+    // body; they arrive as failed calls, with an error body the spec accepts.
+    let unreachable: Vec<Value> = reports
+        .iter()
+        .map(|r| r.json())
+        .filter(|b| b["request"]["body"]["messages"][0]["content"] == "Nobody answers.")
+        .collect();
+    assert_eq!(unreachable.len(), 2, "{unreachable:#?}");
+    for b in &unreachable {
+        assert_eq!(
+            b["response"]["body"]["error"]["message"],
+            formats::pezzo::NO_RESPONSE,
+            "{b:#}"
+        );
+        assert_eq!(b["response"]["status"], 500, "{b:#}");
+    }
     for r in &reports {
         assert_eq!(r.path, "/api/reporting/v2/request");
         assert_eq!(

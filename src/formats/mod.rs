@@ -193,7 +193,7 @@ pub fn validate(format: Format, body: &Value) -> Result<(), Vec<FieldError>> {
 /// The canonical event for a body of `format`; `None` only for native bodies without the schema.
 pub fn to_canonical(format: Format, body: &Value) -> Option<canonical::LlmEvent> {
     match format {
-        Format::Native => native::to_canonical(body),
+        Format::Native => native::to_event(body),
         Format::Pezzo => Some(pezzo::to_canonical(body)),
         Format::PromptLayer => Some(promptlayer::to_canonical(body)),
     }

@@ -11,8 +11,9 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::canonical::{provider_id, LlmEvent, SCHEMA};
+use super::canonical::{provider_id, LlmEvent, Status, SCHEMA};
 use super::check::{Checker, ROOT};
+use super::convert;
 use super::{Attributes, FieldError};
 
 /// Whether a body claims to be a canonical event.
@@ -40,15 +41,26 @@ pub fn check(body: &Value) -> Result<Attributes, Vec<FieldError>> {
         Ok(ev) => Ok(canonical_attributes(ev)),
         Err(e) => {
             let path = e.path().to_string();
-            let field = if path.is_empty() || path == "." {
-                ROOT.to_string()
+            let at = if path.is_empty() || path == "." {
+                None
             } else {
-                path
+                Some(path)
             };
-            c.error(
-                &field,
-                format!("not a valid {SCHEMA} event: {}", e.into_inner()),
-            );
+            let inner = e.into_inner().to_string();
+            // serde names a missing field in its message, at the path of the object that
+            // lacks it: the refusal names the field itself (`provider`, `request.start_time`).
+            let missing = inner
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next());
+            let (field, problem) = match (missing, at) {
+                (Some(m), Some(at)) => (format!("{at}.{m}"), "is required".to_string()),
+                (Some(m), None) => (m.to_string(), "is required".to_string()),
+                (None, at) => (
+                    at.unwrap_or_else(|| ROOT.to_string()),
+                    format!("not a valid {SCHEMA} event: {inner}"),
+                ),
+            };
+            c.error(&field, problem);
             Err(c.finish().err().unwrap_or_default())
         }
     }
@@ -139,12 +151,62 @@ pub(crate) fn plain_json(raw: &[u8]) -> bool {
     true
 }
 
-/// The canonical event, when the body carries the schema marker and parses.
+/// The canonical event, when the body carries the schema marker and parses: exactly what the
+/// body says (its serde form; [`from_canonical`] gives the body back).
 pub fn to_canonical(body: &Value) -> Option<LlmEvent> {
     if !is_canonical(body) {
         return None;
     }
     LlmEvent::deserialize(body).ok()
+}
+
+/// [`to_canonical`] with the summary fields the body leaves out filled from its provider bodies
+/// ([`fill_summary`]): the event other formats are rendered from.
+pub fn to_event(body: &Value) -> Option<LlmEvent> {
+    let mut ev = to_canonical(body)?;
+    fill_summary(&mut ev);
+    Some(ev)
+}
+
+/// Fills what a native event did not state from its provider bodies, as the Pezzo parser
+/// does for every report: `model` (the request's, else the response's), `api_type`,
+/// `parameters`, `usage`, and for a failed call (an error body, an HTTP status ≥ 400) `status`,
+/// `error_type` and `error_message`. What the event states stands. Without this, an event
+/// that kept its model and token counts only in its bodies reached Pezzo without the model
+/// and PromptLayer without the tokens.
+///
+/// An event that came from another format (its `extra` holds that format's leftovers) is left
+/// as it is: that format's parser filled what it knew, and its native form must read back as
+/// the same event.
+fn fill_summary(ev: &mut LlmEvent) {
+    if !ev.extra.is_empty() {
+        return;
+    }
+    let s = convert::body_summary(
+        &ev.provider,
+        ev.request.body.as_ref(),
+        ev.response.http_status,
+        ev.response.body.as_ref(),
+    );
+    if ev.model.is_none() {
+        ev.model = s.model;
+    }
+    if ev.api_type.is_none() {
+        ev.api_type = s.api_type;
+    }
+    if ev.parameters.is_none() {
+        ev.parameters = s.parameters.filter(|p| !p.is_empty());
+    }
+    if ev.status.is_none() {
+        if let Some(f) = s.failure {
+            ev.status = Some(Status::Error);
+            ev.error_type.get_or_insert(f.error_type);
+            ev.error_message.get_or_insert(f.message);
+        }
+    }
+    if ev.usage.is_none() && !ev.is_error() {
+        ev.usage = s.usage;
+    }
 }
 
 fn canonical_attributes<B>(ev: LlmEvent<B>) -> Attributes {
@@ -387,7 +449,7 @@ mod tests {
     fn canonical_native_events_convert() {
         let body = hand_written();
         assert_eq!(validate(&body), Ok(()));
-        let ev = to_canonical(&body).expect("canonical");
+        let ev = to_event(&body).expect("canonical");
         assert_eq!(ev.status, Some(Status::Success));
         assert_eq!(
             ev.usage,
@@ -410,6 +472,7 @@ mod tests {
                 "input": {"type": "chat", "messages": [{"role": "user", "content": [{"type": "text", "text": "Ping"}]}]},
                 "output": {"type": "chat", "messages": [{"role": "assistant", "content": [{"type": "text", "text": "Pong"}]}]},
                 "request_start_time": "2024-05-01T10:00:00.250Z", "request_end_time": "2024-05-01T10:00:01Z",
+                "parameters": {"max_tokens": 64}, "api_type": "chat-completions",
                 "tags": ["ops"], "metadata": {"environment": "prod"},
                 "input_tokens": 8, "output_tokens": 2, "status": "SUCCESS"
             })
@@ -424,7 +487,7 @@ mod tests {
 
         // Native -> canonical -> native keeps everything; numeric times become strings, after
         // which the form is stable.
-        let again = from_canonical(&ev);
+        let again = from_canonical(&to_canonical(&body).expect("canonical"));
         let mut expected = body.clone();
         expected["request"]["start_time"] = json!("2024-05-01T10:00:00.250Z");
         assert_eq!(again, expected);
@@ -484,5 +547,90 @@ mod tests {
         let mut body = hand_written();
         body["tags"] = json!(["ok", 7]);
         assert_eq!(validate(&body).expect_err("invalid")[0].field, "tags[1]");
+    }
+
+    /// An event that keeps its model, usage or failure only in its provider bodies reaches
+    /// Pezzo with its model and PromptLayer with its tokens (they were dropped before); what an
+    /// event states itself stands.
+    #[test]
+    fn summary_fields_left_out_come_from_the_bodies() {
+        let mut body = hand_written();
+        let top = body.as_object_mut().unwrap();
+        for k in ["model", "usage", "status"] {
+            top.remove(k);
+        }
+        body["request"]["body"]
+            .as_object_mut()
+            .unwrap()
+            .remove("model");
+        body["response"]["body"]["model"] = json!("claude-3-5-haiku-20241022");
+        let ev = to_event(&body).expect("canonical");
+        assert_eq!(ev.model.as_deref(), Some("claude-3-5-haiku-20241022"));
+        let pl = promptlayer::from_canonical(&ev);
+        assert_eq!(pl["input_tokens"], 8, "{pl}");
+        assert_eq!(pl["output_tokens"], 2, "{pl}");
+        assert_eq!(pl["model"], "claude-3-5-haiku-20241022", "{pl}");
+        let pz = pezzo::from_canonical(&ev);
+        assert_eq!(
+            pz["properties"]["llmlogd_model"], "claude-3-5-haiku-20241022",
+            "{pz}"
+        );
+
+        // OpenAI, model in the request body only, usage in the response body only.
+        let openai = json!({
+            "schema": "llmlogd.llm/v1", "provider": "openai",
+            "request": {"start_time": 1_714_557_600, "body": {"model": "gpt-4o", "temperature": 0.2,
+                        "messages": [{"role": "user", "content": "Hi"}]}},
+            "response": {"end_time": 1_714_557_601, "body": {"id": "c1", "object": "chat.completion",
+                         "model": "gpt-4o-2024-08-06",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}}
+        });
+        let ev = to_event(&openai).expect("canonical");
+        assert_eq!(ev.model.as_deref(), Some("gpt-4o"));
+        let pl = promptlayer::from_canonical(&ev);
+        assert_eq!(
+            (&pl["input_tokens"], &pl["output_tokens"], &pl["api_type"]),
+            (&json!(3), &json!(2), &json!("chat-completions")),
+            "{pl}"
+        );
+        assert_eq!(pl["parameters"], json!({"temperature": 0.2}), "{pl}");
+
+        // A failed call says so; stated values stand.
+        let mut failed = openai.clone();
+        failed["response"]["body"] = json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}});
+        failed["response"]["http_status"] = json!(429);
+        failed["model"] = json!("my-deployment");
+        let ev = to_event(&failed).expect("canonical");
+        assert_eq!(ev.status, Some(Status::Error));
+        assert_eq!(ev.model.as_deref(), Some("my-deployment"));
+        assert_eq!(ev.usage, None);
+        let pl = promptlayer::from_canonical(&ev);
+        assert_eq!(
+            (&pl["status"], &pl["error_type"]),
+            (&json!("ERROR"), &json!("PROVIDER_RATE_LIMIT")),
+            "{pl}"
+        );
+    }
+
+    /// A missing field is named itself, not the object that lacks it (`$` before).
+    #[test]
+    fn a_missing_field_is_refused_by_its_name() {
+        for (path, field) in [
+            (&["provider"][..], "provider"),
+            (&["request", "start_time"][..], "request.start_time"),
+            (&["response"][..], "response"),
+        ] {
+            let mut body = hand_written();
+            let mut at = &mut body;
+            for p in &path[..path.len() - 1] {
+                at = &mut at[*p];
+            }
+            at.as_object_mut().unwrap().remove(path[path.len() - 1]);
+            let errs = validate(&body).expect_err("invalid");
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].field, field);
+            assert_eq!(errs[0].problem, "is required");
+        }
     }
 }

@@ -107,6 +107,31 @@ pub(crate) fn pezzo_py_auth_error() -> Value {
     })
 }
 
+/// @pezzo/client when the provider could not be reached: the OpenAI SDK's
+/// `APIConnectionError` has no `error` and no `status`, so the report has neither (JSON leaves
+/// out `undefined`).
+pub(crate) fn pezzo_ts_unreachable() -> Value {
+    json!({
+        "metadata": {"environment": "Production", "provider": "OpenAI", "type": "ChatCompletion", "client": "pezzo-ts", "clientVersion": "0.4.18"},
+        "cacheEnabled": false,
+        "cacheHit": null,
+        "request": {"timestamp": "2024-05-01T10:00:00.000Z", "body": {"messages": [{"role": "user", "content": "Hi"}], "model": "gpt-4o-mini"}},
+        "response": {"timestamp": "2024-05-01T10:00:00.020Z"}
+    })
+}
+
+/// PyPI pezzo when the provider could not be reached: openai 0.x's `APIConnectionError` has
+/// `json_body` and `http_status` both `None`.
+pub(crate) fn pezzo_py_unreachable() -> Value {
+    json!({
+        "metadata": {"environment": "Production", "provider": "OpenAI", "type": "ChatCompletion", "client": "pezzo-python", "clientVersion": "0.1.2"},
+        "cacheEnabled": false,
+        "cacheHit": null,
+        "request": {"timestamp": "2024-05-01T10:00:00.000Z", "body": {"messages": [{"role": "user", "content": "Hi"}], "model": "gpt-3.5-turbo"}},
+        "response": {"timestamp": "2024-05-01T10:00:00.020Z", "body": null, "status": null}
+    })
+}
+
 /// Every Pezzo fixture, named.
 pub(crate) fn pezzo_all() -> Vec<(&'static str, Value)> {
     vec![
@@ -114,6 +139,8 @@ pub(crate) fn pezzo_all() -> Vec<(&'static str, Value)> {
         ("pezzo_py_managed", pezzo_py_managed()),
         ("pezzo_ts_rate_limited", pezzo_ts_rate_limited()),
         ("pezzo_py_auth_error", pezzo_py_auth_error()),
+        ("pezzo_ts_unreachable", pezzo_ts_unreachable()),
+        ("pezzo_py_unreachable", pezzo_py_unreachable()),
     ]
 }
 

@@ -122,7 +122,25 @@ await step("chat-no-environment", async () => {
   return res;
 });
 
-// 5. Optional: request cache (two extra endpoints).
+// 5. The provider cannot be reached (connection refused): the client reports the failed call
+//    with no response body and no status (the OpenAI SDK's APIConnectionError has neither),
+//    then rethrows. The spec requires the body; llmlogd accepts the report (a failed call is
+//    worth keeping) and delivers it with an error body.
+await step("chat-unreachable", async () => {
+  const unreachable = new PezzoOpenAI(pezzo, { baseURL: "http://127.0.0.1:1/v1", maxRetries: 0 });
+  try {
+    await unreachable.chat.completions.create({
+      model: "gpt-4o-mini",
+      messages: [{ role: "user", content: "Nobody answers." }],
+    });
+  } catch (err) {
+    if (err?.constructor?.name !== "APIConnectionError") throw err;
+    return { rethrown: err.constructor.name };
+  }
+  throw new Error("expected the OpenAI call to fail to connect");
+});
+
+// 6. Optional: request cache (two extra endpoints).
 if (process.env.EXTRAS === "1") {
   await step("chat-cache-miss", async () => {
     const res = await openai.chat.completions.create(

@@ -124,7 +124,27 @@ def _error_call():
 
 step("chat-error", _error_call)
 
-# 4. Optional: request cache (two extra endpoints).
+# 4. The provider cannot be reached (connection refused): the client reports the failed call
+#    with "body": null and "status": null (openai's APIConnectionError has neither), then
+#    re-raises. llmlogd accepts the report and delivers it with an error body.
+def _unreachable_call():
+    saved = openai.api_base
+    openai.api_base = "http://127.0.0.1:1/v1"
+    try:
+        pezzo_open_ai.ChatCompletion.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Nobody answers."}],
+        )
+    except openai.error.APIConnectionError as err:
+        return {"rethrown": type(err).__name__}
+    finally:
+        openai.api_base = saved
+    raise RuntimeError("expected the OpenAI call to fail to connect")
+
+
+step("chat-unreachable", _unreachable_call)
+
+# 5. Optional: request cache (two extra endpoints).
 if os.environ.get("EXTRAS") == "1":
     step(
         "chat-cache-miss",

@@ -264,6 +264,60 @@ pub(crate) struct Failure {
     pub(crate) message: String,
 }
 
+/// What a call's provider bodies say about it: the summary fields every parser fills (see
+/// `canonical.rs`). Pezzo carries nothing else; a native event may state them itself, and then
+/// its own values stand.
+#[derive(Debug, Default)]
+pub(crate) struct BodySummary {
+    /// The request body's `model`, else the response body's.
+    pub(crate) model: Option<String>,
+    pub(crate) api_type: Option<String>,
+    pub(crate) parameters: Option<Map<String, Value>>,
+    pub(crate) failure: Option<Failure>,
+    /// Only for a call that did not fail.
+    pub(crate) usage: Option<Usage>,
+}
+
+pub(crate) fn body_summary(
+    provider: &str,
+    request: Option<&Value>,
+    http_status: Option<u16>,
+    response: Option<&Value>,
+) -> BodySummary {
+    let mut s = BodySummary::default();
+    let resp = response.and_then(Value::as_object);
+    if let Some(req) = request.and_then(Value::as_object) {
+        s.model = req.get("model").and_then(Value::as_str).map(str::to_string);
+        s.api_type = if req.contains_key("messages") {
+            Some("chat-completions".into())
+        } else if req.contains_key("prompt") {
+            Some("completions".into())
+        } else {
+            None
+        };
+        s.parameters = Some(match request_dialect(provider, req) {
+            Dialect::OpenAi => openai::parameters(req),
+            Dialect::Anthropic => anthropic::parameters(req),
+        });
+    }
+    if s.model.is_none() {
+        s.model = resp
+            .and_then(|r| r.get("model"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+    }
+    s.failure = failure(http_status, response);
+    if s.failure.is_none() {
+        if let Some(resp) = resp {
+            s.usage = match response_dialect(provider, resp) {
+                Dialect::OpenAi => openai::usage(resp),
+                Dialect::Anthropic => anthropic::usage(resp),
+            };
+        }
+    }
+    s
+}
+
 /// Whether a response is a failure: an HTTP status >= 400, or an error body (OpenAI
 /// `{"error": ...}`, Anthropic `{"type": "error", ...}`).
 pub(crate) fn failure(http_status: Option<u16>, body: Option<&Value>) -> Option<Failure> {
