@@ -1051,10 +1051,15 @@ impl Worker {
                 let delay = retry::delay_after(attempts, initial, max);
                 // Did the sink deliver anything else since these events last failed (or were
                 // first sent)? Then this failure is about them, not the service: strike a
-                // lone event, bisect a batch. A 429 is about the pace, never the event.
+                // lone event, bisect a batch. A 429 is about the pace, never the event. A
+                // failure without a reply (a reset, a timeout, a reply cut short) bisects but
+                // never strikes: it says nothing about the event for certain, and on a flaky
+                // network 5 of them in a row befall healthy events by chance (1 in 243 at one
+                // failed request in three), which then sat in the dead letters.
                 let successes = self.successes;
                 let evidence = !throttled && self.delivered_since(&seqs);
                 let bisect = evidence && seqs.len() > 1;
+                let strike = evidence && status.is_some();
                 let half = (seqs.len() / 2).max(1);
                 for k in &seqs {
                     let Some(s) = self.window.get_mut(k) else {
@@ -1064,7 +1069,7 @@ impl Worker {
                     s.last_error = Some((status, detail.clone()));
                     if bisect {
                         s.max_batch = s.max_batch.min(half);
-                    } else if evidence {
+                    } else if strike {
                         s.strikes += 1;
                     }
                     s.mark = successes;
