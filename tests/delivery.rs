@@ -1382,6 +1382,51 @@ async fn a_429_lowers_concurrency_and_rate_per_attempt() {
     d.stop().await;
 }
 
+/// A 429 with `Retry-After` is a service that set the pace itself: the sink pauses, then goes
+/// on at the concurrency and rate it had. Halving them too at each such 429 compounded over
+/// a run of pauses (the rate sent while paused is near zero) down to 0.2 requests/s, and after
+/// 10 s of `Retry-After: 1` a backlog of 1,000 single-event requests took 90 s to drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_pauses_without_lowering_the_pace() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    // Three rounds of pauses, then the service takes everything.
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) < 12 {
+            Answer::RetryAfter(429, "0".into())
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let cfg = sink(
+        "paced",
+        &ep.url(),
+        &[
+            ("batch_max_events", "1"),
+            ("concurrency", "4"),
+            ("retry_initial", "\"10ms\""),
+        ],
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..40, "").await;
+    wait_for(DEADLINE, "all 40 delivered", || {
+        (ep.delivered_set() == range_set(0..40)).then_some(())
+    })
+    .await;
+    assert!(n.load(Ordering::SeqCst) >= 52, "12 refused, 40 delivered");
+    let conc = metric(&base, "llmlogd_sink_concurrency{sink=\"paced\"}").await;
+    let rate = metric(&base, "llmlogd_sink_rate_limit{sink=\"paced\"}").await;
+    assert_eq!(
+        (conc, rate),
+        (Some(4.0), Some(0.0)),
+        "the concurrency and (no) rate limit it was configured with"
+    );
+    d.stop().await;
+}
+
 /// A burst of 429s without Retry-After is a service asking for a slower pace, not an outage:
 /// AIMD slows down and the events are retried, but the circuit does not open, so the log does
 /// not call the sink unreachable (and reachable again) at every burst.

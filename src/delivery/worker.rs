@@ -1125,9 +1125,10 @@ impl Worker {
             }
             Verdict::PauseFor(d, class) => {
                 self.metrics.failed(&self.name, class);
-                if class == FailureClass::status_429 {
-                    self.throttle(done.sent);
-                }
+                // No AIMD here: the service set the pace itself. Halving the rate at each such
+                // 429 as well compounded across a run of pauses (the rate sent during a pause
+                // is near zero), down to 0.2 requests/s, and once the service took events
+                // again a backlog of 1,000 took 90 s to drain instead of a few.
                 // Capped by config; and never shorter than the first retry delay, so a
                 // service answering `Retry-After: 0` (or a date in the past) to everything
                 // is not hammered in a loop that counts no attempts.
