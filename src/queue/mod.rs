@@ -1899,8 +1899,12 @@ fn key_u64(k: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// Creates the data directory `0700`, or makes an existing one `0700`: the queue holds the API
+/// keys apps send with their events, and a directory made by hand (`mkdir`, mode `0755` under
+/// the usual umask) left them readable by every local user. If it cannot be changed (owned by
+/// another user), the daemon says so and goes on.
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -1908,7 +1912,30 @@ fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
         .map_err(|e| QueueError::DataDir {
             path: dir.to_path_buf(),
             problem: e.to_string(),
-        })
+        })?;
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| QueueError::DataDir {
+            path: dir.to_path_buf(),
+            problem: e.to_string(),
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7700)) {
+            Ok(()) => tracing::info!(
+                data_dir = %dir.display(),
+                was = %format!("{:04o}", mode & 0o7777),
+                "made the data directory private (0700): it holds the apps' API keys"
+            ),
+            Err(e) => tracing::warn!(
+                data_dir = %dir.display(),
+                mode = %format!("{:04o}", mode & 0o7777),
+                error = %e,
+                "the data directory is readable by other users and could not be made private: the API keys apps send are stored in it"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// An exclusive `flock` on `<data_dir>/llmlogd.lock` holding the owner's pid, so a second

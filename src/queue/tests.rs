@@ -1477,3 +1477,25 @@ fn counts_behind_the_log_stop_at_zero_and_evict_nothing_extra() {
     let r = q.read(a, 5, 100, 1 << 20, 100).unwrap();
     assert_eq!(r.items.len(), 6, "{:?}", payloads(&r));
 }
+
+/// A data directory made by hand (`mkdir`: 0755) is made private at open: the queue holds the
+/// API keys apps send. Before, only a directory llmlogd created itself was 0700.
+#[test]
+fn an_existing_data_dir_open_to_others_is_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("made-by-hand");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let q = Queue::open(&cfg(&data)).unwrap();
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+    drop(q);
+    // A new one is made private too, and a private one is left as it is.
+    let fresh = dir.path().join("a/b");
+    drop(Queue::open(&cfg(&fresh)).unwrap());
+    assert_eq!(
+        std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+}
