@@ -933,6 +933,21 @@ fn read_key(
         KeySource::Inline => key,
         _ => key.trim().to_string(),
     };
+    // An empty key would be sent as the sink's own, instead of each app's, and refused: the
+    // sink would hold every event until the config changed. A credential file not filled in
+    // yet is the usual way to get one.
+    if key.trim().is_empty() {
+        let field = match &source {
+            KeySource::Env(_) => "api_key_env",
+            KeySource::File(_) => "api_key_file",
+            KeySource::Credential(_) => "api_key_credential",
+            _ => "api_key",
+        };
+        return Err(invalid(
+            format!("sinks.{name}.{field}"),
+            "the key is empty (leave every api_key setting out to use the key each app sends)",
+        ));
+    }
     Ok((Some(Secret::new(key)), source))
 }
 
@@ -1411,6 +1426,28 @@ mod tests {
         )
         .unwrap();
         assert!(!c.render().contains("api_key"), "{}", c.render());
+    }
+
+    /// An empty key is refused by name: sent as the sink's own it overrode each app's key and
+    /// was refused by the service, holding every event.
+    #[test]
+    fn an_empty_api_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.key");
+        std::fs::write(&empty, "\n").unwrap();
+        for (field, value) in [
+            ("api_key", "\"\"".to_string()),
+            ("api_key", "\"  \"".to_string()),
+            ("api_key_file", format!("\"{}\"", empty.display())),
+        ] {
+            let e = err(&format!(
+                "[sinks.p]\ntype = \"promptlayer\"\n{field} = {value}\n"
+            ));
+            assert!(
+                e.contains(&format!("`sinks.p.{field}`")) && e.contains("empty"),
+                "{field}: {e}"
+            );
+        }
     }
 
     #[test]
