@@ -97,7 +97,21 @@ fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
         )
     })?;
     let cfg: Config = args.load()?;
-    init_tracing(&cfg);
+    // `RUST_LOG` overrides `log.level`, and is held to the same rule: a value that is not a
+    // filter (`warning`) silenced every line, errors included. Empty means unset.
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    if let Some(problem) = rust_log
+        .as_deref()
+        .and_then(llmlogd::config::log_filter_problem)
+    {
+        return Err(CliError::new(
+            cli::EXIT_USAGE,
+            format!("RUST_LOG: {problem}"),
+        ));
+    }
+    init_tracing(&cfg, rust_log.as_deref());
     // From here on the log is set up: under `log.format = "json"` a fatal error is one more
     // JSON line of it (level ERROR), so a collector reading the daemon's output as JSON
     // lines meets no plain-text line at the end. Errors before this point (the command line,
@@ -127,11 +141,10 @@ fn run(args: cli::ConfigArgs) -> Result<(), CliError> {
         .map_err(|e| fatal(1, format!("{e:#}")))
 }
 
-fn init_tracing(cfg: &Config) {
+fn init_tracing(cfg: &Config, rust_log: Option<&str>) {
     use tracing_subscriber::fmt::format;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+    let filter = EnvFilter::try_new(rust_log.unwrap_or(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Under journald the journal stamps time itself; no colours either; and each line starts
     // with its syslog priority (`<3>` error … `<7>` debug), which journald takes off and

@@ -2058,6 +2058,40 @@ fn a_refused_reload_shows_in_the_systemd_status() {
 /// A usage error is one line naming the problem and the `--help` to read, exit 64: clap's own
 /// rendering spread it over five or more lines (the error, a tip, the usage, a pointer), and a
 /// missing subcommand printed the whole help, into a script's log or the journal.
+/// `RUST_LOG` is held to `log.level`'s rule: `warning` (a target name to the filter syntax)
+/// made the daemon log nothing at all, its errors included. Refused in one line, exit 64.
+#[test]
+fn a_rust_log_that_is_not_a_filter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["warning", "bogus_level", "info,warning"] {
+        let mut child = Command::new(bin())
+            .args(["run", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--http-listen", "127.0.0.1:0", "--unix-socket", ""])
+            .env("RUST_LOG", bad)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A daemon that started instead (silent) is stopped, and the test fails.
+        let deadline = Instant::now() + DEADLINE;
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {err}");
+        assert_eq!(err.lines().count(), 1, "{bad}: {err}");
+        assert!(
+            err.starts_with("llmlogd: RUST_LOG: `") && err.contains("is not a level"),
+            "{bad}: {err}"
+        );
+    }
+}
+
 #[test]
 fn usage_errors_are_one_line_and_help_still_prints_whole() {
     let cases: [(&[&str], &str); 6] = [

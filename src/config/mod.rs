@@ -441,23 +441,8 @@ impl Config {
                 }
             },
         };
-        // A bare word is a level; anything else must be a `target=level` directive. (The
-        // filter syntax takes a bare word as a target name, so `level = "warning"` would
-        // silently match nothing and the daemon would log nothing at all.)
-        let levels = ["trace", "debug", "info", "warn", "error", "off"];
-        let bare_non_level = log
-            .level
-            .split(',')
-            .map(str::trim)
-            .any(|d| !d.contains('=') && !levels.contains(&d.to_ascii_lowercase().as_str()));
-        if bare_non_level || tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!(
-                    "`{}` is not a level (trace, debug, info, warn, error, off) or a filter like \"info,llmlogd::delivery=debug\"",
-                    log.level
-                ),
-            ));
+        if let Some(problem) = log_filter_problem(&log.level) {
+            return Err(invalid("log.level", problem));
         }
         let delivery = DeliveryConfig {
             drain_timeout: duration(
@@ -972,6 +957,23 @@ fn duration(
         return Err(invalid(key, format!("`{text}` is outside {min}..={max}")));
     }
     Ok(d)
+}
+
+/// Why `filter` (`log.level`, or `RUST_LOG`) is not a log filter, if it is not one. A bare
+/// word must be a level; anything else a `target=level` directive. (The filter syntax takes a
+/// bare word as a target name, so `warning` would silently match nothing and the daemon would
+/// log nothing at all, its errors included.)
+pub fn log_filter_problem(filter: &str) -> Option<String> {
+    let levels = ["trace", "debug", "info", "warn", "error", "off"];
+    let bare_non_level = filter
+        .split(',')
+        .map(str::trim)
+        .any(|d| !d.contains('=') && !levels.contains(&d.to_ascii_lowercase().as_str()));
+    (bare_non_level || tracing_subscriber::EnvFilter::try_new(filter).is_err()).then(|| {
+        format!(
+            "`{filter}` is not a level (trace, debug, info, warn, error, off) or a filter like \"info,llmlogd::delivery=debug\""
+        )
+    })
 }
 
 /// `url` with what may be a credential masked: the password of `user:password@`, a user
