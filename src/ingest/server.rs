@@ -77,6 +77,12 @@ impl Listeners {
         for fd in crate::ops::systemd::listen_fds() {
             match fd {
                 crate::ops::systemd::Inherited::Tcp(l) => {
+                    // The socket unit's address is held to the config's rule: an edited
+                    // `ListenStream=8411` (every interface) would otherwise expose ingest,
+                    // which has no authentication, to the network.
+                    if let Ok(addr) = l.local_addr() {
+                        inherited_allowed(addr, cfg)?;
+                    }
                     l.set_nonblocking(true).ok();
                     tcp.extend(TcpListener::from_std(l).ok());
                 }
@@ -123,6 +129,20 @@ impl Listeners {
     pub fn unix_paths(&self) -> Vec<PathBuf> {
         self.unix.iter().map(|(_, p, _)| p.clone()).collect()
     }
+}
+
+/// An inherited TCP socket must be on a loopback address, as `server.http_listen` must,
+/// unless `server.allow_non_loopback` is set.
+fn inherited_allowed(addr: std::net::SocketAddr, cfg: &ServerConfig) -> Result<(), BindError> {
+    if addr.ip().is_loopback() || cfg.allow_non_loopback {
+        return Ok(());
+    }
+    Err(BindError::Tcp {
+        addr: addr.to_string(),
+        error: io::Error::other(
+            "the socket systemd handed over is not on a loopback address; set server.allow_non_loopback = true to expose it",
+        ),
+    })
 }
 
 async fn bind_unix(path: &Path, cfg: &ServerConfig) -> Result<UnixListener, BindError> {
@@ -526,5 +546,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStall<S> {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn server(text: &str) -> ServerConfig {
+        Config::parse(text, &Overrides::default()).unwrap().server
+    }
+
+    /// A socket systemd hands over is held to the loopback rule `http_listen` is: an edited
+    /// `ListenStream=8411` (every interface) was served, exposing unauthenticated ingest.
+    #[test]
+    fn an_inherited_socket_off_loopback_needs_allow_non_loopback() {
+        let cfg = server("");
+        for ok in ["127.0.0.1:8411", "[::1]:8411", "127.0.0.2:1"] {
+            assert!(inherited_allowed(ok.parse().unwrap(), &cfg).is_ok(), "{ok}");
+        }
+        for bad in ["0.0.0.0:8411", "[::]:8411", "192.168.1.5:8411"] {
+            let e = inherited_allowed(bad.parse().unwrap(), &cfg)
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains(bad) && e.contains("allow_non_loopback"),
+                "{bad}: {e}"
+            );
+        }
+        let open = server("[server]\nallow_non_loopback = true\n");
+        assert!(inherited_allowed("0.0.0.0:8411".parse().unwrap(), &open).is_ok());
     }
 }
