@@ -83,6 +83,7 @@ pub async fn run(
     // One memory budget for request bodies and NDJSON lines still arriving, on every listener.
     let largest = cfg.server.max_body_bytes.max(cfg.server.max_line_bytes);
     let body_budget = crate::ingest::http::body_budget(largest);
+    let stop_serving = CancellationToken::new();
     let state = Arc::new(HttpState {
         ingest: ingest.clone(),
         max_body: cfg.server.max_body_bytes,
@@ -90,8 +91,8 @@ pub async fn run(
         status: board.clone(),
         ready: ready.clone(),
         body_budget: body_budget.clone(),
+        stopping: stop_serving.clone(),
     });
-    let stop_serving = CancellationToken::new();
     let tracker = TaskTracker::new();
     server::spawn(
         listeners,

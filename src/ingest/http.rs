@@ -46,6 +46,9 @@ pub struct HttpState {
     /// Bytes of request bodies held in memory at once, over all connections (see
     /// [`body_budget`]); a request waits for its share before its body is read.
     pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the daemon stops: a body still arriving then gets
+    /// [`super::server::BODY_STOP_GRACE`] more, then a `503`.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The memory budget for request bodies (and NDJSON lines still arriving, `ndjson.rs`): 64 MiB,
@@ -232,24 +235,47 @@ async fn read_body_within_limits(
         )
     };
     let deadline = tokio::time::Instant::now() + st.body_timeout;
-    let permit =
-        match tokio::time::timeout_at(deadline, st.body_budget.clone().acquire_many_owned(share))
-            .await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(IngestError::new(503, "unavailable", "shutting down")),
-            Err(_) => {
-                let mut e = IngestError::new(
-                    503,
-                    "busy",
-                    "too many request bodies in memory; retry later",
-                );
-                e.retry_after = Some(1);
-                return Err(e);
-            }
-        };
+    let shutting_down = || {
+        let mut e = IngestError::new(
+            503,
+            "shutting_down",
+            "llmlogd is stopping and the request body had not arrived: nothing was stored; send it again",
+        );
+        e.retry_after = Some(1);
+        e
+    };
+    // At stop, the body gets `BODY_STOP_GRACE` more to arrive (and its share of the budget
+    // to come free), then the request is refused: answered, not cut off.
+    let stop = async {
+        st.stopping.cancelled().await;
+        tokio::time::sleep(super::server::BODY_STOP_GRACE).await;
+    };
+    tokio::pin!(stop);
+    let acquire =
+        tokio::time::timeout_at(deadline, st.body_budget.clone().acquire_many_owned(share));
+    let acquired = tokio::select! {
+        a = acquire => a,
+        _ = &mut stop => return Err(shutting_down()),
+    };
+    let permit = match acquired {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return Err(IngestError::new(503, "unavailable", "shutting down")),
+        Err(_) => {
+            let mut e = IngestError::new(
+                503,
+                "busy",
+                "too many request bodies in memory; retry later",
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+    };
     let limited = http_body_util::Limited::new(body, st.max_body);
-    match tokio::time::timeout_at(deadline, limited.collect()).await {
+    let collected = tokio::select! {
+        c = tokio::time::timeout_at(deadline, limited.collect()) => c,
+        _ = &mut stop => return Err(shutting_down()),
+    };
+    match collected {
         Err(_) => Err(timeout()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(e)) => Err(IngestError::new(
@@ -1145,6 +1171,7 @@ mod tests {
             status: Arc::new(StatusBoard::default()),
             ready: Arc::new(AtomicBool::new(true)),
             body_budget: budget.clone(),
+            stopping: Default::default(),
         });
         let body = format!("{{\"model\":\"m\",\"pad\":\"{}\"}}", "x".repeat(4 << 20));
         let len = body.len();

@@ -20,8 +20,9 @@
 //!
 //! Stop: when `shutdown` is cancelled the loops stop accepting, every HTTP connection is told
 //! to finish the request it is serving and close, and NDJSON connections stop reading new
-//! lines but answer the ones already read. A connection still busy `STOP_GRACE` after that is
-//! dropped (its client got no ack, so it will retry). The caller waits on the returned tracker.
+//! lines but answer the ones already read. A request body still arriving `BODY_STOP_GRACE`
+//! after that is refused `503` (`shutting_down`), and a connection still busy `STOP_GRACE`
+//! after it is dropped (its client got no ack, so it will retry). The caller waits on the returned tracker.
 
 use std::future::Future;
 use std::io;
@@ -275,8 +276,15 @@ pub fn spawn(listeners: Listeners, ctx: ServeContext) {
     }
 }
 
-/// How long a connection may go on after stop (see the module doc).
-const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a connection may go on after stop (see the module doc): most of the daemon's
+/// ingest grace (`app::INGEST_GRACE`, 10 s), so a request whose body is still arriving at stop
+/// is answered: stored and `202` if it arrives within [`BODY_STOP_GRACE`], else `503`
+/// (`shutting_down`). At 3 s, and with no reply, a slow upload was cut off unanswered.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// How long after stop a request body may go on arriving (`http::read_body`); a second under
+/// [`STOP_GRACE`], so the refusal goes out before the connection is dropped.
+pub(crate) const BODY_STOP_GRACE: Duration = Duration::from_secs(7);
 
 /// Largest read buffer of one HTTP connection, so the most its request headers may take.
 /// hyper's default (~400 KiB) let 1,000 connections trickling in long headers hold ~470 MiB;
