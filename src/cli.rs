@@ -845,7 +845,12 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
     let result = match action {
         DlqAction::List { sink, limit, json } => {
             let sink_id = sink.as_deref().map(id_of).transpose()?;
-            let letters = queue.dead_letters(sink_id, limit).map_err(fail)?;
+            // One more than shown, to say when there are more.
+            let mut letters = queue
+                .dead_letters(sink_id, limit.saturating_add(1))
+                .map_err(fail)?;
+            let more = letters.len() > limit;
+            letters.truncate(limit);
             if !json {
                 println!(
                     "{:<16} {:>10} {:>8} {:>6} {:<36} REASON",
@@ -877,6 +882,13 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
                         d.info.reason
                     );
                 }
+            }
+            // On stderr, so `--json` output stays one object a line.
+            if more {
+                let total = queue.dead_letters(sink_id, usize::MAX).map_err(fail)?.len();
+                eprintln!(
+                    "(the first {limit} of {total} dead letters: `--limit {total}` lists them all)"
+                );
             }
             Ok(())
         }
@@ -937,6 +949,9 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
                 .build()
                 .map_err(|e| CliError::new(EXIT_SOFTWARE, e.to_string()))?;
             let n = rt.block_on(queue.replay(sink_id, seq)).map_err(fail)?;
+            if let (0, Some(q), Some(name)) = (n, seq, &sink) {
+                return Err(CliError::new(1, format!("no dead letter {name}/{q}")));
+            }
             println!("{n} dead letters put back in the queue");
             Ok(())
         }
@@ -962,6 +977,9 @@ pub fn dlq(action: DlqAction, cfg: &ConfigArgs) -> Result<(), CliError> {
                 if queue.dead_letter_remove(s, q).map_err(fail)? {
                     n += 1;
                 }
+            }
+            if let (0, Some(q), Some(name)) = (n, seq, &sink) {
+                return Err(CliError::new(1, format!("no dead letter {name}/{q}")));
             }
             println!("{n} dead letters purged");
             Ok(())

@@ -2628,6 +2628,21 @@ async fn dlq_list_show_purge_and_replay_on_a_stopped_daemon() {
     assert_eq!(shown["info"]["status"], 422);
     let (code, _, _) = dlq(&data, &["show", "col", "987654"]);
     assert_ne!(code, 0);
+    // `list` says when it shows only some; naming a dead letter that is not there is an
+    // error, not "0 put back".
+    let (code, out, err) = dlq(&data, &["list", "--limit", "1", "--json"]);
+    assert_eq!((code, out.lines().count()), (0, 1), "{out}{err}");
+    assert!(
+        err.contains("the first 1 of 2 dead letters: `--limit 2`"),
+        "{err}"
+    );
+    let (_, _, err) = dlq(&data, &["list"]);
+    assert!(!err.contains("dead letters:"), "all shown: {err}");
+    for action in ["replay", "purge"] {
+        let (code, out, err) = dlq(&data, &[action, "--sink", "col", "--seq", "987654"]);
+        assert_eq!(code, 1, "{action}: {out}{err}");
+        assert!(err.contains("no dead letter col/987654"), "{action}: {err}");
+    }
 
     let (code, _, err) = dlq(&data, &["purge"]);
     assert_eq!(code, 64, "purge without --sink or --all is refused: {err}");
