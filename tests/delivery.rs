@@ -1427,6 +1427,44 @@ async fn a_429_with_retry_after_pauses_without_lowering_the_pace() {
     d.stop().await;
 }
 
+/// Between two Retry-After pauses (the pause over, the next request out) the sink is still
+/// `paused` in status and metrics until something is delivered: it showed `ok`, with a backlog
+/// and nothing delivered, whenever it was looked at in that gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_told_to_wait_is_paused_until_it_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    // The pause, then a request that hangs: the gap held open.
+    let ep = Endpoint::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            Answer::RetryAfter(429, "1".into())
+        } else {
+            Answer::Delay(Duration::from_secs(600))
+        }
+    })
+    .await;
+    let cfg = sink(
+        "told",
+        &ep.url(),
+        &[("batch_max_events", "1"), ("timeout", "\"1h\"")],
+    ) + "[delivery]\ndrain_timeout = \"1s\"\n";
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let base = |p: &str| d.url(p);
+    post_range(&d.url("/v1/events"), 0..1, "").await;
+    wait_for(DEADLINE, "the request after the pause", || {
+        (n.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let st = status(&base).await;
+    assert_eq!(sink_status(&st, "told")["state"], "paused", "{st}");
+    assert_eq!(
+        metric(&base, "llmlogd_sink_state{sink=\"told\",state=\"paused\"}").await,
+        Some(1.0)
+    );
+    d.stop().await;
+}
+
 /// A burst of 429s without Retry-After is a service asking for a slower pace, not an outage:
 /// AIMD slows down and the events are retried, but the circuit does not open, so the log does
 /// not call the sink unreachable (and reachable again) at every burst.

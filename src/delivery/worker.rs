@@ -217,6 +217,10 @@ pub(crate) struct Worker {
     throttled_at: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
+    /// The service asked to wait (Retry-After) and nothing was delivered since: the sink is
+    /// `paused` in status and metrics until a delivery, not `ok` between two pauses while its
+    /// requests go out and get the next 429.
+    paced: bool,
     /// Dead letters are logged one line, then one count per `DEAD_LETTER_LOG_MS`.
     dead_letter_log: LogThrottle,
     dead_letter_last_reason: String,
@@ -396,6 +400,7 @@ impl Worker {
             sends: 0,
             throttled_at: 0,
             pause_logged: false,
+            paced: false,
             dead_letter_log: LogThrottle::new(DEAD_LETTER_LOG_MS),
             dead_letter_last_reason: String::new(),
             cursor_log: LogThrottle::new(CURSOR_LOG_MS),
@@ -546,6 +551,7 @@ impl Worker {
         if matches!(self.pause, Some(Pause::Until(..))) && endpoint(&cfg) != endpoint(&self.cfg) {
             tracing::info!(sink = %self.name, "config reloaded with a new endpoint or key; dropping the Retry-After pause");
             self.pause = None;
+            self.paced = false;
             self.persisted_not_before_ms = 0;
             if let Err(e) = self.queue.clear_not_before(self.id) {
                 tracing::debug!(sink = %self.name, error = %e, "could not forget the persisted pause (its endpoint fingerprint no longer matches anyway)");
@@ -1001,6 +1007,7 @@ impl Worker {
                 self.metrics.delivered(&self.name, n);
                 self.last_success_ms = Some(now_ms());
                 self.pause_logged = false;
+                self.paced = false;
                 self.flow.on_success();
                 self.reachable(now);
             }
@@ -1125,6 +1132,7 @@ impl Worker {
             }
             Verdict::PauseFor(d, class) => {
                 self.metrics.failed(&self.name, class);
+                self.paced = true;
                 // No AIMD here: the service set the pace itself. Halving the rate at each such
                 // 429 as well compounded across a run of pauses (the rate sent during a pause
                 // is near zero), down to 0.2 requests/s, and once the service took events
@@ -1495,7 +1503,7 @@ impl Worker {
     }
 
     fn state(&self) -> &'static str {
-        if self.pause.is_some() {
+        if self.pause.is_some() || (self.paced && !self.window.is_empty()) {
             "paused"
         } else if self.circuit.is_some() {
             "open"
