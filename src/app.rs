@@ -163,6 +163,11 @@ pub async fn run(
         })
     });
 
+    // What the restart-only sections run with: a reload compares against these, not against
+    // the last file taken, so a change waiting for a restart is named at every reload until
+    // then (before, the second reload of the same file forgot it, and putting the old value
+    // back was announced as a change).
+    let started = cfg.clone();
     let mut current = cfg;
     while let Some(signal) = control.recv().await {
         match signal {
@@ -170,7 +175,7 @@ pub async fn run(
                 systemd::reloading();
                 let refused = match Config::load(source.path.as_deref(), &source.overrides) {
                     Ok(new) => {
-                        if let Err(e) = reload(&current, &new, &mut delivery, &ingest) {
+                        if let Err(e) = reload(&started, &current, &new, &mut delivery, &ingest) {
                             tracing::error!(error = %e, "reload failed; keeping the running configuration");
                             Some(format!("{e:#}"))
                         } else {
@@ -259,6 +264,7 @@ fn route_table(delivery: &Delivery, sinks: &[SinkConfig]) -> RouteTable {
 
 /// Applies a validated new config to the running daemon.
 fn reload(
+    started: &Config,
     old: &Config,
     new: &Config,
     delivery: &mut Delivery,
@@ -278,13 +284,16 @@ fn reload(
     let restart_only = [
         (
             "server",
-            format!("{:?}", old.server) != format!("{:?}", new.server),
+            format!("{:?}", started.server) != format!("{:?}", new.server),
         ),
         (
             "queue (data_dir, cache_bytes, compression)",
-            queue_fixed(&old.queue) != queue_fixed(&new.queue),
+            queue_fixed(&started.queue) != queue_fixed(&new.queue),
         ),
-        ("log", format!("{:?}", old.log) != format!("{:?}", new.log)),
+        (
+            "log",
+            format!("{:?}", started.log) != format!("{:?}", new.log),
+        ),
     ];
     for (section, changed) in restart_only {
         if changed {

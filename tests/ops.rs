@@ -987,6 +987,86 @@ async fn a_reload_that_drops_every_sink_is_refused() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// A reload names a change that waits for a restart against what is running, not against
+/// the last file taken: reloading the same file again names it again, and putting the running
+/// value back names nothing. (The second reload said only "configuration reloaded".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_waiting_for_a_restart_is_named_at_every_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = MockSink::start().await;
+    let base = http_sink("a", &a);
+    let d = Process::start(dir.path(), &base);
+    let cfg = dir.path().join("llmlogd.toml");
+    let reload = |d: &Process, n: usize| {
+        d.signal(libc::SIGHUP);
+        let lines = d.stderr_lines.clone();
+        async move {
+            wait_for(DEADLINE, "the reload done", || {
+                let l = lines.lock().unwrap();
+                (l.iter()
+                    .filter(|l| l.contains("configuration reloaded"))
+                    .count()
+                    >= n)
+                    .then(|| l.clone())
+            })
+            .await
+        }
+    };
+    let warned = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("take effect at the next restart"))
+            .count()
+    };
+    std::fs::write(&cfg, format!("[server]\nmax_body_bytes = \"1MiB\"\n{base}")).unwrap();
+    let lines = reload(&d, 1).await;
+    assert_eq!(warned(&lines), 1, "{lines:#?}");
+    let lines = reload(&d, 2).await;
+    assert_eq!(warned(&lines), 2, "still waiting for a restart: {lines:#?}");
+    std::fs::write(&cfg, &base).unwrap();
+    let lines = reload(&d, 3).await;
+    assert_eq!(warned(&lines), 2, "back to what runs: {lines:#?}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// `dlq` and `fsck` run as a user who may not read the data directory say so (exit 77), where
+/// they said "no llmlogd queue" (`exists()` is false for what one may not look into). Needs
+/// root to run the commands as `nobody` (setpriv); skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_commands_name_a_data_dir_they_may_not_read() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !root || !setpriv {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "").await;
+    d.stop().await;
+    let data = dir.path().join("data");
+    // The binary must be reachable by `nobody`: run a copy from a world-readable place.
+    let exe = std::env::temp_dir().join(format!("llmlogd-perm-{}", std::process::id()));
+    std::fs::copy(bin(), &exe).unwrap();
+    for args in [&["dlq", "list"][..], &["fsck"]] {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot read the data directory") && err.contains("Permission denied"),
+            "{args:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_file(&exe);
+}
+
 /// The offline commands refuse what would silently do the wrong thing: a data dir that holds
 /// no queue (a wrong `--data-dir`, or the daemon's config not given) is not opened, which would
 /// create an empty store and list nothing; dead letters of a sink the config no longer has are
