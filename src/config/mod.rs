@@ -378,6 +378,7 @@ impl Config {
             .clone()
             .or(q.data_dir.map(PathBuf::from))
             .unwrap_or_else(default_data_dir);
+        let data_dir = local_path("queue.data_dir", data_dir)?;
         let queue = QueueConfig {
             data_dir,
             max_bytes: bytes_in("queue.max_bytes", q.max_bytes, 1 << 30, 1 << 20, u64::MAX)?,
@@ -771,16 +772,20 @@ fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig,
     let (key, key_source) = read_key(name, &rs, keys)?;
     let rate = match rs.rate_limit {
         None => None,
-        Some(r) if r.is_finite() && r > 0.0 => Some(RateConfig {
-            per_second: r,
-            burst: int_in(&k("rate_burst"), rs.rate_burst, r.ceil() as u64, 1, 1 << 20)? as u32,
-        }),
-        Some(r) => {
-            return Err(invalid(
-                k("rate_limit"),
-                format!("{r} is not a positive requests-per-second rate"),
-            ))
+        // At least one request per 100 s: a rate like 1e-300 was taken, and the sink sent one
+        // request and then held every event for good while status said "ok".
+        Some(r) if r.is_finite() && (MIN_RATE_LIMIT..=MAX_RATE_LIMIT).contains(&r) => {
+            Some(RateConfig {
+                per_second: r,
+                burst: int_in(&k("rate_burst"), rs.rate_burst, r.ceil() as u64, 1, 1 << 20)? as u32,
+            })
         }
+        Some(r) => return Err(invalid(
+            k("rate_limit"),
+            format!(
+                "{r} is not a requests-per-second rate within {MIN_RATE_LIMIT}..={MAX_RATE_LIMIT}"
+            ),
+        )),
     };
     if rate.is_none() && rs.rate_burst.is_some() {
         return Err(invalid(k("rate_burst"), "needs rate_limit"));
@@ -974,6 +979,28 @@ pub fn log_filter_problem(filter: &str) -> Option<String> {
             "`{filter}` is not a level (trace, debug, info, warn, error, off) or a filter like \"info,llmlogd::delivery=debug\""
         )
     })
+}
+
+/// Lowest and highest `rate_limit` (requests per second).
+const MIN_RATE_LIMIT: f64 = 0.01;
+const MAX_RATE_LIMIT: f64 = 1_000_000.0;
+
+/// A path setting as the daemon will use it: not empty (an empty `data_dir` put the queue in
+/// whatever directory the daemon was started from), not starting with `~` (no shell expands
+/// it: a directory named `~` was made), and absolute (a relative one is taken from the current
+/// directory, so logs and `check-config` show where it is).
+fn local_path(key: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    let text = path.to_string_lossy();
+    if text.trim().is_empty() {
+        return Err(invalid(key, "is empty; give a directory"));
+    }
+    if text.starts_with('~') {
+        return Err(invalid(
+            key,
+            format!("`{text}`: `~` is not expanded here; give the full path"),
+        ));
+    }
+    std::path::absolute(&path).map_err(|e| invalid(key, format!("`{text}`: {e}")))
 }
 
 /// `url` with what may be a credential masked: the password of `user:password@`, a user
@@ -1428,6 +1455,34 @@ mod tests {
         )
         .unwrap();
         assert!(!c.render().contains("api_key"), "{}", c.render());
+    }
+
+    /// A rate that would hold a sink's events for good, and data directories that are not
+    /// where the operator meant, are refused by name; a relative directory is made absolute.
+    #[test]
+    fn rates_and_data_dirs_that_mislead_are_refused() {
+        let sink = |rate: &str| {
+            format!(
+                "[sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\nrate_limit = {rate}\n"
+            )
+        };
+        for bad in ["1e-300", "0.001", "0.0", "-1.0", "2e6"] {
+            let e = err(&sink(bad));
+            assert!(e.contains("`sinks.h.rate_limit`"), "{bad}: {e}");
+        }
+        assert!(parse(&sink("0.01")).is_ok());
+        for (bad, why) in [("", "is empty"), ("~/llmlogd", "not expanded")] {
+            let e = err(&format!("[queue]\ndata_dir = {bad:?}\n"));
+            assert!(
+                e.contains("`queue.data_dir`") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let c = parse("[queue]\ndata_dir = \"rel/dir\"\n").unwrap();
+        assert_eq!(
+            c.queue.data_dir,
+            std::env::current_dir().unwrap().join("rel/dir")
+        );
     }
 
     /// An empty key is refused by name: sent as the sink's own it overrode each app's key and
