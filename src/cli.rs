@@ -26,6 +26,8 @@ pub const EXIT_SOFTWARE: i32 = 70;
 pub const EXIT_NOINPUT: i32 = 66;
 /// sysexits' EX_TEMPFAIL: every refusal said "retry later" (queue full, disk full).
 pub const EXIT_TEMPFAIL: i32 = 75;
+/// sysexits' EX_NOPERM: the data directory is not readable by this user.
+pub const EXIT_NOPERM: i32 = 77;
 
 /// One line from clap's rendering of a usage error (several lines: the error, what it lists,
 /// a tip, the usage, a pointer to `--help`; or the whole help when a subcommand is missing):
@@ -1064,6 +1066,19 @@ fn lost_events_message(b: crate::queue::BehindMark) -> String {
 /// empty store there and report nothing.
 fn open_offline(c: &Config) -> Result<crate::queue::Queue, CliError> {
     let dir = &c.queue.data_dir;
+    // Not readable (run as another user than the daemon's): say so, rather than "no queue",
+    // which `exists()` answers for a directory it may not look into.
+    if let Err(e) = std::fs::read_dir(dir) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(CliError::new(
+                EXIT_NOPERM,
+                format!(
+                    "cannot read the data directory {}: {e} (run as the daemon's user, e.g. sudo -u llmlogd)",
+                    dir.display()
+                ),
+            ));
+        }
+    }
     // The store's directories (`queue::store`): live, or mid-compaction.
     if !["queue", "queue.compact", "queue.old"]
         .iter()
