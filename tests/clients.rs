@@ -374,9 +374,12 @@ async fn a_native_event_no_sink_can_send_is_refused_not_acknowledged_and_dropped
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_ups_name_the_right_kind_of_id_and_float_ids_are_translated() {
     let pl = promptlayer_mock(70_000).await;
+    let raw = MockSink::start().await;
     let cfg = format!(
-        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n",
-        pl.url("")
+        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\napi_key = \"pl_sink\"\n\
+         [sinks.raw]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"10ms\"\n",
+        pl.url(""),
+        raw.url("/raw")
     );
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), &cfg).await;
@@ -422,6 +425,24 @@ async fn follow_ups_name_the_right_kind_of_id_and_float_ids_are_translated() {
         !e.to_string().contains("request_id"),
         "the log id is right there: {e}"
     );
+
+    // A native event's id, once it has left the queue (no sink to wait for it here): it was
+    // acknowledged, then routed to no sink and discarded. Refused, naming the field.
+    let (st, n) = post("/v1/events", json!({"not": "a log"})).await;
+    assert_eq!(st, 202, "{n}");
+    let native = n["seqs"][0].as_u64().unwrap();
+    let status = d.url("/v1/status");
+    wait_until(DEADLINE, "the native event gone from the queue", || async {
+        (get_json(&status).await["queue"]["events"] == 0).then_some(())
+    })
+    .await;
+    let (st, e) = post(
+        "/library-track-score",
+        json!({"api_key": "k", "request_id": native, "score": 5}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["fields"][0]["field"], "request_id", "{e}");
 
     // Float ids: taken and translated.
     let (st, e) = post(

@@ -354,16 +354,17 @@ impl Ingest {
             self.metrics.ingest(route, err.metric_result(), n);
             return Err(err);
         }
-        let prepared = events
-            .iter()
-            .map(|ev| {
-                let mut routes = table.routes_for(ev);
-                if let EventKind::PromptLayerTrack(_) = ev.kind {
-                    self.keep_the_logs_sinks(ev, &mut routes);
+        let mut prepared = Vec::with_capacity(events.len());
+        for ev in &events {
+            let mut routes = table.routes_for(ev);
+            if let EventKind::PromptLayerTrack(_) = ev.kind {
+                if let Err(err) = self.keep_the_logs_sinks(ev, &mut routes) {
+                    self.metrics.ingest(route, err.metric_result(), n);
+                    return Err(err);
                 }
-                self.queue.prepare(ev, &routes)
-            })
-            .collect();
+            }
+            prepared.push(self.queue.prepare(ev, &routes));
+        }
         match self.queue.append(prepared).await {
             Ok(ids) => {
                 self.metrics.ingest(route, "accepted", n);
@@ -386,21 +387,42 @@ impl Ingest {
     /// without a trace, where one that came a moment earlier became a dead letter.) On a
     /// storage error the routes stay as they are (delivery then decides, with a dead letter
     /// that says why).
-    fn keep_the_logs_sinks(&self, ev: &NewEvent, routes: &mut Vec<u16>) {
+    ///
+    /// A follow-up whose log is gone and that no PromptLayer sink took (not a PromptLayer log
+    /// at all, such as a native event, or one delivered longer ago than its id is kept) is
+    /// refused, naming `request_id`: accepted, it was routed to no sink and discarded.
+    fn keep_the_logs_sinks(&self, ev: &NewEvent, routes: &mut Vec<u16>) -> Result<(), IngestError> {
         let local = serde_json::from_slice::<serde_json::Value>(&ev.payload)
             .ok()
             .and_then(|v| crate::formats::promptlayer::track_request_id(&v));
         let Some(local) = local else {
-            return;
+            return Ok(());
         };
         match self.queue.get(local) {
             Ok(Some(ReadItem::Event(log))) => routes.retain(|s| log.routes.contains(s)),
-            Ok(None) => routes.retain(|s| {
-                matches!(self.queue.remote_id(*s, local), Ok(Some(_)))
-                    || matches!(self.queue.dead_letter_get(*s, local), Ok(Some(_)))
-            }),
+            Ok(None) => {
+                let had = !routes.is_empty();
+                routes.retain(|s| {
+                    matches!(self.queue.remote_id(*s, local), Ok(Some(_)))
+                        || matches!(self.queue.dead_letter_get(*s, local), Ok(Some(_)))
+                });
+                if had && routes.is_empty() {
+                    let f = crate::formats::FieldError {
+                        field: "request_id".into(),
+                        problem: format!(
+                            "{local} is not a PromptLayer log this llmlogd delivered in the last {} days (not a log, or one no PromptLayer sink took)",
+                            crate::queue::FOLLOW_UP_IDS_KEEP_MS / 86_400_000
+                        ),
+                    };
+                    return Err(IngestError {
+                        fields: vec![f.clone()],
+                        ..IngestError::new(400, "invalid_field", f.to_string())
+                    });
+                }
+            }
             Ok(Some(ReadItem::Corrupt { .. })) | Err(_) => {}
         }
+        Ok(())
     }
 
     /// `ev`, unless it is a native event no sink could ever send
