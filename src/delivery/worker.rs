@@ -159,6 +159,21 @@ struct Circuit {
     backoff: ExponentialBackoff,
     failures: u64,
     last_summary: Instant,
+    /// Opened within `OUTAGE_SUMMARY` of the last outage's end (a flapping endpoint): its
+    /// start and end are logged at debug, and the flapping once per `OUTAGE_SUMMARY`.
+    quiet: bool,
+}
+
+/// Outages that start soon after the one before: logged as one flapping line per
+/// `OUTAGE_SUMMARY`, not a pair of lines each (up to five pairs a second were seen).
+#[derive(Default)]
+struct Flapping {
+    /// When the last outage ended.
+    last_end: Option<Instant>,
+    /// Outages opened quietly since the last flapping line.
+    unlogged: u32,
+    /// When the last flapping line was written.
+    logged_at: Option<Instant>,
 }
 
 pub(crate) struct Worker {
@@ -217,6 +232,7 @@ pub(crate) struct Worker {
     throttled_at: u64,
     /// A Retry-After pause was logged since the last delivery (later ones log at debug).
     pause_logged: bool,
+    flapping: Flapping,
     /// The service asked to wait (Retry-After) and nothing was delivered since: the sink is
     /// `paused` in status and metrics until a delivery, not `ok` between two pauses while its
     /// requests go out and get the next 429.
@@ -400,6 +416,7 @@ impl Worker {
             sends: 0,
             throttled_at: 0,
             pause_logged: false,
+            flapping: Flapping::default(),
             paced: false,
             dead_letter_log: LogThrottle::new(DEAD_LETTER_LOG_MS),
             dead_letter_last_reason: String::new(),
@@ -1115,18 +1132,40 @@ impl Worker {
                 {
                     let mut backoff = retry::backoff(self.cfg.retry.initial, self.cfg.retry.max);
                     let first = retry::next_probe(&mut backoff, self.cfg.retry.max);
-                    tracing::warn!(
-                        sink = %self.name,
-                        error = %what,
-                        waiting = self.window.len(),
-                        "sink unreachable; holding events and sending one probe per backoff interval"
-                    );
+                    let f = &mut self.flapping;
+                    let quiet = f
+                        .last_end
+                        .is_some_and(|t| now.saturating_duration_since(t) < OUTAGE_SUMMARY);
+                    if !quiet {
+                        tracing::warn!(
+                            sink = %self.name,
+                            error = %what,
+                            waiting = self.window.len(),
+                            "sink unreachable; holding events and sending one probe per backoff interval"
+                        );
+                    } else {
+                        f.unlogged += 1;
+                        tracing::debug!(sink = %self.name, error = %what, "sink unreachable again");
+                        if f.logged_at
+                            .is_none_or(|t| now.saturating_duration_since(t) >= OUTAGE_SUMMARY)
+                        {
+                            tracing::warn!(
+                                sink = %self.name,
+                                outages = f.unlogged,
+                                error = %what,
+                                "sink flapping: unreachable again within minutes of coming back; its outages are logged once per five minutes"
+                            );
+                            f.logged_at = Some(now);
+                            f.unlogged = 0;
+                        }
+                    }
                     self.circuit = Some(Circuit {
                         since: now,
                         next_probe: now + first,
                         backoff,
                         failures: 0,
                         last_summary: now,
+                        quiet,
                     });
                 }
             }
@@ -1272,12 +1311,20 @@ impl Worker {
             tracing::info!(sink = %self.name, "deliveries succeed again");
         }
         if let Some(c) = self.circuit.take() {
-            tracing::info!(
-                sink = %self.name,
-                down_for = %humantime::format_duration(Duration::from_secs(now.saturating_duration_since(c.since).as_secs())),
-                failed_probes = c.failures,
-                "sink reachable again; resuming delivery"
-            );
+            let down_for = humantime::format_duration(Duration::from_secs(
+                now.saturating_duration_since(c.since).as_secs(),
+            ));
+            if c.quiet {
+                tracing::debug!(sink = %self.name, %down_for, failed_probes = c.failures, "sink reachable again");
+            } else {
+                tracing::info!(
+                    sink = %self.name,
+                    %down_for,
+                    failed_probes = c.failures,
+                    "sink reachable again; resuming delivery"
+                );
+            }
+            self.flapping.last_end = Some(now);
             for s in self.window.values_mut() {
                 if !s.in_flight {
                     s.next_try = s.next_try.min(now);
@@ -2146,6 +2193,43 @@ mod tests {
             r.at(300_010),
             "a summary line after five minutes"
         );
+    }
+
+    /// An endpoint that keeps failing and coming back logs its first outage as before, then
+    /// one flapping line per five minutes instead of a pair of lines per outage.
+    #[tokio::test]
+    async fn a_flapping_endpoint_logs_its_outages_once_per_five_minutes() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 2\ncircuit_after = 2");
+        let mut t = 0;
+        let mut quiet = Vec::new();
+        for round in 0..4u64 {
+            r.add(round * 2..round * 2 + 2, 20);
+            let (sent, _) = r.dispatch(t);
+            r.reply(&sent[0], 503, t + 1);
+            r.reply(&sent[1], 503, t + 1);
+            quiet.push(r.w.circuit.as_ref().expect("open").quiet);
+            // The probe succeeds: the outage ends; the other event follows.
+            t += 2_000;
+            let (sent, _) = r.dispatch(t);
+            r.reply(&sent[0], 200, t + 1);
+            assert!(r.w.circuit.is_none(), "round {round}: closed");
+            let (sent, _) = r.dispatch(t + 2);
+            for s in &sent {
+                r.reply(s, 200, t + 3);
+            }
+            t += 10_000;
+        }
+        assert_eq!(quiet, [false, true, true, true]);
+        // The second outage wrote the flapping line; the next two wait for the next one.
+        assert_eq!(r.w.flapping.unlogged, 2);
+        assert_eq!(r.w.flapping.logged_at, Some(r.at(12_001)));
+        // Five minutes after the last one ended, an outage is loud again.
+        t += 300_000;
+        r.add(100..102, 20);
+        let (sent, _) = r.dispatch(t);
+        r.reply(&sent[0], 503, t + 1);
+        r.reply(&sent[1], 503, t + 1);
+        assert!(!r.w.circuit.as_ref().expect("open").quiet);
     }
 
     #[tokio::test]
