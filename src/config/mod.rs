@@ -1242,6 +1242,24 @@ mod tests {
         parse("[delivery]\ndrain_timeout = \"0s\"").unwrap();
     }
 
+    /// A size that is neither a whole number nor a string says so, by key, in plain words.
+    #[test]
+    fn a_size_of_the_wrong_kind_is_refused_plainly() {
+        for (bad, why) in [
+            ("-1", "is negative"),
+            ("1.5", "not a whole number of bytes"),
+            ("true", "a size in bytes"),
+        ] {
+            let e = err(&format!("[server]\nmax_body_bytes = {bad}\n"));
+            assert!(
+                e.contains("max_body_bytes") && e.contains(why) && !e.contains("untagged"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(parse("[server]\nmax_body_bytes = 1048576\n").is_ok());
+        assert!(parse("[server]\nmax_body_bytes = \"2MiB\"\n").is_ok());
+    }
+
     #[test]
     fn a_log_level_that_is_not_one_is_refused() {
         for bad in ["warning", "verbose!!", "info,chatty"] {

@@ -104,9 +104,39 @@ pub(crate) struct RawRoute {
 }
 
 /// A byte size written either as an integer (bytes) or a string such as `"64MiB"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub(crate) enum ByteSize {
     Int(u64),
     Text(String),
+}
+
+/// By hand rather than `#[serde(untagged)]`, whose refusal of anything else (`-1`, `1.5`) was
+/// "data did not match any variant of untagged enum ByteSize".
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size in bytes (a whole number) or a string like \"64MiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize::Int(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize::Int)
+                    .map_err(|_| E::custom(format!("{v} is negative; a size is 0 or more bytes")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ByteSize, E> {
+                Err(E::custom(format!(
+                    "{v} is not a whole number of bytes (write a size like \"1.5MiB\" as a string)"
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                Ok(ByteSize::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
