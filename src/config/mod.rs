@@ -780,12 +780,14 @@ fn sink_from_raw(name: &str, rs: raw::RawSink, keys: Keys) -> Result<SinkConfig,
                 burst: int_in(&k("rate_burst"), rs.rate_burst, r.ceil() as u64, 1, 1 << 20)? as u32,
             })
         }
-        Some(r) => return Err(invalid(
-            k("rate_limit"),
-            format!(
+        Some(r) => {
+            return Err(invalid(
+                k("rate_limit"),
+                format!(
                 "{r} is not a requests-per-second rate within {MIN_RATE_LIMIT}..={MAX_RATE_LIMIT}"
             ),
-        )),
+            ))
+        }
     };
     if rate.is_none() && rs.rate_burst.is_some() {
         return Err(invalid(k("rate_burst"), "needs rate_limit"));
@@ -1003,10 +1005,20 @@ fn local_path(key: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
     std::path::absolute(&path).map_err(|e| invalid(key, format!("`{text}`: {e}")))
 }
 
+/// Whether a URL path segment looks like a credential: webhook URLs carry their token in the
+/// path (Slack's `/services/T…/B…/<24 characters>`, Discord's `/api/webhooks/<id>/<token>`).
+/// 16 characters or more, letters and digits mixed (no word of a path like `ingest` or
+/// `v1`); a long id is masked too, which costs nothing.
+pub fn token_like(seg: &str) -> bool {
+    seg.len() >= 16
+        && seg.bytes().any(|b| b.is_ascii_digit())
+        && seg.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
 /// `url` with what may be a credential masked: the password of `user:password@`, a user
 /// name alone (`https://TOKEN@host`, the way Sentry DSNs and many webhooks carry their key:
-/// it goes out as the Basic auth user), and every query value (`?token=…`). For logs,
-/// errors, status and `check-config`.
+/// it goes out as the Basic auth user), every query value (`?token=…`), and a path segment
+/// that looks like a token ([`token_like`]). For logs, errors, status and `check-config`.
 pub fn redact_url(url: &str) -> String {
     let (head, query) = match url.split_once('?') {
         Some((h, q)) => (h, Some(q)),
@@ -1022,7 +1034,11 @@ pub fn redact_url(url: &str) -> String {
                 },
                 None => authority.to_string(),
             };
-            format!("{scheme}://{authority}{path}")
+            let path: Vec<&str> = path
+                .split('/')
+                .map(|seg| if token_like(seg) { "***" } else { seg })
+                .collect();
+            format!("{scheme}://{authority}{}", path.join("/"))
         }
         None => head.to_string(),
     };
@@ -1285,6 +1301,21 @@ mod tests {
         );
         assert_eq!(redact_url("https://api.pezzo.ai"), "https://api.pezzo.ai");
         assert_eq!(redact_url("http://tok@h/p"), "http://***@h/p");
+        // Webhook tokens in the path (Slack, Discord); words and short ids stay.
+        assert_eq!(
+            redact_url(
+                "https://hooks.slack.com/services/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"
+            ),
+            "https://hooks.slack.com/services/T0AB12CD3/B0XY98ZW7/***"
+        );
+        assert_eq!(
+            redact_url("https://discord.com/api/webhooks/123456789012345678/Zx9_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"),
+            "https://discord.com/api/webhooks/123456789012345678/***"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:9000/v1/ingest/logs2"),
+            "http://127.0.0.1:9000/v1/ingest/logs2"
+        );
         let c = parse(
             "[sinks.a]\ntype = \"http\"\nurl = \"http://u:PASSWORD@127.0.0.1:9/i?token=TOKEN\"\n",
         )

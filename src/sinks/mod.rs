@@ -71,6 +71,11 @@ impl SinkRequest {
             for (_, v) in url.query_pairs() {
                 add(v.as_bytes());
             }
+            for seg in url.path_segments().into_iter().flatten() {
+                if crate::config::token_like(seg) {
+                    add(seg.as_bytes());
+                }
+            }
         }
         // Longest first, so a token is not half masked by a shorter value inside it.
         out.sort_by_key(|v| std::cmp::Reverse(v.len()));
