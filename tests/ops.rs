@@ -584,6 +584,32 @@ async fn status_cli_shows_sinks_table_and_json() {
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
 
+/// A body refused from its declared length (413) whose client then stops sending is let go
+/// 5 s after its last byte, not held with its connection slot until `body_timeout` (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_that_stops_coming_frees_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), "").await;
+    let mut s = tokio::net::TcpStream::connect(d.started.http.unwrap())
+        .await
+        .unwrap();
+    let head = "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 20000000\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b' '; 64 << 10]).await.unwrap();
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    // Well under body_timeout (30 s), well over the 5 s it should take.
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut reply))
+        .await
+        .expect("the connection was closed before body_timeout")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    eprintln!("closed {:?} after the last byte", started.elapsed());
+    d.stop().await;
+}
+
 /// The config the README installs for the unit names the unit's directories and the socket
 /// unit's addresses, so the commands an operator runs outside the unit (`sudo -u llmlogd
 /// llmlogd dlq --config /etc/llmlogd/llmlogd.toml list`, `llmlogd send --config ...`) find

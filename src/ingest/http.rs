@@ -305,6 +305,8 @@ async fn read_body_within_limits(
 /// within `body_timeout`, as any body is; nothing is kept. Not when the client asked
 /// `Expect: 100-continue`: it waits for the reply and sends no body after a refusal.
 fn discard_body(st: &HttpState, headers: &HeaderMap, body: Body) {
+    /// How long a refused body may pause before the connection is let go.
+    const DISCARD_IDLE: Duration = Duration::from_secs(5);
     if headers.contains_key(header::EXPECT) {
         return;
     }
@@ -320,7 +322,13 @@ fn discard_body(st: &HttpState, headers: &HeaderMap, body: Body) {
     tokio::spawn(async move {
         let mut body = body;
         let mut seen = 0usize;
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+        // Read while it keeps coming: a client that stopped sending after the refusal is let
+        // go after `DISCARD_IDLE`, not held (with a connection slot) until `body_timeout`.
+        loop {
+            let next = deadline.min(tokio::time::Instant::now() + DISCARD_IDLE);
+            let Ok(Some(Ok(frame))) = tokio::time::timeout_at(next, body.frame()).await else {
+                break;
+            };
             seen += frame.data_ref().map_or(0, Bytes::len);
             if seen > cap {
                 return;
