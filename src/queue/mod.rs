@@ -1905,6 +1905,12 @@ fn key_u64(k: &[u8]) -> u64 {
 /// another user), the daemon says so and goes on.
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(QueueError::DataDir {
+            path: dir.to_path_buf(),
+            problem: "exists and is not a directory".into(),
+        });
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -1499,3 +1499,13 @@ fn an_existing_data_dir_open_to_others_is_made_private() {
         0o700
     );
 }
+
+/// A data directory that is a file is named as such, not "File exists (os error 17)".
+#[test]
+fn a_data_dir_that_is_a_file_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let e = Queue::open(&cfg(&file)).err().expect("refused").to_string();
+    assert!(e.contains("is not a directory"), "{e}");
+}
