@@ -787,7 +787,12 @@ pub fn status(json: bool, cfg: &ConfigArgs) -> Result<(), CliError> {
             s["dead_lettered"].to_string(),
             age(now, s["oldest_pending_ms"].as_u64()),
             age(now, s["last_success_ms"].as_u64()),
-            s["last_error"].as_str().unwrap_or("-"),
+            // With its age: after a recovery the last error stays shown beside `ok`.
+            match (s["last_error"].as_str(), s["last_error_ms"].as_u64()) {
+                (Some(e), Some(at)) => format!("{}: {e}", age(now, Some(at))),
+                (Some(e), None) => e.to_string(),
+                (None, _) => "-".into(),
+            },
         );
     }
     Ok(())

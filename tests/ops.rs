@@ -537,11 +537,13 @@ fn status_cli_says_when_no_sinks_are_configured() {
 async fn status_cli_shows_sinks_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
+    // One failure first: the table shows the last error with its age.
+    mock.script([Answer::StatusBody(503, "overloaded".into())]);
     let p = Process::start(dir.path(), &http_sink("collector", &mock));
     let (s, _) = post_json(&p.url("/v1/events"), "{\"x\":1}").await;
     assert_eq!(s, 202);
     wait_for(DEADLINE, "delivery", || {
-        (!mock.received().is_empty()).then_some(())
+        (mock.received().len() >= 2).then_some(())
     })
     .await;
     let addr = p.http.to_string();
@@ -566,6 +568,7 @@ async fn status_cli_shows_sinks_table_and_json() {
         table.contains("SINK") && table.contains("collector") && table.contains("http"),
         "{table}"
     );
+    assert!(table.contains(" ago: HTTP 503: overloaded"), "{table}");
     assert!(
         table
             .lines()
