@@ -243,6 +243,27 @@ async fn sigterm_answers_in_flight_and_exits_zero_with_nothing_lost() {
     assert!(p.terminate().success());
 }
 
+fn sigterm(p: &Process) {
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
+}
+
+/// Sends SIGTERM and waits for the daemon to say it is stopping; its log lines.
+async fn stop_begun(p: &Process) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    sigterm(p);
+    let lines = p.stderr_lines.clone();
+    wait_for(DEADLINE, "the stop under way", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("stopping"))
+            .then_some(())
+    })
+    .await;
+    lines
+}
+
 /// A request whose body is still arriving when SIGTERM comes is answered: stored and `202`
 /// if the rest comes within the stop's body grace (7 s; here 4 s later), else `503`
 /// `shutting_down` with nothing stored. Before, such a connection was cut off after 3 s with
@@ -289,18 +310,7 @@ async fn a_request_still_uploading_at_stop_is_answered() {
     stalled.write_all(head(1000).as_bytes()).unwrap();
     reading(&mut stalled);
     stalled.write_all(b"{\"partial\":").unwrap();
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
-    let lines = p.stderr_lines.clone();
-    wait_for(DEADLINE, "the stop under way", || {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("stopping"))
-            .then_some(())
-    })
-    .await;
+    stop_begun(&p).await;
     // The rest of the first body, past the old 3 s cut-off.
     let rest = body.as_bytes()[5..].to_vec();
     let writer = std::thread::spawn(move || {
@@ -354,23 +364,9 @@ async fn a_second_sigterm_cuts_the_drain_short_and_loses_nothing() {
         (!mock.received().is_empty()).then_some(())
     })
     .await;
-    let term = |p: &Process| {
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(p.child.id() as i32, libc::SIGTERM) };
-    };
-    term(&p);
-    let lines = p.stderr_lines.clone();
-    wait_for(DEADLINE, "the first stop under way", || {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("stopping"))
-            .then_some(())
-    })
-    .await;
+    let lines = stop_begun(&p).await;
     assert!(p.child.try_wait().unwrap().is_none(), "still draining");
-    term(&p);
+    sigterm(&p);
     let status = wait_for(DEADLINE, "exit after the second SIGTERM", || {
         p.child.try_wait().unwrap()
     })
