@@ -189,7 +189,7 @@ fn fill_summary(ev: &mut LlmEvent) {
         ev.response.body.as_ref(),
     );
     if ev.model.is_none() {
-        ev.model = s.model;
+        ev.model = s.model.or(s.response_model);
     }
     if ev.api_type.is_none() {
         ev.api_type = s.api_type;

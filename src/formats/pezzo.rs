@@ -295,13 +295,7 @@ fn derive_summary(ev: &mut LlmEvent) {
         ev.response.body.as_ref(),
     );
     // Pezzo's model is the request's: the response's `model` is the provider's echo.
-    ev.model = ev
-        .request
-        .body
-        .as_ref()
-        .and_then(|r| r.get("model"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    ev.model = s.model;
     ev.api_type = s.api_type;
     if s.parameters.is_some() {
         ev.parameters = s.parameters;

@@ -414,10 +414,7 @@ impl Ingest {
                             crate::queue::FOLLOW_UP_IDS_KEEP_MS / 86_400_000
                         ),
                     };
-                    return Err(IngestError {
-                        fields: vec![f.clone()],
-                        ..IngestError::new(400, "invalid_field", f.to_string())
-                    });
+                    return Err(IngestError::invalid(vec![f]));
                 }
             }
             Ok(Some(ReadItem::Corrupt { .. })) | Err(_) => {}
@@ -433,10 +430,7 @@ impl Ingest {
     pub fn deliverable(&self, ev: NewEvent) -> Result<NewEvent, IngestError> {
         match self.routes.load().unconvertible(&ev) {
             None => Ok(ev),
-            Some(f) => Err(IngestError {
-                fields: vec![f.clone()],
-                ..IngestError::new(400, "invalid_field", f.to_string())
-            }),
+            Some(f) => Err(IngestError::invalid(vec![f.clone()])),
         }
     }
 

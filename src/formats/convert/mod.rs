@@ -269,8 +269,10 @@ pub(crate) struct Failure {
 /// its own values stand.
 #[derive(Debug, Default)]
 pub(crate) struct BodySummary {
-    /// The request body's `model`, else the response body's.
+    /// The request body's `model`.
     pub(crate) model: Option<String>,
+    /// The response body's `model` (the provider's echo, often a dated snapshot).
+    pub(crate) response_model: Option<String>,
     pub(crate) api_type: Option<String>,
     pub(crate) parameters: Option<Map<String, Value>>,
     pub(crate) failure: Option<Failure>,
@@ -300,12 +302,10 @@ pub(crate) fn body_summary(
             Dialect::Anthropic => anthropic::parameters(req),
         });
     }
-    if s.model.is_none() {
-        s.model = resp
-            .and_then(|r| r.get("model"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-    }
+    s.response_model = resp
+        .and_then(|r| r.get("model"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
     s.failure = failure(http_status, response);
     if s.failure.is_none() {
         if let Some(resp) = resp {
