@@ -36,11 +36,12 @@ impl Endpoint {
         Self::wrap(MockSink::start().await, decide)
     }
 
-    async fn start_at(
-        addr: SocketAddr,
+    /// Comes up on a port that was closed until now.
+    async fn open(
+        port: ClosedPort,
         decide: impl FnMut(&Received) -> Answer + Send + 'static,
     ) -> Endpoint {
-        Self::wrap(MockSink::start_at(addr).await, decide)
+        Self::wrap(port.open().await, decide)
     }
 
     fn wrap(mock: MockSink, decide: impl FnMut(&Received) -> Answer + Send + 'static) -> Self {
@@ -192,14 +193,6 @@ fn sink(name: &str, url: &str, over: &[(&str, &str)]) -> String {
     s
 }
 
-/// A loopback address where nothing listens (connections are refused).
-async fn closed_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr
-}
-
 async fn status(base: &dyn Fn(&str) -> String) -> Value {
     serde_json::from_str(&get_text(&base("/v1/status")).await).expect("status JSON")
 }
@@ -273,14 +266,10 @@ async fn a_down_or_stuck_sink_never_delays_another_and_gets_everything_once_back
     // Accepts requests but never answers within the sink's timeout.
     let stuck = Endpoint::start(|_| Answer::Delay(Duration::from_secs(3600))).await;
     // Nothing listens: connections are refused.
-    let down_addr = closed_addr().await;
+    let down_port = MockSink::closed();
     let cfg = [
         sink("good", &good.url(), &[("batch_max_events", "7")]),
-        sink(
-            "down",
-            &format!("http://{down_addr}/ingest"),
-            &[("circuit_after", "2")],
-        ),
+        sink("down", &down_port.url("/ingest"), &[("circuit_after", "2")]),
         sink("stuck", &stuck.url(), &[("timeout", "\"300ms\"")]),
     ]
     .concat();
@@ -306,7 +295,7 @@ async fn a_down_or_stuck_sink_never_delays_another_and_gets_everything_once_back
 
     // The stuck endpoint starts answering; the down one comes back on its port.
     stuck.set(|_| ok());
-    let down = Endpoint::start_at(down_addr, |_| ok()).await;
+    let down = Endpoint::open(down_port, |_| ok()).await;
     wait_for(
         DEADLINE,
         "the recovered sinks to get all 100 events",
@@ -395,7 +384,8 @@ async fn a_sink_removed_and_added_back_by_reload_never_runs_twice() {
 async fn a_sink_removed_with_a_backlog_warns_how_many_events_it_drops() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
-    let down = format!("http://{}/ingest", closed_addr().await);
+    let port = MockSink::closed();
+    let down = port.url("/ingest");
     let d = Process::start(dir.path(), &sink("old", &down, &[]));
     let base = |p: &str| d.url(p);
     post_range(&d.url("/v1/events"), 0..5, "").await;
@@ -915,7 +905,7 @@ async fn every_kind_of_broken_connection_is_retried_until_delivered() {
     let ep = RawEndpoint::start(script).await;
     // A refused connection first: the sink starts towards a closed port, then the reload
     // points it at the raw endpoint.
-    let down = closed_addr().await;
+    let port = MockSink::closed();
     let cfg = |addr: SocketAddr| {
         sink(
             "raw",
@@ -928,7 +918,7 @@ async fn every_kind_of_broken_connection_is_retried_until_delivered() {
             ],
         )
     };
-    let d = InProcess::start(dir.path(), &cfg(down)).await;
+    let d = InProcess::start(dir.path(), &cfg(port.addr)).await;
     let base = |p: &str| d.url(p);
     post_range(&d.url("/v1/events"), 0..10, "").await;
     let connect = "llmlogd_sink_failed_attempts_total{sink=\"raw\",class=\"connect\"}";
@@ -1057,7 +1047,8 @@ async fn a_proxy_in_the_environment_is_not_used_for_this_host() {
     let dir = tempfile::tempdir().unwrap();
     let mock = MockSink::start().await;
     // A proxy that refuses every connection: whatever goes through it fails.
-    let proxy = format!("http://{}", closed_addr().await);
+    let port = MockSink::closed();
+    let proxy = port.url("");
     let env = [
         ("HTTP_PROXY", proxy.as_str()),
         ("http_proxy", proxy.as_str()),
@@ -2483,10 +2474,10 @@ async fn events_older_than_max_age_go_to_the_dead_letters_even_behind_an_open_ci
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_behind_an_open_circuit_is_read_on_when_the_window_empties() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = closed_addr().await;
+    let port = MockSink::closed();
     let cfg = sink(
         "behind",
-        &format!("http://{addr}/ingest"),
+        &port.url("/ingest"),
         &[
             // A window of 1024 events (the floor), so 3000 need three.
             ("batch_max_events", "1"),
@@ -2502,7 +2493,7 @@ async fn a_backlog_behind_an_open_circuit_is_read_on_when_the_window_empties() {
         (status(&base).await["queue"]["dead_letters"].as_u64() >= Some(1000)).then_some(())
     })
     .await;
-    let ep = Endpoint::start_at(addr, |_| ok()).await;
+    let ep = Endpoint::open(port, |_| ok()).await;
     // No new event: every one is delivered or, aged out, dead-lettered.
     let st = wait_until(
         DEADLINE,

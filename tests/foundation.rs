@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::util::*;
 
-fn http_sink(mock: &MockSink) -> String {
+fn http_sink(mock: &impl Target) -> String {
     format!(
         "[sinks.mock]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\nretry_initial = \"50ms\"\nretry_max = \"200ms\"\n",
         mock.url("/ingest")
@@ -80,12 +80,9 @@ async fn thousand_events_from_16_clients_arrive_once_byte_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9_while_the_endpoint_is_down() {
     let dir = tempfile::tempdir().unwrap();
-    // Reserve a port for the endpoint, then leave it closed: connections are refused.
-    let mock = MockSink::start().await;
-    let addr = mock.addr;
-    mock.stop();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let cfg = http_sink(&mock);
+    // Reserve a port for the endpoint, closed: connections are refused.
+    let port = MockSink::closed();
+    let cfg = http_sink(&port);
     let p = Process::start(dir.path(), &cfg);
     let mut sent = Vec::new();
     for i in 0..200 {
@@ -101,7 +98,7 @@ async fn acknowledged_events_survive_kill_9_while_the_endpoint_is_down() {
     sent.extend(batch);
     p.kill9();
 
-    let mock = MockSink::start_at(addr).await;
+    let mock = port.open().await;
     let p = Process::start(dir.path(), &cfg);
     let got = wait_for(DEADLINE, "every acknowledged event after restart", || {
         let all: Vec<String> = mock

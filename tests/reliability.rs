@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::util::*;
 
-fn sink(mock: &MockSink) -> String {
+fn sink(mock: &impl Target) -> String {
     format!(
         "[sinks.m]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"5ms\"\nretry_initial = \"20ms\"\nretry_max = \"200ms\"\n",
         mock.url("/in")
@@ -157,9 +157,8 @@ async fn crash_loop_loses_no_acknowledged_event() {
 async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     // The sink's endpoint is closed: events stay queued.
-    let mock = MockSink::start().await;
-    mock.stop();
-    let cfg = sink(&mock) + "[queue]\nmax_events = 5\n";
+    let port = MockSink::closed();
+    let cfg = sink(&port) + "[queue]\nmax_events = 5\n";
     let d = InProcess::start(dir.path(), &cfg).await;
     for i in 0..5 {
         let (s, v) = post_json(&d.url("/v1/events"), &format!("{{\"i\":{i}}}")).await;
@@ -223,7 +222,7 @@ async fn a_full_queue_refuses_with_503_then_drops_oldest_when_configured() {
     .await;
     assert_eq!(full, Some(1.0));
     // drop_oldest: new events go in, the oldest go out, counted.
-    d.reload(&(sink(&mock) + "[queue]\nmax_events = 5\nwhen_full = \"drop_oldest\"\n"))
+    d.reload(&(sink(&port) + "[queue]\nmax_events = 5\nwhen_full = \"drop_oldest\"\n"))
         .await;
     let url = d.url("/v1/events");
     wait_until(DEADLINE, "reloaded caps accept again", || async {
@@ -328,10 +327,8 @@ async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
     let Some(fs) = SmallFs::mount(&dir.path().join("data"), "48m") else {
         return;
     };
-    let mock = MockSink::start().await;
-    let addr = mock.addr;
-    mock.stop();
-    let p = Process::start(dir.path(), &sink(&mock));
+    let port = MockSink::closed();
+    let p = Process::start(dir.path(), &sink(&port));
     let mut acked = Vec::new();
     for i in 0..50 {
         let body = format!("{{\"before\":{i}}}");
@@ -370,7 +367,7 @@ async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
     .await;
     acked.push(after);
     // Nothing acknowledged was lost.
-    let mock = MockSink::start_at(addr).await;
+    let mock = port.open().await;
     wait_all_delivered(&p, &mock, &acked).await;
     assert!(p.terminate().success());
     drop(fs);
@@ -379,10 +376,8 @@ async fn disk_full_is_a_clear_error_and_recovers_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drained_backlog_gives_disk_space_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mock = MockSink::start().await;
-    let addr = mock.addr;
-    mock.stop();
-    let cfg = sink(&mock) + "[queue]\ncompact_above = \"4MiB\"\ncompression = \"none\"\n";
+    let port = MockSink::closed();
+    let cfg = sink(&port) + "[queue]\ncompact_above = \"4MiB\"\ncompression = \"none\"\n";
     let d = InProcess::start(dir.path(), &cfg).await;
     // ~40 MB of backlog while the endpoint is down.
     let event = format!("{{\"pad\":\"{}\"}}", "x".repeat(4000));
@@ -395,7 +390,7 @@ async fn drained_backlog_gives_disk_space_back() {
         .await
         .unwrap();
     assert!(full > 30e6, "backlog on disk: {full}");
-    let mock = MockSink::start_at(addr).await;
+    let mock = port.open().await;
     wait_for(Duration::from_secs(120), "the backlog delivered", || {
         let n: usize = mock.received().iter().map(|r| r.raw_events().len()).sum();
         (n >= 10_000).then_some(())
@@ -823,18 +818,16 @@ async fn a_backlog_that_fills_the_disk_drains_and_ingest_resumes_by_itself() {
     let Some(fs) = SmallFs::mount(&dir.path().join("data"), "40m") else {
         return;
     };
-    let mock = MockSink::start().await;
-    let addr = mock.addr;
-    mock.stop();
+    let port = MockSink::closed();
     let p = Process::start(
         dir.path(),
-        &(sink(&mock) + "[queue]\ncompression = \"none\"\n"),
+        &(sink(&port) + "[queue]\ncompression = \"none\"\n"),
     );
     let mut acked = Vec::new();
     let (status, v) = fill_until_refused(&p.url("/v1/events"), &mut acked).await;
     assert_eq!(status, 507, "{v}");
     assert_eq!(v["error"]["code"], "no_space", "{v}");
-    let mock = MockSink::start_at(addr).await;
+    let mock = port.open().await;
     wait_all_delivered(&p, &mock, &acked).await;
     let url = p.url("/v1/events");
     wait_until(Duration::from_secs(60), "ingest to resume", || async {

@@ -114,6 +114,38 @@ struct MockState {
     ok: Mutex<Option<(u16, String)>>,
 }
 
+/// A port bound but not listening: a connection to it is refused (RST), as to a closed port,
+/// but the port stays this test's. (A port bound and let go can be handed to another test's
+/// mock at once, which then answers for the "down" endpoint.)
+pub struct ClosedPort {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+/// Something a sink's URL can point at: a running mock or a closed port.
+pub trait Target {
+    fn url(&self, path: &str) -> String;
+}
+
+impl Target for ClosedPort {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Target for MockSink {
+    fn url(&self, path: &str) -> String {
+        MockSink::url(self, path)
+    }
+}
+
+impl ClosedPort {
+    /// The endpoint comes up on this port.
+    pub async fn open(self) -> MockSink {
+        MockSink::serve(self.socket.listen(1024).unwrap()).await
+    }
+}
+
 /// A local endpoint that records what arrives and answers from a script.
 #[derive(Clone)]
 pub struct MockSink {
@@ -161,10 +193,13 @@ impl MockSink {
         Self::serve(listener).await
     }
 
-    /// Starts on a given address (to come back on the same port after a stop).
-    pub async fn start_at(addr: SocketAddr) -> MockSink {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        Self::serve(listener).await
+    /// A loopback port for an endpoint that is down, held so that no other test's mock can take
+    /// it: connections are refused until [`ClosedPort::open`] starts a mock on it.
+    pub fn closed() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        ClosedPort { socket, addr }
     }
 
     async fn serve(listener: tokio::net::TcpListener) -> MockSink {
