@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Overrides, SinkConfig};
 use crate::delivery::Delivery;
+use crate::ingest::browser::HostNames;
 use crate::ingest::http::{router, HttpState};
 use crate::ingest::ndjson::NdjsonLimits;
 use crate::ingest::server::{self, Listeners, ServeContext};
@@ -98,6 +99,7 @@ pub async fn run(
         listeners,
         ServeContext {
             router: router(state),
+            hosts: Arc::new(HostNames::new(&cfg.server.allowed_hosts)),
             ingest: ingest.clone(),
             header_timeout: cfg.server.header_timeout,
             ndjson: NdjsonLimits {

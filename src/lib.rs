@@ -6,7 +6,8 @@
 //!
 //! - [`ingest`]: loopback HTTP and the Unix socket (HTTP or NDJSON, detected per connection).
 //!   Parses and validates each request in its wire format, routes it, and answers only after
-//!   the queue says the event is on disk.
+//!   the queue says the event is on disk. Requests from web pages are refused on TCP
+//!   (`ingest::browser`).
 //! - [`formats`]: the wire formats (native, Pezzo, PromptLayer) and the canonical model they
 //!   convert through. Shared by ingest (parse, validate) and sinks (render).
 //! - [`event`]: the one event type every stage shares.

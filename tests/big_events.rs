@@ -264,7 +264,7 @@ async fn a_17_mib_body_is_refused_413_naming_max_body_bytes() {
         .unwrap();
     s.write_all(
         format!(
-            "POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n\r\n"
+            "POST /v1/events HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n\r\n"
         )
         .as_bytes(),
     )

@@ -276,7 +276,7 @@ async fn a_request_still_uploading_at_stop_is_answered() {
     // `Expect: 100-continue`: the `100` says the handler is reading the body.
     let head = |len: usize| {
         format!(
-            "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n\r\n"
+            "POST /v1/events HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n\r\n"
         )
     };
     let reading = |s: &mut std::net::TcpStream| {

@@ -369,3 +369,97 @@ async fn a_client_that_sends_its_whole_body_before_reading_gets_the_refusal() {
     }
     d.stop().await;
 }
+
+/// A web page the user opens can send requests to loopback ports. Its cross-site POST (no
+/// Content-Type, as a `no-cors` fetch of a Blob sends) would be stored and delivered with the
+/// sinks' keys; a page whose name was made to resolve to 127.0.0.1 (DNS rebinding) could read
+/// the status. Both are refused with a 403 naming the header, nothing is stored, and the
+/// refusals are counted; apps (any Host that names this machine, or the Unix socket) are
+/// served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_can_neither_post_events_nor_read_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockSink::start().await;
+    let cfg = format!(
+        "[server]\nallowed_hosts = [\"llm.internal\"]\n{}",
+        mock.sink_config()
+    );
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let port = d.started.http.unwrap().port();
+    let before = next_seq(&d).await;
+
+    let page = br#"{"model":"gpt-4o","input":"from a web page"}"#;
+    let refusals = [
+        // Cross-site: a page on another site posts (native and PromptLayer routes).
+        (
+            format!("POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://evil.example"),
+            "forbidden_origin",
+            "Origin",
+        ),
+        (
+            format!("POST /log-request HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: null\r\nContent-Type: text/plain"),
+            "forbidden_origin",
+            "Origin",
+        ),
+        // Rebinding: same-origin requests, but the Host names the page's site.
+        (
+            format!("POST /v1/events HTTP/1.1\r\nHost: evil.example:{port}"),
+            "forbidden_host",
+            "Host",
+        ),
+        (
+            format!("GET /v1/status HTTP/1.1\r\nHost: evil.example:{port}"),
+            "forbidden_host",
+            "Host",
+        ),
+    ];
+    for (head, code, field) in &refusals {
+        let head = format!("{head}\r\nConnection: close");
+        let body: &[u8] = if head.starts_with("GET") { b"" } else { page };
+        let (status, text) = exchange(tcp(&d).await, &head, body, false).await;
+        assert_eq!(status, 403, "{head}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], *code, "{head}: {v}");
+        assert_eq!(v["error"]["fields"][0]["field"], *field, "{v}");
+        assert!(!text.contains("\"sinks\""), "no status leaked: {text}");
+    }
+
+    // Apps are served: any name for this machine, and the Unix socket even with an Origin.
+    let mut served = Vec::new();
+    for (i, host) in [
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "llm.internal".to_string(),
+        format!("LLM.Internal.:{port}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ev = format!(r#"{{"model":"gpt-4o","input":"app {i}"}}"#);
+        let head = format!("POST /v1/events HTTP/1.1\r\nHost: {host}\r\nConnection: close");
+        let (status, text) = exchange(tcp(&d).await, &head, ev.as_bytes(), false).await;
+        assert_eq!(status, 202, "{host}: {text}");
+        served.push(ev);
+    }
+    let ev = r#"{"model":"gpt-4o","input":"socket with an Origin"}"#.to_string();
+    let head = "POST /v1/events HTTP/1.1\r\nHost: evil.example\r\nOrigin: https://evil.example\r\nConnection: close";
+    let (status, text) = exchange(unix(&d.socket()).await, head, ev.as_bytes(), false).await;
+    assert_eq!(status, 202, "{text}");
+    served.push(ev);
+
+    // Nothing refused was stored: the seqs in between are the served events'.
+    let after = next_seq(&d).await;
+    assert_eq!(after - before - 1, served.len() as u64);
+    let mut arrived = mock.wait_arrived(&served).await;
+    arrived.retain(|e| !e.contains("sentinel"));
+    assert_eq!(arrived.len(), served.len(), "{arrived:?}");
+
+    let metrics = get_text(&d.url("/metrics")).await;
+    for line in [
+        "llmlogd_http_forbidden_requests_total{reason=\"origin\"} 2",
+        "llmlogd_http_forbidden_requests_total{reason=\"host\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    d.stop().await;
+}

@@ -597,7 +597,7 @@ async fn a_refused_body_that_stops_coming_frees_its_connection() {
     let mut s = tokio::net::TcpStream::connect(d.started.http.unwrap())
         .await
         .unwrap();
-    let head = "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 20000000\r\n\r\n";
+    let head = "POST /v1/events HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 20000000\r\n\r\n";
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&vec![b' '; 64 << 10]).await.unwrap();
     let started = Instant::now();

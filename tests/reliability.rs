@@ -472,7 +472,7 @@ async fn hostile_input_is_refused_cleanly() {
     let addr = d.started.http.unwrap();
     let slow = std::thread::spawn(move || {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+        s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\n")
             .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let started = Instant::now();
@@ -666,7 +666,7 @@ async fn long_request_headers_are_bounded_per_connection() {
         let mut conns: Vec<(TcpStream, usize)> = (0..CONNECTIONS)
             .map(|_| {
                 let mut s = TcpStream::connect(addr).unwrap();
-                s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+                s.write_all(b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\n")
                     .unwrap();
                 s.set_nonblocking(true).unwrap();
                 (s, 0)
@@ -740,16 +740,16 @@ async fn requests_hyper_cannot_parse_get_a_json_error_body() {
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), "").await;
     let (addr, sock) = (d.started.http.unwrap(), d.socket());
-    let good = "POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let good = "POST /v1/events HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
     let cases: Vec<(String, u16, &str)> = vec![
         (
-            format!("POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "y".repeat(64 << 10)),
+            format!("POST /v1/events HTTP/1.1\r\nHost: localhost\r\nX-Pad: {}\r\n\r\n", "y".repeat(64 << 10)),
             431,
             "headers_too_large",
         ),
-        ("POST /v1/events HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".into(), 400, "bad_request"),
-        ("POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}".into(), 400, "bad_request"),
-        ("GET / HTTP/9.9\r\nHost: x\r\n\r\n".into(), 400, "bad_request"),
+        ("POST /v1/events HTTP/1.1\r\nHost: localhost\r\nBad Header: 1\r\n\r\n".into(), 400, "bad_request"),
+        ("POST /v1/events HTTP/1.1\r\nHost: localhost\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}".into(), 400, "bad_request"),
+        ("GET / HTTP/9.9\r\nHost: localhost\r\n\r\n".into(), 400, "bad_request"),
     ];
     for (request, status, code) in &cases {
         for after_good in [false, true] {
@@ -862,7 +862,7 @@ async fn a_slow_large_body_leaves_room_for_another_clients_large_body() {
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     slow.write_all(
         format!(
-            "POST /v1/events HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nExpect: 100-continue\r\ncontent-length: {LARGEST}\r\n\r\n"
+            "POST /v1/events HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\nExpect: 100-continue\r\ncontent-length: {LARGEST}\r\n\r\n"
         )
         .as_bytes(),
     )

@@ -42,6 +42,21 @@ pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// name (exit 64, by `check-config` too) before anything is created. Before, `check-config`
 /// passed it and `run` created the socket's directory, then failed with exit 1 and the
 /// standard library's "path must be shorter than SUN_LEN".
+/// A name `server.allowed_hosts` may hold: a DNS name (letters, digits, `-`, `.`, `_`), no
+/// port, scheme or path, at most 253 bytes. A mistake like `http://x:8411` would otherwise
+/// never match any Host and go unnoticed until a client is refused.
+fn host_name_ok(name: &str) -> bool {
+    let n = name.trim_end_matches('.');
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 fn check_socket_path(path: &std::path::Path) -> Result<(), ConfigError> {
     use std::os::unix::ffi::OsStrExt;
     let len = path.as_os_str().as_bytes().len();
@@ -104,6 +119,9 @@ pub struct ServerConfig {
     /// `server.allow_non_loopback`: kept so that `check-config` prints it, and what it prints
     /// for a non-loopback `http_listen` is a config that loads.
     pub allow_non_loopback: bool,
+    /// `server.allowed_hosts`: names a request on a loopback address may give as its Host,
+    /// besides IP addresses, `localhost` and the machine's hostname (`ingest::browser`).
+    pub allowed_hosts: Vec<String>,
     /// `None` when the Unix socket is switched off (`unix_socket = ""`).
     pub unix_socket: Option<PathBuf>,
     pub socket_mode: u32,
@@ -334,9 +352,21 @@ impl Config {
                     )
                 })?,
         };
+        let allowed_hosts = s.allowed_hosts.unwrap_or_default();
+        for (i, name) in allowed_hosts.iter().enumerate() {
+            if !host_name_ok(name) {
+                return Err(invalid(
+                    format!("server.allowed_hosts[{i}]"),
+                    format!(
+                        "`{name}` is not a host name like \"llm.internal\" (letters, digits, '-' and '.', no port or scheme)"
+                    ),
+                ));
+            }
+        }
         let server = ServerConfig {
             http_listen,
             allow_non_loopback,
+            allowed_hosts,
             unix_socket,
             socket_mode,
             socket_group: s.socket_group.filter(|g| !g.is_empty()),
@@ -501,6 +531,15 @@ impl Config {
             s.http_listen.map(|a| a.to_string()).unwrap_or_default()
         );
         let _ = writeln!(o, "allow_non_loopback = {}", s.allow_non_loopback);
+        let _ = writeln!(
+            o,
+            "allowed_hosts = [{}]",
+            s.allowed_hosts
+                .iter()
+                .map(|h| format!("{h:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let _ = writeln!(
             o,
             "unix_socket = {:?}",
@@ -1553,6 +1592,32 @@ mod tests {
                 e.contains(&format!("`sinks.p.{field}`")) && e.contains("empty"),
                 "{field}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_are_host_names_and_render_back() {
+        let c = parse("[server]\nallowed_hosts = [\"llm.internal\", \"box-1.lan.\"]\n").unwrap();
+        assert_eq!(c.server.allowed_hosts, ["llm.internal", "box-1.lan."]);
+        let r = c.render();
+        assert!(
+            r.contains("allowed_hosts = [\"llm.internal\", \"box-1.lan.\"]"),
+            "{r}"
+        );
+        assert_eq!(
+            parse(&r).unwrap().server.allowed_hosts,
+            c.server.allowed_hosts
+        );
+        assert!(parse("").unwrap().server.allowed_hosts.is_empty());
+        for bad in [
+            "http://llm.internal",
+            "llm.internal:8411",
+            "",
+            "a..b",
+            "a b",
+        ] {
+            let e = err(&format!("[server]\nallowed_hosts = [\"ok\", {bad:?}]\n"));
+            assert!(e.contains("server.allowed_hosts[1]"), "{bad}: {e}");
         }
     }
 

@@ -27,6 +27,7 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawServer {
     pub http_listen: Option<String>,
     pub allow_non_loopback: Option<bool>,
+    pub allowed_hosts: Option<Vec<String>>,
     pub unix_socket: Option<String>,
     pub socket_mode: Option<String>,
     pub socket_group: Option<String>,

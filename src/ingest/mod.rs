@@ -10,6 +10,7 @@
 //! Validation happens before anything is stored: a refused request stores nothing, an accepted
 //! one is stored whole (one group commit for all its events) or not at all.
 
+pub mod browser;
 pub mod http;
 pub mod ndjson;
 mod parse_errors;

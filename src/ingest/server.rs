@@ -42,6 +42,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::browser::{Guarded, HostNames};
 use super::ndjson::{self, NdjsonLimits};
 use super::parse_errors::JsonParseErrors;
 use super::unix_stream::LeanUnix;
@@ -231,6 +232,9 @@ fn chown_group(path: &Path, group: &str) -> Result<(), String> {
 #[derive(Clone)]
 pub struct ServeContext {
     pub router: Router,
+    /// What a TCP connection's requests are checked against (`browser`): the Unix socket is
+    /// out of a web page's reach.
+    pub hosts: Arc<HostNames>,
     pub ingest: Arc<Ingest>,
     pub header_timeout: std::time::Duration,
     pub ndjson: NdjsonLimits,
@@ -348,7 +352,13 @@ async fn accept_loop(ctx: ServeContext, listener: AnyListener) {
                 match conn {
                     Conn::Tcp(s) => {
                         let _ = s.set_nodelay(true);
-                        serve_http(WriteStall::new(s, c.write_timeout()), &c).await
+                        let guarded = Guarded {
+                            router: c.router.clone(),
+                            hosts: c.hosts.clone(),
+                            metrics: c.ingest.metrics.clone(),
+                            loopback: s.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+                        };
+                        serve_http(WriteStall::new(s, c.write_timeout()), guarded, &c).await
                     }
                     Conn::Unix(s) => serve_unix(s, &c).await,
                 }
@@ -364,11 +374,19 @@ async fn accept_loop(ctx: ServeContext, listener: AnyListener) {
     }
 }
 
-async fn serve_http<S>(io: S, ctx: &ServeContext)
+async fn serve_http<S, R>(io: S, svc: R, ctx: &ServeContext)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    R::Future: Send + 'static,
 {
-    let svc = TowerToHyperService::new(ctx.router.clone());
+    let svc = TowerToHyperService::new(svc);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.header_timeout)
@@ -417,7 +435,7 @@ async fn serve_unix(s: UnixStream, ctx: &ServeContext) {
         inner: WriteStall::new(s, ctx.write_timeout()),
     };
     if first[0].is_ascii_uppercase() {
-        serve_http(stream, ctx).await
+        serve_http(stream, ctx.router.clone(), ctx).await
     } else {
         ndjson::serve(
             stream,

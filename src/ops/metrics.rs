@@ -28,6 +28,11 @@ pub struct RouteResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {
     pub sink: String,
 }
@@ -91,6 +96,7 @@ impl FailureClass {
 pub struct Metrics {
     registry: Registry,
     ingest_events: Family<RouteResult, Counter>,
+    forbidden: Family<Reason, Counter>,
     queue_events: Gauge,
     queue_bytes: Gauge,
     queue_oldest_age: Gauge<f64, AtomicU64>,
@@ -132,6 +138,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("llmlogd");
         let m = Metrics {
             ingest_events: Family::default(),
+            forbidden: Family::default(),
             queue_events: Gauge::default(),
             queue_bytes: Gauge::default(),
             queue_oldest_age: Gauge::default(),
@@ -161,10 +168,19 @@ impl Metrics {
             backlog: Family::default(),
             registry: Registry::default(),
         };
+        // Both series from the start, at 0, so an alert on them has something to read.
+        for reason in ["origin", "host"] {
+            let _ = m.forbidden.get_or_create(&Reason { reason });
+        }
         registry.register(
             "ingest_events",
             "Events received, by route and result (accepted, invalid, too_large, full, error)",
             m.ingest_events.clone(),
+        );
+        registry.register(
+            "http_forbidden_requests",
+            "HTTP requests refused as coming from a web page, by reason (origin: it had an Origin header; host: its Host named another site)",
+            m.forbidden.clone(),
         );
         registry.register(
             "queue_events",
@@ -291,6 +307,11 @@ impl Metrics {
         self.ingest_events
             .get_or_create(&RouteResult { route, result })
             .inc_by(n);
+    }
+
+    /// A request refused by `ingest::browser` (`origin` or `host`).
+    pub fn forbidden(&self, reason: &'static str) {
+        self.forbidden.get_or_create(&Reason { reason }).inc();
     }
 
     pub fn delivered(&self, sink: &str, n: u64) {
