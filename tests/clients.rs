@@ -1044,3 +1044,131 @@ async fn official_pezzo_clients_with_the_cache_on_keep_working() {
     }
     d.stop().await;
 }
+
+/// The service sinks send one event a request with an `Idempotency-Key` that is the event's
+/// own id: a retry (here after a 503) carries the same key as the attempt before it, so a
+/// service that honours the header drops the duplicate a lost reply would cause, and two
+/// events never share one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_sinks_retry_an_event_under_the_same_idempotency_key() {
+    let pezzo = MockSink::start().await;
+    pezzo.ok_answer(201, "{}");
+    pezzo.script([Answer::Status(503)]);
+    let pl = MockSink::start().await;
+    pl.ok_answer(201, "{\"id\":1,\"prompt_version\":{}}");
+    pl.script([Answer::Status(503)]);
+    let retry = "retry_initial = \"20ms\"\nretry_max = \"100ms\"\nbatch_max_wait = \"5ms\"\n";
+    let cfg = format!(
+        "[sinks.pz]\ntype = \"pezzo\"\nurl = \"{}\"\n{retry}[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\n{retry}",
+        pezzo.url(""),
+        pl.url("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let http = client();
+    let fixture = |path: &str| {
+        logging_fixtures()
+            .into_iter()
+            .find(|(_, p, _)| p.ends_with(path))
+            .unwrap()
+            .2
+    };
+    let (report, log) = (fixture("/reporting/v2/request"), fixture("/log-request"));
+    // One at a time, so the 503 is the first event's.
+    for i in 0..2 {
+        let r = http
+            .post(d.url("/api/reporting/v2/request"))
+            .header("x-pezzo-api-key", "pez_app")
+            .header("x-pezzo-project-id", "proj")
+            .json(&report)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = http
+            .post(d.url("/log-request"))
+            .header("x-api-key", "pl_app")
+            .json(&log)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        for (name, mock) in [("pezzo", &pezzo), ("promptlayer", &pl)] {
+            wait_for(DEADLINE, &format!("{name}: event {i} delivered"), || {
+                (mock.received().len() == i + 2).then_some(())
+            })
+            .await;
+        }
+    }
+    for (name, mock) in [("pezzo", &pezzo), ("promptlayer", &pl)] {
+        let keys: Vec<String> = mock
+            .received()
+            .iter()
+            .map(|r| {
+                r.header("idempotency-key")
+                    .unwrap_or_else(|| panic!("{name}: a request without Idempotency-Key"))
+            })
+            .collect();
+        assert_eq!(keys.len(), 3, "{name}: {keys:?}");
+        for k in &keys {
+            assert!(
+                uuid::Uuid::parse_str(k).is_ok(),
+                "{name}: {k} is an event id"
+            );
+        }
+        assert_eq!(keys[0], keys[1], "{name}: the retry keeps its key");
+        assert_ne!(keys[1], keys[2], "{name}: another event, another key");
+    }
+    d.stop().await;
+}
+
+/// PromptLayer can answer a refusal with a 200 and `"success": false`. That is not a
+/// delivery: the log goes to the dead letters with the service's message, and the sink counts
+/// nothing delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promptlayer_200_saying_success_false_is_dead_lettered_with_its_message() {
+    let pl = MockSink::start().await;
+    pl.ok_answer(
+        200,
+        "{\"success\":false,\"message\":\"prompt template not found\"}",
+    );
+    let cfg = format!(
+        "[sinks.pl]\ntype = \"promptlayer\"\nurl = \"{}\"\nbatch_max_wait = \"5ms\"\n",
+        pl.url("")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = InProcess::start(dir.path(), &cfg).await;
+    let log = logging_fixtures()
+        .into_iter()
+        .find(|(_, p, _)| p == "/log-request")
+        .unwrap()
+        .2;
+    let r = client()
+        .post(d.url("/log-request"))
+        .header("x-api-key", "pl_app")
+        .json(&log)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let st = wait_until(DEADLINE, "the log dead-lettered", || async {
+        let st = get_json(&d.url("/v1/status")).await;
+        (st["queue"]["dead_letters"] == 1).then_some(st)
+    })
+    .await;
+    let sink = &st["sinks"][0];
+    assert_eq!(sink["delivered"], 0, "{st}");
+    assert_eq!(pl.received().len(), 1, "refused once, not retried");
+    d.stop().await;
+    let letters = dlq_list(&dir.path().join("data"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let info = &letters[0]["info"];
+    assert_eq!(info["status"], 200, "{info}");
+    assert!(
+        info["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refused by the service: prompt template not found"),
+        "{info}"
+    );
+}

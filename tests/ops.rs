@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn http_sink(name: &str, mock: &MockSink) -> String {
+fn http_sink(name: &str, mock: &impl Target) -> String {
     format!(
         "[sinks.{name}]\ntype = \"http\"\nurl = \"{}\"\nbatch_max_wait = \"20ms\"\nretry_initial = \"20ms\"\nretry_max = \"200ms\"\n",
         mock.url("/in")
@@ -271,6 +271,27 @@ async fn metrics_after_a_known_scenario() {
     assert_eq!(s, 200);
     assert_eq!(v["sinks"][0]["name"], "m");
     assert_eq!(v["sinks"][0]["delivered"], 3);
+    d.stop().await;
+}
+
+/// `llmlogd_queue_oldest_age_seconds` is in seconds: an event held by a sink that is down
+/// ages with the wall clock (an alert on `> 600` means ten minutes, not 0.6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_event_age_is_in_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = MockSink::closed();
+    let d = InProcess::start(dir.path(), &http_sink("m", &port)).await;
+    let t0 = std::time::Instant::now();
+    let (s, _) = post_json(&d.url("/v1/events"), "{\"n\":1}").await;
+    assert_eq!(s, 202);
+    let url = d.url("/metrics");
+    let age = wait_until(DEADLINE, "the event to age 0.2 s", || async {
+        let v = sample(&get_text(&url).await, "llmlogd_queue_oldest_age_seconds")?;
+        (v >= 0.2).then_some(v)
+    })
+    .await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    assert!(age <= elapsed + 1.0, "age {age} after {elapsed} s");
     d.stop().await;
 }
 

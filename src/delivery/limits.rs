@@ -271,8 +271,12 @@ mod tests {
             }),
             t0,
         );
+        // A full bucket (burst 100) does not send a burst back at a service that asked to
+        // slow down: one send, then the halved rate.
         f.on_throttle();
         assert_eq!((f.concurrency(), f.rate()), (8, 50.0));
+        assert!(f.try_acquire(t0).is_ok());
+        assert!(f.try_acquire(t0).is_err(), "no burst after a 429");
         f.on_throttle();
         assert_eq!((f.concurrency(), f.rate()), (4, 25.0));
         for _ in 0..1000 {

@@ -2696,6 +2696,37 @@ mod tests {
         assert_eq!(left, vec![10, 11], "only the young ones stay");
     }
 
+    /// An event that fails, is retried, and then expires keeps the last reply's status and
+    /// body in its dead letter, so `dlq show` says why it never got through.
+    #[tokio::test]
+    async fn an_event_that_expires_after_failing_keeps_the_last_reply_in_its_dead_letter() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 1\nmax_age = \"1s\"");
+        // A stored event (the dead letter keeps its record).
+        let ev = NewEvent {
+            kind: EventKind::Native,
+            payload: bytes::Bytes::from_static(b"{\"i\":0}"),
+            attrs: Default::default(),
+            creds: Default::default(),
+        };
+        let record = r.w.queue.prepare(&ev, &[r.w.id]);
+        r.w.queue.append(vec![record]).await.unwrap();
+        r.w.refill().unwrap();
+        let (sent, _) = r.dispatch(1_000);
+        assert_eq!(sent, vec![vec![0]]);
+        r.reply(&[0], 503, 1_010);
+        assert_eq!(r.w.window.len(), 1, "young: kept for a retry");
+        r.w.window.get_mut(&0).unwrap().ev.received_ms -= 10_000;
+        r.w.sweep_expired(r.at(6_000));
+        assert!(r.w.window.is_empty(), "expired");
+        let dead =
+            r.w.queue
+                .dead_letter_get(r.w.id, 0)
+                .unwrap()
+                .expect("a dead letter");
+        assert_eq!(dead.info.status, Some(503), "{:?}", dead.info);
+        assert_eq!(dead.info.attempts, 1, "{:?}", dead.info);
+    }
+
     #[tokio::test]
     async fn retry_after_pauses_without_an_attempt_within_floor_and_cap() {
         let mut r = rig("batch_max_events = 1\nconcurrency = 1\nmax_retry_after = \"5s\"");

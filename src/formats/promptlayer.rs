@@ -1313,6 +1313,19 @@ mod tests {
         assert_eq!(validate(&out), Ok(()));
     }
 
+    /// A native event's score is a byte; PromptLayer takes 0..=100, so a larger one is sent
+    /// as 100 and the log validates (it would be refused, and dead-lettered, otherwise).
+    #[test]
+    fn a_score_over_100_is_sent_as_100() {
+        let mut ev = pezzo::to_canonical(&pezzo_ts_success());
+        for (score, sent) in [(150u8, 100), (100, 100), (0, 0), (42, 42)] {
+            ev.score = Some(score);
+            let out = from_canonical(&ev);
+            assert_eq!(out["score"], json!(sent), "{score}");
+            assert_eq!(validate(&out), Ok(()), "{score}");
+        }
+    }
+
     #[test]
     fn pezzo_errors_to_promptlayer() {
         let out = from_canonical(&pezzo::to_canonical(&pezzo_ts_rate_limited()));

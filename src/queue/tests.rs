@@ -1484,13 +1484,16 @@ fn counts_behind_the_log_stop_at_zero_and_evict_nothing_extra() {
 fn an_existing_data_dir_open_to_others_is_made_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("made-by-hand");
-    std::fs::create_dir(&data).unwrap();
-    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let q = Queue::open(&cfg(&data)).unwrap();
-    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777;
-    assert_eq!(mode, 0o700, "{mode:o}");
-    drop(q);
+    // Open to others (mkdir's 0755), or to the group only (`install -d -m 0750`).
+    for open in [0o755, 0o750, 0o770, 0o705] {
+        let data = dir.path().join(format!("made-by-hand-{open:o}"));
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(open)).unwrap();
+        let q = Queue::open(&cfg(&data)).unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{open:o} became {mode:o}");
+        drop(q);
+    }
     // A new one is made private too, and a private one is left as it is.
     let fresh = dir.path().join("a/b");
     drop(Queue::open(&cfg(&fresh)).unwrap());
