@@ -93,6 +93,37 @@ fn fixtures() -> Vec<(String, Value)> {
 }
 
 /// Fixtures of calls llmlogd takes (cache and wrapper calls are out of scope).
+/// The logging fixture whose path ends with `path`.
+fn fixture(path: &str) -> Value {
+    logging_fixtures()
+        .into_iter()
+        .find(|(_, p, _)| p.ends_with(path))
+        .unwrap()
+        .2
+}
+
+/// POSTs a Pezzo `report` and a PromptLayer `log` with an app's credentials; both are taken.
+async fn post_report_and_log(d: &InProcess, report: &Value, log: &Value) {
+    let http = client();
+    let r = http
+        .post(d.url("/api/reporting/v2/request"))
+        .header("x-pezzo-api-key", "pez_app")
+        .header("x-pezzo-project-id", "proj")
+        .json(report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .post(d.url("/log-request"))
+        .header("x-api-key", "pl_app")
+        .json(log)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
 fn logging_fixtures() -> Vec<(String, String, Value)> {
     fixtures()
         .into_iter()
@@ -192,16 +223,7 @@ async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401()
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), &cfg).await;
     let http = client();
-    let report = logging_fixtures()
-        .into_iter()
-        .find(|(_, p, _)| p.ends_with("/reporting/v2/request"))
-        .unwrap()
-        .2;
-    let log = logging_fixtures()
-        .into_iter()
-        .find(|(_, p, _)| p == "/log-request")
-        .unwrap()
-        .2;
+    let (report, log) = (fixture("/reporting/v2/request"), fixture("/log-request"));
     type Case<'a> = (&'a str, &'a Value, &'a [(&'a str, &'a str)], &'a str);
     let cases: [Case<'_>; 3] = [
         ("/api/reporting/v2/request", &report, &[], "x-pezzo-api-key"),
@@ -225,23 +247,7 @@ async fn requests_without_the_credentials_a_keyless_service_sink_needs_get_401()
         assert_eq!(e["error"]["fields"][0]["field"], field, "{e}");
     }
     // With them, the same bodies are taken and delivered; nothing of the refused ones was stored.
-    let r = http
-        .post(d.url("/api/reporting/v2/request"))
-        .header("x-pezzo-api-key", "pez_app")
-        .header("x-pezzo-project-id", "proj")
-        .json(&report)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let r = http
-        .post(d.url("/log-request"))
-        .header("x-api-key", "pl_app")
-        .json(&log)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    post_report_and_log(&d, &report, &log).await;
     let got = wait_for(DEADLINE, "one delivery each", || {
         let (a, b) = (pezzo.received(), pl.received());
         (a.len() == 1 && b.len() == 1).then_some((a, b))
@@ -1065,34 +1071,10 @@ async fn service_sinks_retry_an_event_under_the_same_idempotency_key() {
     );
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), &cfg).await;
-    let http = client();
-    let fixture = |path: &str| {
-        logging_fixtures()
-            .into_iter()
-            .find(|(_, p, _)| p.ends_with(path))
-            .unwrap()
-            .2
-    };
     let (report, log) = (fixture("/reporting/v2/request"), fixture("/log-request"));
     // One at a time, so the 503 is the first event's.
     for i in 0..2 {
-        let r = http
-            .post(d.url("/api/reporting/v2/request"))
-            .header("x-pezzo-api-key", "pez_app")
-            .header("x-pezzo-project-id", "proj")
-            .json(&report)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        let r = http
-            .post(d.url("/log-request"))
-            .header("x-api-key", "pl_app")
-            .json(&log)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
+        post_report_and_log(&d, &report, &log).await;
         for (name, mock) in [("pezzo", &pezzo), ("promptlayer", &pl)] {
             wait_for(DEADLINE, &format!("{name}: event {i} delivered"), || {
                 (mock.received().len() == i + 2).then_some(())
@@ -1138,15 +1120,10 @@ async fn a_promptlayer_200_saying_success_false_is_dead_lettered_with_its_messag
     );
     let dir = tempfile::tempdir().unwrap();
     let d = InProcess::start(dir.path(), &cfg).await;
-    let log = logging_fixtures()
-        .into_iter()
-        .find(|(_, p, _)| p == "/log-request")
-        .unwrap()
-        .2;
     let r = client()
         .post(d.url("/log-request"))
         .header("x-api-key", "pl_app")
-        .json(&log)
+        .json(&fixture("/log-request"))
         .send()
         .await
         .unwrap();
