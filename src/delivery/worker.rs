@@ -2195,6 +2195,31 @@ mod tests {
         );
     }
 
+    /// When the probe gets through, the events held behind the circuit go at once, not each
+    /// after what is left of its own backoff (up to `retry_max`).
+    #[tokio::test]
+    async fn a_closing_circuit_sends_the_held_events_at_once() {
+        let mut r = rig("batch_max_events = 1\nconcurrency = 4\ncircuit_after = 2");
+        r.add(0..3, 20);
+        let (sent, _) = r.dispatch(0);
+        assert_eq!(sent.len(), 3);
+        for s in &sent {
+            r.reply(s, 503, 10);
+        }
+        let probe_at = r.w.circuit.as_ref().expect("open").next_probe;
+        let ms = probe_at.duration_since(r.t).as_millis() as u64 + 1;
+        let (probe, _) = r.dispatch(ms);
+        assert_eq!(probe.len(), 1, "one probe");
+        // The others' backoffs have grown long (as after a long outage).
+        for s in r.w.window.values_mut().filter(|s| !s.in_flight) {
+            s.next_try = probe_at + Duration::from_secs(3_000);
+        }
+        r.reply(&probe[0], 200, ms + 1);
+        assert!(r.w.circuit.is_none(), "closed");
+        let (sent, _) = r.dispatch(ms + 1);
+        assert_eq!(sent.len(), 2, "the held events at once: {sent:?}");
+    }
+
     /// An endpoint that keeps failing and coming back logs its first outage as before, then
     /// one flapping line per five minutes instead of a pair of lines per outage.
     #[tokio::test]
