@@ -192,12 +192,7 @@ impl Guarded {
             _ => "host",
         });
         if let Some(held) = REFUSED_LOG.ready() {
-            tracing::warn!(
-                code = e.code,
-                more_since_last_line = held,
-                "refused a request from a web page: {}",
-                e.message
-            );
+            tracing::warn!(code = e.code, more_since_last_line = held, "{}", e.message);
         }
     }
 }
