@@ -38,10 +38,6 @@ pub enum ConfigError {
 /// the path's terminating NUL included.
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 
-/// A socket path the kernel cannot bind is a bad value like any other: refused with the key's
-/// name (exit 64, by `check-config` too) before anything is created. Before, `check-config`
-/// passed it and `run` created the socket's directory, then failed with exit 1 and the
-/// standard library's "path must be shorter than SUN_LEN".
 /// A name `server.allowed_hosts` may hold: a DNS name (letters, digits, `-`, `.`, `_`), no
 /// port, scheme or path, at most 253 bytes. A mistake like `http://x:8411` would otherwise
 /// never match any Host and go unnoticed until a client is refused.
@@ -57,6 +53,10 @@ fn host_name_ok(name: &str) -> bool {
         })
 }
 
+/// A socket path the kernel cannot bind is a bad value like any other: refused with the key's
+/// name (exit 64, by `check-config` too) before anything is created. Before, `check-config`
+/// passed it and `run` created the socket's directory, then failed with exit 1 and the
+/// standard library's "path must be shorter than SUN_LEN".
 fn check_socket_path(path: &std::path::Path) -> Result<(), ConfigError> {
     use std::os::unix::ffi::OsStrExt;
     let len = path.as_os_str().as_bytes().len();

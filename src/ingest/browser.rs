@@ -16,8 +16,9 @@
 //!   `localhost` (or a name under `.localhost`), this machine's hostname, a name `/etc/hosts`
 //!   gives a loopback address (`ip6-localhost`, a name the admin added), or a name in
 //!   `server.allowed_hosts`. None of these can be a page's own name: a rebinding page's name
-//!   comes from its own DNS, which `/etc/hosts` overrides. A connection on a non-loopback address (`allow_non_loopback`)
-//!   takes any Host: its clients reach it by the names the network gives it.
+//!   comes from its own DNS, which `/etc/hosts` overrides. A connection on a non-loopback
+//!   address (`allow_non_loopback`) takes any Host: its clients reach it by the names the
+//!   network gives it.
 //!
 //! A request without a Host (HTTP/1.0, hand-written scripts) is not from a browser, and is
 //! served. The checks read two headers and cost well under a microsecond.
@@ -34,7 +35,7 @@ use crate::ops::log_throttle::LogThrottle;
 use crate::ops::metrics::Metrics;
 
 /// What a loopback connection accepts as its Host, besides IP addresses and `localhost`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct HostNames {
     /// Lowercase, without a trailing dot: `server.allowed_hosts`, the machine's hostname and
     /// the names `/etc/hosts` gives a loopback address (read once, at start).
@@ -100,8 +101,16 @@ impl HostNames {
         if name.parse::<std::net::Ipv4Addr>().is_ok() {
             return true;
         }
-        let name = normal(name);
-        name == "localhost" || name.ends_with(".localhost") || self.names.contains(&name)
+        // Compared without a copy: this runs for every request.
+        let name = name.trim_end_matches('.').as_bytes();
+        let under_localhost = name.len() >= b".localhost".len()
+            && name[name.len() - b".localhost".len()..].eq_ignore_ascii_case(b".localhost");
+        name.eq_ignore_ascii_case(b"localhost")
+            || under_localhost
+            || self
+                .names
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
     }
 }
 
